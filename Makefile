@@ -1,0 +1,47 @@
+# postroom developer tasks. `make help` lists them.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export POSTROOM_DATABASE_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+export POSTROOM_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
+export POSTROOM_TEST_KAFKA_URL ?= kafka://127.0.0.1:9092
+
+.PHONY: help venv services demo test lint format clean
+
+help: ## List the tasks
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade 'pip>=25.1'
+	$(BIN)/pip install --quiet --editable . --group dev
+	@touch $@
+
+venv: $(STAMP) ## Create .venv and install postroom with its dev tools (on demand)
+
+services: $(STAMP) ## Start PostgreSQL, RabbitMQ and the Kafka-compatible broker if they are down
+	@PYTHON=$(BIN)/python scripts/services
+
+demo: services ## Set up everything and run examples/ end to end
+	$(BIN)/postroom db upgrade
+	$(BIN)/python examples/demo.py
+
+test: services ## Set up everything and run the whole test suite
+	$(BIN)/pytest
+
+lint: $(STAMP) ## ruff (lint and format check) and mypy --strict
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
+	$(BIN)/mypy
+
+format: $(STAMP) ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix src tests examples
+	$(BIN)/ruff format src tests examples
+
+clean: ## Remove the virtualenv and caches (services keep running)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,24 @@
+"""The root ``postroom`` command."""
+
+from __future__ import annotations
+
+import typer
+
+from postroom.cli import db
+
+app = typer.Typer(
+    name="postroom",
+    help=(
+        "postroom: transactional outbox and inbox for PostgreSQL with RabbitMQ and Kafka.\n\n"
+        "Every option can also be set with the POSTROOM_* environment variable shown beside it. "
+        "Exit codes: 0 success, 1 a check failed, 2 bad usage, 3 the operation failed."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(db.app, name="db")
+
+
+def main() -> None:
+    """Entry point of the ``postroom`` console script."""
+    app()

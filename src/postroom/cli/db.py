@@ -1,0 +1,94 @@
+"""``postroom db``: create and upgrade postroom's tables, check them, print their DDL."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from postroom.cli.common import (
+    EXIT_CHECK_FAILED,
+    console,
+    error_console,
+    user_errors,
+    with_settings,
+)
+from postroom.config import Settings
+from postroom.database import describe_url
+from postroom.schema import migrate
+
+app = typer.Typer(
+    help="Create, upgrade and check postroom's tables (outbox and inbox).",
+    no_args_is_help=True,
+)
+
+Revision = Annotated[
+    str, typer.Argument(help="Target revision; 'head' is the newest this version ships.")
+]
+
+
+@app.command()
+@with_settings
+def upgrade(revision: Revision = "head", *, settings: Settings) -> None:
+    """Create postroom's tables, or bring them up to date. Safe to run again, and from
+    several deploys at once (they take turns on an advisory lock)."""
+    with user_errors():
+        before = migrate.status(settings.database_url, settings.tables())
+        after = migrate.upgrade(settings.database_url, settings.tables(), revision)
+    where = f"{describe_url(settings.database_url)} schema {settings.schema}"
+    if before.current == after.current:
+        console.print(f"postroom tables already at revision {after.current} in {where}")
+    else:
+        console.print(
+            f"postroom tables upgraded from {before.current or 'nothing'} "
+            f"to {after.current} in {where}"
+        )
+
+
+@app.command()
+@with_settings
+def check(*, settings: Settings) -> None:
+    """Exit 0 if postroom's tables are up to date, 1 if they are missing or behind.
+
+    Use it as a deploy gate before starting relays and consumers.
+    """
+    with user_errors():
+        state = migrate.status(settings.database_url, settings.tables())
+    where = f"{describe_url(settings.database_url)} schema {settings.schema}"
+    if state.up_to_date:
+        console.print(f"postroom tables are up to date (revision {state.head}) in {where}")
+        return
+    found = f"at revision {state.current}" if state.current else "missing"
+    error_console.print(
+        f"postroom tables are {found} in {where}; this version needs revision {state.head}. "
+        "Run `postroom db upgrade`."
+    )
+    raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
+@with_settings
+def sql(revision: Revision = "head", *, settings: Settings) -> None:
+    """Print the DDL that `db upgrade` would run, without touching the database.
+
+    Hand it to a DBA or apply it with psql; it records the revision like `db upgrade` does.
+    """
+    with user_errors():
+        typer.echo(migrate.offline_sql(settings.tables(), revision), nl=False)
+
+
+@app.command()
+@with_settings
+def downgrade(
+    revision: Annotated[str, typer.Argument(help="Revision to go back to; 'base' drops all.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Revert postroom's tables to an earlier revision; 'base' DROPS them and their rows."""
+    where = f"{describe_url(settings.database_url)} schema {settings.schema}"
+    if not yes and not typer.confirm(f"Revert postroom's tables in {where} to {revision}?"):
+        raise typer.Exit(1)
+    with user_errors():
+        migrate.downgrade(settings.database_url, settings.tables(), revision)
+    console.print(f"postroom tables reverted to {revision} in {where}")

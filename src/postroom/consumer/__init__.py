@@ -1,0 +1,1 @@
+"""Consumer: see DESIGN.md."""

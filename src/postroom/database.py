@@ -1,0 +1,67 @@
+"""Engines for postroom's own services and CLI, and readable connection errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import psycopg
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
+
+from postroom.config import normalize_database_url
+from postroom.errors import DatabaseError, SchemaMissingError
+
+
+def create_engine(database_url: str, *, pool_size: int = 5) -> Engine:
+    """A sync engine on the psycopg driver, with pre-ping so dropped connections are replaced."""
+    return sa_create_engine(
+        normalize_database_url(database_url), pool_size=pool_size, pool_pre_ping=True
+    )
+
+
+def create_async_engine(database_url: str, *, pool_size: int = 5) -> AsyncEngine:
+    """An asyncio engine on the psycopg driver, with pre-ping."""
+    return sa_create_async_engine(
+        normalize_database_url(database_url), pool_size=pool_size, pool_pre_ping=True
+    )
+
+
+def describe_url(database_url: str) -> str:
+    """``user@host:port/db`` without the password, for messages."""
+    url = make_url(normalize_database_url(database_url))
+    return f"{url.username or ''}@{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+
+
+@contextlib.contextmanager
+def readable_errors(database_url: str) -> Iterator[None]:
+    """Turn driver errors about reaching the database or missing tables into postroom errors."""
+    try:
+        yield
+    except sa_exc.DBAPIError as exc:
+        raise translate(exc, database_url) from exc
+    except psycopg.Error as exc:
+        raise translate(exc, database_url) from exc
+
+
+def translate(exc: BaseException, database_url: str) -> Exception:
+    """The postroom error that explains ``exc``, or ``exc`` itself if it is not one we know."""
+    original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    where = describe_url(database_url)
+    first_line = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    if isinstance(original, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
+        return SchemaMissingError(
+            f"postroom's tables are missing in {where} ({first_line}); "
+            "create them with `postroom db upgrade`"
+        )
+    if isinstance(original, psycopg.OperationalError):
+        return DatabaseError(
+            f"cannot reach PostgreSQL at {where}: {first_line}; check POSTROOM_DATABASE_URL "
+            "(or --database-url) and that the server is running"
+        )
+    if isinstance(exc, Exception):
+        return exc
+    return DatabaseError(first_line)

@@ -1,0 +1,63 @@
+"""Typed errors. Every message says what went wrong and what to do next."""
+
+from __future__ import annotations
+
+
+class PostroomError(Exception):
+    """Base class of every error postroom raises on purpose."""
+
+
+class InvalidMessageError(PostroomError, ValueError):
+    """A message could not be built from what was given (topic, key, headers or payload)."""
+
+
+class PayloadTooLargeError(InvalidMessageError):
+    """The encoded payload is larger than the configured limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"payload is {size} bytes, over the limit of {limit} bytes; send a reference "
+            "(for example an object-store key) instead of the data, or raise "
+            "max_payload_bytes (POSTROOM_MAX_PAYLOAD_BYTES) if your broker accepts larger messages"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class ConfigurationError(PostroomError, ValueError):
+    """A setting has a value postroom cannot use."""
+
+
+class InvalidIdentifierError(ConfigurationError):
+    """A schema or table name is not a plain SQL identifier."""
+
+
+class NotInTransactionError(PostroomError):
+    """enqueue() was given a connection that would commit each statement on its own."""
+
+
+class UnsupportedTargetError(PostroomError, TypeError):
+    """enqueue() was given something that is not a session or connection it can write to."""
+
+
+class DatabaseError(PostroomError):
+    """The database could not be reached or refused what was asked of it."""
+
+
+class SchemaMissingError(DatabaseError):
+    """postroom's tables are not in the database (or are behind the installed version)."""
+
+
+class MissingExtraError(PostroomError, ImportError):
+    """An optional dependency (a broker client) is not installed."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(
+            f"{package} is not installed; install it with: pip install 'postroom[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
+
+
+class BrokerUnavailableError(PostroomError):
+    """The broker cannot be reached or dropped the connection; the message is not at fault."""

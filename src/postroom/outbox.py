@@ -1,0 +1,205 @@
+"""The write side: enqueue messages into the caller's open transaction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any, Unpack
+
+import psycopg
+from psycopg.pq import TransactionStatus
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+
+from postroom.config import Settings
+from postroom.errors import (
+    InvalidMessageError,
+    NotInTransactionError,
+    PayloadTooLargeError,
+    SchemaMissingError,
+    UnsupportedTargetError,
+)
+from postroom.message import DEFAULT_MAX_PAYLOAD_BYTES, Message, MessageOptions
+from postroom.schema.sql import insert_outbox_sql
+from postroom.schema.tables import Tables, build_tables, partition_for
+
+SyncTarget = Session | Connection | psycopg.Connection[Any]
+AsyncTarget = AsyncSession | AsyncConnection | psycopg.AsyncConnection[Any]
+
+
+class Outbox:
+    """Writes messages into postroom's outbox table inside the caller's transaction.
+
+    ``enqueue`` never begins or commits a transaction: the rows become visible to the
+    relay exactly when the caller's transaction commits, and vanish if it rolls back.
+    """
+
+    def __init__(
+        self,
+        tables: Tables | None = None,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        notify: bool = True,
+    ) -> None:
+        self.tables = tables or build_tables()
+        self.max_payload_bytes = max_payload_bytes
+        self.notify = notify
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Outbox:
+        """An Outbox using the table names and limits of ``settings``."""
+        return cls(
+            settings.tables(),
+            max_payload_bytes=settings.max_payload_bytes,
+            notify=settings.notify,
+        )
+
+    def message(self, topic: str, payload: Any, **options: Unpack[MessageOptions]) -> Message:
+        """Build and validate a message under this outbox's payload limit."""
+        return Message.create(topic, payload, max_payload_bytes=self.max_payload_bytes, **options)
+
+    def enqueue(
+        self, target: SyncTarget, topic: str, payload: Any, **options: Unpack[MessageOptions]
+    ) -> Message:
+        """Write one message into ``target``'s open transaction and return it.
+
+        ``options`` are those of :meth:`Message.create`: ``key``, ``headers``, ``delay``,
+        ``message_id`` and ``content_type``.
+        """
+        message = self.message(topic, payload, **options)
+        self.enqueue_many(target, [message])
+        return message
+
+    def enqueue_many(self, target: SyncTarget, messages: Iterable[Message]) -> list[Message]:
+        """Write a batch of messages into ``target``'s open transaction with one statement."""
+        batch = self._checked(messages)
+        if not batch:
+            return batch
+        params = self._params(batch)
+        with _translated_errors():
+            if isinstance(target, Session):
+                _require_transaction(target.connection())
+                target.execute(text(insert_outbox_sql(self.tables, "named", self.notify)), params)
+            elif isinstance(target, Connection):
+                _require_transaction(target)
+                target.execute(text(insert_outbox_sql(self.tables, "named", self.notify)), params)
+            elif isinstance(target, psycopg.Connection):
+                _require_driver_transaction(target)
+                target.execute(insert_outbox_sql(self.tables, "pyformat", self.notify), params)
+            else:
+                raise _unsupported(target, async_api=False)
+        return batch
+
+    async def enqueue_async(
+        self, target: AsyncTarget, topic: str, payload: Any, **options: Unpack[MessageOptions]
+    ) -> Message:
+        """Write one message into ``target``'s open transaction (async) and return it."""
+        message = self.message(topic, payload, **options)
+        await self.enqueue_many_async(target, [message])
+        return message
+
+    async def enqueue_many_async(
+        self, target: AsyncTarget, messages: Iterable[Message]
+    ) -> list[Message]:
+        """Write a batch of messages into ``target``'s open transaction with one statement."""
+        batch = self._checked(messages)
+        if not batch:
+            return batch
+        params = self._params(batch)
+        with _translated_errors():
+            if isinstance(target, AsyncSession):
+                _require_transaction((await target.connection()).sync_connection)
+                sql = text(insert_outbox_sql(self.tables, "named", self.notify))
+                await target.execute(sql, params)
+            elif isinstance(target, AsyncConnection):
+                _require_transaction(target.sync_connection)
+                sql = text(insert_outbox_sql(self.tables, "named", self.notify))
+                await target.execute(sql, params)
+            elif isinstance(target, psycopg.AsyncConnection):
+                _require_driver_transaction(target)
+                await target.execute(
+                    insert_outbox_sql(self.tables, "pyformat", self.notify), params
+                )
+            else:
+                raise _unsupported(target, async_api=True)
+        return batch
+
+    def _checked(self, messages: Iterable[Message]) -> list[Message]:
+        batch = list(messages)
+        for message in batch:
+            if not isinstance(message, Message):
+                raise InvalidMessageError(
+                    f"enqueue_many takes Message objects, got {type(message).__name__}; "
+                    "build them with outbox.message(...) or Message.create(...)"
+                )
+            if len(message.body) > self.max_payload_bytes:
+                raise PayloadTooLargeError(len(message.body), self.max_payload_bytes)
+        return batch
+
+    def _params(self, batch: Sequence[Message]) -> dict[str, Any]:
+        return {
+            "id": [m.id for m in batch],
+            "topic": [m.topic for m in batch],
+            "key": [m.key for m in batch],
+            "partition": [partition_for(m.key, m.id) for m in batch],
+            "payload": [m.body for m in batch],
+            "content_type": [m.content_type for m in batch],
+            "headers": [json.dumps(dict(m.headers)) for m in batch],
+            "created_at": [m.created_at for m in batch],
+            "available_at": [m.available_at for m in batch],
+            "delay_seconds": [m.delay_seconds for m in batch],
+            "channel": self.tables.notify_channel,
+        }
+
+
+def _require_transaction(connection: Connection | None) -> None:
+    if connection is not None:
+        _require_driver_transaction(connection.connection.driver_connection)
+
+
+def _require_driver_transaction(driver_connection: object) -> None:
+    """Refuse a connection that would commit the insert by itself (autocommit, no BEGIN)."""
+    autocommit = getattr(driver_connection, "autocommit", False)
+    info = getattr(driver_connection, "info", None)
+    status = getattr(info, "transaction_status", None)
+    if autocommit is True and status in (TransactionStatus.IDLE, None):
+        raise NotInTransactionError(
+            "the connection is in autocommit mode, so the outbox row would commit on its own, "
+            "apart from your business writes; enqueue inside a transaction "
+            "(for psycopg: `with conn.transaction():`; for SQLAlchemy: a Session, or "
+            "`with engine.begin() as conn:` without AUTOCOMMIT isolation)"
+        )
+
+
+def _unsupported(target: object, *, async_api: bool) -> UnsupportedTargetError:
+    if isinstance(target, Engine | AsyncEngine):
+        hint = "pass the Session or Connection of your transaction, not the Engine"
+    elif async_api:
+        hint = (
+            "enqueue_async takes an AsyncSession, AsyncConnection or psycopg.AsyncConnection; "
+            "use enqueue() for sync ones"
+        )
+    else:
+        hint = (
+            "enqueue takes a Session, Connection or psycopg.Connection; "
+            "use enqueue_async() for async ones"
+        )
+    return UnsupportedTargetError(f"cannot enqueue into a {type(target).__name__}: {hint}")
+
+
+class _translated_errors:
+    """Turn 'table does not exist' into SchemaMissingError naming the fix."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+        if isinstance(original, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
+            raise SchemaMissingError(
+                f"postroom's tables are missing ({str(original).splitlines()[0]}); "
+                "create them with `postroom db upgrade` (or your own migrations)"
+            ) from exc
