@@ -1,0 +1,528 @@
+"""Kafka publisher: an idempotent confluent-kafka producer with ``acks=all``, bridged to asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlsplit
+
+from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
+from postroom.config import redact_url
+from postroom.errors import BrokerUnavailableError, ConfigurationError, MissingExtraError
+from postroom.log import get_logger
+from postroom.message import Message
+
+try:
+    import confluent_kafka
+    from confluent_kafka import KafkaError, KafkaException
+except ImportError:
+    raise MissingExtraError("confluent-kafka", "kafka") from None
+
+#: Port assumed for a broker given without one in a ``kafka://`` URL.
+DEFAULT_PORT: Final = 9092
+#: ``message.timeout.ms``: how long librdkafka retries a message before giving up.
+DEFAULT_MESSAGE_TIMEOUT_MS: Final = 30_000
+#: Seconds connect() waits for the cluster's metadata.
+DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+#: Extra seconds to wait for delivery reports after ``message.timeout.ms``.
+DELIVERY_GRACE: Final = 5.0
+_POLL_SECONDS: Final = 0.1
+_METADATA_SLICE_SECONDS: Final = 0.5
+
+#: Settings postroom sets itself: the delivery guarantees and the callbacks it relies on.
+_OWNED_SETTINGS: Final = frozenset(
+    {"error_cb", "logger", "on_delivery", "delivery.report.only.error"}
+)
+
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TIMED_OUT_QUEUE,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._RESOLVE,
+        KafkaError._UNKNOWN_BROKER,
+        KafkaError._AUTHENTICATION,
+        KafkaError._SSL,
+        KafkaError._DESTROY,
+        KafkaError._PURGE_QUEUE,
+        KafkaError._PURGE_INFLIGHT,
+        KafkaError._QUEUE_FULL,
+        KafkaError._FATAL,
+        KafkaError._FENCED,
+        KafkaError._STATE,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.BROKER_NOT_AVAILABLE,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.REPLICA_NOT_AVAILABLE,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        KafkaError.KAFKA_STORAGE_ERROR,
+        KafkaError.THROTTLING_QUOTA_EXCEEDED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        # The idempotent producer's own state, e.g. a broker that lost it on restart.
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.PRODUCER_FENCED,
+    }
+)
+_REJECTED_CODES: Final = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_TIMESTAMP,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._INVALID_ARG,
+        KafkaError._BAD_MSG,
+    }
+)
+
+_log = get_logger("brokers.kafka")
+
+
+def parse_kafka_url(url: str) -> tuple[str, dict[str, str]]:
+    """Split ``kafka://host:port,host2:port?setting=value`` into bootstrap servers and settings.
+
+    A missing port means 9092. Query parameters are librdkafka settings (e.g.
+    ``?security.protocol=SSL``). Credentials belong in settings, not in the URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "kafka":
+        raise ConfigurationError(
+            f"a Kafka URL must start with kafka:// (this one has scheme {parts.scheme!r}), "
+            "e.g. kafka://host:9092,host2:9092"
+        )
+    if "@" in parts.netloc:
+        raise ConfigurationError(
+            "Kafka URLs take no user or password; pass sasl.username and sasl.password "
+            "in the publisher's config"
+        )
+    servers = [_server(item.strip(), url) for item in parts.netloc.split(",") if item.strip()]
+    if not servers:
+        raise ConfigurationError("Kafka URL names no broker; use kafka://host:9092[,host2:9092]")
+    if parts.path not in {"", "/"}:
+        raise ConfigurationError(
+            f"Kafka URL {redact_url(url)!r} has a path; use kafka://host:9092[,host2:9092]"
+        )
+    return ",".join(servers), dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
+def _server(item: str, url: str) -> str:
+    host, port = item, ""
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        host = f"[{host}]"
+        port = rest.removeprefix(":")
+    elif ":" in item:
+        host, _, port = item.rpartition(":")
+    if not port:
+        port = str(DEFAULT_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(
+            f"Kafka URL {redact_url(url)!r} has an invalid broker address {item!r}; use host:port"
+        )
+    return f"{host}:{port}"
+
+
+class KafkaPublisher:
+    """Publishes with an idempotent producer (``enable.idempotence``, ``acks=all``).
+
+    Record key = the message key (UTF-8, none without a key), topic = the message topic,
+    value = the body, headers = the postroom and user headers, timestamp = ``created_at``.
+    Delivery reports are served by a poll thread and resolve asyncio futures. A message
+    that is not delivered within ``message.timeout.ms`` is UNAVAILABLE; a producer that
+    failed fatally is replaced on the next publish. The default partitioner is
+    ``murmur2_random``, which places keys on the same partitions as the Java client.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        *,
+        message_timeout_ms: int = DEFAULT_MESSAGE_TIMEOUT_MS,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        servers = (
+            bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
+        )
+        if not servers.strip():
+            raise ConfigurationError("bootstrap_servers is empty; give host:port[,host2:port]")
+        if not connect_timeout > 0:
+            raise ConfigurationError(
+                f"connect_timeout must be a positive number of seconds, got {connect_timeout}"
+            )
+        settings: dict[str, Any] = {
+            "bootstrap.servers": servers,
+            "client.id": "postroom",
+            "enable.idempotence": True,
+            "acks": "all",
+            "message.timeout.ms": message_timeout_ms,
+            "partitioner": "murmur2_random",
+            "log.connection.close": False,
+        }
+        overrides = dict(config or {})
+        owned = sorted(_OWNED_SETTINGS.intersection(overrides))
+        if owned:
+            raise ConfigurationError(f"config may not set {', '.join(owned)}; postroom sets them")
+        settings.update(overrides)
+        if str(settings["enable.idempotence"]).lower() not in {"true", "1"}:
+            raise ConfigurationError(
+                "enable.idempotence must stay true: without it a retried send can duplicate "
+                "or reorder messages of a key"
+            )
+        if str(settings["acks"]).lower() not in {"all", "-1"}:
+            raise ConfigurationError(
+                f"acks={settings['acks']!r} would let a broker failure lose confirmed "
+                "messages; leave acks at 'all'"
+            )
+        try:
+            timeout_ms = int(settings["message.timeout.ms"])
+        except (TypeError, ValueError):
+            timeout_ms = 0
+        if timeout_ms <= 0:
+            raise ConfigurationError(
+                "message.timeout.ms must be a positive number of milliseconds (0 would wait "
+                f"forever in an outage), got {settings['message.timeout.ms']!r}"
+            )
+        self.bootstrap_servers = servers
+        """The brokers first contacted, ``host:port[,host:port]``."""
+        self.message_timeout = timeout_ms / 1000
+        """Seconds after which an undelivered message is reported UNAVAILABLE."""
+        self.connect_timeout = connect_timeout
+        """Seconds connect() waits for the cluster to answer."""
+        self._settings = settings
+        self._producer: _Producer | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, config: Mapping[str, Any] | None = None, **options: Any
+    ) -> KafkaPublisher:
+        """A publisher for ``kafka://host:port[,host:port][?setting=value]``."""
+        servers, settings = parse_kafka_url(url)
+        return cls(servers, config={**settings, **(config or {})}, **options)
+
+    def __repr__(self) -> str:
+        return f"KafkaPublisher({self.bootstrap_servers!r})"
+
+    async def connect(self) -> None:
+        """Start the producer and check that the cluster answers a metadata request.
+
+        Raises BrokerUnavailableError (naming the brokers and the reason) if it does not
+        answer within ``connect_timeout`` or every broker refuses the connection.
+        """
+        async with self._lock:
+            producer = await self._ensure_producer()
+            try:
+                await self._check_cluster(producer)
+            except BrokerUnavailableError:
+                self._producer = None
+                await producer.shutdown(flush_timeout=0)
+                raise
+
+    async def publish(self, batch: Sequence[Message]) -> list[PublishResult]:
+        """Produce ``batch`` in order and return one result per message from its delivery report."""
+        if not batch:
+            return []
+        async with self._lock:
+            producer = await self._ensure_producer()
+        loop = asyncio.get_running_loop()
+        queue_deadline = loop.time() + self.message_timeout
+        outcomes: list[asyncio.Future[PublishResult] | PublishResult] = []
+        for message in batch:
+            outcomes.append(await self._produce(producer, message, queue_deadline))
+        waiting = [o for o in outcomes if isinstance(o, asyncio.Future)]
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=self.message_timeout + DELIVERY_GRACE)
+            if late:
+                producer.broken = (
+                    f"delivery reports were missing {self.message_timeout + DELIVERY_GRACE:g} s "
+                    "after producing"
+                )
+        results = [self._result(o) for o in outcomes]
+        if producer.broken is None and any(r.outcome is Outcome.UNAVAILABLE for r in results):
+            # A producer can stay wedged after an outage: e.g. a broker that lost its
+            # producer-id state answers UNKNOWN_PRODUCER_ID to every epoch bump, so all
+            # later messages time out. A fresh producer gets a fresh id.
+            producer.broken = "some messages were not delivered"
+        return results
+
+    async def close(self) -> None:
+        """Wait (up to ``message.timeout.ms``) for deliveries in flight, then stop the producer."""
+        async with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.shutdown(flush_timeout=self.message_timeout)
+
+    async def _ensure_producer(self) -> _Producer:
+        current = self._producer
+        loop = asyncio.get_running_loop()
+        if current is not None and current.loop is not loop:
+            # Its poll thread hands results to the event loop it was created on.
+            current.broken = current.broken or "the publisher moved to another event loop"
+        if current is not None and current.broken is None:
+            return current
+        if current is not None:
+            _log.warning("replacing the Kafka producer", reason=current.broken)
+            self._producer = None
+            await current.shutdown(flush_timeout=0)
+        try:
+            self._producer = _Producer(self._settings, loop)
+        except KafkaException as exc:
+            raise ConfigurationError(
+                f"the Kafka producer rejected its configuration: {_describe(exc.args[0])}"
+            ) from None
+        return self._producer
+
+    async def _check_cluster(self, producer: _Producer) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        while True:
+            remaining = deadline - loop.time()
+            call = functools.partial(
+                producer.producer.list_topics,
+                timeout=max(0.01, min(remaining, _METADATA_SLICE_SECONDS)),
+            )
+            try:
+                metadata = await loop.run_in_executor(None, call)
+            except KafkaException as exc:
+                reason = _describe(exc.args[0])
+            else:
+                if metadata.brokers:
+                    producer.all_brokers_down = None
+                    return
+                reason = "the cluster named no brokers"
+            # Only a failed request makes "all brokers are down" count: the flag may be
+            # left over from an earlier outage of a producer that is being reused.
+            if producer.all_brokers_down is not None:
+                reason = producer.all_brokers_down
+                break
+            if loop.time() >= deadline:
+                reason = f"no answer within {self.connect_timeout:g} s ({reason})"
+                break
+            await asyncio.sleep(0.05)
+        raise BrokerUnavailableError(
+            f"cannot reach Kafka at {self.bootstrap_servers}: {reason}; check that the "
+            "brokers run and that the broker URL (POSTROOM_BROKER_URL) is right"
+        )
+
+    async def _produce(
+        self, producer: _Producer, message: Message, queue_deadline: float
+    ) -> asyncio.Future[PublishResult] | PublishResult:
+        loop = asyncio.get_running_loop()
+        while True:
+            if producer.broken is not None:
+                return _unavailable_after_failure(producer.broken)
+            try:
+                return producer.produce(message)
+            except BufferError:
+                if loop.time() >= queue_deadline:
+                    return PublishResult(
+                        Outcome.UNAVAILABLE,
+                        f"the producer queue stayed full for {self.message_timeout:g} s; "
+                        f"Kafka at {self.bootstrap_servers} is not taking messages",
+                    )
+                producer.progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(producer.progress.wait(), 1.0)
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.fatal() or error.code() == KafkaError._FATAL:
+                    producer.broken = _describe(error)
+                    return _unavailable_after_failure(producer.broken)
+                return classify_error(error, message)
+            except (TypeError, ValueError) as exc:
+                return PublishResult(
+                    Outcome.REJECTED, f"the Kafka client refused the message: {exc}"
+                )
+
+    def _result(self, outcome: asyncio.Future[PublishResult] | PublishResult) -> PublishResult:
+        if isinstance(outcome, PublishResult):
+            return outcome
+        if outcome.done() and not outcome.cancelled():
+            return outcome.result()
+        return PublishResult(
+            Outcome.UNAVAILABLE,
+            f"no delivery report from Kafka at {self.bootstrap_servers} within "
+            f"{self.message_timeout + DELIVERY_GRACE:g} s",
+        )
+
+
+def classify_error(error: KafkaError, message: Message) -> PublishResult:
+    """The result for a message whose produce() call or delivery report carried ``error``."""
+    code = error.code()
+    if code == KafkaError.MSG_SIZE_TOO_LARGE:
+        return PublishResult(
+            Outcome.REJECTED,
+            f"message is too large for Kafka (body {len(message.body)} bytes, over the "
+            "producer's message.max.bytes or the topic's max.message.bytes): "
+            f"{_describe(error)}; send a reference to the data instead",
+        )
+    unavailable = code in _UNAVAILABLE_CODES or (
+        code not in _REJECTED_CODES and (error.fatal() or error.retriable())
+    )
+    if unavailable:
+        return PublishResult(
+            Outcome.UNAVAILABLE, f"Kafka did not take the message: {_describe(error)}"
+        )
+    if code in {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC}:
+        return PublishResult(
+            Outcome.REJECTED,
+            f"topic {message.topic!r} does not exist and the cluster does not create topics "
+            f"on first use ({_describe(error)}); create the topic",
+        )
+    return PublishResult(Outcome.REJECTED, f"Kafka refused the message: {_describe(error)}")
+
+
+def _unavailable_after_failure(reason: str) -> PublishResult:
+    return PublishResult(
+        Outcome.UNAVAILABLE,
+        f"the Kafka producer failed ({reason}); a new producer is started for the next publish",
+    )
+
+
+def _describe(error: KafkaError) -> str:
+    return f"{error.name()}: {error.str()}"
+
+
+class _LibrdkafkaLog:
+    """Receives librdkafka's log lines (served by the poll thread) and sends them to structlog."""
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        # librdkafka logs every failed reconnect as an error; outages are reported per
+        # message and by error_cb, so its lines are capped at warning.
+        _log.log(min(level, logging.WARNING), "librdkafka", detail=fmt % args if args else fmt)
+
+
+class _Producer:
+    """One librdkafka producer, the thread that polls it, and the futures it will resolve.
+
+    Attributes other than ``producer`` are read and written on the event loop's thread;
+    the poll thread only hands results over with ``call_soon_threadsafe``.
+    """
+
+    def __init__(self, settings: Mapping[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.broken: str | None = None
+        self.all_brokers_down: str | None = None
+        self.progress = asyncio.Event()
+        self.pending: set[asyncio.Future[PublishResult]] = set()
+        self._handoff: list[tuple[asyncio.Future[PublishResult], PublishResult]] = []
+        self._handoff_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.producer: Any = confluent_kafka.Producer(
+            {**settings, "error_cb": self._on_error, "logger": _LibrdkafkaLog()}
+        )
+        self._thread = threading.Thread(
+            target=self._poll_forever, name="postroom-kafka-poll", daemon=True
+        )
+        self._thread.start()
+
+    def produce(self, message: Message) -> asyncio.Future[PublishResult]:
+        """Hand one message to librdkafka; the future resolves from its delivery report."""
+        future: asyncio.Future[PublishResult] = self.loop.create_future()
+        self.producer.produce(
+            message.topic,
+            value=message.body,
+            key=message.key.encode() if message.key is not None else None,
+            headers=[(name, value.encode()) for name, value in message.wire_headers().items()],
+            timestamp=int(message.created_at.timestamp() * 1000),
+            on_delivery=functools.partial(self._on_delivery, future, message),
+        )
+        self.pending.add(future)
+        future.add_done_callback(self.pending.discard)
+        return future
+
+    async def shutdown(self, *, flush_timeout: float) -> None:
+        """Deliver what is in flight (up to ``flush_timeout``), then stop and free the producer."""
+        self.broken = self.broken or "the producer was closed"
+        await self.loop.run_in_executor(None, self._shutdown_blocking, flush_timeout)
+        self._fail_pending("the Kafka producer was closed before Kafka confirmed the message")
+
+    def _shutdown_blocking(self, flush_timeout: float) -> None:
+        self._stop.set()
+        self._thread.join()
+        producer, self.producer = self.producer, None
+        if producer is None:
+            return
+        try:
+            if flush_timeout > 0 and producer.flush(flush_timeout) == 0:
+                return
+            producer.purge()
+            producer.flush(0)
+        except KafkaException as exc:
+            _log.warning("stopping the Kafka producer", error=_describe(exc.args[0]))
+
+    def _poll_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.producer.poll(_POLL_SECONDS)
+            except KafkaException as exc:
+                self._on_error(exc.args[0])
+            except Exception:
+                _log.exception("Kafka poll failed")
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            _log.error("Kafka producer failed fatally", error=_describe(error))
+            self._to_loop(self._mark_broken, _describe(error))
+        elif error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._to_loop(setattr, self, "all_brokers_down", _describe(error))
+            _log.warning("all Kafka brokers are down", error=_describe(error))
+
+    def _on_delivery(
+        self,
+        future: asyncio.Future[PublishResult],
+        message: Message,
+        error: KafkaError | None,
+        _record: Any,
+    ) -> None:
+        result = CONFIRMED if error is None else classify_error(error, message)
+        with self._handoff_lock:
+            self._handoff.append((future, result))
+            first = len(self._handoff) == 1
+        if first:
+            self._to_loop(self._take_handoff)
+
+    def _take_handoff(self) -> None:
+        with self._handoff_lock:
+            ready, self._handoff = self._handoff, []
+        for future, result in ready:
+            if not future.done():
+                future.set_result(result)
+        self.progress.set()
+
+    def _mark_broken(self, reason: str) -> None:
+        self.broken = self.broken or reason
+        self._fail_pending(f"the Kafka producer failed ({reason}); it is replaced")
+
+    def _fail_pending(self, reason: str) -> None:
+        for future in list(self.pending):
+            if not future.done():
+                future.set_result(PublishResult(Outcome.UNAVAILABLE, reason))
+        self.progress.set()
+
+    def _to_loop(self, callback: Any, *args: Any) -> None:
+        # A closed event loop raises RuntimeError: nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(callback, *args)

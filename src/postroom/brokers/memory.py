@@ -1,0 +1,219 @@
+"""An in-process broker: a real Publisher for users' tests, with switches for failures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from typing import ClassVar, Final
+
+from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
+from postroom.errors import BrokerUnavailableError
+from postroom.message import Message
+
+#: The error text of results during a simulated outage, unless another reason is given.
+DEFAULT_OUTAGE_REASON: Final = "the in-memory broker is down (simulated outage)"
+
+
+@dataclasses.dataclass
+class _Failure:
+    outcome: Outcome
+    error: str
+    remaining: int | None
+
+
+class MemoryBroker:
+    """Holds published messages per topic, in publish order, and can be told to fail.
+
+    It behaves like a broker with publisher confirms: a message is CONFIRMED once stored;
+    a topic made unroutable is REJECTED (like RabbitMQ's ``mandatory`` return); during an
+    outage every publish is UNAVAILABLE and ``connect()`` raises; specific message ids can
+    be made to fail. Stored messages are copies: nothing a caller holds can change them.
+    """
+
+    _named: ClassVar[dict[str, MemoryBroker]] = {}
+    _named_lock: ClassVar = threading.Lock()
+
+    def __init__(
+        self, *, unroutable: Iterable[str] = (), max_message_bytes: int | None = None
+    ) -> None:
+        self._lock = threading.Lock()
+        self._messages: list[Message] = []
+        self._unroutable: set[str] = set(unroutable)
+        self._failures: dict[uuid.UUID, _Failure] = {}
+        self._outage: str | None = None
+        self.max_message_bytes = max_message_bytes
+        """Messages with a larger body are REJECTED (None: no limit)."""
+
+    @classmethod
+    def named(cls, name: str) -> MemoryBroker:
+        """The process-wide broker called ``name`` (what ``memory://name`` URLs publish to)."""
+        with cls._named_lock:
+            broker = cls._named.get(name)
+            if broker is None:
+                broker = cls._named[name] = cls()
+            return broker
+
+    @classmethod
+    def forget(cls, name: str) -> None:
+        """Drop the process-wide broker called ``name``; the next ``named(name)`` is empty."""
+        with cls._named_lock:
+            cls._named.pop(name, None)
+
+    def publisher(self) -> MemoryPublisher:
+        """A Publisher that publishes into this broker."""
+        return MemoryPublisher(self)
+
+    def messages(self, topic: str | None = None) -> list[Message]:
+        """Copies of the confirmed messages (of one topic, or all), in publish order."""
+        with self._lock:
+            return [_copy(m) for m in self._messages if topic is None or m.topic == topic]
+
+    def topics(self) -> list[str]:
+        """The topics that hold messages, in order of their first message."""
+        with self._lock:
+            return list(dict.fromkeys(m.topic for m in self._messages))
+
+    def clear(self) -> None:
+        """Forget every stored message (routing rules, failures and outages stay)."""
+        with self._lock:
+            self._messages.clear()
+
+    def make_unroutable(self, *topics: str) -> None:
+        """Reject messages to these topics from now on, as RabbitMQ returns unroutable ones."""
+        with self._lock:
+            self._unroutable.update(topics)
+
+    def make_routable(self, *topics: str) -> None:
+        """Accept messages to these topics again."""
+        with self._lock:
+            self._unroutable.difference_update(topics)
+
+    def fail_message(
+        self,
+        message_id: uuid.UUID | str,
+        *,
+        outcome: Outcome = Outcome.REJECTED,
+        error: str = "rejected by the in-memory broker (simulated failure)",
+        times: int | None = None,
+    ) -> None:
+        """Make publishing this message id fail with ``outcome``.
+
+        ``times`` is how many publish attempts fail before it is accepted (None: every one).
+        """
+        if outcome is Outcome.CONFIRMED:
+            raise ValueError("outcome must be Outcome.REJECTED or Outcome.UNAVAILABLE")
+        if times is not None and times < 1:
+            raise ValueError("times must be a positive number of attempts, or None for always")
+        with self._lock:
+            self._failures[uuid.UUID(str(message_id))] = _Failure(outcome, error, times)
+
+    def clear_failures(self) -> None:
+        """Stop failing the message ids given to :meth:`fail_message`."""
+        with self._lock:
+            self._failures.clear()
+
+    @property
+    def available(self) -> bool:
+        """False during a simulated outage."""
+        return self._outage is None
+
+    def start_outage(self, reason: str = DEFAULT_OUTAGE_REASON) -> None:
+        """Simulate an outage: connect() raises, publish() reports UNAVAILABLE."""
+        self._outage = reason
+
+    def end_outage(self) -> None:
+        """End a simulated outage."""
+        self._outage = None
+
+    @contextlib.contextmanager
+    def outage(self, reason: str = DEFAULT_OUTAGE_REASON) -> Iterator[None]:
+        """A simulated outage for the duration of a ``with`` block."""
+        self.start_outage(reason)
+        try:
+            yield
+        finally:
+            self.end_outage()
+
+    def _check_available(self) -> None:
+        reason = self._outage
+        if reason is not None:
+            raise BrokerUnavailableError(reason)
+
+    def _accept(self, batch: Sequence[Message]) -> list[PublishResult]:
+        with self._lock:
+            outage = self._outage
+            if outage is not None:
+                return [PublishResult(Outcome.UNAVAILABLE, outage)] * len(batch)
+            return [self._accept_one(message) for message in batch]
+
+    def _accept_one(self, message: Message) -> PublishResult:
+        failure = self._failures.get(message.id)
+        if failure is not None:
+            if failure.remaining is not None:
+                failure.remaining -= 1
+                if failure.remaining == 0:
+                    del self._failures[message.id]
+            return PublishResult(failure.outcome, failure.error)
+        if message.topic in self._unroutable:
+            return PublishResult(
+                Outcome.REJECTED,
+                f"unroutable: topic {message.topic!r} is marked unroutable on the in-memory "
+                "broker; make it routable or dead-letter the message",
+            )
+        limit = self.max_message_bytes
+        if limit is not None and len(message.body) > limit:
+            return PublishResult(
+                Outcome.REJECTED,
+                f"message body is {len(message.body)} bytes, over the in-memory broker's limit "
+                f"of {limit} bytes; send a reference to the data instead",
+            )
+        self._messages.append(_copy(message))
+        return CONFIRMED
+
+
+class MemoryPublisher:
+    """A Publisher into a :class:`MemoryBroker`; publish() connects by itself if needed."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+        """The broker this publisher publishes into."""
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        """True between a successful connect() and close()."""
+        return self._connected
+
+    async def connect(self) -> None:
+        """Connect; raise BrokerUnavailableError during a simulated outage."""
+        self.broker._check_available()
+        self._connected = True
+
+    async def publish(self, batch: Sequence[Message]) -> list[PublishResult]:
+        """Store each routable message and return one result per message, in order."""
+        if not batch:
+            return []
+        await asyncio.sleep(0)
+        if not self._connected:
+            try:
+                await self.connect()
+            except BrokerUnavailableError as exc:
+                return [PublishResult(Outcome.UNAVAILABLE, str(exc))] * len(batch)
+        results = self.broker._accept(batch)
+        if any(r.outcome is Outcome.UNAVAILABLE for r in results) and not self.broker.available:
+            self._connected = False
+        return results
+
+    async def close(self) -> None:
+        """Close the publisher; a later publish() connects again."""
+        self._connected = False
+
+
+def _copy(message: Message) -> Message:
+    # Message is frozen and its payload is decoded from bytes on each access: only the
+    # headers mapping could be shared with a caller.
+    return dataclasses.replace(message, headers=dict(message.headers))

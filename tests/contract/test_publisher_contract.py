@@ -1,0 +1,183 @@
+"""The Publisher contract, run unchanged against memory, RabbitMQ and Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from postroom.brokers import CONFIRMED, Outcome, Publisher, PublishResult
+from postroom.errors import BrokerUnavailableError
+from postroom.message import HEADER_ID, Message
+from tests.contract.harness import Harness, Outage, Received
+
+KEYS = ["customer-1", "customer-2", "ключ-3", "k4", None]
+
+
+def make_batch(topic: str, count: int, *, tag: str = "") -> list[Message]:
+    """Messages with keys (and none), JSON and bytes payloads, and user headers."""
+    batch = []
+    for i in range(count):
+        key = KEYS[i % len(KEYS)]
+        headers = {"trace-id": f"trace-{tag}{i}", "tenant": "café ✓"} if i % 2 == 0 else {}
+        if i % 3 == 0:
+            batch.append(
+                Message.create(
+                    topic,
+                    f"raw {tag}{i} ".encode() + bytes([0, 255, i % 256]),
+                    key=key,
+                    headers=headers,
+                    content_type="application/x-test" if i % 6 == 0 else None,
+                )
+            )
+        else:
+            payload = {"seq": i, "tag": tag, "text": "zürich ✓", "nested": [1, 2.5, None, True]}
+            batch.append(Message.create(topic, payload, key=key, headers=headers))
+    return batch
+
+
+def assert_arrived_as_written(sent: Sequence[Message], received: Sequence[Received]) -> None:
+    """Every message arrived once, unchanged, and messages of a key arrived in order."""
+    by_id = {r.id: r for r in received}
+    assert len(by_id) == len(received) == len(sent), "a message is missing or duplicated"
+    for message in sent:
+        got = by_id[str(message.id)]
+        assert got.topic == message.topic
+        assert got.body == message.body
+        assert got.content_type == message.content_type
+        assert got.key == message.key
+        assert got.headers[HEADER_ID] == str(message.id)
+        for name, value in message.headers.items():
+            assert got.headers[name] == value
+    for key in {m.key for m in sent if m.key is not None}:
+        assert [r.id for r in received if r.key == key] == [
+            str(m.id) for m in sent if m.key == key
+        ], f"messages of key {key!r} arrived out of order"
+
+
+async def test_batch_arrives_exactly_as_written(broker: Harness, publisher: Publisher) -> None:
+    topic = await broker.new_topic()
+    batch = make_batch(topic, 200)
+
+    results = await publisher.publish(batch)
+
+    assert results == [CONFIRMED] * len(batch)
+    assert_arrived_as_written(batch, await broker.read_back(topic, len(batch)))
+
+
+async def test_poison_is_rejected_and_the_rest_confirmed(
+    broker: Harness, publisher: Publisher
+) -> None:
+    topic = await broker.new_topic()
+    good = make_batch(topic, 20)
+    poisons = [await broker.poison(topic) for _ in range(3)]
+    batch = [poisons[0], *good[:10], poisons[1], *good[10:], poisons[2]]
+
+    results = await publisher.publish(batch)
+
+    assert len(results) == len(batch)
+    for message, result in zip(batch, results, strict=True):
+        if message in poisons:
+            assert result.outcome is Outcome.REJECTED
+            assert result.error is not None
+            assert len(result.error) > 30, result.error
+        else:
+            assert result == CONFIRMED
+    assert_arrived_as_written(good, await broker.read_back(topic, len(good)))
+
+
+async def test_connect_to_nothing_raises_quickly(broker: Harness) -> None:
+    publisher = broker.unreachable_publisher()
+    started = time.monotonic()
+
+    with pytest.raises(BrokerUnavailableError) as raised:
+        await publisher.connect()
+
+    assert time.monotonic() - started < 5
+    assert "s3cret-pw" not in str(raised.value)
+    results = await publisher.publish(make_batch("orders", 3))
+    assert [r.outcome for r in results] == [Outcome.UNAVAILABLE] * 3
+    assert all(r.error for r in results)
+    await publisher.close()
+
+
+async def test_publish_after_close_and_reconnect(broker: Harness) -> None:
+    topic = await broker.new_topic()
+    first, second, third = (make_batch(topic, 15, tag=t) for t in "abc")
+    publisher = broker.make_publisher()
+
+    await publisher.connect()
+    assert await publisher.publish(first) == [CONFIRMED] * 15
+    await publisher.close()
+    assert await publisher.publish(second) == [CONFIRMED] * 15
+    await publisher.close()
+    await publisher.connect()
+    assert await publisher.publish(third) == [CONFIRMED] * 15
+    await publisher.close()
+    await publisher.close()
+
+    sent = first + second + third
+    assert_arrived_as_written(sent, await broker.read_back(topic, len(sent)))
+
+
+async def test_empty_batch_returns_empty_list(broker: Harness, publisher: Publisher) -> None:
+    assert await publisher.publish([]) == []
+    assert await broker.make_publisher().publish([]) == []
+    assert await broker.unreachable_publisher().publish([]) == []
+
+
+async def test_concurrent_batches_are_all_confirmed(broker: Harness, publisher: Publisher) -> None:
+    topic = await broker.new_topic()
+    batches = [make_batch(topic, 40, tag=t) for t in "xyz"]
+
+    results = await asyncio.gather(*(publisher.publish(b) for b in batches))
+
+    assert results == [[CONFIRMED] * 40] * 3
+    received = await broker.read_back(topic, 120)
+    assert {r.id for r in received} == {str(m.id) for b in batches for m in b}
+    for batch in batches:
+        ids = {str(m.id) for m in batch}
+        assert_arrived_as_written(batch, [r for r in received if r.id in ids])
+
+
+async def publish_until_confirmed(
+    publisher: Publisher, batch: list[Message], *, seconds: float
+) -> list[PublishResult]:
+    """Publish again what was not confirmed, as a relay would; every result seen."""
+    seen: list[PublishResult] = []
+    pending = batch
+    deadline = time.monotonic() + seconds
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} messages still not confirmed"
+        results = await publisher.publish(pending)
+        seen.extend(results)
+        pending = [m for m, r in zip(pending, results, strict=True) if not r.confirmed]
+        if pending:
+            await asyncio.sleep(0.2)
+    return seen
+
+
+async def test_outage_is_unavailable_then_publishing_recovers(outage: Outage) -> None:
+    broker = outage.harness
+    topic = await broker.new_topic()
+    before, during = make_batch(topic, 20, tag="b"), make_batch(topic, 20, tag="d")
+    publisher = broker.make_publisher()
+    await publisher.connect()
+    assert await publisher.publish(before) == [CONFIRMED] * 20
+
+    await outage.cut()
+    results = await publisher.publish(during)
+    assert [r.outcome for r in results] == [Outcome.UNAVAILABLE] * 20
+    assert all(r.error for r in results)
+    with pytest.raises(BrokerUnavailableError):
+        await broker.make_publisher().connect()
+
+    await outage.restore()
+    retried = await publish_until_confirmed(publisher, during, seconds=20)
+    assert all(r.outcome is not Outcome.REJECTED for r in retried)
+    await publisher.close()
+
+    sent = before + during if outage.keeps_messages else during
+    assert_arrived_as_written(sent, await broker.read_back(topic, len(sent)))

@@ -1,0 +1,144 @@
+"""The in-memory broker: storage, copies, routing rules, simulated failures."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from postroom.brokers import CONFIRMED, Outcome, Publisher, PublishResult
+from postroom.brokers.memory import MemoryBroker, MemoryPublisher
+from postroom.errors import BrokerUnavailableError
+from postroom.message import Message
+
+
+def messages(topic: str, count: int) -> list[Message]:
+    return [Message.create(topic, {"n": i}, key=f"k{i % 2}") for i in range(count)]
+
+
+async def test_publisher_is_a_publisher() -> None:
+    assert isinstance(MemoryBroker().publisher(), Publisher)
+
+
+async def test_messages_are_kept_per_topic_in_publish_order() -> None:
+    broker = MemoryBroker()
+    publisher = broker.publisher()
+    orders, mails = messages("orders", 3), messages("mails", 2)
+
+    assert await publisher.publish([orders[0], mails[0], orders[1]]) == [CONFIRMED] * 3
+    assert await publisher.publish([mails[1], orders[2]]) == [CONFIRMED] * 2
+
+    assert broker.messages("orders") == orders
+    assert broker.messages("mails") == mails
+    assert broker.messages() == [orders[0], mails[0], orders[1], mails[1], orders[2]]
+    assert broker.topics() == ["orders", "mails"]
+    broker.clear()
+    assert broker.messages() == []
+
+
+async def test_stored_messages_do_not_share_headers_with_callers() -> None:
+    broker = MemoryBroker()
+    headers = {"trace-id": "t-1"}
+    message = Message.create("orders", {"a": [1]}, headers=headers)
+    await broker.publisher().publish([message])
+
+    assert isinstance(message.headers, dict)
+    message.headers["trace-id"] = "changed by the caller"
+    seen = broker.messages()[0]
+    assert isinstance(seen.headers, dict)
+    seen.headers["trace-id"] = "changed by a reader"
+
+    assert broker.messages()[0].headers == {"trace-id": "t-1"}
+
+
+async def test_unroutable_topic_is_rejected_and_others_confirmed() -> None:
+    broker = MemoryBroker(unroutable=["lost"])
+    good, lost = messages("orders", 2), Message.create("lost", {})
+
+    results = await broker.publisher().publish([good[0], lost, good[1]])
+
+    assert results[0] == results[2] == CONFIRMED
+    assert results[1].outcome is Outcome.REJECTED
+    assert "'lost'" in (results[1].error or "")
+    assert broker.messages() == good
+    broker.make_routable("lost")
+    assert await broker.publisher().publish([lost]) == [CONFIRMED]
+    broker.make_unroutable("orders")
+    assert (await broker.publisher().publish(good[:1]))[0].outcome is Outcome.REJECTED
+
+
+async def test_outage_makes_connect_raise_and_publish_unavailable() -> None:
+    broker = MemoryBroker()
+    publisher = broker.publisher()
+    await publisher.connect()
+
+    with broker.outage("maintenance window"):
+        assert not broker.available
+        with pytest.raises(BrokerUnavailableError, match="maintenance window"):
+            await broker.publisher().connect()
+        results = await publisher.publish(messages("orders", 2))
+        assert [r.outcome for r in results] == [Outcome.UNAVAILABLE] * 2
+        assert results[0].error == "maintenance window"
+
+    assert broker.available
+    assert await publisher.publish(messages("orders", 2)) == [CONFIRMED] * 2
+    assert len(broker.messages()) == 2
+
+
+async def test_specific_message_fails_the_given_number_of_times() -> None:
+    broker = MemoryBroker()
+    publisher = broker.publisher()
+    flaky, poison, fine = messages("orders", 3)
+    broker.fail_message(flaky.id, outcome=Outcome.UNAVAILABLE, error="hiccup", times=2)
+    broker.fail_message(str(poison.id), error="bad apple")
+
+    for _ in range(2):
+        results = await publisher.publish([flaky, poison, fine])
+        assert results[0] == PublishResult(Outcome.UNAVAILABLE, "hiccup")
+        assert results[1].outcome is Outcome.REJECTED
+        assert results[1].error == "bad apple"
+    results = await publisher.publish([flaky, poison])
+
+    assert results[0] == CONFIRMED
+    assert results[1].outcome is Outcome.REJECTED
+    broker.clear_failures()
+    assert await publisher.publish([poison]) == [CONFIRMED]
+    assert [m.id for m in broker.messages()] == [fine.id, fine.id, flaky.id, poison.id]
+
+
+def test_fail_message_checks_its_arguments() -> None:
+    broker = MemoryBroker()
+    with pytest.raises(ValueError, match="REJECTED or"):
+        broker.fail_message(uuid.uuid4(), outcome=Outcome.CONFIRMED)
+    with pytest.raises(ValueError, match="positive"):
+        broker.fail_message(uuid.uuid4(), times=0)
+
+
+async def test_body_over_the_limit_is_rejected() -> None:
+    broker = MemoryBroker(max_message_bytes=10)
+    small, big = Message.create("t", b"12345"), Message.create("t", b"x" * 11)
+
+    results = await broker.publisher().publish([small, big])
+
+    assert results[0] == CONFIRMED
+    assert results[1].outcome is Outcome.REJECTED
+    assert "11 bytes" in (results[1].error or "")
+
+
+async def test_named_brokers_are_shared_until_forgotten() -> None:
+    name = f"unit-{uuid.uuid4().hex}"
+    broker = MemoryBroker.named(name)
+    assert MemoryBroker.named(name) is broker
+    MemoryBroker.forget(name)
+    assert MemoryBroker.named(name) is not broker
+    MemoryBroker.forget(name)
+
+
+async def test_publish_connects_by_itself_and_close_disconnects() -> None:
+    publisher = MemoryPublisher(MemoryBroker())
+    assert not publisher.connected
+    assert await publisher.publish([]) == []
+    assert await publisher.publish(messages("t", 1)) == [CONFIRMED]
+    assert publisher.connected
+    await publisher.close()
+    assert not publisher.connected
