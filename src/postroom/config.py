@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -49,6 +50,28 @@ class Settings:
         DEFAULT_MAX_PAYLOAD_BYTES, "Largest encoded payload enqueue() accepts, in bytes."
     )
     notify: bool = _setting(True, "Wake relays with NOTIFY when a transaction enqueues.")
+    relay_id: str = _setting(
+        "", "Name of this relay in leases and logs (default: host-pid-random)."
+    )
+    relay_batch_size: int = _setting(500, "Rows claimed and published per batch.")
+    relay_lease: float = _setting(
+        15.0, "Lease on partitions and claimed rows; a dead relay's work moves after this."
+    )
+    relay_poll_interval: float = _setting(
+        1.0, "Longest wait between looks at the outbox when no NOTIFY arrives."
+    )
+    relay_max_attempts: int = _setting(
+        10, "Failed publishes of one row before it is dead-lettered."
+    )
+    relay_backoff_initial: float = _setting(1.0, "Wait after a row's first failed publish.")
+    relay_backoff_max: float = _setting(300.0, "Longest wait between a row's attempts.")
+    relay_retention: float = _setting(
+        86400.0, "How long published rows are kept (for replay); 0 deletes them at once."
+    )
+    metrics_port: int = _setting(
+        9400, "Port of the /metrics, /healthz and /readyz endpoints; 0 turns them off."
+    )
+    log_format: str = _setting("auto", "Log format: json, console, or auto (json unless a tty).")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "database_url", normalize_database_url(self.database_url))
@@ -58,6 +81,21 @@ class Settings:
                 f"got {self.max_payload_bytes}"
             )
         self.tables()
+        positive = ("relay_batch_size", "relay_lease", "relay_poll_interval", "relay_max_attempts")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(
+                    f"{name} must be positive, got {getattr(self, name)} (set {env_var(name)})"
+                )
+        for name in ("relay_backoff_initial", "relay_backoff_max", "relay_retention"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"{name} must not be negative (set {env_var(name)})")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigurationError(f"metrics_port must be 0-65535, got {self.metrics_port}")
+        if self.log_format not in {"auto", "json", "console"}:
+            raise ConfigurationError(
+                f"log_format must be json, console or auto, got {self.log_format!r}"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -93,12 +131,29 @@ def _parse(name: str, raw: str, kind: type) -> Any:
         if lowered in {"0", "false", "no", "off"}:
             return False
         raise ConfigurationError(f"{env_var(name)}={raw!r} is not a boolean; use true or false")
+    if kind is float:
+        return parse_duration(raw, what=env_var(name))
     if kind is int:
         try:
             return int(raw)
         except ValueError:
             raise ConfigurationError(f"{env_var(name)}={raw!r} is not a whole number") from None
     return raw
+
+
+_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+
+
+def parse_duration(text: str, *, what: str = "duration") -> float:
+    """Seconds from ``"90"``, ``"1.5s"``, ``"250ms"``, ``"5m"``, ``"24h"`` or ``"7d"``."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ConfigurationError(
+            f"{what}={text!r} is not a duration; use a number of seconds or a number with "
+            "a unit: 250ms, 30s, 5m, 24h, 7d"
+        )
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
 
 
 def normalize_database_url(url: str) -> str:

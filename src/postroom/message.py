@@ -50,8 +50,6 @@ class Message:
 
     id: uuid.UUID
     topic: str
-    payload: Any
-    """The value as given: a JSON-compatible value, or ``bytes``."""
     body: bytes
     """The payload encoded as sent on the wire."""
     content_type: str
@@ -90,13 +88,17 @@ class Message:
             id=_parse_message_id(message_id) if message_id is not None else uuid7(),
             topic=topic,
             key=key,
-            payload=payload,
             body=body,
             content_type=checked_type,
             headers=checked_headers,
             created_at=now,
             available_at=now + _delay_as_timedelta(delay),
         )
+
+    @property
+    def payload(self) -> Any:
+        """The payload decoded from ``body``: JSON values for JSON content, else ``bytes``."""
+        return decode_payload(self.body, self.content_type)
 
     @property
     def delay_seconds(self) -> float:

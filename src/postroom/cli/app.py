@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from postroom.cli import db
+from postroom.cli.relay import relay
 
 app = typer.Typer(
     name="postroom",
@@ -15,8 +16,10 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 app.add_typer(db.app, name="db")
+app.command()(relay)
 
 
 def main() -> None:

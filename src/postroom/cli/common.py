@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import sys
 import typing
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 
-from postroom.config import Settings, env_var
+from postroom.config import Settings, env_var, parse_duration
 from postroom.errors import PostroomError
 
 #: Exit codes: 0 success, 1 a check failed, 2 bad usage, 3 the operation failed.
@@ -31,47 +32,65 @@ def _option(name: str, flag: str) -> Any:
 
 
 _COMMON_FIELDS = ("database_url", "schema", "outbox_table", "inbox_table")
-_COMMON_PARAMETERS = [
-    inspect.Parameter(
+_FIELD_TYPES: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Settings)}
+
+
+def _parameter(name: str) -> inspect.Parameter:
+    """A keyword parameter whose typer option sets Settings field ``name``."""
+    kind = _FIELD_TYPES[name]
+    flag = "--" + name.removeprefix("relay_").replace("_", "-")
+    default: Any = getattr(_defaults, name)
+    annotation: Any = kind
+    if kind is bool:
+        flag = f"{flag}/--no-{flag[2:]}"
+    elif kind is float:
+        annotation, default = str, f"{default:g}s"
+    return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
-        default=getattr(_defaults, name),
-        annotation=Annotated[str, _option(name, "--" + name.replace("_", "-"))],
+        default=default,
+        annotation=Annotated[annotation, _option(name, flag)],
     )
-    for name in _COMMON_FIELDS
-]
 
-P = ParamSpec("P")
+
 R = TypeVar("R")
 
 
-def with_settings(command: Callable[..., R]) -> Callable[..., R]:
-    """Give a command the common database options; it receives them as ``settings``.
+def with_settings(*fields: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Give a command options for the common database settings plus ``fields``.
 
-    The command's own parameters stay as they are; the wrapper adds ``--database-url``,
-    ``--schema``, ``--outbox-table`` and ``--inbox-table`` (each with its environment
-    variable) and builds one :class:`Settings` from them.
+    The command receives one :class:`Settings` as ``settings``; each option has its
+    ``POSTROOM_*`` environment variable, shown in ``--help``.
     """
-    hints = typing.get_type_hints(command, include_extras=True)
-    signature = inspect.signature(command)
-    own = [
-        p.replace(annotation=hints.get(p.name, p.annotation))
-        for p in signature.parameters.values()
-        if p.name != "settings"
-    ]
+    names = _COMMON_FIELDS + fields
+    extra = [_parameter(name) for name in names]
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> R:
-        common = {name: kwargs.pop(name) for name in _COMMON_FIELDS}
-        with user_errors():
-            settings = Settings.from_env({}, **common)
-        return command(*args, settings=settings, **kwargs)
+    def decorate(command: Callable[..., R]) -> Callable[..., R]:
+        hints = typing.get_type_hints(command, include_extras=True)
+        signature = inspect.signature(command)
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values()
+            if p.name != "settings"
+        ]
 
-    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=own + _COMMON_PARAMETERS
-    )
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + _COMMON_PARAMETERS}
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> R:
+            values = {name: kwargs.pop(name) for name in names}
+            with user_errors():
+                for name in names:
+                    if _FIELD_TYPES[name] is float:
+                        values[name] = parse_duration(values[name], what="--" + name)
+                settings = Settings.from_env({}, **values)
+            return command(*args, settings=settings, **kwargs)
+
+        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=own + extra
+        )
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+        return wrapper
+
+    return decorate
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:

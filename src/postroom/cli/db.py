@@ -20,6 +20,7 @@ from postroom.schema import migrate
 app = typer.Typer(
     help="Create, upgrade and check postroom's tables (outbox and inbox).",
     no_args_is_help=True,
+    rich_markup_mode="markdown",
 )
 
 Revision = Annotated[
@@ -28,7 +29,7 @@ Revision = Annotated[
 
 
 @app.command()
-@with_settings
+@with_settings()
 def upgrade(revision: Revision = "head", *, settings: Settings) -> None:
     """Create postroom's tables, or bring them up to date. Safe to run again, and from
     several deploys at once (they take turns on an advisory lock)."""
@@ -46,7 +47,7 @@ def upgrade(revision: Revision = "head", *, settings: Settings) -> None:
 
 
 @app.command()
-@with_settings
+@with_settings()
 def check(*, settings: Settings) -> None:
     """Exit 0 if postroom's tables are up to date, 1 if they are missing or behind.
 
@@ -67,7 +68,7 @@ def check(*, settings: Settings) -> None:
 
 
 @app.command()
-@with_settings
+@with_settings()
 def sql(revision: Revision = "head", *, settings: Settings) -> None:
     """Print the DDL that `db upgrade` would run, without touching the database.
 
@@ -78,7 +79,7 @@ def sql(revision: Revision = "head", *, settings: Settings) -> None:
 
 
 @app.command()
-@with_settings
+@with_settings()
 def downgrade(
     revision: Annotated[str, typer.Argument(help="Revision to go back to; 'base' drops all.")],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,

@@ -86,6 +86,13 @@ def _initial_upgrade(op: Operations, tables: Tables) -> None:
         postgresql_where=sa.text("status = 'published'"),
     )
     op.create_index(
+        f"{outbox}_dead_idx",
+        outbox,
+        ["position"],
+        schema=schema,
+        postgresql_where=sa.text("status = 'dead'"),
+    )
+    op.create_index(
         f"{outbox}_retrying_idx",
         outbox,
         ["key", "position"],

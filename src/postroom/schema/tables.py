@@ -168,6 +168,11 @@ def _define(schema: str | None, outbox: str, inbox: str, metadata: MetaData) -> 
         postgresql_where=outbox_table.c.status == PUBLISHED,
     )
     Index(
+        f"{outbox}_dead_idx",
+        outbox_table.c.position,
+        postgresql_where=outbox_table.c.status == DEAD,
+    )
+    Index(
         f"{outbox}_retrying_idx",
         outbox_table.c.key,
         outbox_table.c.position,

@@ -1,0 +1,62 @@
+"""``postroom relay``: run the relay as a service until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from postroom.cli.common import user_errors, with_settings
+from postroom.config import Settings, redact_url
+from postroom.log import configure_logging, get_logger
+
+RELAY_FIELDS = (
+    "broker_url",
+    "relay_id",
+    "relay_batch_size",
+    "relay_lease",
+    "relay_poll_interval",
+    "relay_max_attempts",
+    "relay_backoff_initial",
+    "relay_backoff_max",
+    "relay_retention",
+    "metrics_port",
+    "log_format",
+)
+
+
+@with_settings(*RELAY_FIELDS)
+def relay(*, settings: Settings) -> None:
+    """Publish committed outbox rows to the broker; mark each sent once the broker confirms.
+
+    Run as many as you like: they share the outbox's partitions through leases and keep
+    each key in order. SIGTERM or Ctrl-C finishes the batch in flight, releases the
+    partitions and exits. Serves /metrics, /healthz and /readyz on --metrics-port.
+    """
+    configure_logging(json=None if settings.log_format == "auto" else settings.log_format == "json")
+    with user_errors():
+        asyncio.run(_run(settings))
+
+
+async def _run(settings: Settings) -> None:
+    from postroom.brokers import publisher_from_url
+    from postroom.relay import Relay
+    from postroom.schema import migrate
+
+    state = await asyncio.to_thread(migrate.status, settings.database_url, settings.tables())
+    if not state.up_to_date:
+        from postroom.errors import SchemaMissingError
+
+        found = f"at revision {state.current}" if state.current else "missing"
+        raise SchemaMissingError(
+            f"postroom's tables are {found}; this relay needs revision {state.head}. "
+            "Run `postroom db upgrade` first."
+        )
+    publisher = publisher_from_url(settings.broker_url)
+    service = Relay(settings, publisher)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, service.stop)
+    get_logger("relay").info(
+        "relay.configured", broker=redact_url(settings.broker_url), relay=service.relay_id
+    )
+    await service.run()

@@ -1,0 +1,115 @@
+"""Prometheus metrics and the small HTTP endpoint that serves them with health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from postroom.errors import ConfigurationError
+
+#: Latency buckets in seconds, from a millisecond to a minute.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class RelayMetrics:
+    """What a relay counts and measures, on a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.published = Counter(
+            "postroom_relay_published", "Messages the broker confirmed.", registry=r
+        )
+        self.failed = Counter(
+            "postroom_relay_failed",
+            "Publish attempts the broker or client refused (each costs an attempt).",
+            registry=r,
+        )
+        self.unavailable = Counter(
+            "postroom_relay_unavailable",
+            "Messages not confirmed because the broker was unreachable (no attempt spent).",
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "postroom_relay_dead_lettered",
+            "Rows dead-lettered after their last attempt.",
+            registry=r,
+        )
+        self.fenced = Counter(
+            "postroom_relay_fenced",
+            "Outcomes not recorded because another relay had re-claimed the row.",
+            registry=r,
+        )
+        self.backlog = Gauge(
+            "postroom_outbox_pending", "Rows waiting to be published (all relays).", registry=r
+        )
+        self.oldest_pending_age = Gauge(
+            "postroom_outbox_oldest_pending_age_seconds",
+            "Age of the oldest row waiting to be published.",
+            registry=r,
+        )
+        self.dead_rows = Gauge(
+            "postroom_outbox_dead", "Dead-lettered rows in the outbox.", registry=r
+        )
+        self.owned_partitions = Gauge(
+            "postroom_relay_owned_partitions", "Partitions this relay holds.", registry=r
+        )
+        self.broker_connected = Gauge(
+            "postroom_relay_broker_connected", "1 while the broker answers, else 0.", registry=r
+        )
+        self.latency = Histogram(
+            "postroom_relay_delivery_latency_seconds",
+            "From enqueue to broker confirmation, per published message.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "postroom_relay_batch_seconds",
+            "Claim, publish and mark of one batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+
+async def serve_http(
+    port: int,
+    registry: CollectorRegistry,
+    *,
+    healthy: Callable[[], bool],
+    ready: Callable[[], bool],
+    host: str = "0.0.0.0",  # noqa: S104 - metrics are scraped from outside the pod
+) -> asyncio.Server:
+    """Serve /metrics, /healthz and /readyz on ``port`` until the server is closed."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            path = request.split(b" ", 2)[1].split(b"?", 1)[0] if b" " in request else b""
+            if path == b"/metrics":
+                status, content_type, body = 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+            elif path in (b"/healthz", b"/readyz"):
+                ok = healthy() if path == b"/healthz" else ready()
+                status, content_type = (200 if ok else 503), "text/plain; charset=utf-8"
+                body = b"ok\n" if ok else b"not ready\n"
+            else:
+                status, content_type, body = 404, "text/plain; charset=utf-8", b"not found\n"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            head = (
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        writer.close()
+
+    try:
+        return await asyncio.start_server(handle, host, port)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on port {port} ({exc.strerror}); choose another with "
+            "--metrics-port / POSTROOM_METRICS_PORT, or 0 to turn the endpoint off"
+        ) from exc

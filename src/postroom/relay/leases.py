@@ -1,0 +1,117 @@
+"""Partition leases: each partition of the outbox has one relay at a time.
+
+Every relay heartbeats on its own connection. A heartbeat renews the partitions it owns
+(and the lease of the batch it has in flight), counts the live relays, and moves toward
+a fair share: it takes free or expired partitions when it has too few and gives up
+partitions it is not publishing when it has too many. A claimed row's lease never
+outlasts its partition's, so when a dead or stalled relay's partitions are taken over,
+all of its row leases have run out too, and the new owner resumes each key in order.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterable
+from datetime import datetime
+
+from postroom.relay.store import Claim, Connection
+from postroom.schema import relay_sql
+from postroom.schema.tables import PARTITION_COUNT, Tables
+
+
+def fair_share(relay_id: str, live_ids: list[str]) -> int:
+    """How many partitions ``relay_id`` should hold among ``live_ids`` (sorted).
+
+    Every relay gets the same number, and the first ``PARTITION_COUNT % len(live_ids)``
+    relays by id one more, so the shares always add up to every partition.
+    """
+    if relay_id not in live_ids:
+        return 0
+    base, extra = divmod(PARTITION_COUNT, len(live_ids))
+    return base + (1 if live_ids.index(relay_id) < extra else 0)
+
+
+class PartitionLeases:
+    """This relay's share of the partitions, and how long its leases last."""
+
+    def __init__(
+        self, connection: Connection, tables: Tables, relay_id: str, lease_seconds: float
+    ) -> None:
+        self._connection = connection
+        self._tables = tables
+        self.relay_id = relay_id
+        self.lease_seconds = lease_seconds
+        self.owned: frozenset[int] = frozenset()
+        self.lease_until: datetime | None = None
+        self._deadline = 0.0
+        self.live_relays = 0
+
+    def seconds_left(self) -> float:
+        """Seconds until the current leases run out (by this process's monotonic clock)."""
+        return self._deadline - time.monotonic()
+
+    async def heartbeat(self, inflight: Claim | None = None) -> None:
+        """Renew, then rebalance toward this relay's fair share of the partitions."""
+        started = time.monotonic()
+        params = {"relay": self.relay_id, "lease": self.lease_seconds}
+        async with self._connection.transaction() as connection:
+            await connection.execute(
+                relay_sql.register_relay_sql(self._tables),
+                {"relay": self.relay_id, "host": socket.gethostname(), "pid": os.getpid()},
+            )
+            cursor = await connection.execute(relay_sql.live_relays_sql(self._tables), params)
+            live_ids = [row[0] for row in await cursor.fetchall()]
+            live = len(live_ids)
+            cursor = await connection.execute(relay_sql.renew_partitions_sql(self._tables), params)
+            leases = await cursor.fetchall()
+            owned = {row[0] for row in leases}
+            share = fair_share(self.relay_id, live_ids)
+            busy = {row.partition for row in inflight.rows} if inflight else set()
+            if len(owned) < share:
+                cursor = await connection.execute(
+                    relay_sql.acquire_partitions_sql(self._tables),
+                    {**params, "want": share - len(owned)},
+                )
+                acquired = await cursor.fetchall()
+                leases.extend(acquired)
+                owned |= {row[0] for row in acquired}
+            elif len(owned) > share:
+                surplus = sorted(owned - busy)[share - len(owned) :]
+                if surplus:
+                    await self._release(surplus)
+                    owned -= set(surplus)
+            if leases:
+                lease_until, db_now = leases[0][1], leases[0][2]
+                if inflight is not None:
+                    await connection.execute(
+                        relay_sql.extend_claim_sql(self._tables),
+                        {
+                            "lease_until": lease_until,
+                            "token": inflight.token,
+                            "positions": [
+                                r.position for r in inflight.rows if r.partition in owned
+                            ],
+                        },
+                    )
+                self.lease_until = lease_until
+                self._deadline = started + (lease_until - db_now).total_seconds()
+        self.owned = frozenset(owned)
+        self.live_relays = live
+
+    async def release_all(self) -> None:
+        """Give up every partition and leave the live set (clean shutdown)."""
+        async with self._connection.transaction() as connection:
+            await self._release(self.owned)
+            await connection.execute(
+                relay_sql.unregister_relay_sql(self._tables), {"relay": self.relay_id}
+            )
+        self.owned = frozenset()
+        self._deadline = 0.0
+
+    async def _release(self, partitions: Iterable[int]) -> None:
+        await self._connection.fetch(
+            relay_sql.release_partitions_sql(self._tables),
+            {"relay": self.relay_id, "partitions": sorted(partitions)},
+        )

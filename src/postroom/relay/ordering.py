@@ -1,0 +1,63 @@
+"""Publish a claimed batch so that each key's messages reach the broker in order.
+
+The batch goes out in rounds: the first message of every key (and every message without
+a key) in round one, each key's second message in round two, and so on. Each round is
+one pipelined publish. A key whose message was not confirmed sends nothing more from
+this batch, so a later message can never overtake an earlier one that failed. Most
+batches hold at most one message per key and go out in a single round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from postroom.brokers.base import Outcome, Publisher, PublishResult
+from postroom.message import Message
+
+
+def rounds_by_key(messages: Sequence[Message]) -> list[list[int]]:
+    """Indexes of ``messages`` grouped into rounds; keyless messages all go in the first."""
+    rounds: list[list[int]] = []
+    seen: dict[str, int] = {}
+    for index, message in enumerate(messages):
+        if message.key is None:
+            number = 0
+        else:
+            number = seen.get(message.key, 0)
+            seen[message.key] = number + 1
+        if number == len(rounds):
+            rounds.append([])
+        rounds[number].append(index)
+    return rounds
+
+
+async def publish_in_key_order(
+    publisher: Publisher,
+    messages: Sequence[Message],
+    may_continue: Callable[[], bool] = lambda: True,
+) -> list[PublishResult | None]:
+    """Publish ``messages``; None marks a message held back (not sent, no attempt spent).
+
+    A message is held back when an earlier message of its key was not confirmed, when
+    the broker became unavailable, or when ``may_continue`` says the claim's lease is
+    running out.
+    """
+    results: list[PublishResult | None] = [None] * len(messages)
+    stalled_keys: set[str] = set()
+    for round_ in rounds_by_key(messages):
+        if not may_continue():
+            break
+        sendable = [i for i in round_ if messages[i].key not in stalled_keys]
+        if not sendable:
+            continue
+        outcomes = await publisher.publish([messages[i] for i in sendable])
+        broker_down = False
+        for index, result in zip(sendable, outcomes, strict=True):
+            results[index] = result
+            key = messages[index].key
+            if not result.confirmed and key is not None:
+                stalled_keys.add(key)
+            broker_down = broker_down or result.outcome is Outcome.UNAVAILABLE
+        if broker_down:
+            break
+    return results

@@ -1,0 +1,365 @@
+"""The relay: claim → publish → mark, for as long as it runs, on its share of the partitions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from postroom.backoff import Backoff
+from postroom.brokers.base import Outcome, Publisher, PublishResult
+from postroom.config import Settings, psycopg_conninfo
+from postroom.errors import BrokerUnavailableError, DatabaseError
+from postroom.log import get_logger
+from postroom.metrics import RelayMetrics, serve_http
+from postroom.relay.leases import PartitionLeases
+from postroom.relay.ordering import publish_in_key_order
+from postroom.relay.store import (
+    CONFIRMED,
+    HELD,
+    REJECTED,
+    UNAVAILABLE,
+    Claim,
+    ClaimedRow,
+    Connection,
+    OutboxStore,
+    RowOutcome,
+)
+from postroom.relay.wakeup import Wakeup
+from postroom.schema.tables import DEAD
+
+log = get_logger("relay")
+
+#: Rows deleted per statement, and statements per round, when purging published rows.
+PURGE_BATCH = 5000
+PURGE_BATCHES_PER_ROUND = 20
+
+
+def default_relay_id() -> str:
+    """``host-pid-random``: unique per process, readable in leases and logs."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class Relay:
+    """Publishes committed outbox rows to a broker and marks them once it confirms.
+
+    Run several relays at once for throughput and availability: they share the outbox's
+    partitions through leases, and each key's messages keep their order.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Publisher,
+        *,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.relay_id = settings.relay_id or default_relay_id()
+        self.metrics = metrics or RelayMetrics()
+        self._tables = settings.tables()
+        conninfo = psycopg_conninfo(settings.database_url)
+        self._work_connection = Connection(conninfo, settings.database_url)
+        self._lease_connection = Connection(conninfo, settings.database_url)
+        self._housekeeping_connection = Connection(conninfo, settings.database_url)
+        self._store = OutboxStore(self._work_connection, self._tables)
+        self._maintenance = OutboxStore(self._housekeeping_connection, self._tables)
+        self.leases = PartitionLeases(
+            self._lease_connection, self._tables, self.relay_id, settings.relay_lease
+        )
+        self.wakeup = Wakeup(conninfo, self._tables.notify_channel)
+        self._row_backoff = Backoff(settings.relay_backoff_initial, settings.relay_backoff_max)
+        self._stopping = asyncio.Event()
+        self._inflight: Claim | None = None
+        self._broker_ready = False
+        self._database_ready = False
+        self._last_progress = time.monotonic()
+
+    def stop(self) -> None:
+        """Ask the relay to finish the batch in flight, release its partitions and return."""
+        if not self._stopping.is_set():
+            log.info("relay.stopping", relay=self.relay_id)
+        self._stopping.set()
+        self.wakeup.set()
+
+    @property
+    def ready(self) -> bool:
+        """True while the database and broker answer and leases are current."""
+        return self._database_ready and self._broker_ready and self.leases.seconds_left() > 0
+
+    def healthy(self) -> bool:
+        """False when the work loop has not made progress for several leases."""
+        return time.monotonic() - self._last_progress < max(60.0, 4 * self.settings.relay_lease)
+
+    async def run(self) -> None:
+        """Run until :meth:`stop` is called (or the task is cancelled)."""
+        log.info(
+            "relay.starting",
+            relay=self.relay_id,
+            table=self._tables.outbox.fullname,
+            batch_size=self.settings.relay_batch_size,
+            lease=self.settings.relay_lease,
+        )
+        server = None
+        if self.settings.metrics_port:
+            server = await serve_http(
+                self.settings.metrics_port,
+                self.metrics.registry,
+                healthy=self.healthy,
+                ready=lambda: self.ready,
+            )
+        background = [
+            asyncio.create_task(self._heartbeats(), name="postroom-relay-heartbeat"),
+            asyncio.create_task(self.wakeup.run(), name="postroom-relay-wakeup"),
+            asyncio.create_task(self._housekeeping(), name="postroom-relay-housekeeping"),
+        ]
+        try:
+            await self._work()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self._shutdown()
+            if server is not None:
+                server.close()
+            log.info("relay.stopped", relay=self.relay_id)
+
+    async def _shutdown(self) -> None:
+        try:
+            await self.leases.release_all()
+        except DatabaseError as exc:
+            log.warning("relay.release_failed", error=str(exc))
+        with contextlib.suppress(Exception):
+            await self.publisher.close()
+        await self._work_connection.close()
+        await self._lease_connection.close()
+        await self._housekeeping_connection.close()
+
+    async def _work(self) -> None:
+        broker_failures = 0
+        database_failures = 0
+        reconnect = Backoff(initial=0.5, maximum=30.0)
+        while not self._stopping.is_set():
+            self._last_progress = time.monotonic()
+            if not self._broker_ready:
+                try:
+                    await self.publisher.connect()
+                except BrokerUnavailableError as exc:
+                    broker_failures += 1
+                    delay = reconnect.delay(broker_failures)
+                    log.warning(
+                        "relay.broker_unavailable", error=str(exc), retry_in=round(delay, 2)
+                    )
+                    await self._pause(delay)
+                    continue
+                self._set_broker_ready(True)
+                if broker_failures:
+                    log.info("relay.broker_reconnected", after_failures=broker_failures)
+                broker_failures = 0
+            if not self.leases.owned or self.leases.seconds_left() <= self._min_lease():
+                await self._pause(min(self.settings.relay_poll_interval, 0.25))
+                continue
+            try:
+                claimed = await self._run_batch()
+            except DatabaseError as exc:
+                self._database_ready = False
+                database_failures += 1
+                delay = reconnect.delay(database_failures)
+                log.warning("relay.database_error", error=str(exc), retry_in=round(delay, 2))
+                await self._pause(delay)
+                continue
+            self._database_ready = True
+            database_failures = 0
+            if claimed is None:
+                await self._pause(self.settings.relay_poll_interval, wake_on_notify=True)
+            elif not self._broker_ready:
+                broker_failures += 1
+                await self._pause(reconnect.delay(broker_failures))
+
+    def _min_lease(self) -> float:
+        return self.settings.relay_lease / 4
+
+    async def _pause(self, seconds: float, *, wake_on_notify: bool = False) -> None:
+        if wake_on_notify:
+            await self.wakeup.wait(seconds)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _run_batch(self) -> Claim | None:
+        """Claim, publish and mark one batch; None when nothing was due."""
+        started = time.monotonic()
+        lease_until = self.leases.lease_until
+        if lease_until is None:
+            return None
+        claim = await self._store.claim(
+            sorted(self.leases.owned),
+            lease_until,
+            limit=self.settings.relay_batch_size,
+            min_lease=self._min_lease(),
+        )
+        if not claim.rows:
+            return None
+        self._inflight = claim
+        try:
+            results = await publish_in_key_order(
+                self.publisher,
+                [row.message for row in claim.rows],
+                may_continue=lambda: self.leases.seconds_left() > self._min_lease() / 2,
+            )
+            await self._record(claim, results)
+        finally:
+            self._inflight = None
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+        return claim
+
+    async def _record(self, claim: Claim, results: list[PublishResult | None]) -> None:
+        outcomes = [
+            self._outcome(row, result) for row, result in zip(claim.rows, results, strict=True)
+        ]
+        marked = await _with_retries(
+            lambda: self._store.mark(
+                claim,
+                outcomes,
+                max_attempts=self.settings.relay_max_attempts,
+                delete_published=self.settings.relay_retention == 0,
+            )
+        )
+        self._count(claim, results, outcomes, marked_positions={m.position for m in marked})
+        for row in marked:
+            if row.status == DEAD:
+                source = next(r for r in claim.rows if r.position == row.position)
+                error = next(o.error for o in outcomes if o.position == row.position)
+                self.metrics.dead_lettered.inc()
+                log.error(
+                    "relay.dead_lettered",
+                    message_id=str(source.message.id),
+                    topic=source.message.topic,
+                    key=source.message.key,
+                    attempts=row.attempts,
+                    error=error,
+                )
+
+    def _outcome(self, row: ClaimedRow, result: PublishResult | None) -> RowOutcome:
+        if result is None:
+            return RowOutcome(row.position, HELD)
+        if result.outcome is Outcome.CONFIRMED:
+            return RowOutcome(row.position, CONFIRMED)
+        if result.outcome is Outcome.UNAVAILABLE:
+            self._set_broker_ready(False)
+            return RowOutcome(row.position, UNAVAILABLE, f"broker unavailable: {result.error}")
+        delay = self._row_backoff.delay(row.attempts + 1)
+        log.warning(
+            "relay.publish_failed",
+            message_id=str(row.message.id),
+            topic=row.message.topic,
+            key=row.message.key,
+            attempt=row.attempts + 1,
+            max_attempts=self.settings.relay_max_attempts,
+            error=result.error,
+        )
+        return RowOutcome(row.position, REJECTED, result.error or "rejected", delay)
+
+    def _count(
+        self,
+        claim: Claim,
+        results: list[PublishResult | None],
+        outcomes: list[RowOutcome],
+        marked_positions: set[int],
+    ) -> None:
+        now = datetime.now(UTC)
+        for row, result, outcome in zip(claim.rows, results, outcomes, strict=True):
+            if row.position not in marked_positions:
+                self.metrics.fenced.inc()
+                continue
+            if outcome.outcome == CONFIRMED:
+                self.metrics.published.inc()
+                self.metrics.latency.observe((now - row.message.created_at).total_seconds())
+            elif outcome.outcome == REJECTED:
+                self.metrics.failed.inc()
+            elif outcome.outcome == UNAVAILABLE and result is not None:
+                self.metrics.unavailable.inc()
+        fenced = len(claim.rows) - len(marked_positions)
+        if fenced:
+            log.warning(
+                "relay.mark_fenced",
+                relay=self.relay_id,
+                rows=fenced,
+                reason="another relay re-claimed them after this relay's lease ran out",
+            )
+
+    def _set_broker_ready(self, ready: bool) -> None:
+        self._broker_ready = ready
+        self.metrics.broker_connected.set(1 if ready else 0)
+
+    async def _heartbeats(self) -> None:
+        interval = self.settings.relay_lease / 3
+        while True:
+            try:
+                before = self.leases.owned
+                await self.leases.heartbeat(self._inflight)
+                if self.leases.owned != before:
+                    log.info(
+                        "relay.partitions_changed",
+                        relay=self.relay_id,
+                        owned=len(self.leases.owned),
+                        gained=len(self.leases.owned - before),
+                        lost=len(before - self.leases.owned),
+                        live_relays=self.leases.live_relays,
+                    )
+                    self.wakeup.set()
+                self.metrics.owned_partitions.set(len(self.leases.owned))
+                await asyncio.sleep(interval)
+            except DatabaseError as exc:
+                log.warning("relay.heartbeat_failed", error=str(exc))
+                await asyncio.sleep(min(interval, 1.0))
+
+    async def _housekeeping(self) -> None:
+        """Refresh the backlog gauges and purge published rows past their retention."""
+        interval = 10.0
+        last_purge = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                pending, oldest, dead = await self._maintenance.backlog()
+                self.metrics.backlog.set(pending)
+                self.metrics.oldest_pending_age.set(oldest)
+                self.metrics.dead_rows.set(dead)
+                retention = self.settings.relay_retention
+                if retention > 0 and time.monotonic() - last_purge > 60:
+                    last_purge = time.monotonic()
+                    purged = 0
+                    for _ in range(PURGE_BATCHES_PER_ROUND):
+                        count = await self._maintenance.purge_published(
+                            retention, limit=PURGE_BATCH
+                        )
+                        purged += count
+                        if count < PURGE_BATCH:
+                            break
+                    if purged:
+                        log.info("relay.purged", rows=purged, older_than_seconds=retention)
+            except DatabaseError as exc:
+                log.warning("relay.housekeeping_failed", error=str(exc))
+
+
+T = TypeVar("T")
+
+
+async def _with_retries(action: Callable[[], Awaitable[T]]) -> T:
+    """Run a database action, retrying briefly: the broker already confirmed these rows."""
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        try:
+            return await action()
+        except DatabaseError:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")

@@ -1,0 +1,206 @@
+"""The relay's side of the outbox table: claim batches, record outcomes, purge, count."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import psycopg
+
+from postroom.database import translate
+from postroom.errors import DatabaseError
+from postroom.message import Message
+from postroom.schema import relay_sql
+from postroom.schema.tables import Tables
+
+#: Outcome names the mark statement understands.
+CONFIRMED: Final = "confirmed"
+REJECTED: Final = "rejected"
+UNAVAILABLE: Final = "unavailable"
+HELD: Final = "held"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    """One leased outbox row and the message it holds."""
+
+    position: int
+    partition: int
+    attempts: int
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A batch of rows leased under one token, in write order."""
+
+    token: uuid.UUID
+    rows: list[ClaimedRow]
+    db_now: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutcome:
+    """What to record for one claimed row."""
+
+    position: int
+    outcome: str
+    error: str | None = None
+    delay_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MarkedRow:
+    """A row the mark changed, with its new status and attempt count."""
+
+    position: int
+    status: str
+    attempts: int
+
+
+class Connection:
+    """One autocommit psycopg connection that reconnects on the next use after a failure."""
+
+    def __init__(self, conninfo: str, database_url: str) -> None:
+        self._conninfo = conninfo
+        self._database_url = database_url
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+
+    async def get(self) -> psycopg.AsyncConnection[Any]:
+        """The open connection, connecting first if needed."""
+        if self._connection is None or self._connection.closed:
+            try:
+                self._connection = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, connect_timeout=10
+                )
+            except psycopg.Error as exc:
+                raise translate(exc, self._database_url) from exc
+        return self._connection
+
+    async def fetch(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Run one statement and return its rows; errors become postroom errors."""
+        connection = await self.get()
+        try:
+            cursor = await connection.execute(sql, params)
+            return await cursor.fetchall() if cursor.description else []
+        except psycopg.Error as exc:
+            await self._drop_if_broken()
+            raise translate(exc, self._database_url) from exc
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A transaction on the connection; errors become postroom errors."""
+        connection = await self.get()
+        try:
+            async with connection.transaction():
+                yield connection
+        except psycopg.Error as exc:
+            await self._drop_if_broken()
+            raise translate(exc, self._database_url) from exc
+
+    async def _drop_if_broken(self) -> None:
+        connection = self._connection
+        if connection is not None and connection.broken:
+            self._connection = None
+            await connection.close()
+
+    async def close(self) -> None:
+        """Close the connection if open."""
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+
+class OutboxStore:
+    """Claims, marks and maintenance statements on one dedicated connection."""
+
+    def __init__(self, connection: Connection, tables: Tables) -> None:
+        self._connection = connection
+        self._tables = tables
+
+    async def claim(
+        self,
+        partitions: Sequence[int],
+        lease_until: datetime,
+        *,
+        limit: int,
+        min_lease: float,
+    ) -> Claim:
+        """Lease up to ``limit`` due rows of ``partitions``; an empty claim if none are due."""
+        token = uuid.uuid4()
+        rows = await self._connection.fetch(
+            relay_sql.claim_sql(self._tables),
+            {
+                "token": token,
+                "lease_until": lease_until,
+                "partitions": list(partitions),
+                "limit": limit,
+                "min_lease": min_lease,
+            },
+        )
+        rows.sort(key=lambda row: row[0])
+        claimed = [
+            ClaimedRow(
+                position=row[0],
+                partition=row[10],
+                attempts=row[9],
+                message=Message(
+                    id=row[1],
+                    topic=row[2],
+                    key=row[3],
+                    body=row[4],
+                    content_type=row[5],
+                    headers=row[6],
+                    created_at=row[7],
+                    available_at=row[8],
+                ),
+            )
+            for row in rows
+        ]
+        return Claim(token=token, rows=claimed, db_now=rows[0][11] if rows else None)
+
+    async def mark(
+        self,
+        claim: Claim,
+        outcomes: Sequence[RowOutcome],
+        *,
+        max_attempts: int,
+        delete_published: bool,
+    ) -> list[MarkedRow]:
+        """Record outcomes for rows still under the claim's token; return the rows changed."""
+        if not outcomes:
+            return []
+        rows = await self._connection.fetch(
+            relay_sql.mark_sql(self._tables, delete_published),
+            {
+                "token": claim.token,
+                "positions": [o.position for o in outcomes],
+                "outcomes": [o.outcome for o in outcomes],
+                "errors": [o.error for o in outcomes],
+                "delays": [o.delay_seconds for o in outcomes],
+                "max_attempts": max_attempts,
+            },
+        )
+        return [MarkedRow(position=r[0], status=r[1], attempts=r[2]) for r in rows]
+
+    async def purge_published(self, older_than: float, *, limit: int) -> int:
+        """Delete up to ``limit`` rows published more than ``older_than`` seconds ago."""
+        connection = await self._connection.get()
+        try:
+            cursor = await connection.execute(
+                relay_sql.purge_published_sql(self._tables),
+                {"older_than": older_than, "limit": limit},
+            )
+        except psycopg.Error as exc:
+            raise DatabaseError(f"purging published rows failed: {exc}") from exc
+        return cursor.rowcount
+
+    async def backlog(self) -> tuple[int, float, int]:
+        """Pending rows, age in seconds of the oldest pending row, dead-lettered rows."""
+        rows = await self._connection.fetch(relay_sql.backlog_sql(self._tables), {})
+        pending, oldest, dead = rows[0]
+        return int(pending), float(oldest), int(dead)

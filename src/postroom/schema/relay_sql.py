@@ -1,0 +1,206 @@
+"""The relay's statements: claim, mark, leases, purge and backlog. Parameters are %(name)s.
+
+Every hot statement handles a whole batch in one round trip. Reviewed plans (EXPLAIN):
+the claim walks ``<outbox>_pending_idx`` in position order and stops at the batch size;
+its per-key check probes ``<outbox>_retrying_idx``, which holds only rows that failed;
+the update then finds the chosen rows through the primary key (``= ANY(ARRAY(...))``
+rather than a join, which the planner may turn into a scan of the whole table).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from postroom.schema.sql import quoted_table
+from postroom.schema.tables import DEAD, PENDING, PUBLISHED, Tables
+
+
+@functools.cache
+def claim_sql(tables: Tables) -> str:
+    """Lease up to %(limit)s due rows of the partitions the relay owns, oldest first.
+
+    A row waits while an earlier row of its key is backing off after a failure or is
+    leased, so each key is published in order. Claimed rows get the claim's token, which
+    every later mark must present, and a lease that ends no later than the partitions'.
+    """
+    outbox = quoted_table(tables.outbox)
+    return f"""
+UPDATE {outbox} AS t
+SET lease_token = %(token)s, lease_expires_at = %(lease_until)s
+WHERE t.position = ANY(ARRAY(
+    SELECT o.position FROM {outbox} AS o
+    WHERE o.status = '{PENDING}'
+      AND o.partition = ANY(%(partitions)s)
+      AND o.next_attempt_at <= now()
+      AND (o.lease_expires_at IS NULL OR o.lease_expires_at < now())
+      AND NOT EXISTS (
+          SELECT 1 FROM {outbox} AS e
+          WHERE e.status = '{PENDING}' AND e.attempts > 0
+            AND e.key = o.key AND e.position < o.position
+            AND (e.next_attempt_at > now() OR e.lease_expires_at >= now())
+      )
+      AND %(lease_until)s > now() + %(min_lease)s * interval '1 second'
+    ORDER BY o.position
+    LIMIT %(limit)s
+    FOR UPDATE OF o SKIP LOCKED
+))
+RETURNING t.position, t.id, t.topic, t.key, t.payload, t.content_type, t.headers,
+          t.created_at, t.available_at, t.attempts, t.partition, now() AS db_now
+"""
+
+
+_RESULTS = """
+SELECT * FROM unnest(
+    %(positions)s::bigint[], %(outcomes)s::text[], %(errors)s::text[], %(delays)s::float8[]
+) AS r(position, outcome, error, delay_seconds)
+"""
+
+
+def _mark_update(outbox: str, only_unconfirmed: bool) -> str:
+    dead = "r.outcome = 'rejected' AND t.attempts + 1 >= %(max_attempts)s"
+    where = " AND r.outcome <> 'confirmed'" if only_unconfirmed else ""
+    return f"""
+UPDATE {outbox} AS t SET
+    status = CASE WHEN r.outcome = 'confirmed' THEN '{PUBLISHED}'
+                  WHEN {dead} THEN '{DEAD}' ELSE '{PENDING}' END,
+    attempts = t.attempts + (r.outcome = 'rejected')::int,
+    last_error = coalesce(r.error, t.last_error),
+    next_attempt_at = CASE WHEN r.outcome = 'rejected'
+                           THEN now() + r.delay_seconds * interval '1 second'
+                           ELSE t.next_attempt_at END,
+    published_at = CASE WHEN r.outcome = 'confirmed' THEN now() END,
+    dead_lettered_at = CASE WHEN {dead} THEN now() END,
+    lease_token = NULL,
+    lease_expires_at = NULL
+FROM results AS r
+WHERE t.position = r.position AND t.lease_token = %(token)s{where}
+RETURNING t.position, t.status, t.attempts"""
+
+
+@functools.cache
+def mark_sql(tables: Tables, delete_published: bool) -> str:
+    """Record a batch's outcomes in one statement, only for rows still under the claim's token.
+
+    Outcomes: ``confirmed`` (published; or deleted when ``delete_published``), ``rejected``
+    (one more attempt; backoff of %(delays)s, dead-lettered at %(max_attempts)s), and
+    ``unavailable`` / ``held`` (back to pending as they were, no attempt counted).
+    Returns the rows it changed; a row missing from the result was fenced off.
+    """
+    outbox = quoted_table(tables.outbox)
+    if not delete_published:
+        return f"WITH results AS ({_RESULTS}){_mark_update(outbox, only_unconfirmed=False)}"
+    return f"""
+WITH results AS ({_RESULTS}),
+deleted AS (
+    DELETE FROM {outbox} AS d USING results AS r
+    WHERE d.position = r.position AND r.outcome = 'confirmed' AND d.lease_token = %(token)s
+    RETURNING d.position, '{PUBLISHED}'::text AS status, d.attempts
+),
+updated AS ({_mark_update(outbox, only_unconfirmed=True)})
+SELECT * FROM deleted UNION ALL SELECT * FROM updated
+"""
+
+
+@functools.cache
+def extend_claim_sql(tables: Tables) -> str:
+    """Move the lease of rows still in flight under %(token)s to %(lease_until)s."""
+    return (
+        f"UPDATE {quoted_table(tables.outbox)} SET lease_expires_at = %(lease_until)s "
+        "WHERE position = ANY(%(positions)s) AND lease_token = %(token)s"
+    )
+
+
+@functools.cache
+def register_relay_sql(tables: Tables) -> str:
+    """Record that this relay is alive (insert or refresh its heartbeat)."""
+    return (
+        f"INSERT INTO {quoted_table(tables.relays)} (relay_id, host, pid) "
+        "VALUES (%(relay)s, %(host)s, %(pid)s) "
+        "ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now()"
+    )
+
+
+@functools.cache
+def live_relays_sql(tables: Tables) -> str:
+    """Forget relays whose heartbeat is older than %(lease)s seconds; list those left."""
+    relays = quoted_table(tables.relays)
+    return f"""
+WITH gone AS (
+    DELETE FROM {relays} WHERE heartbeat_at < now() - %(lease)s * interval '1 second'
+    RETURNING relay_id
+)
+SELECT relay_id FROM {relays} WHERE relay_id NOT IN (SELECT relay_id FROM gone)
+ORDER BY relay_id
+"""
+
+
+@functools.cache
+def renew_partitions_sql(tables: Tables) -> str:
+    """Extend the leases of the partitions this relay still owns; return them."""
+    return (
+        f"UPDATE {quoted_table(tables.partitions)} "
+        "SET lease_expires_at = now() + %(lease)s * interval '1 second' "
+        "WHERE owner = %(relay)s RETURNING partition, lease_expires_at, now()"
+    )
+
+
+@functools.cache
+def acquire_partitions_sql(tables: Tables) -> str:
+    """Take up to %(want)s partitions that nobody holds or whose lease ran out."""
+    partitions = quoted_table(tables.partitions)
+    return f"""
+UPDATE {partitions} AS p
+SET owner = %(relay)s, lease_expires_at = now() + %(lease)s * interval '1 second'
+FROM (
+    SELECT partition FROM {partitions}
+    WHERE owner IS NULL OR lease_expires_at < now()
+    ORDER BY partition
+    LIMIT %(want)s
+    FOR UPDATE SKIP LOCKED
+) AS free
+WHERE p.partition = free.partition
+RETURNING p.partition, p.lease_expires_at, now()
+"""
+
+
+@functools.cache
+def release_partitions_sql(tables: Tables) -> str:
+    """Give partitions up so other relays can take them at once."""
+    return (
+        f"UPDATE {quoted_table(tables.partitions)} SET owner = NULL, lease_expires_at = NULL "
+        "WHERE owner = %(relay)s AND partition = ANY(%(partitions)s)"
+    )
+
+
+@functools.cache
+def unregister_relay_sql(tables: Tables) -> str:
+    """Remove this relay from the live set (on a clean shutdown)."""
+    return f"DELETE FROM {quoted_table(tables.relays)} WHERE relay_id = %(relay)s"
+
+
+@functools.cache
+def purge_published_sql(tables: Tables) -> str:
+    """Delete up to %(limit)s rows published more than %(older_than)s seconds ago."""
+    outbox = quoted_table(tables.outbox)
+    return f"""
+DELETE FROM {outbox} WHERE position IN (
+    SELECT position FROM {outbox}
+    WHERE status = '{PUBLISHED}'
+      AND published_at < now() - %(older_than)s * interval '1 second'
+    ORDER BY published_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+@functools.cache
+def backlog_sql(tables: Tables) -> str:
+    """Pending rows, seconds since the oldest was written, and dead-lettered rows."""
+    outbox = quoted_table(tables.outbox)
+    return f"""
+SELECT count(*),
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8,
+       (SELECT count(*) FROM {outbox} WHERE status = '{DEAD}')
+FROM {outbox} WHERE status = '{PENDING}'
+"""

@@ -1,0 +1,354 @@
+"""The relay in-process against real PostgreSQL and the in-memory broker.
+
+Process-level proofs (kill -9, SIGSTOP, real brokers) are in test_relay_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from postroom import Settings
+from postroom.brokers.memory import MemoryBroker
+from postroom.outbox import Outbox
+from postroom.relay import Relay
+from postroom.relay.store import CONFIRMED, Connection, OutboxStore, RowOutcome
+from postroom.schema import PARTITION_COUNT, Tables, relay_sql
+
+
+@pytest.fixture
+def settings(database_url: str, tables: Tables) -> Settings:
+    """Relay settings with short leases and backoff, so tests run in seconds."""
+    return Settings(
+        database_url=database_url,
+        schema=tables.schema or "",
+        relay_lease=2.0,
+        relay_poll_interval=0.2,
+        relay_backoff_initial=0.2,
+        relay_backoff_max=0.5,
+        relay_max_attempts=3,
+        metrics_port=0,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(relay: Relay) -> AsyncIterator[Relay]:
+    """Run the relay in the background for the duration of the block."""
+    task = asyncio.create_task(relay.run())
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
+    """Wait until ``check()`` is true, or fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {within}s")
+        await asyncio.sleep(0.05)
+
+
+def rows(engine: Engine, tables: Tables) -> list[Any]:
+    with engine.connect() as connection:
+        return list(
+            connection.execute(select(tables.outbox).order_by(tables.outbox.c.position)).all()
+        )
+
+
+def write(engine: Engine, outbox: Outbox, messages: list[tuple[str, Any, str | None]]) -> list[Any]:
+    with Session(engine) as session:
+        written = outbox.enqueue_many(
+            session, [outbox.message(topic, payload, key=key) for topic, payload, key in messages]
+        )
+        session.commit()
+    return written
+
+
+def status_of(engine: Engine, tables: Tables, message_id: Any) -> str:
+    return next(r.status for r in rows(engine, tables) if r.id == message_id)
+
+
+def by_key(broker: MemoryBroker) -> dict[str | None, list[int]]:
+    seen: dict[str | None, list[int]] = {}
+    for message in broker.messages():
+        seen.setdefault(message.key, []).append(message.payload)
+    return seen
+
+
+async def test_publishes_every_row_as_written_and_marks_it(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    broker = MemoryBroker()
+    written = write(engine, outbox, [("orders", i, f"k{i % 7}") for i in range(300)])
+    async with running(Relay(settings, broker.publisher())):
+        await eventually(lambda: len(broker.messages()) == 300)
+        await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
+    delivered = {m.id: m for m in broker.messages()}
+    for message in written:
+        got = delivered[message.id]
+        assert (got.topic, got.key, got.body, got.content_type) == (
+            message.topic,
+            message.key,
+            message.body,
+            message.content_type,
+        )
+    assert all(seq == sorted(seq) for seq in by_key(broker).values())
+    assert all(r.published_at is not None and r.lease_token is None for r in rows(engine, tables))
+
+
+async def test_hot_keys_stay_in_order_across_many_batches(
+    settings: Settings, engine: Engine, outbox: Outbox
+) -> None:
+    broker = MemoryBroker()
+    for start in range(0, 2000, 250):
+        write(engine, outbox, [("t", i, f"k{i % 3}") for i in range(start, start + 250)])
+    relay = Relay(Settings(**{**settings.__dict__, "relay_batch_size": 64}), broker.publisher())
+    async with running(relay):
+        await eventually(lambda: len(broker.messages()) == 2000)
+    for key, sequence in by_key(broker).items():
+        assert sequence == sorted(sequence), key
+
+
+async def test_delete_on_publish_when_retention_is_zero(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    broker = MemoryBroker()
+    write(engine, outbox, [("t", i, None) for i in range(50)])
+    relay = Relay(Settings(**{**settings.__dict__, "relay_retention": 0.0}), broker.publisher())
+    async with running(relay):
+        await eventually(lambda: rows(engine, tables) == [])
+    assert len(broker.messages()) == 50
+
+
+async def test_poison_row_retries_with_backoff_then_is_dead_lettered_while_others_flow(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    broker = MemoryBroker(unroutable=["nowhere"])
+    first = write(engine, outbox, [("nowhere", 0, "poisoned"), ("t", 1, "poisoned")])
+    others = write(engine, outbox, [("t", i, f"k{i}") for i in range(20)])
+    poison, waiting = first
+    async with running(Relay(settings, broker.publisher())):
+        await eventually(lambda: len(broker.messages()) == 20)
+        # The poisoned key's later row waits while the poison row is retried.
+        state = {r.id: r for r in rows(engine, tables)}
+        assert state[waiting.id].status == "pending"
+        assert waiting.id not in {m.id for m in broker.messages()}
+        await eventually(lambda: status_of(engine, tables, poison.id) == "dead")
+        # Once the poison row is dead-lettered, the key flows again, in order.
+        await eventually(lambda: waiting.id in {m.id for m in broker.messages()})
+    dead = {r.id: r for r in rows(engine, tables)}[poison.id]
+    assert dead.attempts == settings.relay_max_attempts
+    assert "unroutable" in dead.last_error
+    assert dead.dead_lettered_at is not None
+    assert dead.published_at is None
+    assert {m.id for m in broker.messages()} == {m.id for m in others} | {waiting.id}
+
+
+async def test_backoff_spaces_the_attempts(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    broker = MemoryBroker()
+    (message,) = write(engine, outbox, [("t", 1, "k")])
+    broker.fail_message(message.id, error="refused", times=2)
+    started = time.monotonic()
+    async with running(Relay(settings, broker.publisher())):
+        await eventually(lambda: len(broker.messages()) == 1)
+    elapsed = time.monotonic() - started
+    (row,) = rows(engine, tables)
+    assert row.status == "published"
+    assert row.attempts == 2
+    assert row.last_error == "refused"
+    # Two failures: at least half of 0.2 s and half of 0.4 s of backoff.
+    assert elapsed >= 0.3
+
+
+async def test_broker_outage_burns_no_attempts_and_resumes_by_itself(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    broker = MemoryBroker()
+    broker.start_outage()
+    write(engine, outbox, [("t", i, f"k{i % 4}") for i in range(40)])
+    async with running(Relay(settings, broker.publisher())):
+        await asyncio.sleep(1.5)
+        assert broker.messages() == []
+        assert all(r.status == "pending" and r.attempts == 0 for r in rows(engine, tables))
+        broker.end_outage()
+        await eventually(lambda: len(broker.messages()) == 40)
+        await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
+    assert all(r.attempts == 0 for r in rows(engine, tables))
+
+
+async def test_delayed_messages_wait_until_due(
+    settings: Settings, engine: Engine, outbox: Outbox
+) -> None:
+    broker = MemoryBroker()
+    with Session(engine) as session:
+        later = outbox.enqueue(session, "t", "later", delay=timedelta(seconds=1.5))
+        now = outbox.enqueue(session, "t", "now")
+        session.commit()
+    async with running(Relay(settings, broker.publisher())):
+        await eventually(lambda: len(broker.messages()) == 1)
+        assert broker.messages()[0].id == now.id
+        started = time.monotonic()
+        await eventually(lambda: len(broker.messages()) == 2)
+    assert broker.messages()[1].id == later.id
+    assert time.monotonic() - started > 0.5
+
+
+def owners(engine: Engine, tables: Tables) -> dict[str | None, int]:
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(tables.partitions.c.owner, text("count(*)")).group_by(tables.partitions.c.owner)
+        ).all()
+    return dict(found)
+
+
+def owned_counts(engine: Engine, tables: Tables) -> list[int]:
+    """Partitions per relay, smallest first; unowned partitions are left out."""
+    return sorted(n for owner, n in owners(engine, tables).items() if owner is not None)
+
+
+async def test_relays_share_the_partitions_and_take_over_when_one_stops(
+    settings: Settings, engine: Engine, tables: Tables
+) -> None:
+    broker = MemoryBroker()
+    relays = [
+        Relay(Settings(**{**settings.__dict__, "relay_id": f"relay-{n}"}), broker.publisher())
+        for n in range(3)
+    ]
+    async with running(relays[0]), running(relays[1]):
+        async with running(relays[2]):
+            await eventually(lambda: owned_counts(engine, tables) == [21, 21, 22])
+        # relay-2 released its partitions on a clean stop; the other two share them.
+        await eventually(lambda: owned_counts(engine, tables) == [32, 32])
+    assert owners(engine, tables) == {None: PARTITION_COUNT}
+    with engine.connect() as connection:
+        assert connection.execute(select(tables.relays)).all() == []
+
+
+async def test_a_stale_claim_cannot_mark_rows_another_relay_reclaimed(
+    database_url: str, conninfo: str, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    write(engine, outbox, [("t", i, "k") for i in range(5)])
+    stale = OutboxStore(Connection(conninfo, database_url), tables)
+    fresh = OutboxStore(Connection(conninfo, database_url), tables)
+    with engine.connect() as connection:
+        lease_until = connection.execute(text("SELECT now() + interval '30 seconds'")).scalar_one()
+    everything = list(range(PARTITION_COUNT))
+    first = await stale.claim(everything, lease_until, limit=10, min_lease=1)
+    assert len(first.rows) == 5
+    # The first relay stalls past its lease; the rows become claimable again.
+    with engine.begin() as connection:
+        connection.execute(
+            update(tables.outbox).values(lease_expires_at=text("now() - interval '1 second'"))
+        )
+    second = await fresh.claim(everything, lease_until, limit=10, min_lease=1)
+    assert [r.position for r in second.rows] == [r.position for r in first.rows]
+    confirmed = [RowOutcome(r.position, CONFIRMED) for r in first.rows]
+    assert await stale.mark(first, confirmed, max_attempts=3, delete_published=False) == []
+    assert all(r.status == "pending" for r in rows(engine, tables))
+    marked = await fresh.mark(
+        second,
+        [RowOutcome(r.position, CONFIRMED) for r in second.rows],
+        max_attempts=3,
+        delete_published=False,
+    )
+    assert len(marked) == 5
+    assert all(r.status == "published" for r in rows(engine, tables))
+
+
+async def test_retention_purges_old_published_rows_in_batches(
+    database_url: str, conninfo: str, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    write(engine, outbox, [("t", i, None) for i in range(30)])
+    with engine.begin() as connection:
+        connection.execute(
+            update(tables.outbox)
+            .where(
+                tables.outbox.c.position
+                <= text(f'(SELECT min(position) + 19 FROM "{tables.schema}".outbox)')
+            )
+            .values(status="published", published_at=text("now() - interval '2 hours'"))
+        )
+    store = OutboxStore(Connection(conninfo, database_url), tables)
+    assert await store.purge_published(3600, limit=15) == 15
+    assert await store.purge_published(3600, limit=15) == 5
+    assert await store.purge_published(3600, limit=15) == 0
+    assert [r.status for r in rows(engine, tables)] == ["pending"] * 10
+    pending, oldest, dead = await store.backlog()
+    assert (pending, dead) == (10, 0)
+    assert oldest >= 0
+
+
+def test_the_claim_walks_the_pending_index(engine: Engine, outbox: Outbox, tables: Tables) -> None:
+    """With a large history of published rows, the claim reads only pending rows."""
+    schema = tables.schema
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                f'INSERT INTO "{schema}".outbox (id, topic, partition, payload, content_type, '
+                "created_at, available_at, status, published_at) "
+                "SELECT gen_random_uuid(), 't', g % 64, '\\x00', 'application/octet-stream', "
+                "now(), now(), 'published', now() FROM generate_series(1, 20000) g"
+            )
+        )
+    write(engine, outbox, [("t", i, f"k{i}") for i in range(200)])
+    with engine.begin() as connection:
+        connection.execute(text(f'ANALYZE "{schema}".outbox'))
+        sql = relay_sql.claim_sql(tables).replace("%(", ":").replace(")s", "")
+        plan = connection.execute(
+            text("EXPLAIN (FORMAT JSON) " + sql),
+            {
+                "token": "00000000-0000-0000-0000-000000000000",
+                "lease_until": "2999-01-01",
+                "partitions": list(range(64)),
+                "limit": 500,
+                "min_lease": 1,
+            },
+        ).scalar_one()
+        connection.rollback()
+    plan_text = json.dumps(plan)
+    assert "outbox_pending_idx" in plan_text
+    assert '"Seq Scan"' not in plan_text
+
+
+async def test_metrics_and_health_endpoints(
+    settings: Settings, engine: Engine, outbox: Outbox, unused_tcp_port: int
+) -> None:
+    broker = MemoryBroker()
+    write(engine, outbox, [("t", i, None) for i in range(10)])
+    relay = Relay(
+        Settings(**{**settings.__dict__, "metrics_port": unused_tcp_port}), broker.publisher()
+    )
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{unused_tcp_port}{path}") as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    async with running(relay):
+        await eventually(lambda: len(broker.messages()) == 10)
+        await eventually(lambda: relay.ready)
+        status, body = await asyncio.to_thread(get, "/metrics")
+        assert status == 200
+        assert "postroom_relay_published_total 10.0" in body
+        assert "postroom_relay_owned_partitions 64.0" in body
+        assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n")
+        assert await asyncio.to_thread(get, "/readyz") == (200, "ok\n")
+        assert (await asyncio.to_thread(get, "/nope"))[0] == 404
