@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import Engine
@@ -23,7 +24,8 @@ from postroom import Settings
 from postroom.brokers.memory import MemoryBroker
 from postroom.outbox import Outbox
 from postroom.relay import Relay
-from postroom.relay.store import CONFIRMED, Connection, OutboxStore, RowOutcome
+from postroom.relay.leases import PartitionLeases
+from postroom.relay.store import CONFIRMED, Claim, Connection, OutboxStore, RowOutcome
 from postroom.schema import PARTITION_COUNT, Tables, relay_sql
 
 
@@ -107,7 +109,7 @@ async def test_publishes_every_row_as_written_and_marks_it(
             message.content_type,
         )
     assert all(seq == sorted(seq) for seq in by_key(broker).values())
-    assert all(r.published_at is not None and r.lease_token is None for r in rows(engine, tables))
+    assert all(r.published_at is not None for r in rows(engine, tables))
 
 
 async def test_hot_keys_stay_in_order_across_many_batches(
@@ -240,35 +242,41 @@ async def test_relays_share_the_partitions_and_take_over_when_one_stops(
         assert connection.execute(select(tables.relays)).all() == []
 
 
-async def test_a_stale_claim_cannot_mark_rows_another_relay_reclaimed(
+async def test_a_stalled_relay_cannot_mark_rows_another_relay_took_over(
     database_url: str, conninfo: str, engine: Engine, outbox: Outbox, tables: Tables
 ) -> None:
     write(engine, outbox, [("t", i, "k") for i in range(5)])
-    stale = OutboxStore(Connection(conninfo, database_url), tables)
-    fresh = OutboxStore(Connection(conninfo, database_url), tables)
-    with engine.connect() as connection:
-        lease_until = connection.execute(text("SELECT now() + interval '30 seconds'")).scalar_one()
-    everything = list(range(PARTITION_COUNT))
-    first = await stale.claim(everything, lease_until, limit=10, min_lease=1)
+    leases_a = PartitionLeases(Connection(conninfo, database_url), tables, "relay-a", 30)
+    store_a = OutboxStore(Connection(conninfo, database_url), tables)
+    await leases_a.heartbeat()
+    assert len(leases_a.owned) == PARTITION_COUNT
+    first = await store_a.claim(leases_a.tokens, limit=10)
     assert len(first.rows) == 5
-    # The first relay stalls past its lease; the rows become claimable again.
+    # relay-a stalls past its lease; relay-b sees it gone and takes its partitions.
     with engine.begin() as connection:
         connection.execute(
-            update(tables.outbox).values(lease_expires_at=text("now() - interval '1 second'"))
+            update(tables.partitions).values(lease_expires_at=text("now() - interval '1 second'"))
         )
-    second = await fresh.claim(everything, lease_until, limit=10, min_lease=1)
+        connection.execute(tables.relays.delete())
+    leases_b = PartitionLeases(Connection(conninfo, database_url), tables, "relay-b", 30)
+    store_b = OutboxStore(Connection(conninfo, database_url), tables)
+    await leases_b.heartbeat()
+    assert leases_b.owned == leases_a.owned
+    second = await store_b.claim(leases_b.tokens, limit=10)
     assert [r.position for r in second.rows] == [r.position for r in first.rows]
-    confirmed = [RowOutcome(r.position, CONFIRMED) for r in first.rows]
-    assert await stale.mark(first, confirmed, max_attempts=3, delete_published=False) == []
+
+    def confirmed(claim: Claim) -> list[RowOutcome]:
+        return [RowOutcome(r.position, claim.tokens[r.partition], CONFIRMED) for r in claim.rows]
+
+    stale = await store_a.mark(confirmed(first), max_attempts=3, delete_published=False)
+    assert stale == []
     assert all(r.status == "pending" for r in rows(engine, tables))
-    marked = await fresh.mark(
-        second,
-        [RowOutcome(r.position, CONFIRMED) for r in second.rows],
-        max_attempts=3,
-        delete_published=False,
-    )
+    marked = await store_b.mark(confirmed(second), max_attempts=3, delete_published=False)
     assert len(marked) == 5
     assert all(r.status == "published" for r in rows(engine, tables))
+    # relay-a learns at its next heartbeat that it lost every partition.
+    await leases_a.heartbeat()
+    assert leases_a.owned == frozenset()
 
 
 async def test_retention_purges_old_published_rows_in_batches(
@@ -294,7 +302,9 @@ async def test_retention_purges_old_published_rows_in_batches(
     assert oldest >= 0
 
 
-def test_the_claim_walks_the_pending_index(engine: Engine, outbox: Outbox, tables: Tables) -> None:
+def test_the_claim_walks_the_pending_index(
+    conninfo: str, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
     """With a large history of published rows, the claim reads only pending rows."""
     schema = tables.schema
     with engine.begin() as connection:
@@ -309,18 +319,11 @@ def test_the_claim_walks_the_pending_index(engine: Engine, outbox: Outbox, table
     write(engine, outbox, [("t", i, f"k{i}") for i in range(200)])
     with engine.begin() as connection:
         connection.execute(text(f'ANALYZE "{schema}".outbox'))
-        sql = relay_sql.claim_sql(tables).replace("%(", ":").replace(")s", "")
+    with psycopg.connect(conninfo) as connection:
         plan = connection.execute(
-            text("EXPLAIN (FORMAT JSON) " + sql),
-            {
-                "token": "00000000-0000-0000-0000-000000000000",
-                "lease_until": "2999-01-01",
-                "partitions": list(range(64)),
-                "limit": 500,
-                "min_lease": 1,
-            },
-        ).scalar_one()
-        connection.rollback()
+            "EXPLAIN (FORMAT JSON) " + relay_sql.claim_sql(tables),
+            {"partitions": list(range(64)), "limit": 500, "in_flight": [1, 2, 3]},
+        ).fetchone()[0]
     plan_text = json.dumps(plan)
     assert "outbox_pending_idx" in plan_text
     assert '"Seq Scan"' not in plan_text

@@ -3,9 +3,10 @@
 Every relay heartbeats on its own connection. A heartbeat renews the partitions it owns
 (and the lease of the batch it has in flight), counts the live relays, and moves toward
 a fair share: it takes free or expired partitions when it has too few and gives up
-partitions it is not publishing when it has too many. A claimed row's lease never
-outlasts its partition's, so when a dead or stalled relay's partitions are taken over,
-all of its row leases have run out too, and the new owner resumes each key in order.
+partitions it is not publishing when it has too many. Each acquisition of a
+partition mints a new token; every mark of a row must present the token of its
+partition's lease as it was when the row was read, so a relay that stalled past its
+lease cannot record anything for rows another relay has taken over (fencing).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterable
-from datetime import datetime
 
-from postroom.relay.store import Claim, Connection
+from postroom.relay.store import Connection
 from postroom.schema import relay_sql
 from postroom.schema.tables import PARTITION_COUNT, Tables
 
@@ -43,8 +44,8 @@ class PartitionLeases:
         self._tables = tables
         self.relay_id = relay_id
         self.lease_seconds = lease_seconds
-        self.owned: frozenset[int] = frozenset()
-        self.lease_until: datetime | None = None
+        self.tokens: dict[int, uuid.UUID] = {}
+        """Partition → the token of this relay's current lease on it."""
         self._deadline = 0.0
         self.live_relays = 0
 
@@ -52,8 +53,11 @@ class PartitionLeases:
         """Seconds until the current leases run out (by this process's monotonic clock)."""
         return self._deadline - time.monotonic()
 
-    async def heartbeat(self, inflight: Claim | None = None) -> None:
-        """Renew, then rebalance toward this relay's fair share of the partitions."""
+    async def heartbeat(self, busy: frozenset[int] = frozenset()) -> None:
+        """Renew, then move toward this relay's fair share of the partitions.
+
+        ``busy`` partitions have rows in flight and are never given up by this heartbeat.
+        """
         started = time.monotonic()
         params = {"relay": self.relay_id, "lease": self.lease_seconds}
         async with self._connection.transaction() as connection:
@@ -63,42 +67,30 @@ class PartitionLeases:
             )
             cursor = await connection.execute(relay_sql.live_relays_sql(self._tables), params)
             live_ids = [row[0] for row in await cursor.fetchall()]
-            live = len(live_ids)
             cursor = await connection.execute(relay_sql.renew_partitions_sql(self._tables), params)
             leases = await cursor.fetchall()
-            owned = {row[0] for row in leases}
             share = fair_share(self.relay_id, live_ids)
-            busy = {row.partition for row in inflight.rows} if inflight else set()
-            if len(owned) < share:
+            if len(leases) < share:
                 cursor = await connection.execute(
                     relay_sql.acquire_partitions_sql(self._tables),
-                    {**params, "want": share - len(owned)},
+                    {**params, "want": share - len(leases)},
                 )
-                acquired = await cursor.fetchall()
-                leases.extend(acquired)
-                owned |= {row[0] for row in acquired}
-            elif len(owned) > share:
-                surplus = sorted(owned - busy)[share - len(owned) :]
+                leases.extend(await cursor.fetchall())
+            elif len(leases) > share:
+                surplus = sorted({row[0] for row in leases} - busy)[share - len(leases) :]
                 if surplus:
                     await self._release(surplus)
-                    owned -= set(surplus)
-            if leases:
-                lease_until, db_now = leases[0][1], leases[0][2]
-                if inflight is not None:
-                    await connection.execute(
-                        relay_sql.extend_claim_sql(self._tables),
-                        {
-                            "lease_until": lease_until,
-                            "token": inflight.token,
-                            "positions": [
-                                r.position for r in inflight.rows if r.partition in owned
-                            ],
-                        },
-                    )
-                self.lease_until = lease_until
-                self._deadline = started + (lease_until - db_now).total_seconds()
-        self.owned = frozenset(owned)
-        self.live_relays = live
+                    leases = [row for row in leases if row[0] not in surplus]
+        self.tokens = {row[0]: row[1] for row in leases}
+        if leases:
+            lease_until, db_now = leases[0][2], leases[0][3]
+            self._deadline = started + (lease_until - db_now).total_seconds()
+        self.live_relays = len(live_ids)
+
+    @property
+    def owned(self) -> frozenset[int]:
+        """The partitions this relay holds."""
+        return frozenset(self.tokens)
 
     async def release_all(self) -> None:
         """Give up every partition and leave the live set (clean shutdown)."""
@@ -107,7 +99,7 @@ class PartitionLeases:
             await connection.execute(
                 relay_sql.unregister_relay_sql(self._tables), {"relay": self.relay_id}
             )
-        self.owned = frozenset()
+        self.tokens = {}
         self._deadline = 0.0
 
     async def _release(self, partitions: Iterable[int]) -> None:

@@ -9,7 +9,7 @@ batches hold at most one message per key and go out in a single round.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from postroom.brokers.base import Outcome, Publisher, PublishResult
 from postroom.message import Message
@@ -35,19 +35,20 @@ async def publish_in_key_order(
     publisher: Publisher,
     messages: Sequence[Message],
     may_continue: Callable[[], bool] = lambda: True,
+    stalled_keys: Iterable[str] = (),
 ) -> list[PublishResult | None]:
     """Publish ``messages``; None marks a message held back (not sent, no attempt spent).
 
-    A message is held back when an earlier message of its key was not confirmed, when
-    the broker became unavailable, or when ``may_continue`` says the claim's lease is
-    running out.
+    A message is held back when an earlier message of its key was not confirmed (in this
+    batch, or in an earlier one whose failure is not recorded yet: ``stalled_keys``), when
+    the broker became unavailable, or when ``may_continue`` says the lease is running out.
     """
     results: list[PublishResult | None] = [None] * len(messages)
-    stalled_keys: set[str] = set()
+    stalled = set(stalled_keys)
     for round_ in rounds_by_key(messages):
         if not may_continue():
             break
-        sendable = [i for i in round_ if messages[i].key not in stalled_keys]
+        sendable = [i for i in round_ if messages[i].key not in stalled]
         if not sendable:
             continue
         outcomes = await publisher.publish([messages[i] for i in sendable])
@@ -56,7 +57,7 @@ async def publish_in_key_order(
             results[index] = result
             key = messages[index].key
             if not result.confirmed and key is not None:
-                stalled_keys.add(key)
+                stalled.add(key)
             broker_down = broker_down or result.outcome is Outcome.UNAVAILABLE
         if broker_down:
             break

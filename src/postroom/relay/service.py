@@ -8,6 +8,7 @@ import os
 import secrets
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -69,7 +70,9 @@ class Relay:
         self._work_connection = Connection(conninfo, settings.database_url)
         self._lease_connection = Connection(conninfo, settings.database_url)
         self._housekeeping_connection = Connection(conninfo, settings.database_url)
+        self._mark_connection = Connection(conninfo, settings.database_url)
         self._store = OutboxStore(self._work_connection, self._tables)
+        self._marks = OutboxStore(self._mark_connection, self._tables)
         self._maintenance = OutboxStore(self._housekeeping_connection, self._tables)
         self.leases = PartitionLeases(
             self._lease_connection, self._tables, self.relay_id, settings.relay_lease
@@ -77,7 +80,10 @@ class Relay:
         self.wakeup = Wakeup(conninfo, self._tables.notify_channel)
         self._row_backoff = Backoff(settings.relay_backoff_initial, settings.relay_backoff_max)
         self._stopping = asyncio.Event()
-        self._inflight: Claim | None = None
+        self._in_flight: dict[int, int] = {}
+        """Position → partition of rows claimed whose outcomes are not recorded yet."""
+        self._recording: asyncio.Task[None] | None = None
+        self._unrecorded_stalled_keys: set[str] = set()
         self._broker_ready = False
         self._database_ready = False
         self._last_progress = time.monotonic()
@@ -122,6 +128,7 @@ class Relay:
         ]
         try:
             await self._work()
+            await self._finish_recording()
         finally:
             for task in background:
                 task.cancel()
@@ -139,6 +146,7 @@ class Relay:
         with contextlib.suppress(Exception):
             await self.publisher.close()
         await self._work_connection.close()
+        await self._mark_connection.close()
         await self._lease_connection.close()
         await self._housekeeping_connection.close()
 
@@ -168,6 +176,8 @@ class Relay:
                 continue
             try:
                 claimed = await self._run_batch()
+                if not claimed or not self._broker_ready:
+                    await self._finish_recording()
             except DatabaseError as exc:
                 self._database_ready = False
                 database_failures += 1
@@ -177,7 +187,7 @@ class Relay:
                 continue
             self._database_ready = True
             database_failures = 0
-            if claimed is None:
+            if not claimed:
                 await self._pause(self.settings.relay_poll_interval, wake_on_notify=True)
             elif not self._broker_ready:
                 broker_failures += 1
@@ -193,68 +203,98 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    async def _run_batch(self) -> Claim | None:
-        """Claim, publish and mark one batch; None when nothing was due."""
+    async def _run_batch(self) -> bool:
+        """Claim and publish one batch, and start recording its outcomes; False if none due.
+
+        Recording a batch overlaps with claiming and publishing the next. Until a batch's
+        outcomes are committed, its rows are left out of claims and the keys that failed
+        in it are held back in memory, so the pipeline never reorders a key.
+        """
         started = time.monotonic()
-        lease_until = self.leases.lease_until
-        if lease_until is None:
-            return None
         claim = await self._store.claim(
-            sorted(self.leases.owned),
-            lease_until,
+            self.leases.tokens,
             limit=self.settings.relay_batch_size,
-            min_lease=self._min_lease(),
+            in_flight=list(self._in_flight),
         )
         if not claim.rows:
-            return None
-        self._inflight = claim
-        try:
-            results = await publish_in_key_order(
-                self.publisher,
-                [row.message for row in claim.rows],
-                may_continue=lambda: self.leases.seconds_left() > self._min_lease() / 2,
-            )
-            await self._record(claim, results)
-        finally:
-            self._inflight = None
-        self.metrics.batch_seconds.observe(time.monotonic() - started)
-        return claim
-
-    async def _record(self, claim: Claim, results: list[PublishResult | None]) -> None:
-        outcomes = [
-            self._outcome(row, result) for row, result in zip(claim.rows, results, strict=True)
-        ]
-        marked = await _with_retries(
-            lambda: self._store.mark(
-                claim,
-                outcomes,
-                max_attempts=self.settings.relay_max_attempts,
-                delete_published=self.settings.relay_retention == 0,
-            )
+            return False
+        for row in claim.rows:
+            self._in_flight[row.position] = row.partition
+        results = await publish_in_key_order(
+            self.publisher,
+            [row.message for row in claim.rows],
+            may_continue=lambda: self.leases.seconds_left() > self._min_lease() / 2,
+            stalled_keys=self._unrecorded_stalled_keys,
         )
+        await self._finish_recording()
+        self._unrecorded_stalled_keys = {
+            row.message.key
+            for row, result in zip(claim.rows, results, strict=True)
+            if row.message.key is not None and (result is None or not result.confirmed)
+        }
+        self._recording = asyncio.create_task(self._record(claim, results, started))
+        return True
+
+    async def _finish_recording(self) -> None:
+        """Wait for the batch being recorded; its database errors surface here.
+
+        Once its outcomes are committed, the claim's own checks hold its failed keys back,
+        so the in-memory set of them is cleared (also when recording failed: its rows are
+        then still pending, unchanged, and are claimed again in order).
+        """
+        task, self._recording = self._recording, None
+        if task is not None:
+            try:
+                await task
+            finally:
+                self._unrecorded_stalled_keys = set()
+
+    async def _record(
+        self, claim: Claim, results: list[PublishResult | None], started: float
+    ) -> None:
+        try:
+            outcomes = [
+                self._outcome(row, result, claim.tokens[row.partition])
+                for row, result in zip(claim.rows, results, strict=True)
+            ]
+            marked = await _with_retries(
+                lambda: self._marks.mark(
+                    outcomes,
+                    max_attempts=self.settings.relay_max_attempts,
+                    delete_published=self.settings.relay_retention == 0,
+                )
+            )
+        finally:
+            for row in claim.rows:
+                self._in_flight.pop(row.position, None)
         self._count(claim, results, outcomes, marked_positions={m.position for m in marked})
-        for row in marked:
-            if row.status == DEAD:
-                source = next(r for r in claim.rows if r.position == row.position)
-                error = next(o.error for o in outcomes if o.position == row.position)
+        for mark in marked:
+            if mark.status == DEAD:
+                source = next(r for r in claim.rows if r.position == mark.position)
+                error = next(o.error for o in outcomes if o.position == mark.position)
                 self.metrics.dead_lettered.inc()
                 log.error(
                     "relay.dead_lettered",
                     message_id=str(source.message.id),
                     topic=source.message.topic,
                     key=source.message.key,
-                    attempts=row.attempts,
+                    attempts=mark.attempts,
                     error=error,
                 )
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
 
-    def _outcome(self, row: ClaimedRow, result: PublishResult | None) -> RowOutcome:
+    def _outcome(
+        self, row: ClaimedRow, result: PublishResult | None, token: uuid.UUID
+    ) -> RowOutcome:
         if result is None:
-            return RowOutcome(row.position, HELD)
+            return RowOutcome(row.position, token, HELD)
         if result.outcome is Outcome.CONFIRMED:
-            return RowOutcome(row.position, CONFIRMED)
+            return RowOutcome(row.position, token, CONFIRMED)
         if result.outcome is Outcome.UNAVAILABLE:
             self._set_broker_ready(False)
-            return RowOutcome(row.position, UNAVAILABLE, f"broker unavailable: {result.error}")
+            return RowOutcome(
+                row.position, token, UNAVAILABLE, f"broker unavailable: {result.error}"
+            )
         delay = self._row_backoff.delay(row.attempts + 1)
         log.warning(
             "relay.publish_failed",
@@ -265,7 +305,7 @@ class Relay:
             max_attempts=self.settings.relay_max_attempts,
             error=result.error,
         )
-        return RowOutcome(row.position, REJECTED, result.error or "rejected", delay)
+        return RowOutcome(row.position, token, REJECTED, result.error or "rejected", delay)
 
     def _count(
         self,
@@ -304,7 +344,7 @@ class Relay:
         while True:
             try:
                 before = self.leases.owned
-                await self.leases.heartbeat(self._inflight)
+                await self.leases.heartbeat(frozenset(self._in_flight.values()))
                 if self.leases.owned != before:
                     log.info(
                         "relay.partitions_changed",

@@ -6,7 +6,6 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Final
 
 import psycopg
@@ -36,18 +35,19 @@ class ClaimedRow:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A batch of rows leased under one token, in write order."""
+    """A batch of rows in write order, with the lease tokens of their partitions."""
 
-    token: uuid.UUID
     rows: list[ClaimedRow]
-    db_now: datetime | None
+    tokens: dict[int, uuid.UUID]
+    """Partition → token of this relay's lease on it when the rows were read."""
 
 
 @dataclass(frozen=True, slots=True)
 class RowOutcome:
-    """What to record for one claimed row."""
+    """What to record for one claimed row, under its partition's lease token."""
 
     position: int
+    token: uuid.UUID
     outcome: str
     error: str | None = None
     delay_seconds: float = 0.0
@@ -123,26 +123,16 @@ class OutboxStore:
         self._tables = tables
 
     async def claim(
-        self,
-        partitions: Sequence[int],
-        lease_until: datetime,
-        *,
-        limit: int,
-        min_lease: float,
+        self, tokens: dict[int, uuid.UUID], *, limit: int, in_flight: Sequence[int] = ()
     ) -> Claim:
-        """Lease up to ``limit`` due rows of ``partitions``; an empty claim if none are due."""
-        token = uuid.uuid4()
+        """Read up to ``limit`` due rows of the partitions in ``tokens``, oldest first.
+
+        ``in_flight`` lists positions of batches whose outcomes are not recorded yet.
+        """
         rows = await self._connection.fetch(
             relay_sql.claim_sql(self._tables),
-            {
-                "token": token,
-                "lease_until": lease_until,
-                "partitions": list(partitions),
-                "limit": limit,
-                "min_lease": min_lease,
-            },
+            {"partitions": sorted(tokens), "limit": limit, "in_flight": list(in_flight)},
         )
-        rows.sort(key=lambda row: row[0])
         claimed = [
             ClaimedRow(
                 position=row[0],
@@ -161,23 +151,18 @@ class OutboxStore:
             )
             for row in rows
         ]
-        return Claim(token=token, rows=claimed, db_now=rows[0][11] if rows else None)
+        return Claim(rows=claimed, tokens=dict(tokens))
 
     async def mark(
-        self,
-        claim: Claim,
-        outcomes: Sequence[RowOutcome],
-        *,
-        max_attempts: int,
-        delete_published: bool,
+        self, outcomes: Sequence[RowOutcome], *, max_attempts: int, delete_published: bool
     ) -> list[MarkedRow]:
-        """Record outcomes for rows still under the claim's token; return the rows changed."""
+        """Record outcomes where the partition's lease token still holds; return those rows."""
         if not outcomes:
             return []
         rows = await self._connection.fetch(
             relay_sql.mark_sql(self._tables, delete_published),
             {
-                "token": claim.token,
+                "tokens": [o.token for o in outcomes],
                 "positions": [o.position for o in outcomes],
                 "outcomes": [o.outcome for o in outcomes],
                 "errors": [o.error for o in outcomes],

@@ -3,8 +3,7 @@
 Every hot statement handles a whole batch in one round trip. Reviewed plans (EXPLAIN):
 the claim walks ``<outbox>_pending_idx`` in position order and stops at the batch size;
 its per-key check probes ``<outbox>_retrying_idx``, which holds only rows that failed;
-the update then finds the chosen rows through the primary key (``= ANY(ARRAY(...))``
-rather than a join, which the planner may turn into a scan of the whole table).
+the mark finds its rows through the primary key.
 """
 
 from __future__ import annotations
@@ -17,49 +16,58 @@ from postroom.schema.tables import DEAD, PENDING, PUBLISHED, Tables
 
 @functools.cache
 def claim_sql(tables: Tables) -> str:
-    """Lease up to %(limit)s due rows of the partitions the relay owns, oldest first.
+    """Read up to %(limit)s due rows of the partitions the relay owns, oldest first.
 
-    A row waits while an earlier row of its key is backing off after a failure or is
-    leased, so each key is published in order. Claimed rows get the claim's token, which
-    every later mark must present, and a lease that ends no later than the partitions'.
+    The claim writes nothing: a partition has one owner at a time, so its rows need no
+    lock or lease of their own. Rows of batches still in flight are left out
+    (%(in_flight)s). A row waits while an earlier row of its key is backing off after a
+    failure, so each key is published in order.
     """
     outbox = quoted_table(tables.outbox)
     return f"""
-UPDATE {outbox} AS t
-SET lease_token = %(token)s, lease_expires_at = %(lease_until)s
-WHERE t.position = ANY(ARRAY(
-    SELECT o.position FROM {outbox} AS o
-    WHERE o.status = '{PENDING}'
-      AND o.partition = ANY(%(partitions)s)
-      AND o.next_attempt_at <= now()
-      AND (o.lease_expires_at IS NULL OR o.lease_expires_at < now())
-      AND NOT EXISTS (
-          SELECT 1 FROM {outbox} AS e
-          WHERE e.status = '{PENDING}' AND e.attempts > 0
-            AND e.key = o.key AND e.position < o.position
-            AND (e.next_attempt_at > now() OR e.lease_expires_at >= now())
-      )
-      AND %(lease_until)s > now() + %(min_lease)s * interval '1 second'
-    ORDER BY o.position
-    LIMIT %(limit)s
-    FOR UPDATE OF o SKIP LOCKED
-))
-RETURNING t.position, t.id, t.topic, t.key, t.payload, t.content_type, t.headers,
-          t.created_at, t.available_at, t.attempts, t.partition, now() AS db_now
+SELECT o.position, o.id, o.topic, o.key, o.payload, o.content_type, o.headers,
+       o.created_at, o.available_at, o.attempts, o.partition
+FROM {outbox} AS o
+WHERE o.status = '{PENDING}'
+  AND o.partition = ANY(%(partitions)s)
+  AND o.next_attempt_at <= now()
+  AND o.position <> ALL(%(in_flight)s::bigint[])
+  AND NOT EXISTS (
+      SELECT 1 FROM {outbox} AS e
+      WHERE e.status = '{PENDING}' AND e.attempts > 0
+        AND e.key = o.key AND e.position < o.position
+        AND e.next_attempt_at > now()
+  )
+ORDER BY o.position
+LIMIT %(limit)s
 """
 
 
-_RESULTS = """
+@functools.cache
+def mark_sql(tables: Tables, delete_published: bool) -> str:
+    """Record a batch's outcomes in one statement, fenced by the partitions' lease tokens.
+
+    Each result carries the token of its partition's lease as it was when the row was
+    claimed; a row whose partition has since been taken over by another relay (a new
+    token) is left alone. Outcomes: ``confirmed`` (published; or deleted when
+    ``delete_published``), ``rejected`` (one more attempt; backoff of %(delays)s,
+    dead-lettered at %(max_attempts)s), ``unavailable`` and ``held`` (left pending as
+    they were, no attempt counted). Returns the rows it changed.
+    """
+    outbox = quoted_table(tables.outbox)
+    partitions = quoted_table(tables.partitions)
+    results = """
 SELECT * FROM unnest(
-    %(positions)s::bigint[], %(outcomes)s::text[], %(errors)s::text[], %(delays)s::float8[]
-) AS r(position, outcome, error, delay_seconds)
+    %(positions)s::bigint[], %(outcomes)s::text[], %(errors)s::text[],
+    %(delays)s::float8[], %(tokens)s::uuid[]
+) AS r(position, outcome, error, delay_seconds, token)
 """
-
-
-def _mark_update(outbox: str, only_unconfirmed: bool) -> str:
+    fenced = (
+        "t.position = r.position AND t.status = 'pending' AND EXISTS ("
+        f"SELECT 1 FROM {partitions} AS p WHERE p.partition = t.partition AND p.token = r.token)"
+    )
     dead = "r.outcome = 'rejected' AND t.attempts + 1 >= %(max_attempts)s"
-    where = " AND r.outcome <> 'confirmed'" if only_unconfirmed else ""
-    return f"""
+    update = f"""
 UPDATE {outbox} AS t SET
     status = CASE WHEN r.outcome = 'confirmed' THEN '{PUBLISHED}'
                   WHEN {dead} THEN '{DEAD}' ELSE '{PENDING}' END,
@@ -69,45 +77,23 @@ UPDATE {outbox} AS t SET
                            THEN now() + r.delay_seconds * interval '1 second'
                            ELSE t.next_attempt_at END,
     published_at = CASE WHEN r.outcome = 'confirmed' THEN now() END,
-    dead_lettered_at = CASE WHEN {dead} THEN now() END,
-    lease_token = NULL,
-    lease_expires_at = NULL
+    dead_lettered_at = CASE WHEN {dead} THEN now() END
 FROM results AS r
-WHERE t.position = r.position AND t.lease_token = %(token)s{where}
+WHERE {fenced}{{only}}
 RETURNING t.position, t.status, t.attempts"""
-
-
-@functools.cache
-def mark_sql(tables: Tables, delete_published: bool) -> str:
-    """Record a batch's outcomes in one statement, only for rows still under the claim's token.
-
-    Outcomes: ``confirmed`` (published; or deleted when ``delete_published``), ``rejected``
-    (one more attempt; backoff of %(delays)s, dead-lettered at %(max_attempts)s), and
-    ``unavailable`` / ``held`` (back to pending as they were, no attempt counted).
-    Returns the rows it changed; a row missing from the result was fenced off.
-    """
-    outbox = quoted_table(tables.outbox)
     if not delete_published:
-        return f"WITH results AS ({_RESULTS}){_mark_update(outbox, only_unconfirmed=False)}"
+        return f"WITH results AS ({results}){update.format(only='')}"
+    only_unconfirmed = update.format(only=" AND r.outcome <> 'confirmed'")
     return f"""
-WITH results AS ({_RESULTS}),
+WITH results AS ({results}),
 deleted AS (
-    DELETE FROM {outbox} AS d USING results AS r
-    WHERE d.position = r.position AND r.outcome = 'confirmed' AND d.lease_token = %(token)s
-    RETURNING d.position, '{PUBLISHED}'::text AS status, d.attempts
+    DELETE FROM {outbox} AS t USING results AS r
+    WHERE {fenced} AND r.outcome = 'confirmed'
+    RETURNING t.position, '{PUBLISHED}'::text AS status, t.attempts
 ),
-updated AS ({_mark_update(outbox, only_unconfirmed=True)})
+updated AS ({only_unconfirmed})
 SELECT * FROM deleted UNION ALL SELECT * FROM updated
 """
-
-
-@functools.cache
-def extend_claim_sql(tables: Tables) -> str:
-    """Move the lease of rows still in flight under %(token)s to %(lease_until)s."""
-    return (
-        f"UPDATE {quoted_table(tables.outbox)} SET lease_expires_at = %(lease_until)s "
-        "WHERE position = ANY(%(positions)s) AND lease_token = %(token)s"
-    )
 
 
 @functools.cache
@@ -140,17 +126,21 @@ def renew_partitions_sql(tables: Tables) -> str:
     return (
         f"UPDATE {quoted_table(tables.partitions)} "
         "SET lease_expires_at = now() + %(lease)s * interval '1 second' "
-        "WHERE owner = %(relay)s RETURNING partition, lease_expires_at, now()"
+        "WHERE owner = %(relay)s RETURNING partition, token, lease_expires_at, now()"
     )
 
 
 @functools.cache
 def acquire_partitions_sql(tables: Tables) -> str:
-    """Take up to %(want)s partitions that nobody holds or whose lease ran out."""
+    """Take up to %(want)s partitions that nobody holds or whose lease ran out.
+
+    Each gets a new token: marks made under the previous owner's token no longer apply.
+    """
     partitions = quoted_table(tables.partitions)
     return f"""
 UPDATE {partitions} AS p
-SET owner = %(relay)s, lease_expires_at = now() + %(lease)s * interval '1 second'
+SET owner = %(relay)s, token = gen_random_uuid(),
+    lease_expires_at = now() + %(lease)s * interval '1 second'
 FROM (
     SELECT partition FROM {partitions}
     WHERE owner IS NULL OR lease_expires_at < now()
@@ -159,7 +149,7 @@ FROM (
     FOR UPDATE SKIP LOCKED
 ) AS free
 WHERE p.partition = free.partition
-RETURNING p.partition, p.lease_expires_at, now()
+RETURNING p.partition, p.token, p.lease_expires_at, now()
 """
 
 
@@ -167,7 +157,8 @@ RETURNING p.partition, p.lease_expires_at, now()
 def release_partitions_sql(tables: Tables) -> str:
     """Give partitions up so other relays can take them at once."""
     return (
-        f"UPDATE {quoted_table(tables.partitions)} SET owner = NULL, lease_expires_at = NULL "
+        f"UPDATE {quoted_table(tables.partitions)} "
+        "SET owner = NULL, token = NULL, lease_expires_at = NULL "
         "WHERE owner = %(relay)s AND partition = ANY(%(partitions)s)"
     )
 
