@@ -1,10 +1,15 @@
-"""postroom demo: an order and its message commit together, or not at all.
+"""postroom demo: an order and its message commit together, or not at all; then the relay
+publishes the committed message to RabbitMQ, and only marks it published once confirmed.
 
 Run with `make demo` (which starts the services and creates postroom's tables first).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
+import os
 import sys
 import uuid
 
@@ -13,6 +18,7 @@ from sqlalchemy.orm import Session
 
 import postroom
 from postroom.database import create_engine
+from postroom.log import configure_logging
 
 metadata = MetaData(schema="postroom_demo")
 orders = Table(
@@ -45,6 +51,7 @@ def place_order(session: Session, order_id: int, customer: str, total: str, run:
 
 def main() -> int:
     """Place one good and one failing order, then show what the database holds."""
+    configure_logging(level="warning")
     settings = postroom.Settings.from_env()
     engine = create_engine(settings.database_url)
     run = uuid.uuid4().hex[:8]
@@ -84,14 +91,63 @@ def main() -> int:
             f"  outbox row:    {message.topic} key={message.key} status={message.status} "
             f"payload={bytes(message.payload).decode()}"
         )
-    engine.dispose()
     ok = list(order_ids) == [first_id] and len(messages) == 1
     print(
         "atomic write holds: the committed order has its message, the rolled-back one has none"
         if ok
         else "UNEXPECTED: orders and outbox rows disagree"
     )
+    delivered = asyncio.run(relay_to_rabbitmq(settings, run))
+    with engine.connect() as connection:
+        status = connection.execute(
+            select(outbox.c.status).where(outbox.c.headers["demo-run"].astext == run)
+        ).scalar_one()
+    engine.dispose()
+    print(f"  outbox row is now: {status}")
+    ok = ok and delivered == [first_id] and status == "published"
+    print(
+        "relay holds: the committed order's message reached RabbitMQ, confirmed and marked"
+        if ok
+        else "UNEXPECTED: the relay did not deliver exactly the committed message"
+    )
     return 0 if ok else 1
+
+
+async def relay_to_rabbitmq(settings: postroom.Settings, run: str) -> list[int]:
+    """Run a relay until this run's message arrives on a queue bound to orders.created."""
+    import aio_pika
+
+    from postroom.brokers import publisher_from_url
+    from postroom.relay import Relay
+
+    amqp_url = os.environ.get("POSTROOM_TEST_AMQP_URL", settings.broker_url)
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange("postroom", aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue(f"postroom-demo-{run}", exclusive=True)
+    await queue.bind(exchange, "orders.created")
+    relay_settings = dataclasses.replace(settings, metrics_port=0, relay_poll_interval=0.2)
+    relay = Relay(relay_settings, publisher_from_url(amqp_url))
+    task = asyncio.create_task(relay.run())
+    delivered: list[int] = []
+    try:
+        async with asyncio.timeout(30), queue.iterator() as messages:
+            async for incoming in messages:
+                await incoming.ack()
+                if incoming.headers.get("demo-run") == run:
+                    payload = json.loads(incoming.body)
+                    delivered.append(payload["order_id"])
+                    print(
+                        f"  from RabbitMQ: {incoming.routing_key} id={incoming.message_id} "
+                        f"payload={incoming.body.decode()}"
+                    )
+                    break
+        await asyncio.sleep(0.5)  # let the relay record the broker's confirmation
+    finally:
+        relay.stop()
+        await task
+        await connection.close()
+    return delivered
 
 
 if __name__ == "__main__":

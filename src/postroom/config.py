@@ -72,6 +72,30 @@ class Settings:
         9400, "Port of the /metrics, /healthz and /readyz endpoints; 0 turns them off."
     )
     log_format: str = _setting("auto", "Log format: json, console, or auto (json unless a tty).")
+    consumer_prefetch: int = _setting(
+        32, "Consumer: messages received ahead of handling (RabbitMQ prefetch; per Kafka partition)."
+    )
+    consumer_concurrency: int = _setting(
+        8, "Consumer: handlers running at once (Kafka: different partitions only)."
+    )
+    consumer_max_attempts: int = _setting(
+        5, "Consumer: handler runs of one message before it is dead-lettered."
+    )
+    consumer_backoff_initial: float = _setting(
+        1.0, "Consumer: wait after a message's first failed handler run."
+    )
+    consumer_backoff_max: float = _setting(
+        60.0, "Consumer: longest wait between a message's handler runs."
+    )
+    consumer_id_source: str = _setting(
+        "postroom",
+        "Consumer: where a message's id is read: postroom (the postroom-id header), amqp "
+        "(AMQP message_id), cloudevents (ce_id), or header:<name>.",
+    )
+    inbox_retention: float = _setting(
+        604800.0,
+        "Consumer: how long inbox rows are kept for deduplication (default 7d); 0 keeps them.",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "database_url", normalize_database_url(self.database_url))

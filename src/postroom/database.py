@@ -59,8 +59,8 @@ def translate(exc: BaseException, database_url: str) -> Exception:
         )
     if isinstance(original, psycopg.OperationalError):
         return DatabaseError(
-            f"cannot reach PostgreSQL at {where}: {first_line}; check POSTROOM_DATABASE_URL "
-            "(or --database-url) and that the server is running"
+            f"cannot reach PostgreSQL at {where}, or the connection was lost: {first_line}; "
+            "check POSTROOM_DATABASE_URL (or --database-url) and that the server is running"
         )
     if isinstance(exc, Exception):
         return exc

@@ -61,3 +61,15 @@ class MissingExtraError(PostroomError, ImportError):
 
 class BrokerUnavailableError(PostroomError):
     """The broker cannot be reached or dropped the connection; the message is not at fault."""
+
+
+class UndecodableMessageError(PostroomError):
+    """A received message has no usable id or a payload that cannot be decoded.
+
+    The consumer dead-letters such a message with this error as the reason instead of
+    retrying it: fix the producer (or the consumer's ``consumer_id_source``) and replay it.
+    """
+
+
+class HandlerRegistrationError(ConfigurationError):
+    """A consumer handler was registered in a way postroom cannot run."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -61,3 +61,98 @@ class Publisher(Protocol):
     async def close(self) -> None:
         """Flush what is in flight (bounded) and close the connection."""
         ...
+
+
+@runtime_checkable
+class Delivery(Protocol):
+    """One message received from a broker, to be acknowledged once its handler committed.
+
+    ``lane`` names what must be handled in order: deliveries with the same lane are handed
+    out in broker order and handled one after another (a Kafka partition); ``None`` means
+    no order is promised (a RabbitMQ queue). ``attempt`` is the number of this attempt,
+    1 for the first. A delivery that is ``redeliverable`` can be handed back to the broker
+    to come again after a delay (:meth:`retry_later`); others are retried in place.
+    """
+
+    topic: str
+    body: bytes
+    headers: dict[str, str]
+    key: str | None
+    broker_message_id: str | None
+    content_type: str | None
+    attempt: int
+    lane: object
+    redeliverable: bool
+
+    async def ack(self) -> None:
+        """Acknowledge (RabbitMQ ack, Kafka offset commit); call only after the commit."""
+        ...
+
+    async def retry_later(self, delay: float, error: str) -> None:
+        """Have the broker deliver it again after ``delay`` seconds, as attempt + 1."""
+        ...
+
+    async def dead_letter(self, error: str, attempts: int) -> None:
+        """Put it on the dead-letter queue/topic with ``error`` and ``attempts``, then ack."""
+        ...
+
+
+@runtime_checkable
+class Subscriber(Protocol):
+    """Receives the messages of some topics for one consumer, as :class:`Delivery` objects."""
+
+    async def start(self, consumer: str, topics: Sequence[str]) -> None:
+        """Connect and subscribe ``consumer`` (its name) to ``topics``; raise if unreachable."""
+        ...
+
+    def deliveries(self) -> AsyncIterator[Delivery]:
+        """The received deliveries, until :meth:`close` is called."""
+        ...
+
+    async def close(self) -> None:
+        """Stop receiving; unacknowledged deliveries are redelivered later by the broker."""
+        ...
+
+
+#: Headers postroom adds to messages it retries or dead-letters.
+HEADER_ATTEMPTS = "postroom-attempts"
+"""Attempts made so far (failed handler runs), carried on retried and dead-lettered copies."""
+HEADER_TOPIC = "postroom-topic"
+"""The original topic, on copies that travel through retry and dead-letter queues."""
+HEADER_ERROR = "postroom-error"
+"""Why a message was dead-lettered."""
+HEADER_CONSUMER = "postroom-consumer"
+"""The consumer that dead-lettered a message."""
+HEADER_DEAD_LETTERED_AT = "postroom-dead-lettered-at"
+"""When a message was dead-lettered (ISO 8601, UTC)."""
+
+#: Longest error text put in a header (brokers limit header sizes).
+MAX_ERROR_HEADER_CHARS = 2000
+
+
+def dead_letter_name(consumer: str) -> str:
+    """The dead-letter queue (RabbitMQ) or topic (Kafka) of a consumer: ``<name>.dead-letter``."""
+    return f"{consumer}.dead-letter"
+
+
+def dead_letter_headers(
+    delivery: Delivery, consumer: str, error: str, attempts: int
+) -> dict[str, str]:
+    """The headers of a dead-lettered copy: the original ones plus the reason and attempts."""
+    from datetime import UTC, datetime
+
+    headers = dict(delivery.headers)
+    headers[HEADER_TOPIC] = delivery.topic
+    headers[HEADER_ERROR] = error[:MAX_ERROR_HEADER_CHARS]
+    headers[HEADER_ATTEMPTS] = str(attempts)
+    headers[HEADER_CONSUMER] = consumer
+    headers[HEADER_DEAD_LETTERED_AT] = datetime.now(UTC).isoformat()
+    return headers
+
+
+def attempts_made(headers: dict[str, str]) -> int:
+    """Attempts recorded in a delivery's headers (0 for a first delivery)."""
+    try:
+        return max(0, int(headers.get(HEADER_ATTEMPTS, "0")))
+    except ValueError:
+        return 0

@@ -83,6 +83,7 @@ class Relay:
         self._in_flight: dict[int, int] = {}
         """Position → partition of rows claimed whose outcomes are not recorded yet."""
         self._recording: asyncio.Task[None] | None = None
+        self._claiming = False
         self._unrecorded_stalled_keys: set[str] = set()
         self._broker_ready = False
         self._database_ready = False
@@ -140,7 +141,8 @@ class Relay:
 
     async def _shutdown(self) -> None:
         try:
-            await self.leases.release_all()
+            # The connection may have been cut under the relay: a retry gets a fresh one.
+            await _with_retries(self.leases.release_all)
         except DatabaseError as exc:
             log.warning("relay.release_failed", error=str(exc))
         with contextlib.suppress(Exception):
@@ -211,11 +213,15 @@ class Relay:
         in it are held back in memory, so the pipeline never reorders a key.
         """
         started = time.monotonic()
-        claim = await self._store.claim(
-            self.leases.tokens,
-            limit=self.settings.relay_batch_size,
-            in_flight=list(self._in_flight),
-        )
+        self._claiming = True
+        try:
+            claim = await self._store.claim(
+                self.leases.tokens,
+                limit=self.settings.relay_batch_size,
+                in_flight=list(self._in_flight),
+            )
+        finally:
+            self._claiming = False
         if not claim.rows:
             return False
         for row in claim.rows:
@@ -223,7 +229,7 @@ class Relay:
         results = await publish_in_key_order(
             self.publisher,
             [row.message for row in claim.rows],
-            may_continue=lambda: self.leases.seconds_left() > self._min_lease() / 2,
+            may_continue=lambda: self._still_owns(claim),
             stalled_keys=self._unrecorded_stalled_keys,
         )
         await self._finish_recording()
@@ -234,6 +240,19 @@ class Relay:
         }
         self._recording = asyncio.create_task(self._record(claim, results, started))
         return True
+
+    def _still_owns(self, claim: Claim) -> bool:
+        """True while every partition of the claim is held under the same lease token."""
+        if self.leases.seconds_left() <= self._min_lease() / 2:
+            return False
+        current = self.leases.tokens
+        return all(current.get(p) == token for p, token in claim.tokens.items())
+
+    def _busy_partitions(self) -> frozenset[int]:
+        """Partitions the heartbeat must not give up: all while claiming, else those in flight."""
+        if self._claiming:
+            return self.leases.owned
+        return frozenset(self._in_flight.values())
 
     async def _finish_recording(self) -> None:
         """Wait for the batch being recorded; its database errors surface here.
@@ -344,7 +363,7 @@ class Relay:
         while True:
             try:
                 before = self.leases.owned
-                await self.leases.heartbeat(frozenset(self._in_flight.values()))
+                await self.leases.heartbeat(self._busy_partitions())
                 if self.leases.owned != before:
                     log.info(
                         "relay.partitions_changed",

@@ -133,6 +133,7 @@ class OutboxStore:
             relay_sql.claim_sql(self._tables),
             {"partitions": sorted(tokens), "limit": limit, "in_flight": list(in_flight)},
         )
+        partitions = {row[10] for row in rows}
         claimed = [
             ClaimedRow(
                 position=row[0],
@@ -151,7 +152,7 @@ class OutboxStore:
             )
             for row in rows
         ]
-        return Claim(rows=claimed, tokens=dict(tokens))
+        return Claim(rows=claimed, tokens={p: tokens[p] for p in partitions})
 
     async def mark(
         self, outcomes: Sequence[RowOutcome], *, max_attempts: int, delete_published: bool

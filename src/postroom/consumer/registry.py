@@ -1,0 +1,143 @@
+"""The Consumer: a named set of handlers, one per topic, registered with a decorator."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from postroom.config import Settings
+from postroom.errors import HandlerRegistrationError
+from postroom.message import TOPIC_PATTERN, Message, validate_topic
+from postroom.outbox import Outbox
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Longest consumer name: it prefixes queue and topic names such as ``<name>.dead-letter``.
+MAX_NAME_CHARS = 200
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """One registered handler: the function, whether it is async, and its payload model."""
+
+    topic: str
+    function: Callable[..., Any]
+    is_async: bool
+    model: Any = None
+
+    @property
+    def name(self) -> str:
+        """The function's qualified name, for logs."""
+        return getattr(self.function, "__qualname__", repr(self.function))
+
+
+class Consumer:
+    """A named consumer: handlers per topic, each run once per message in a transaction.
+
+    The name namespaces the inbox rows, the RabbitMQ queues (``<name>``, ``<name>.retry.*``,
+    ``<name>.dead-letter``) and the Kafka consumer group and dead-letter topic. Register
+    handlers with :meth:`handler`; run the consumer with ``postroom consume module:attr``.
+    """
+
+    def __init__(self, name: str, settings: Settings | None = None) -> None:
+        if not isinstance(name, str) or not TOPIC_PATTERN.fullmatch(name) or name in {".", ".."}:
+            raise HandlerRegistrationError(
+                f"consumer name {name!r} may only contain letters, digits, '.', '_' and '-' "
+                "(it names queues and topics); e.g. 'billing'"
+            )
+        if len(name) > MAX_NAME_CHARS:
+            raise HandlerRegistrationError(
+                f"consumer name is {len(name)} characters long; keep it under {MAX_NAME_CHARS}"
+            )
+        self.name = name
+        """The consumer's name (inbox namespace, queue name, Kafka group id)."""
+        self._settings = settings
+        self._handlers: dict[str, HandlerSpec] = {}
+
+    def __repr__(self) -> str:
+        return f"Consumer({self.name!r}, topics={self.topics!r})"
+
+    @property
+    def settings(self) -> Settings:
+        """The settings given, else those of the ``POSTROOM_*`` environment (read once)."""
+        if self._settings is None:
+            self._settings = Settings.from_env()
+        return self._settings
+
+    def configure(self, settings: Settings) -> None:
+        """Replace the consumer's settings (``postroom consume`` applies its options so)."""
+        self._settings = settings
+
+    @property
+    def outbox(self) -> Outbox:
+        """An Outbox on this consumer's tables: enqueue follow-up messages in a handler with
+        ``await consumer.outbox.enqueue_async(session, topic, payload)`` (or ``enqueue`` in a
+        sync handler), so they commit, or vanish, with the handler's transaction."""
+        return Outbox.from_settings(self.settings)
+
+    @property
+    def topics(self) -> list[str]:
+        """The topics that have a handler, in registration order."""
+        return list(self._handlers)
+
+    def handler_for(self, topic: str) -> HandlerSpec | None:
+        """The handler registered for ``topic``, if any."""
+        return self._handlers.get(topic)
+
+    def handler(self, topic: str, *, model: Any = None) -> Callable[[F], F]:
+        """Register the decorated function as the handler of ``topic``.
+
+        ``async def h(message, session: AsyncSession)`` runs on the event loop;
+        ``def h(message, session: Session)`` runs in a worker thread. Its writes, the inbox
+        row and any messages it enqueues into ``session`` commit together, after it returns;
+        an exception rolls all of them back and the message is retried. Do not commit the
+        session yourself.
+
+        With ``model`` (or a first parameter annotated with a class that has
+        ``model_validate``, such as a pydantic model), the handler receives the payload
+        converted to it instead of the :class:`~postroom.Message`.
+        """
+        validate_topic(topic)
+
+        def register(function: F) -> F:
+            if topic in self._handlers:
+                raise HandlerRegistrationError(
+                    f"topic {topic!r} already has a handler in consumer {self.name!r} "
+                    f"({self._handlers[topic].name}); one handler per topic and consumer, "
+                    "or use a second Consumer with another name"
+                )
+            if not callable(function):
+                raise HandlerRegistrationError(f"the handler of {topic!r} is not callable")
+            self._handlers[topic] = HandlerSpec(
+                topic=topic,
+                function=function,
+                is_async=inspect.iscoroutinefunction(function),
+                model=model if model is not None else _declared_model(function),
+            )
+            return function
+
+        return register
+
+
+def _declared_model(function: Callable[..., Any]) -> Any:
+    try:
+        hints = typing.get_type_hints(function)
+        first = next(iter(inspect.signature(function).parameters), None)
+    except (NameError, TypeError, ValueError):
+        return None
+    if first is None:
+        return None
+    hint = hints.get(first)
+    if (
+        isinstance(hint, type)
+        and hint is not Message
+        and callable(getattr(hint, "model_validate", None))
+    ):
+        return hint
+    return None
+
+
+Handler = Callable[[Message, Any], Awaitable[None] | None]

@@ -1,0 +1,41 @@
+"""The consumer's statements on the inbox: record a message, and purge old rows in batches.
+
+Parameters use SQLAlchemy's ``:name`` style (they run through ``text()`` on the handler's
+session). The insert finds a conflict through the primary key ``(consumer, message_id)``;
+the purge walks ``<inbox>_processed_at_idx``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from postroom.schema.sql import quoted_table
+from postroom.schema.tables import Tables
+
+
+@functools.cache
+def insert_inbox_sql(tables: Tables) -> str:
+    """Record ``:message_id`` as handled by ``:consumer``; returns a row only if it is new.
+
+    A concurrent transaction that inserted the same pair and has not finished makes this
+    statement wait for it: if that one commits, this returns nothing (a duplicate); if it
+    rolls back, this inserts. So one message is handled once even when delivered twice at
+    the same moment.
+    """
+    inbox = quoted_table(tables.inbox)
+    return (
+        f"INSERT INTO {inbox} (consumer, message_id) VALUES (:consumer, :message_id) "
+        "ON CONFLICT (consumer, message_id) DO NOTHING RETURNING 1"
+    )
+
+
+@functools.cache
+def purge_inbox_sql(tables: Tables) -> str:
+    """Delete up to ``:limit`` rows of ``:consumer`` older than ``:retention`` seconds."""
+    inbox = quoted_table(tables.inbox)
+    return (
+        f"DELETE FROM {inbox} WHERE ctid = ANY(ARRAY("
+        f"SELECT ctid FROM {inbox} "
+        "WHERE processed_at < now() - CAST(:retention AS float8) * interval '1 second' "
+        "AND consumer = :consumer LIMIT :limit))"
+    )

