@@ -11,7 +11,7 @@ export POSTROOM_DATABASE_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/tes
 export POSTROOM_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export POSTROOM_TEST_KAFKA_URL ?= kafka://127.0.0.1:9092
 
-.PHONY: help venv services demo test lint format clean
+.PHONY: help venv services demo test lint bench format clean
 
 help: ## List the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,14 +34,17 @@ demo: services ## Set up everything and run examples/ end to end
 test: services ## Set up everything and run the whole test suite
 	$(BIN)/pytest
 
+bench: services ## Relay throughput beside the raw broker clients (FULL=1: 50,000 messages)
+	$(BIN)/python bench/relay_throughput.py --messages $(if $(FULL),50000,10000)
+
 lint: $(STAMP) ## ruff (lint and format check) and mypy --strict
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff format --check src tests examples bench
 	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix src tests examples
-	$(BIN)/ruff format src tests examples
+	$(BIN)/ruff check --fix src tests examples bench
+	$(BIN)/ruff format src tests examples bench
 
 clean: ## Remove the virtualenv and caches (services keep running)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -355,3 +355,32 @@ async def test_metrics_and_health_endpoints(
         assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n")
         assert await asyncio.to_thread(get, "/readyz") == (200, "ok\n")
         assert (await asyncio.to_thread(get, "/nope"))[0] == 404
+
+
+async def test_rows_of_a_long_transaction_committing_late_are_published_in_order(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    """Lower positions committed after higher ones were published are never skipped."""
+    broker = MemoryBroker()
+    long_running = Session(engine)
+    late = [outbox.enqueue(long_running, "t", {"late": i}, key="late-key") for i in range(3)] + [
+        outbox.enqueue(long_running, "t", {"late": 9}, key=None)
+    ]
+    async with running(Relay(settings, broker.publisher())):
+        for round_ in range(5):
+            write(engine, outbox, [("t", {"round": round_, "i": i}, f"k{i}") for i in range(20)])
+        await eventually(lambda: len(broker.messages()) == 100)
+        assert {m.id for m in late}.isdisjoint(m.id for m in broker.messages())
+        long_running.commit()
+        long_running.close()
+        await eventually(lambda: len(broker.messages()) == 104)
+        # Rows of that key written after the late commit follow them.
+        after = write(engine, outbox, [("t", {"late": 3}, "late-key")])
+        await eventually(lambda: len(broker.messages()) == 105)
+    late_key = [m for m in broker.messages() if m.key == "late-key"]
+    assert [m.id for m in late_key] == [m.id for m in late[:3]] + [after[0].id]
+    positions = {r.id: r.position for r in rows(engine, tables)}
+    assert max(positions[m.id] for m in late) < min(
+        positions[m.id] for m in broker.messages()[:100]
+    )
+    assert all(r.status == "published" for r in rows(engine, tables))
