@@ -83,8 +83,12 @@ class Relay:
         self._in_flight: dict[int, int] = {}
         """Position → partition of rows claimed whose outcomes are not recorded yet."""
         self._recording: asyncio.Task[None] | None = None
-        self._claiming = False
-        self._unrecorded_stalled_keys: set[str] = set()
+        self._prefetch: asyncio.Task[tuple[Claim, frozenset[int]]] | None = None
+        self._batch_number = 0
+        self._unrecorded: set[int] = set()
+        """Numbers of batches claimed whose outcomes are not committed yet."""
+        self._stalled_keys: dict[int, set[str]] = {}
+        """Batch number → keys not confirmed in it (kept for the last few batches)."""
         self._broker_ready = False
         self._database_ready = False
         self._last_progress = time.monotonic()
@@ -129,6 +133,7 @@ class Relay:
         ]
         try:
             await self._work()
+            await self._drop_prefetch()
             await self._finish_recording()
         finally:
             for task in background:
@@ -179,6 +184,7 @@ class Relay:
             try:
                 claimed = await self._run_batch()
                 if not claimed or not self._broker_ready:
+                    await self._drop_prefetch()
                     await self._finish_recording()
             except DatabaseError as exc:
                 self._database_ready = False
@@ -206,40 +212,67 @@ class Relay:
                 await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _run_batch(self) -> bool:
-        """Claim and publish one batch, and start recording its outcomes; False if none due.
+        """Publish one batch and start recording its outcomes; False if nothing was due.
 
-        Recording a batch overlaps with claiming and publishing the next. Until a batch's
-        outcomes are committed, its rows are left out of claims and the keys that failed
-        in it are held back in memory, so the pipeline never reorders a key.
+        Three batches overlap: while one is published, the next is read and the previous
+        one's outcomes are recorded. Until a batch's outcomes are committed, its rows are
+        left out of claims, and a claim read before then holds back the keys that failed
+        in it (kept in memory per batch), so the overlap never reorders a key.
         """
         started = time.monotonic()
-        self._claiming = True
-        try:
-            claim = await self._store.claim(
-                self.leases.tokens,
-                limit=self.settings.relay_batch_size,
-                in_flight=list(self._in_flight),
-            )
-        finally:
-            self._claiming = False
+        prefetch, self._prefetch = self._prefetch, None
+        claim, unrecorded = await prefetch if prefetch is not None else await self._claim()
+        claim = self._still_owned_rows(claim)
         if not claim.rows:
             return False
+        self._batch_number += 1
+        number = self._batch_number
+        self._unrecorded.add(number)
         for row in claim.rows:
             self._in_flight[row.position] = row.partition
+        self._prefetch = asyncio.create_task(self._claim())
         results = await publish_in_key_order(
             self.publisher,
             [row.message for row in claim.rows],
             may_continue=lambda: self._still_owns(claim),
-            stalled_keys=self._unrecorded_stalled_keys,
+            stalled_keys=set().union(*(self._stalled_keys.get(b, ()) for b in unrecorded)),
         )
-        await self._finish_recording()
-        self._unrecorded_stalled_keys = {
+        self._stalled_keys[number] = {
             row.message.key
             for row, result in zip(claim.rows, results, strict=True)
             if row.message.key is not None and (result is None or not result.confirmed)
         }
-        self._recording = asyncio.create_task(self._record(claim, results, started))
+        for old in [b for b in self._stalled_keys if b < number - 3]:
+            del self._stalled_keys[old]
+        await self._finish_recording()
+        self._recording = asyncio.create_task(self._record(claim, results, started, number))
         return True
+
+    async def _claim(self) -> tuple[Claim, frozenset[int]]:
+        """Read the next batch, with the batches not yet recorded when it was read."""
+        unrecorded = frozenset(self._unrecorded)
+        claim = await self._store.claim(
+            dict(self.leases.tokens),
+            limit=self.settings.relay_batch_size,
+            in_flight=list(self._in_flight),
+        )
+        return claim, unrecorded
+
+    async def _drop_prefetch(self) -> None:
+        """Forget a batch read ahead (a claim writes nothing, so there is nothing to undo)."""
+        task, self._prefetch = self._prefetch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, DatabaseError):
+                await task
+
+    def _still_owned_rows(self, claim: Claim) -> Claim:
+        """The claim without rows of partitions whose lease changed since it was read."""
+        current = self.leases.tokens
+        if all(current.get(p) == token for p, token in claim.tokens.items()):
+            return claim
+        tokens = {p: t for p, t in claim.tokens.items() if current.get(p) == t}
+        return Claim(rows=[r for r in claim.rows if r.partition in tokens], tokens=tokens)
 
     def _still_owns(self, claim: Claim) -> bool:
         """True while every partition of the claim is held under the same lease token."""
@@ -249,27 +282,17 @@ class Relay:
         return all(current.get(p) == token for p, token in claim.tokens.items())
 
     def _busy_partitions(self) -> frozenset[int]:
-        """Partitions the heartbeat must not give up: all while claiming, else those in flight."""
-        if self._claiming:
-            return self.leases.owned
+        """Partitions the heartbeat must not give up: those with rows in flight."""
         return frozenset(self._in_flight.values())
 
     async def _finish_recording(self) -> None:
-        """Wait for the batch being recorded; its database errors surface here.
-
-        Once its outcomes are committed, the claim's own checks hold its failed keys back,
-        so the in-memory set of them is cleared (also when recording failed: its rows are
-        then still pending, unchanged, and are claimed again in order).
-        """
+        """Wait for the batch being recorded; its database errors surface here."""
         task, self._recording = self._recording, None
         if task is not None:
-            try:
-                await task
-            finally:
-                self._unrecorded_stalled_keys = set()
+            await task
 
     async def _record(
-        self, claim: Claim, results: list[PublishResult | None], started: float
+        self, claim: Claim, results: list[PublishResult | None], started: float, number: int
     ) -> None:
         try:
             outcomes = [
@@ -286,6 +309,7 @@ class Relay:
         finally:
             for row in claim.rows:
                 self._in_flight.pop(row.position, None)
+            self._unrecorded.discard(number)
         self._count(claim, results, outcomes, marked_positions={m.position for m in marked})
         for mark in marked:
             if mark.status == DEAD:
