@@ -22,10 +22,18 @@ from sqlalchemy.orm import Session
 
 from postroom import Settings
 from postroom.brokers.memory import MemoryBroker
+from postroom.errors import DatabaseError
 from postroom.outbox import Outbox
 from postroom.relay import Relay
 from postroom.relay.leases import PartitionLeases
-from postroom.relay.store import CONFIRMED, Claim, Connection, OutboxStore, RowOutcome
+from postroom.relay.store import (
+    CONFIRMED,
+    REJECTED,
+    Claim,
+    Connection,
+    OutboxStore,
+    RowOutcome,
+)
 from postroom.schema import PARTITION_COUNT, Tables, relay_sql
 
 
@@ -266,7 +274,10 @@ async def test_a_stalled_relay_cannot_mark_rows_another_relay_took_over(
     assert [r.position for r in second.rows] == [r.position for r in first.rows]
 
     def confirmed(claim: Claim) -> list[RowOutcome]:
-        return [RowOutcome(r.position, claim.tokens[r.partition], CONFIRMED) for r in claim.rows]
+        return [
+            RowOutcome(r.position, claim.tokens[r.partition], r.attempts, CONFIRMED)
+            for r in claim.rows
+        ]
 
     stale = await store_a.mark(confirmed(first), max_attempts=3, delete_published=False)
     assert stale == []
@@ -384,3 +395,108 @@ async def test_rows_of_a_long_transaction_committing_late_are_published_in_order
         positions[m.id] for m in broker.messages()[:100]
     )
     assert all(r.status == "published" for r in rows(engine, tables))
+
+
+# Regression tests from the relay review: each failed before its fix.
+
+
+async def test_a_failed_mark_does_not_strand_the_next_batch(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    broker = MemoryBroker()
+    write(engine, outbox, [("t", i, f"k{i % 10}") for i in range(200)])
+    relay = Relay(Settings(**{**settings.__dict__, "relay_batch_size": 50}), broker.publisher())
+    real_mark = relay._marks.mark
+    calls = 0
+
+    async def flaky_mark(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 5:  # the first batch's mark fails through all its retries
+            raise DatabaseError("simulated: the database is restarting")
+        return await real_mark(*args, **kwargs)
+
+    relay._marks.mark = flaky_mark  # type: ignore[method-assign]
+    async with running(relay):
+        await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
+        assert relay._in_flight == {}
+        assert relay._busy_partitions() == frozenset()
+    assert {m.id for m in broker.messages()} == {r.id for r in rows(engine, tables)}
+
+
+async def test_the_heartbeat_outlives_an_unexpected_error(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    broker = MemoryBroker()
+    relay = Relay(settings, broker.publisher())
+    real_heartbeat = relay.leases.heartbeat
+    failures = 0
+
+    async def failing_once(*args: Any, **kwargs: Any) -> None:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise psycopg.errors.ReadOnlySqlTransaction("simulated failover to a standby")
+        await real_heartbeat(*args, **kwargs)
+
+    relay.leases.heartbeat = failing_once  # type: ignore[method-assign]
+    async with running(relay):
+        write(engine, outbox, [("t", i, None) for i in range(10)])
+        await eventually(lambda: len(broker.messages()) == 10)
+        assert relay.healthy()
+    assert failures == 1
+
+
+async def test_a_new_relay_gets_its_share_while_a_backlog_drains(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    broker = MemoryBroker()
+    for start in range(0, 6000, 2000):
+        write(engine, outbox, [("t", i, f"k{i % 500}") for i in range(start, start + 2000)])
+    slow = Settings(**{**settings.__dict__, "relay_batch_size": 20, "relay_id": "relay-a"})
+    first = Relay(slow, broker.publisher())
+    second = Relay(Settings(**{**slow.__dict__, "relay_id": "relay-b"}), broker.publisher())
+    async with running(first):
+        await eventually(lambda: len(first.leases.owned) == PARTITION_COUNT)
+        async with running(second):
+            await eventually(lambda: len(second.leases.owned) == PARTITION_COUNT // 2)
+            pending = sum(r.status == "pending" for r in rows(engine, tables))
+            assert pending > 0, "the backlog drained before the second relay got partitions"
+            await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
+    for key, sequence in by_key(broker).items():
+        deduplicated = list(dict.fromkeys(sequence))
+        assert deduplicated == sorted(deduplicated), key
+
+
+async def test_a_mark_applied_twice_counts_one_failure(
+    database_url: str, conninfo: str, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    write(engine, outbox, [("t", 1, "k")])
+    leases = PartitionLeases(Connection(conninfo, database_url), tables, "relay-a", 30)
+    store = OutboxStore(Connection(conninfo, database_url), tables)
+    await leases.heartbeat()
+    claim = await store.claim(leases.tokens, limit=10)
+    (row,) = claim.rows
+    rejected = [RowOutcome(row.position, claim.tokens[row.partition], 0, REJECTED, "no", 0.0)]
+    first = await store.mark(rejected, max_attempts=2, delete_published=False)
+    again = await store.mark(rejected, max_attempts=2, delete_published=False)
+    assert [(m.status, m.attempts) for m in first] == [("pending", 1)]
+    assert again == []
+    (stored,) = rows(engine, tables)
+    assert (stored.status, stored.attempts) == ("pending", 1)
+
+
+async def test_cancelling_the_relay_releases_its_partitions_and_connections(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    broker = MemoryBroker()
+    write(engine, outbox, [("t", i, None) for i in range(50)])
+    relay = Relay(settings, broker.publisher())
+    task = asyncio.create_task(relay.run())
+    await eventually(lambda: len(broker.messages()) == 50)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert owners(engine, tables) == {None: PARTITION_COUNT}
+    with pytest.raises(DatabaseError, match="closed"):
+        await relay._mark_connection.get()

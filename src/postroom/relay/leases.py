@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from postroom.relay.store import Connection
 from postroom.schema import relay_sql
@@ -46,6 +46,10 @@ class PartitionLeases:
         self.lease_seconds = lease_seconds
         self.tokens: dict[int, uuid.UUID] = {}
         """Partition → the token of this relay's current lease on it."""
+        self.draining: set[int] = set()
+        """Owned partitions being given up: no new batches are read from them."""
+        self.last_renewed = 0.0
+        """Monotonic time of the last successful heartbeat."""
         self._deadline = 0.0
         self.live_relays = 0
 
@@ -53,10 +57,13 @@ class PartitionLeases:
         """Seconds until the current leases run out (by this process's monotonic clock)."""
         return self._deadline - time.monotonic()
 
-    async def heartbeat(self, busy: frozenset[int] = frozenset()) -> None:
+    async def heartbeat(self, busy: Callable[[], frozenset[int]] = frozenset) -> None:
         """Renew, then move toward this relay's fair share of the partitions.
 
-        ``busy`` partitions have rows in flight and are never given up by this heartbeat.
+        Giving partitions up takes two heartbeats: surplus partitions are first set to
+        *draining* (claims stop reading them), then released once ``busy()`` — asked at
+        that moment — says nothing of theirs is in flight. So a relay rebalances under
+        a steady backlog, and never releases a partition under a batch being published.
         """
         started = time.monotonic()
         params = {"relay": self.relay_id, "lease": self.lease_seconds}
@@ -69,23 +76,38 @@ class PartitionLeases:
             live_ids = [row[0] for row in await cursor.fetchall()]
             cursor = await connection.execute(relay_sql.renew_partitions_sql(self._tables), params)
             leases = await cursor.fetchall()
+            owned = {row[0] for row in leases}
+            self.draining &= owned
             share = fair_share(self.relay_id, live_ids)
-            if len(leases) < share:
+            keep = sorted(owned - self.draining)
+            if len(keep) > share:
+                self.draining |= set(keep[share:])
+            elif len(keep) < share and self.draining:
+                self.draining -= set(sorted(self.draining)[: share - len(keep)])
+            elif len(owned) < share:
                 cursor = await connection.execute(
                     relay_sql.acquire_partitions_sql(self._tables),
-                    {**params, "want": share - len(leases)},
+                    {**params, "want": share - len(owned)},
                 )
                 leases.extend(await cursor.fetchall())
-            elif len(leases) > share:
-                surplus = sorted({row[0] for row in leases} - busy)[share - len(leases) :]
-                if surplus:
-                    await self._release(surplus)
-                    leases = [row for row in leases if row[0] not in surplus]
+            releasable = self.draining - busy()
+            if releasable:
+                # No await between asking busy() and dropping the tokens: no batch can
+                # start on these partitions in between.
+                self.tokens = {p: t for p, t in self.tokens.items() if p not in releasable}
+                await self._release(releasable)
+                self.draining -= releasable
+                leases = [row for row in leases if row[0] not in releasable]
         self.tokens = {row[0]: row[1] for row in leases}
         if leases:
             lease_until, db_now = leases[0][2], leases[0][3]
             self._deadline = started + (lease_until - db_now).total_seconds()
         self.live_relays = len(live_ids)
+        self.last_renewed = time.monotonic()
+
+    def claimable(self) -> dict[int, uuid.UUID]:
+        """Tokens of the partitions to read new batches from (owned, not draining)."""
+        return {p: t for p, t in self.tokens.items() if p not in self.draining}
 
     @property
     def owned(self) -> frozenset[int]:
@@ -100,6 +122,7 @@ class PartitionLeases:
                 relay_sql.unregister_relay_sql(self._tables), {"relay": self.relay_id}
             )
         self.tokens = {}
+        self.draining = set()
         self._deadline = 0.0
 
     async def _release(self, partitions: Iterable[int]) -> None:

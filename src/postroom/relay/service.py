@@ -92,6 +92,8 @@ class Relay:
         self._broker_ready = False
         self._database_ready = False
         self._last_progress = time.monotonic()
+        self._started = time.monotonic()
+        self._failure: BaseException | None = None
 
     def stop(self) -> None:
         """Ask the relay to finish the batch in flight, release its partitions and return."""
@@ -106,8 +108,12 @@ class Relay:
         return self._database_ready and self._broker_ready and self.leases.seconds_left() > 0
 
     def healthy(self) -> bool:
-        """False when the work loop has not made progress for several leases."""
-        return time.monotonic() - self._last_progress < max(60.0, 4 * self.settings.relay_lease)
+        """False when the work loop is stuck, or heartbeats have failed for several leases."""
+        now = time.monotonic()
+        patience = max(60.0, 4 * self.settings.relay_lease)
+        if now - self._last_progress > patience:
+            return False
+        return now - max(self.leases.last_renewed, self._started) < patience
 
     async def run(self) -> None:
         """Run until :meth:`stop` is called (or the task is cancelled)."""
@@ -131,18 +137,48 @@ class Relay:
             asyncio.create_task(self.wakeup.run(), name="postroom-relay-wakeup"),
             asyncio.create_task(self._housekeeping(), name="postroom-relay-housekeeping"),
         ]
+        for task in background:
+            task.add_done_callback(self._background_ended)
         try:
             await self._work()
-            await self._drop_prefetch()
-            await self._finish_recording()
         finally:
+            await self._drop_prefetch()
+            await self._settle_recording()
             for task in background:
+                task.remove_done_callback(self._background_ended)
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._shutdown()
             if server is not None:
                 server.close()
             log.info("relay.stopped", relay=self.relay_id)
+        if self._failure is not None:
+            raise self._failure
+
+    def _background_ended(self, task: asyncio.Task[None]) -> None:
+        """A background loop must never end on its own: stop the relay, keeping the error."""
+        if task.cancelled():
+            return
+        self._failure = task.exception() or RuntimeError(f"{task.get_name()} ended")
+        log.error("relay.background_task_failed", task=task.get_name(), error=str(self._failure))
+        self.stop()
+
+    async def _settle_recording(self) -> None:
+        """On the way out: record the last batch (bounded) before the leases are released."""
+        task, self._recording = self._recording, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=self.settings.relay_lease / 2)
+        except (TimeoutError, DatabaseError, asyncio.CancelledError) as exc:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            log.warning(
+                "relay.last_batch_unrecorded",
+                error=str(exc) or type(exc).__name__,
+                consequence="its rows stay pending and will be published again",
+            )
 
     async def _shutdown(self) -> None:
         try:
@@ -244,15 +280,21 @@ class Relay:
         }
         for old in [b for b in self._stalled_keys if b < number - 3]:
             del self._stalled_keys[old]
-        await self._finish_recording()
-        self._recording = asyncio.create_task(self._record(claim, results, started, number))
+        if any(r is not None and r.outcome is Outcome.UNAVAILABLE for r in results):
+            self._set_broker_ready(False)
+        try:
+            await self._finish_recording()
+        finally:
+            # Even when the previous batch could not be recorded, this one must be, or
+            # its rows would stay in flight (never claimed again) for the relay's life.
+            self._recording = asyncio.create_task(self._record(claim, results, started, number))
         return True
 
     async def _claim(self) -> tuple[Claim, frozenset[int]]:
         """Read the next batch, with the batches not yet recorded when it was read."""
         unrecorded = frozenset(self._unrecorded)
         claim = await self._store.claim(
-            dict(self.leases.tokens),
+            self.leases.claimable(),
             limit=self.settings.relay_batch_size,
             in_flight=list(self._in_flight),
         )
@@ -330,13 +372,17 @@ class Relay:
         self, row: ClaimedRow, result: PublishResult | None, token: uuid.UUID
     ) -> RowOutcome:
         if result is None:
-            return RowOutcome(row.position, token, HELD)
+            return RowOutcome(row.position, token, row.attempts, HELD)
         if result.outcome is Outcome.CONFIRMED:
-            return RowOutcome(row.position, token, CONFIRMED)
+            return RowOutcome(row.position, token, row.attempts, CONFIRMED)
         if result.outcome is Outcome.UNAVAILABLE:
             self._set_broker_ready(False)
             return RowOutcome(
-                row.position, token, UNAVAILABLE, f"broker unavailable: {result.error}"
+                row.position,
+                token,
+                row.attempts,
+                UNAVAILABLE,
+                f"broker unavailable: {result.error}",
             )
         delay = self._row_backoff.delay(row.attempts + 1)
         log.warning(
@@ -348,7 +394,9 @@ class Relay:
             max_attempts=self.settings.relay_max_attempts,
             error=result.error,
         )
-        return RowOutcome(row.position, token, REJECTED, result.error or "rejected", delay)
+        return RowOutcome(
+            row.position, token, row.attempts, REJECTED, result.error or "rejected", delay
+        )
 
     def _count(
         self,
@@ -387,7 +435,7 @@ class Relay:
         while True:
             try:
                 before = self.leases.owned
-                await self.leases.heartbeat(self._busy_partitions())
+                await self.leases.heartbeat(self._busy_partitions)
                 if self.leases.owned != before:
                     log.info(
                         "relay.partitions_changed",
@@ -400,8 +448,8 @@ class Relay:
                     self.wakeup.set()
                 self.metrics.owned_partitions.set(len(self.leases.owned))
                 await asyncio.sleep(interval)
-            except DatabaseError as exc:
-                log.warning("relay.heartbeat_failed", error=str(exc))
+            except Exception as exc:  # the heartbeat must outlive any error
+                log.warning("relay.heartbeat_failed", error=str(exc), kind=type(exc).__name__)
                 await asyncio.sleep(min(interval, 1.0))
 
     async def _housekeeping(self) -> None:
@@ -428,16 +476,17 @@ class Relay:
                             break
                     if purged:
                         log.info("relay.purged", rows=purged, older_than_seconds=retention)
-            except DatabaseError as exc:
-                log.warning("relay.housekeeping_failed", error=str(exc))
+            except Exception as exc:  # housekeeping must outlive any error
+                log.warning("relay.housekeeping_failed", error=str(exc), kind=type(exc).__name__)
 
 
 T = TypeVar("T")
 
 
 async def _with_retries(action: Callable[[], Awaitable[T]]) -> T:
-    """Run a database action, retrying briefly: the broker already confirmed these rows."""
-    attempts = 3
+    """Run a database action, retrying for about two seconds: the broker already confirmed
+    these rows, and a lost mark means publishing them again."""
+    attempts = 5
     for attempt in range(1, attempts + 1):
         try:
             return await action()

@@ -48,6 +48,8 @@ class RowOutcome:
 
     position: int
     token: uuid.UUID
+    attempts: int
+    """Attempts as read by the claim: a mark applied twice (a retry) changes nothing."""
     outcome: str
     error: str | None = None
     delay_seconds: float = 0.0
@@ -69,17 +71,28 @@ class Connection:
         self._conninfo = conninfo
         self._database_url = database_url
         self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._closed = False
 
     async def get(self) -> psycopg.AsyncConnection[Any]:
-        """The open connection, connecting first if needed."""
+        """The open connection, connecting first if needed (never after :meth:`close`)."""
+        if self._closed:
+            raise DatabaseError("the relay's database connection was closed (shutting down)")
         if self._connection is None or self._connection.closed:
             try:
                 self._connection = await psycopg.AsyncConnection.connect(
                     self._conninfo, autocommit=True, connect_timeout=10
                 )
             except psycopg.Error as exc:
-                raise translate(exc, self._database_url) from exc
+                raise self._error(exc) from exc
         return self._connection
+
+    def _error(self, exc: psycopg.Error) -> DatabaseError:
+        """Every driver error as a DatabaseError, so callers back off instead of dying."""
+        translated = translate(exc, self._database_url)
+        if isinstance(translated, DatabaseError):
+            return translated
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return DatabaseError(f"the database refused a relay statement: {first_line}")
 
     async def fetch(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run one statement and return its rows; errors become postroom errors."""
@@ -89,7 +102,7 @@ class Connection:
             return await cursor.fetchall() if cursor.description else []
         except psycopg.Error as exc:
             await self._drop_if_broken()
-            raise translate(exc, self._database_url) from exc
+            raise self._error(exc) from exc
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -100,7 +113,7 @@ class Connection:
                 yield connection
         except psycopg.Error as exc:
             await self._drop_if_broken()
-            raise translate(exc, self._database_url) from exc
+            raise self._error(exc) from exc
 
     async def _drop_if_broken(self) -> None:
         connection = self._connection
@@ -109,7 +122,8 @@ class Connection:
             await connection.close()
 
     async def close(self) -> None:
-        """Close the connection if open."""
+        """Close the connection for good: later uses raise instead of reconnecting."""
+        self._closed = True
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -165,6 +179,7 @@ class OutboxStore:
             {
                 "tokens": [o.token for o in outcomes],
                 "positions": [o.position for o in outcomes],
+                "attempts": [o.attempts for o in outcomes],
                 "outcomes": [o.outcome for o in outcomes],
                 "errors": [o.error for o in outcomes],
                 "delays": [o.delay_seconds for o in outcomes],
@@ -175,15 +190,11 @@ class OutboxStore:
 
     async def purge_published(self, older_than: float, *, limit: int) -> int:
         """Delete up to ``limit`` rows published more than ``older_than`` seconds ago."""
-        connection = await self._connection.get()
-        try:
-            cursor = await connection.execute(
-                relay_sql.purge_published_sql(self._tables),
-                {"older_than": older_than, "limit": limit},
-            )
-        except psycopg.Error as exc:
-            raise DatabaseError(f"purging published rows failed: {exc}") from exc
-        return cursor.rowcount
+        rows = await self._connection.fetch(
+            relay_sql.purge_published_sql(self._tables),
+            {"older_than": older_than, "limit": limit},
+        )
+        return len(rows)
 
     async def backlog(self) -> tuple[int, float, int]:
         """Pending rows, age in seconds of the oldest pending row, dead-lettered rows."""

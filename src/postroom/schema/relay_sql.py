@@ -52,21 +52,24 @@ def mark_sql(tables: Tables, delete_published: bool) -> str:
 
     Each result carries the token of its partition's lease as it was when the row was
     claimed; a row whose partition has since been taken over by another relay (a new
-    token) is left alone. Outcomes: ``confirmed`` (published; or deleted when
-    ``delete_published``), ``rejected`` (one more attempt; backoff of %(delays)s,
-    dead-lettered at %(max_attempts)s), ``unavailable`` and ``held`` (left pending as
-    they were, no attempt counted). Returns the rows it changed.
+    token) is left alone. It also carries the attempts the claim read, so applying the
+    same mark twice (a retry after a lost reply) counts a failure once. Outcomes:
+    ``confirmed`` (published; or deleted when ``delete_published``), ``rejected`` (one
+    more attempt; backoff of %(delays)s, dead-lettered at %(max_attempts)s),
+    ``unavailable`` and ``held`` (left pending as they were, no attempt counted).
+    Returns the rows it changed.
     """
     outbox = quoted_table(tables.outbox)
     partitions = quoted_table(tables.partitions)
     results = """
 SELECT * FROM unnest(
-    %(positions)b::bigint[], %(outcomes)b::text[], %(errors)b::text[],
+    %(positions)b::bigint[], %(attempts)b::int[], %(outcomes)b::text[], %(errors)b::text[],
     %(delays)b::float8[], %(tokens)b::uuid[]
-) AS r(position, outcome, error, delay_seconds, token)
+) AS r(position, attempts, outcome, error, delay_seconds, token)
 """
     fenced = (
-        "t.position = r.position AND t.status = 'pending' AND EXISTS ("
+        "t.position = r.position AND t.status = 'pending' AND t.attempts = r.attempts "
+        "AND EXISTS ("
         f"SELECT 1 FROM {partitions} AS p WHERE p.partition = t.partition AND p.token = r.token)"
     )
     dead = "r.outcome = 'rejected' AND t.attempts + 1 >= %(max_attempts)s"
@@ -185,6 +188,7 @@ DELETE FROM {outbox} WHERE position IN (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
+RETURNING position
 """
 
 
