@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any, Unpack
 
 from postroom.config import Settings
+from postroom.consumer import Consumer
 from postroom.errors import (
     ConfigurationError,
     InvalidMessageError,
@@ -26,6 +27,7 @@ from postroom.outbox import AsyncTarget, Outbox, SyncTarget
 
 __all__ = [
     "ConfigurationError",
+    "Consumer",
     "InvalidMessageError",
     "Message",
     "NotInTransactionError",

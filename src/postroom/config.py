@@ -73,7 +73,8 @@ class Settings:
     )
     log_format: str = _setting("auto", "Log format: json, console, or auto (json unless a tty).")
     consumer_prefetch: int = _setting(
-        32, "Consumer: messages received ahead of handling (RabbitMQ prefetch; per Kafka partition)."
+        32,
+        "Consumer: messages received ahead of handling (RabbitMQ prefetch; per Kafka partition).",
     )
     consumer_concurrency: int = _setting(
         8, "Consumer: handlers running at once (Kafka: different partitions only)."

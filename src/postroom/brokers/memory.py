@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import ClassVar, Final
 
 from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
@@ -217,3 +217,132 @@ def _copy(message: Message) -> Message:
     # Message is frozen and its payload is decoded from bytes on each access: only the
     # headers mapping could be shared with a caller.
     return dataclasses.replace(message, headers=dict(message.headers))
+
+
+class MemoryDelivery:
+    """One message handed out by a :class:`MemorySubscriber`."""
+
+    lane: object = None
+    redeliverable = True
+
+    def __init__(self, subscriber: MemorySubscriber, message: Message, attempt: int) -> None:
+        self._subscriber = subscriber
+        self.message = message
+        """The message as it was published."""
+        self.topic = message.topic
+        self.body = message.body
+        self.headers = message.wire_headers()
+        self.key = message.key
+        self.broker_message_id: str | None = str(message.id)
+        self.content_type: str | None = message.content_type
+        self.attempt = attempt
+        self.settled: str | None = None
+        """``acked``, ``retried`` or ``dead_lettered`` once settled."""
+
+    async def ack(self) -> None:
+        """Mark it acknowledged."""
+        self.settled = "acked"
+        self._subscriber.acked.append(self.message)
+
+    async def retry_later(self, delay: float, error: str) -> None:
+        """Deliver it again after ``delay`` seconds as the next attempt."""
+        self.settled = "retried"
+        self._subscriber._redeliver(self.message, self.attempt + 1, delay)
+
+    async def dead_letter(self, error: str, attempts: int) -> None:
+        """Store a copy on ``<consumer>.dead-letter`` with the error headers, then ack."""
+        from postroom.brokers.base import dead_letter_headers, dead_letter_name
+
+        consumer = self._subscriber.consumer or "consumer"
+        headers = dead_letter_headers(self, consumer, error, attempts)
+        for name in HEADER_ID_NAMES:
+            headers.pop(name, None)
+        copy = dataclasses.replace(self.message, topic=dead_letter_name(consumer), headers=headers)
+        with self._subscriber.broker._lock:
+            self._subscriber.broker._messages.append(copy)
+        self.settled = "dead_lettered"
+        self._subscriber.dead_lettered.append(copy)
+
+
+#: Wire headers a Message regenerates from its fields (not kept in a dead-letter copy's headers).
+HEADER_ID_NAMES: Final = (
+    "postroom-id",
+    "postroom-content-type",
+    "postroom-created-at",
+    "postroom-key",
+)
+
+
+class MemorySubscriber:
+    """A Subscriber on a :class:`MemoryBroker`: it hands out the messages published to the
+    subscribed topics (from the first one stored), plus any given to :meth:`deliver`.
+
+    Retries come back after their delay; dead-lettered copies are stored on the broker
+    under ``<consumer>.dead-letter`` and listed in :attr:`dead_lettered`.
+    """
+
+    def __init__(self, broker: MemoryBroker, *, poll_interval: float = 0.01) -> None:
+        self.broker = broker
+        self.consumer: str | None = None
+        self.topics: set[str] = set()
+        self.poll_interval = poll_interval
+        self.acked: list[Message] = []
+        """Messages acknowledged, in order."""
+        self.dead_lettered: list[Message] = []
+        """Dead-lettered copies, in order."""
+        self._queue: asyncio.Queue[MemoryDelivery] = asyncio.Queue()
+        self._cursor = 0
+        self._closed = asyncio.Event()
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    async def start(self, consumer: str, topics: Sequence[str]) -> None:
+        """Subscribe; raise BrokerUnavailableError during a simulated outage."""
+        self.broker._check_available()
+        self.consumer = consumer
+        self.topics = set(topics)
+        self._closed.clear()
+
+    def deliver(self, message: Message, *, attempt: int | None = None) -> MemoryDelivery:
+        """Hand ``message`` out (again), whatever its topic; returns the delivery."""
+        from postroom.brokers.base import attempts_made
+
+        number = attempt if attempt is not None else attempts_made(dict(message.headers)) + 1
+        delivery = MemoryDelivery(self, _copy(message), number)
+        self._queue.put_nowait(delivery)
+        return delivery
+
+    async def deliveries(self) -> AsyncIterator[MemoryDelivery]:
+        """The deliveries, until close()."""
+        while not self._closed.is_set():
+            self._take_published()
+            try:
+                delivery = await asyncio.wait_for(self._queue.get(), self.poll_interval)
+            except TimeoutError:
+                continue
+            yield delivery
+
+    async def close(self) -> None:
+        """Stop handing out deliveries and cancel pending retries."""
+        self._closed.set()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
+    def _take_published(self) -> None:
+        with self.broker._lock:
+            fresh = self.broker._messages[self._cursor :]
+            self._cursor = len(self.broker._messages)
+        for message in fresh:
+            if message.topic in self.topics:
+                self._queue.put_nowait(MemoryDelivery(self, _copy(message), 1))
+
+    def _redeliver(self, message: Message, attempt: int, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def put() -> None:
+            self._timers.discard(timer)
+            if not self._closed.is_set():
+                self._queue.put_nowait(MemoryDelivery(self, message, attempt))
+
+        timer = loop.call_later(delay, put)
+        self._timers.add(timer)

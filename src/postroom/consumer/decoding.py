@@ -28,7 +28,7 @@ MAX_ID_CHARS: Final = 1000
 
 @dataclass(frozen=True)
 class IdSource:
-    """Where a consumer reads message ids: ``postroom``, ``amqp``, ``cloudevents``, ``header:<name>``."""
+    """Where message ids are read: ``postroom``, ``amqp``, ``cloudevents``, ``header:<name>``."""
 
     kind: str
     header: str | None = None

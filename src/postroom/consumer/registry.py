@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from postroom.brokers.base import Subscriber
 from postroom.config import Settings
 from postroom.errors import HandlerRegistrationError
 from postroom.message import TOPIC_PATTERN, Message, validate_topic
@@ -120,6 +121,17 @@ class Consumer:
             return function
 
         return register
+
+    async def run(
+        self, subscriber: Subscriber | None = None, *, broker_url: str | None = None
+    ) -> None:
+        """Run until cancelled: receive from ``subscriber`` (or one for ``broker_url``, by
+        default the settings' broker) and handle every message once."""
+        from postroom.consumer.runner import ConsumerService, subscriber_from_url
+
+        if subscriber is None:
+            subscriber = subscriber_from_url(broker_url or self.settings.broker_url, self.settings)
+        await ConsumerService(self, subscriber, self.settings).run()
 
 
 def _declared_model(function: Callable[..., Any]) -> Any:

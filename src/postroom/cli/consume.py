@@ -1,0 +1,114 @@
+"""``postroom consume module:attribute``: run a Consumer as a service until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import sys
+from typing import Annotated
+
+import typer
+
+from postroom.cli.common import user_errors, with_settings
+from postroom.config import Settings, redact_url
+from postroom.consumer import Consumer
+from postroom.errors import ConfigurationError
+from postroom.log import configure_logging, get_logger
+
+CONSUME_FIELDS = (
+    "broker_url",
+    "consumer_prefetch",
+    "consumer_concurrency",
+    "consumer_max_attempts",
+    "consumer_backoff_initial",
+    "consumer_backoff_max",
+    "consumer_id_source",
+    "inbox_retention",
+    "metrics_port",
+    "log_format",
+)
+
+
+@with_settings(*CONSUME_FIELDS)
+def consume(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="The Consumer to run, as module:attribute (e.g. myapp.billing:consumer)."
+        ),
+    ],
+    *,
+    settings: Settings,
+) -> None:
+    """Run a postroom Consumer: each message handled once, in a transaction with its inbox row.
+
+    Messages are acknowledged only after the handler's transaction commits; failures are
+    retried with backoff, then dead-lettered to NAME.dead-letter (NAME: the consumer's
+    name). SIGTERM or Ctrl-C finishes the handlers in flight and exits. Serves /metrics,
+    /healthz and /readyz on --metrics-port. The consumer uses this command's settings,
+    not those it was built with.
+    """
+    configure_logging(json=None if settings.log_format == "auto" else settings.log_format == "json")
+    with user_errors():
+        consumer = load_consumer(target)
+        consumer.configure(settings)
+        asyncio.run(_run(consumer, settings))
+
+
+def load_consumer(target: str) -> Consumer:
+    """Import ``module:attribute`` (the current directory is importable) and return the Consumer."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(
+            f"{target!r} is not module:attribute; name the module and the Consumer in it, "
+            "e.g. myapp.billing:consumer"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"cannot import module {module_name!r} ({exc}); run from the directory that "
+            "holds it or add it to PYTHONPATH"
+        ) from None
+    found: object = module
+    for part in attribute.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise ConfigurationError(
+                f"module {module_name!r} has no attribute {attribute!r}; name the Consumer "
+                "object, e.g. consumer = postroom.Consumer('billing')"
+            ) from None
+    if not isinstance(found, Consumer):
+        raise ConfigurationError(f"{target} is a {type(found).__name__}, not a postroom.Consumer")
+    return found
+
+
+async def _run(consumer: Consumer, settings: Settings) -> None:
+    from postroom.consumer import ConsumerService, subscriber_from_url
+    from postroom.errors import SchemaMissingError
+    from postroom.schema import migrate
+
+    state = await asyncio.to_thread(migrate.status, settings.database_url, settings.tables())
+    if not state.up_to_date:
+        found = f"at revision {state.current}" if state.current else "missing"
+        raise SchemaMissingError(
+            f"postroom's tables are {found}; this consumer needs revision {state.head}. "
+            "Run `postroom db upgrade` first."
+        )
+    service = ConsumerService(
+        consumer, subscriber_from_url(settings.broker_url, settings), settings
+    )
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, service.stop)
+    get_logger("consumer").info(
+        "consumer.configured",
+        consumer=consumer.name,
+        broker=redact_url(settings.broker_url),
+    )
+    await service.run()

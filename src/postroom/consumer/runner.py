@@ -1,0 +1,339 @@
+"""The consumer service: receive, handle in lanes, purge the inbox, serve metrics and health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from postroom.backoff import Backoff
+from postroom.brokers.base import Delivery, Subscriber
+from postroom.config import Settings
+from postroom.consumer.metrics import ConsumerMetrics
+from postroom.consumer.processing import Processor
+from postroom.consumer.registry import Consumer
+from postroom.database import create_async_engine, create_engine
+from postroom.errors import BrokerUnavailableError, ConfigurationError
+from postroom.log import get_logger
+from postroom.metrics import serve_http
+from postroom.schema.inbox_sql import purge_inbox_sql
+
+log = get_logger("consumer")
+
+#: Inbox rows deleted per statement, and statements per round, by retention.
+PURGE_BATCH = 5000
+PURGE_BATCHES_PER_ROUND = 20
+#: Seconds between retention rounds.
+PURGE_INTERVAL = 60.0
+#: Seconds an ordered lane (a Kafka partition) without deliveries keeps its worker.
+LANE_IDLE = 30.0
+#: Seconds a stopping consumer waits for handlers in flight.
+STOP_GRACE = 30.0
+
+
+def retry_window(settings: Settings) -> float:
+    """Longest time a message can spend between its first and last attempt (no jitter)."""
+    total = 0.0
+    for attempt in range(1, settings.consumer_max_attempts):
+        total += min(
+            settings.consumer_backoff_max, settings.consumer_backoff_initial * 2.0 ** (attempt - 1)
+        )
+    return total
+
+
+def check_settings(settings: Settings) -> None:
+    """Raise ConfigurationError for consumer settings that cannot work."""
+    for name in ("consumer_prefetch", "consumer_concurrency", "consumer_max_attempts"):
+        if getattr(settings, name) < 1:
+            raise ConfigurationError(
+                f"{name} must be at least 1, got {getattr(settings, name)} "
+                f"(set POSTROOM_{name.upper()})"
+            )
+    for name in ("consumer_backoff_initial", "consumer_backoff_max", "inbox_retention"):
+        if getattr(settings, name) < 0:
+            raise ConfigurationError(f"{name} must not be negative (set POSTROOM_{name.upper()})")
+
+
+class ConsumerService:
+    """Runs a :class:`~postroom.Consumer` against a Subscriber until :meth:`stop`.
+
+    Deliveries of one lane (a Kafka partition) are handled one after another, in order;
+    different lanes, and deliveries without a lane (RabbitMQ), run concurrently up to
+    ``consumer_concurrency``.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        subscriber: Subscriber,
+        settings: Settings | None = None,
+        *,
+        metrics: ConsumerMetrics | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.subscriber = subscriber
+        self.settings = settings or consumer.settings
+        check_settings(self.settings)
+        self.metrics = metrics or ConsumerMetrics()
+        self._stopping = asyncio.Event()
+        self._async_engine = create_async_engine(
+            self.settings.database_url, pool_size=self.settings.consumer_concurrency + 1
+        )
+        self._sync_engine: Engine | None = None
+        self.processor = Processor(
+            consumer,
+            self.settings,
+            async_engine=self._async_engine,
+            sync_engine=self._get_sync_engine,
+            metrics=self.metrics,
+            stopping=self._stopping,
+        )
+        self._slots = asyncio.Semaphore(self.settings.consumer_concurrency)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lanes: dict[object, asyncio.Queue[Delivery]] = {}
+        self._subscribed = False
+        self._last_progress = time.monotonic()
+        self.started = asyncio.Event()
+        """Set once the subscriber is connected and subscribed."""
+
+    def _get_sync_engine(self) -> Engine:
+        if self._sync_engine is None:
+            self._sync_engine = create_engine(
+                self.settings.database_url, pool_size=self.settings.consumer_concurrency
+            )
+        return self._sync_engine
+
+    def stop(self) -> None:
+        """Finish the handlers in flight, leave the rest unacknowledged, and return from run()."""
+        if not self._stopping.is_set():
+            log.info("consumer.stopping", consumer=self.consumer.name)
+        self._stopping.set()
+
+    @property
+    def ready(self) -> bool:
+        """True while subscribed to the broker."""
+        return self._subscribed and not self._stopping.is_set()
+
+    def healthy(self) -> bool:
+        """False when the receive loop has not run for a long time."""
+        return time.monotonic() - self._last_progress < 120.0
+
+    async def run(self) -> None:
+        """Subscribe and handle deliveries until :meth:`stop` (or cancellation)."""
+        topics = self.consumer.topics
+        if not topics:
+            raise ConfigurationError(
+                f"consumer {self.consumer.name!r} has no handlers; register one with "
+                "@consumer.handler('topic') before running it"
+            )
+        self._warn_about_retention()
+        log.info(
+            "consumer.starting",
+            consumer=self.consumer.name,
+            topics=topics,
+            concurrency=self.settings.consumer_concurrency,
+            prefetch=self.settings.consumer_prefetch,
+            max_attempts=self.settings.consumer_max_attempts,
+        )
+        server = None
+        if self.settings.metrics_port:
+            server = await serve_http(
+                self.settings.metrics_port,
+                self.metrics.registry,
+                healthy=self.healthy,
+                ready=lambda: self.ready,
+            )
+        purge = asyncio.create_task(self._purge_forever(), name="postroom-inbox-purge")
+        try:
+            if await self._subscribe(topics):
+                receive = asyncio.create_task(self._receive(), name="postroom-consumer-receive")
+                stopping = asyncio.create_task(self._stopping.wait())
+                await asyncio.wait({receive, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                self._stopping.set()
+                receive.cancel()
+                stopping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    exc = await asyncio.gather(receive, return_exceptions=True)
+                    if exc and isinstance(exc[0], Exception):
+                        raise exc[0]
+        finally:
+            await self._finish()
+            purge.cancel()
+            await asyncio.gather(purge, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.subscriber.close()
+            self._subscribed = False
+            await self._async_engine.dispose()
+            if self._sync_engine is not None:
+                self._sync_engine.dispose()
+            if server is not None:
+                server.close()
+            log.info("consumer.stopped", consumer=self.consumer.name)
+
+    async def _subscribe(self, topics: list[str]) -> bool:
+        failures = 0
+        reconnect = Backoff(initial=0.5, maximum=15.0)
+        while not self._stopping.is_set():
+            try:
+                await self.subscriber.start(self.consumer.name, topics)
+            except BrokerUnavailableError as exc:
+                failures += 1
+                delay = reconnect.delay(failures)
+                log.warning("consumer.broker_unavailable", error=str(exc), retry_in=round(delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                continue
+            self._subscribed = True
+            self.started.set()
+            log.info("consumer.ready", consumer=self.consumer.name, topics=topics)
+            return True
+        return False
+
+    async def _receive(self) -> None:
+        async for delivery in self.subscriber.deliveries():
+            self._last_progress = time.monotonic()
+            if self._stopping.is_set():
+                return
+            if delivery.lane is None:
+                await self._slots.acquire()
+                self._spawn(self._one(delivery))
+            else:
+                queue = self._lanes.get(delivery.lane)
+                if queue is None:
+                    queue = self._lanes[delivery.lane] = asyncio.Queue()
+                    self._spawn(self._lane(delivery.lane, queue))
+                queue.put_nowait(delivery)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _one(self, delivery: Delivery) -> None:
+        try:
+            await self._handle(delivery)
+        finally:
+            self._slots.release()
+
+    async def _lane(self, lane: object, queue: asyncio.Queue[Delivery]) -> None:
+        try:
+            idle_since = time.monotonic()
+            while not self._stopping.is_set():
+                try:
+                    delivery = await asyncio.wait_for(queue.get(), 0.25)
+                except TimeoutError:
+                    if queue.empty() and time.monotonic() - idle_since > LANE_IDLE:
+                        return
+                    continue
+                if getattr(delivery, "revoked", False):
+                    continue
+                async with self._slots:
+                    result = await self._handle(delivery)
+                if result is not None and result.disposition.value == "abandoned":
+                    return
+                idle_since = time.monotonic()
+        finally:
+            if self._lanes.get(lane) is queue:
+                del self._lanes[lane]
+
+    async def _handle(self, delivery: Delivery) -> Any:
+        try:
+            return await self.processor.process(delivery)
+        except Exception:
+            # A bug or a broker failure while settling: leave it unacknowledged; the
+            # broker delivers it again.
+            log.exception("consumer.delivery_error", consumer=self.consumer.name)
+            return None
+
+    async def _finish(self) -> None:
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("consumer.stop_timeout", unfinished=len(late))
+                await asyncio.gather(*late, return_exceptions=True)
+
+    def _warn_about_retention(self) -> None:
+        retention = self.settings.inbox_retention
+        window = retry_window(self.settings)
+        if retention and retention < window:
+            log.warning(
+                "consumer.retention_too_short",
+                consumer=self.consumer.name,
+                inbox_retention=retention,
+                retry_window=window,
+                advice=(
+                    "inbox rows may be purged while a copy of their message can still "
+                    "arrive, which would be handled again; raise POSTROOM_INBOX_RETENTION "
+                    "above the retry window and any replay window"
+                ),
+            )
+
+    async def _purge_forever(self) -> None:
+        retention = self.settings.inbox_retention
+        if not retention:
+            return
+        sql = text(purge_inbox_sql(self.settings.tables()))
+        while not self._stopping.is_set():
+            try:
+                for _ in range(PURGE_BATCHES_PER_ROUND):
+                    async with self._async_engine.begin() as connection:
+                        result = await connection.execute(
+                            sql,
+                            {
+                                "consumer": self.consumer.name,
+                                "retention": retention,
+                                "limit": PURGE_BATCH,
+                            },
+                        )
+                    deleted = result.rowcount or 0
+                    if deleted:
+                        self.metrics.inbox_purged.inc(deleted)
+                        log.info("consumer.inbox_purged", consumer=self.consumer.name, rows=deleted)
+                    if deleted < PURGE_BATCH:
+                        break
+            except Exception as exc:
+                log.warning("consumer.inbox_purge_failed", error=str(exc).splitlines()[0])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), PURGE_INTERVAL)
+
+
+def on_stop(service: ConsumerService) -> Callable[[], None]:
+    """A callback that stops ``service`` (for signal handlers)."""
+    return service.stop
+
+
+def subscriber_from_url(url: str, settings: Settings) -> Subscriber:
+    """A Subscriber for ``url`` (``amqp://``, ``kafka://`` or ``memory://name``)."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        scheme = ""
+    if scheme in {"amqp", "amqps"}:
+        from postroom.brokers.rabbitmq import RabbitMQSubscriber
+
+        return RabbitMQSubscriber(url, prefetch=settings.consumer_prefetch)
+    if scheme == "kafka":
+        from postroom.brokers.kafka import KafkaSubscriber
+
+        return KafkaSubscriber.from_url(url, prefetch=settings.consumer_prefetch)
+    if scheme == "memory":
+        from postroom.brokers.memory import MemoryBroker, MemorySubscriber
+
+        parts = urlsplit(url)
+        name = unquote(parts.netloc + parts.path.rstrip("/")) or "default"
+        return MemorySubscriber(MemoryBroker.named(name))
+    from postroom.brokers import URL_FORMS
+
+    what = f"has the scheme {scheme!r}" if scheme else "has no scheme"
+    raise ConfigurationError(
+        f"the broker URL {what}, which postroom cannot consume from; use {URL_FORMS}"
+    )
