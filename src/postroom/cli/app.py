@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from postroom.cli import db
+from postroom.cli import db, inbox, outbox
 from postroom.cli.relay import relay
 
 app = typer.Typer(
@@ -19,7 +19,10 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 app.add_typer(db.app, name="db")
+app.add_typer(outbox.app, name="outbox")
+app.add_typer(inbox.app, name="inbox")
 app.command()(relay)
+app.command()(__import__("postroom.cli.consume", fromlist=["consume"]).consume)
 
 
 def main() -> None:

@@ -1,0 +1,243 @@
+"""What the operator commands share: the database connection, confirmation, and output.
+
+People get rich tables and sentences; scripts get ``--json`` (one JSON document on
+stdout, with the same facts as the table). Prompts and errors go to stderr, so a
+``--json`` command's stdout always parses.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import sys
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn
+
+import psycopg
+import typer
+from rich.table import Table
+
+from postroom.cli.common import EXIT_FAILED, console, error_console, fail, user_errors
+from postroom.config import Settings, parse_duration, psycopg_conninfo
+from postroom.database import readable_errors
+from postroom.errors import ConfigurationError
+
+#: Exit code of bad usage (as click uses for bad options).
+EXIT_USAGE = 2
+
+Json = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        envvar="POSTROOM_JSON",
+        help="Print one JSON document (for scripts) instead of tables.",
+    ),
+]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        envvar="POSTROOM_DRY_RUN",
+        help="Show what would change and change nothing.",
+    ),
+]
+Yes = Annotated[
+    bool,
+    typer.Option(
+        "--yes",
+        "-y",
+        envvar="POSTROOM_YES",
+        help="Change without asking (needed when not run from a terminal).",
+    ),
+]
+
+
+@contextlib.contextmanager
+def connect(settings: Settings) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+    """A connection to the settings' database; failures become sentences (exit 3).
+
+    Each ``with connection.transaction()`` block commits on its own; nothing else is
+    left open.
+    """
+    with user_errors(), readable_errors(settings.database_url):
+        connection = psycopg.connect(
+            psycopg_conninfo(settings.database_url),
+            connect_timeout=10,
+            autocommit=True,
+            application_name="postroom-cli",
+        )
+        with connection:
+            yield connection
+
+
+def duration(text: str | None, option: str) -> float | None:
+    """Seconds from a duration option's text (None stays None); bad syntax exits 2."""
+    if text is None:
+        return None
+    try:
+        return parse_duration(text, what=option)
+    except ConfigurationError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def parse_uuid(text: str) -> uuid.UUID:
+    """A message id from the command line; anything but a UUID exits 2 with a sentence."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        fail(
+            f"{text!r} is not a message id; ids are UUIDs such as "
+            "0190a5c2-7a4e-7d1c-9f3b-2c4d5e6f7a8b (see `postroom outbox ls`)",
+            EXIT_USAGE,
+        )
+
+
+def confirm(question: str, *, yes: bool) -> None:
+    """Go on if ``yes`` or the person at the terminal agrees; otherwise exit, changing nothing.
+
+    Without a terminal there is nobody to ask: the command refuses (exit 2) and says how
+    to go ahead.
+    """
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        fail(
+            "not changing anything without confirmation, and there is no terminal to ask: "
+            "run it again with --yes (or POSTROOM_YES=true) to go ahead, "
+            "or with --dry-run to only look",
+            EXIT_USAGE,
+        )
+    if not typer.confirm(question, default=False, err=True):
+        error_console.print("Nothing changed.")
+        raise typer.Exit(1)
+
+
+def print_json(document: Any) -> None:
+    """Print ``document`` as JSON on stdout (datetimes ISO 8601, ids and bytes as text)."""
+    typer.echo(json.dumps(document, default=_json_default, indent=2, ensure_ascii=False))
+
+
+def _json_default(value: object) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    raise TypeError(f"cannot render {type(value).__name__} as JSON")
+
+
+def say(text: str) -> None:
+    """Print a sentence for people (no markup is read from ``text``)."""
+    console.print(text, markup=False, highlight=False)
+
+
+def table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    keep_whole: int = 1,
+) -> Table:
+    """A rich table of ``rows``; the first ``keep_whole`` columns (ids, names) never wrap."""
+    result = Table(title=title, title_justify="left", header_style="bold")
+    for i, column in enumerate(columns):
+        result.add_column(column, no_wrap=i < keep_whole, overflow="fold")
+    for row in rows:
+        result.add_row(*(cell(value) for value in row))
+    return result
+
+
+def cell(value: Any) -> str:
+    """A value as table text: '-' for nothing, timestamps in UTC to the second."""
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return timestamp(value)
+    return str(value)
+
+
+def timestamp(value: datetime | None) -> str:
+    """``2024-05-01 10:00:00Z`` (UTC), or '-'."""
+    if value is None:
+        return "-"
+    return value.astimezone(tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def age(seconds: float | None) -> str:
+    """A duration as people say it: ``45s``, ``3m 12s``, ``2h 5m``, ``4d 3h``; or '-'."""
+    if seconds is None:
+        return "-"
+    seconds = max(seconds, 0.0)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+def seconds_between(later: datetime, earlier: datetime | None) -> float | None:
+    """``later - earlier`` in seconds, or None when ``earlier`` is None."""
+    return None if earlier is None else (later - earlier).total_seconds()
+
+
+def ranges(numbers: Sequence[int]) -> str:
+    """``0-15, 20, 32-40`` for a sorted list of integers."""
+    parts: list[str] = []
+    start = previous = None
+    for n in [*numbers, None]:
+        if start is not None and previous is not None and n == previous + 1:
+            previous = n
+            continue
+        if start is not None and previous is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = n
+    return ", ".join(parts) or "-"
+
+
+def payload_view(payload: bytes, content_type: str) -> tuple[str, Any]:
+    """How to show a payload: ``("json", value)``, ``("text", str)`` or ``("binary", hex)``."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    is_json = media == "application/json" or media.endswith("+json")
+    if is_json:
+        with contextlib.suppress(ValueError):
+            return "json", json.loads(payload)
+    if is_json or media.startswith("text/") or media.endswith("+xml"):
+        with contextlib.suppress(UnicodeDecodeError):
+            return "text", payload.decode()
+    return "binary", payload[:512].hex(" ")
+
+
+def describe(filters: Mapping[str, Any]) -> str:
+    """The filters given, as words: ``topic orders, state dead, older than 1h``."""
+    words = [
+        f"{name} {', '.join(map(str, value)) if isinstance(value, list | tuple) else value}"
+        for name, value in filters.items()
+        if value not in (None, [], ())
+    ]
+    return "; ".join(words) or "no filter"
+
+
+def nothing_matches(what: str, filters: Mapping[str, Any], *, as_json: bool, **facts: Any) -> None:
+    """Say that a filter matched nothing (exit 0: there was nothing to do)."""
+    if as_json:
+        print_json({"matched": 0, **facts})
+    else:
+        say(f"No {what} match ({describe(filters)}). Nothing to do.")
+    raise typer.Exit(0)
+
+
+def failed(message: str) -> NoReturn:
+    """Exit 3 with ``message`` (an operation that could not be done)."""
+    fail(message, EXIT_FAILED)

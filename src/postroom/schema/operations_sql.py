@@ -1,0 +1,311 @@
+"""The operator CLI's statements: look at, retry, replay and purge outbox and inbox rows.
+
+Parameters are psycopg's ``%(name)s``. Every filter is one fixed text with optional
+parameters (``%(topics)s IS NULL OR ...``): a filter left out is sent as NULL, so no user
+input is ever formatted into SQL, and PostgreSQL folds the unused conditions away when it
+plans the statement with its values.
+
+Statements that change rows work in bounded batches: each takes up to ``%(limit)s`` rows
+(locked, in position order) and changes only those; the CLI repeats it, one transaction
+per batch, until it changes nothing. There is no unbounded UPDATE or DELETE here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Final
+
+from postroom.schema.sql import quoted_table
+from postroom.schema.tables import DEAD, PENDING, PUBLISHED, Tables
+
+#: The pseudo-state of pending rows that failed and wait for their next attempt.
+BACKING_OFF: Final = "backing-off"
+
+#: Rows changed (UPDATE) and deleted (DELETE) per statement by the operator commands.
+UPDATE_BATCH: Final = 1000
+DELETE_BATCH: Final = 5000
+
+_BACKING_OFF_ROW: Final = (
+    f"(o.status = '{PENDING}' AND o.attempts > 0 AND o.next_attempt_at > now())"
+)
+
+#: Parameters of :data:`OUTBOX_FILTER`: ``ids`` (uuid[]), ``states``, ``topics``, ``keys``
+#: (text[]), ``older_than``/``newer_than`` (seconds since created), ``error`` (substring).
+OUTBOX_FILTER_PARAMETERS: Final = (
+    "ids",
+    "states",
+    "topics",
+    "keys",
+    "older_than",
+    "newer_than",
+    "error",
+)
+
+OUTBOX_FILTER: Final = f"""
+    (%(ids)s::uuid[] IS NULL OR o.id = ANY(%(ids)s::uuid[]))
+AND (%(states)s::text[] IS NULL OR o.status = ANY(%(states)s::text[])
+     OR ('{BACKING_OFF}' = ANY(%(states)s::text[]) AND {_BACKING_OFF_ROW}))
+AND (%(topics)s::text[] IS NULL OR o.topic = ANY(%(topics)s::text[]))
+AND (%(keys)s::text[] IS NULL OR o.key = ANY(%(keys)s::text[]))
+AND (%(older_than)s::float8 IS NULL
+     OR o.created_at < now() - %(older_than)s::float8 * interval '1 second')
+AND (%(newer_than)s::float8 IS NULL
+     OR o.created_at >= now() - %(newer_than)s::float8 * interval '1 second')
+AND (%(error)s::text IS NULL OR strpos(lower(o.last_error), lower(%(error)s::text)) > 0)
+"""
+"""The outbox rows (alias ``o``) an operator's filter selects."""
+
+#: Which rows each changing command may touch, on top of the operator's filter.
+RETRYABLE: Final = f"(o.status = '{DEAD}' OR {_BACKING_OFF_ROW})"
+REPLAYABLE: Final = f"o.status = '{PUBLISHED}'"
+ANY_ROW: Final = "TRUE"
+
+_ROW_COLUMNS: Final = (
+    "o.position, o.id, o.topic, o.key, o.partition, o.status, o.attempts, o.last_error, "
+    "o.created_at, o.available_at, o.next_attempt_at, o.published_at, o.dead_lettered_at, "
+    "length(o.payload) AS payload_bytes, o.content_type"
+)
+
+
+@functools.cache
+def outbox_rows_sql(tables: Tables, guard: str = ANY_ROW, newest_first: bool = False) -> str:
+    """Up to %(limit)s rows matching the filter and ``guard``, in position order."""
+    order = "DESC" if newest_first else "ASC"
+    return (
+        f"SELECT {_ROW_COLUMNS} FROM {quoted_table(tables.outbox)} AS o "
+        f"WHERE {OUTBOX_FILTER} AND {guard} ORDER BY o.position {order} LIMIT %(limit)s"
+    )
+
+
+@functools.cache
+def outbox_count_sql(tables: Tables, guard: str = ANY_ROW) -> str:
+    """How many rows match the filter and ``guard``."""
+    return (
+        f"SELECT count(*) FROM {quoted_table(tables.outbox)} AS o WHERE {OUTBOX_FILTER} AND {guard}"
+    )
+
+
+@functools.cache
+def outbox_row_sql(tables: Tables) -> str:
+    """Every column of the row with id %(id)s (none if there is no such row)."""
+    return (
+        f"SELECT {_ROW_COLUMNS}, o.payload, o.headers "
+        f"FROM {quoted_table(tables.outbox)} AS o WHERE o.id = %(id)s"
+    )
+
+
+@functools.cache
+def outbox_states_of_sql(tables: Tables) -> str:
+    """The state of each of the ids %(ids)s that are in the outbox."""
+    return (
+        f"SELECT o.id, o.status FROM {quoted_table(tables.outbox)} AS o WHERE o.id = ANY(%(ids)s)"
+    )
+
+
+def _batch(tables: Tables, guard: str) -> str:
+    return (
+        f"SELECT o.position FROM {quoted_table(tables.outbox)} AS o "
+        f"WHERE {OUTBOX_FILTER} AND {guard} ORDER BY o.position LIMIT %(limit)s FOR UPDATE"
+    )
+
+
+@functools.cache
+def retry_batch_sql(tables: Tables) -> str:
+    """Move up to %(limit)s dead or backing-off rows matching the filter to pending, due now.
+
+    A dead row also gets its attempts reset to 0 (a full set of attempts again) and loses
+    its ``dead_lettered_at``; a backing-off row keeps its attempts. ``last_error`` is kept
+    as a record of what went wrong. One notification wakes the relays.
+    """
+    outbox = quoted_table(tables.outbox)
+    return f"""
+WITH batch AS ({_batch(tables, RETRYABLE)}),
+changed AS (
+    UPDATE {outbox} AS t SET
+        status = '{PENDING}',
+        attempts = CASE WHEN t.status = '{DEAD}' THEN 0 ELSE t.attempts END,
+        next_attempt_at = now(),
+        dead_lettered_at = NULL
+    FROM batch WHERE t.position = batch.position
+    RETURNING t.position
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM changed
+"""
+
+
+@functools.cache
+def replay_batch_sql(tables: Tables) -> str:
+    """Move up to %(limit)s published rows matching the filter back to pending, due now.
+
+    The rows keep their ids, so a consumer with an inbox recognises the messages it
+    already handled. Attempts start again from 0; ``published_at`` is cleared.
+    """
+    outbox = quoted_table(tables.outbox)
+    return f"""
+WITH batch AS ({_batch(tables, REPLAYABLE)}),
+changed AS (
+    UPDATE {outbox} AS t SET
+        status = '{PENDING}',
+        attempts = 0,
+        next_attempt_at = now(),
+        published_at = NULL
+    FROM batch WHERE t.position = batch.position
+    RETURNING t.position
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM changed
+"""
+
+
+@functools.cache
+def oldest_published_sql(tables: Tables) -> str:
+    """When the oldest published row still kept was written (NULL if none is kept)."""
+    return (
+        f"SELECT min(o.created_at) FROM {quoted_table(tables.outbox)} AS o "
+        f"WHERE o.status = '{PUBLISHED}'"
+    )
+
+
+#: Rows ``purge`` may delete: published or dead (%(states)s), finished more than
+#: %(finished_before)s seconds ago, of %(topics)s if given.
+_PURGEABLE: Final = f"""
+    o.status = ANY(%(states)s::text[]) AND o.status IN ('{PUBLISHED}', '{DEAD}')
+AND coalesce(o.published_at, o.dead_lettered_at)
+    < now() - %(finished_before)s::float8 * interval '1 second'
+AND (%(topics)s::text[] IS NULL OR o.topic = ANY(%(topics)s::text[]))
+"""
+
+
+@functools.cache
+def purge_count_sql(tables: Tables) -> str:
+    """How many rows :func:`purge_batch_sql` would delete."""
+    return f"SELECT count(*) FROM {quoted_table(tables.outbox)} AS o WHERE {_PURGEABLE}"
+
+
+@functools.cache
+def purge_rows_sql(tables: Tables) -> str:
+    """Up to %(limit)s of the rows :func:`purge_batch_sql` would delete, oldest first."""
+    return (
+        f"SELECT {_ROW_COLUMNS} FROM {quoted_table(tables.outbox)} AS o "
+        f"WHERE {_PURGEABLE} ORDER BY o.position LIMIT %(limit)s"
+    )
+
+
+@functools.cache
+def purge_batch_sql(tables: Tables) -> str:
+    """Delete up to %(limit)s published or dead rows finished long enough ago."""
+    outbox = quoted_table(tables.outbox)
+    return f"""
+DELETE FROM {outbox} WHERE position IN (
+    SELECT o.position FROM {outbox} AS o WHERE {_PURGEABLE}
+    ORDER BY o.position LIMIT %(limit)s FOR UPDATE
+)
+"""
+
+
+@functools.cache
+def state_counts_sql(tables: Tables) -> str:
+    """Rows per (state, topic), with backing-off rows counted as their own state."""
+    return f"""
+SELECT CASE WHEN {_BACKING_OFF_ROW} THEN '{BACKING_OFF}' ELSE o.status END AS state,
+       o.topic, count(*)
+FROM {quoted_table(tables.outbox)} AS o
+GROUP BY 1, 2 ORDER BY 2, 1
+"""
+
+
+@functools.cache
+def pending_summary_sql(tables: Tables) -> str:
+    """Pending rows: how many, how many are delayed, and the oldest due row's times.
+
+    The oldest pending age counts from when a row became due (``available_at``: its
+    creation, or the end of its delay), so delayed messages do not look stuck.
+    """
+    return f"""
+SELECT count(*),
+       count(*) FILTER (WHERE o.available_at > now()),
+       min(o.available_at) FILTER (WHERE o.available_at <= now()),
+       extract(epoch FROM now() - min(o.available_at) FILTER (WHERE o.available_at <= now())),
+       now()
+FROM {quoted_table(tables.outbox)} AS o WHERE o.status = '{PENDING}'
+"""
+
+
+@functools.cache
+def partition_owners_sql(tables: Tables) -> str:
+    """Per owner (NULL: nobody): its partitions, expired leases, and pending rows in them."""
+    partitions = quoted_table(tables.partitions)
+    outbox = quoted_table(tables.outbox)
+    return f"""
+SELECT p.owner,
+       array_agg(p.partition ORDER BY p.partition),
+       count(*) FILTER (WHERE p.lease_expires_at < now()),
+       min(p.lease_expires_at),
+       coalesce(sum(w.pending), 0)::bigint
+FROM {partitions} AS p
+LEFT JOIN (
+    SELECT o.partition, count(*) AS pending FROM {outbox} AS o
+    WHERE o.status = '{PENDING}' GROUP BY o.partition
+) AS w ON w.partition = p.partition
+GROUP BY p.owner ORDER BY p.owner NULLS LAST
+"""
+
+
+@functools.cache
+def relays_sql(tables: Tables) -> str:
+    """The relays that registered, with seconds since their last heartbeat."""
+    return (
+        "SELECT relay_id, host, pid, started_at, heartbeat_at, "
+        "extract(epoch FROM now() - heartbeat_at) "
+        f"FROM {quoted_table(tables.relays)} ORDER BY relay_id"
+    )
+
+
+#: Parameters of :data:`INBOX_FILTER`: ``consumers``, ``message_ids`` (text[]),
+#: ``older_than``/``newer_than`` (seconds since processed).
+INBOX_FILTER: Final = """
+    (%(consumers)s::text[] IS NULL OR i.consumer = ANY(%(consumers)s::text[]))
+AND (%(message_ids)s::text[] IS NULL OR i.message_id = ANY(%(message_ids)s::text[]))
+AND (%(older_than)s::float8 IS NULL
+     OR i.processed_at < now() - %(older_than)s::float8 * interval '1 second')
+AND (%(newer_than)s::float8 IS NULL
+     OR i.processed_at >= now() - %(newer_than)s::float8 * interval '1 second')
+"""
+
+
+@functools.cache
+def inbox_summary_sql(tables: Tables) -> str:
+    """Per consumer: entries, and when the oldest and newest were processed."""
+    return (
+        "SELECT i.consumer, count(*), min(i.processed_at), max(i.processed_at) "
+        f"FROM {quoted_table(tables.inbox)} AS i WHERE {INBOX_FILTER} "
+        "GROUP BY i.consumer ORDER BY i.consumer"
+    )
+
+
+@functools.cache
+def inbox_rows_sql(tables: Tables, newest_first: bool = True) -> str:
+    """Up to %(limit)s inbox entries matching the filter, by processing time."""
+    order = "DESC" if newest_first else "ASC"
+    return (
+        f"SELECT i.consumer, i.message_id, i.processed_at FROM {quoted_table(tables.inbox)} AS i "
+        f"WHERE {INBOX_FILTER} ORDER BY i.processed_at {order}, i.message_id LIMIT %(limit)s"
+    )
+
+
+@functools.cache
+def inbox_count_sql(tables: Tables) -> str:
+    """How many inbox entries match the filter."""
+    return f"SELECT count(*) FROM {quoted_table(tables.inbox)} AS i WHERE {INBOX_FILTER}"
+
+
+@functools.cache
+def inbox_delete_batch_sql(tables: Tables) -> str:
+    """Delete up to %(limit)s inbox entries matching the filter (oldest first)."""
+    inbox = quoted_table(tables.inbox)
+    return f"""
+DELETE FROM {inbox} AS t USING (
+    SELECT i.consumer, i.message_id FROM {inbox} AS i WHERE {INBOX_FILTER}
+    ORDER BY i.processed_at LIMIT %(limit)s FOR UPDATE
+) AS b
+WHERE t.consumer = b.consumer AND t.message_id = b.message_id
+"""

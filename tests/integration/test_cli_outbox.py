@@ -1,0 +1,444 @@
+"""The operator CLI (`postroom outbox ...`, `postroom inbox ...`) as a subprocess, on real
+PostgreSQL, with a real relay in-process publishing to the in-memory broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from postroom import Settings
+from postroom.brokers.memory import MemoryBroker
+from postroom.message import Message
+from postroom.outbox import Outbox
+from postroom.relay import Relay
+from postroom.schema import Tables
+
+
+def cli(
+    tables: Tables, *args: str, env: dict[str, str] | None = None, database_url: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m postroom ARGS --schema <test schema>`` and capture its output."""
+    environment = {
+        **os.environ,
+        "COLUMNS": "200",
+        "POSTROOM_SCHEMA": tables.schema or "",
+        **(env or {}),
+    }
+    if database_url:
+        environment["POSTROOM_DATABASE_URL"] = database_url
+    return subprocess.run(
+        [sys.executable, "-m", "postroom", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+
+
+async def acli(tables: Tables, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """:func:`cli` in a thread, so an in-process relay keeps running meanwhile."""
+    return await asyncio.to_thread(cli, tables, *args, **kwargs)
+
+
+def as_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def settings(database_url: str, tables: Tables) -> Settings:
+    """Relay settings: short leases, one attempt before a row is dead-lettered."""
+    return Settings(
+        database_url=database_url,
+        schema=tables.schema or "",
+        relay_lease=2.0,
+        relay_poll_interval=0.1,
+        relay_backoff_initial=0.1,
+        relay_backoff_max=0.2,
+        relay_max_attempts=1,
+        metrics_port=0,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(relay: Relay) -> AsyncIterator[Relay]:
+    task = asyncio.create_task(relay.run())
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {within}s")
+        await asyncio.sleep(0.05)
+
+
+def write(engine: Engine, outbox: Outbox, *messages: Message) -> list[Message]:
+    with Session(engine) as session:
+        written = outbox.enqueue_many(session, list(messages))
+        session.commit()
+    return written
+
+
+def row(engine: Engine, tables: Tables, message_id: uuid.UUID) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(
+            select(tables.outbox).where(tables.outbox.c.id == message_id)
+        ).one()
+
+
+def ids_in_outbox(engine: Engine, tables: Tables) -> set[uuid.UUID]:
+    with engine.connect() as connection:
+        return set(connection.execute(select(tables.outbox.c.id)).scalars())
+
+
+async def test_dead_row_is_found_inspected_retried_and_published(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    broker = MemoryBroker(unroutable=["orders.lost"])
+    lost, fine = write(
+        engine,
+        outbox,
+        outbox.message("orders.lost", {"order": 7, "total": "12.50"}, key="o-7"),
+        outbox.message("orders.ok", {"order": 8}, key="o-8"),
+    )
+    async with running(Relay(settings, broker.publisher())):
+        await eventually(lambda: row(engine, tables, lost.id).status == "dead")
+        await eventually(lambda: row(engine, tables, fine.id).status == "published")
+
+    found = as_json(await acli(tables, "outbox", "ls", "--state", "dead", "--json"))
+    assert found["matched"] == 1
+    assert [r["id"] for r in found["rows"]] == [str(lost.id)]
+    assert found["rows"][0]["state"] == "dead"
+    assert "unroutable" in found["rows"][0]["last_error"]
+    listed = await acli(tables, "outbox", "ls", "--state", "dead", "--error", "UNROUTABLE")
+    assert listed.returncode == 0, listed.stderr
+    assert str(lost.id) in listed.stdout
+    assert str(fine.id) not in listed.stdout
+    assert "1 of 1 matching rows" in listed.stdout
+
+    shown = await acli(tables, "outbox", "show", str(lost.id))
+    assert shown.returncode == 0, shown.stderr
+    for fact in ("dead", "orders.lost", "o-7", '"total": "12.50"', "unroutable", "retry"):
+        assert fact in shown.stdout
+    detail = as_json(await acli(tables, "outbox", "show", str(lost.id), "--json"))
+    assert detail["payload"] == {"order": 7, "total": "12.50"}
+    assert detail["attempts"] == 1
+    assert detail["state"] == "dead"
+    assert detail["dead_lettered_at"] is not None
+
+    dry = await acli(tables, "outbox", "retry", str(lost.id), "--dry-run")
+    assert dry.returncode == 0
+    assert "would retry 1" in dry.stdout
+    assert row(engine, tables, lost.id).status == "dead"
+
+    broker.make_routable("orders.lost")
+    retried = as_json(await acli(tables, "outbox", "retry", str(lost.id), "--yes", "--json"))
+    assert (retried["matched"], retried["changed"]) == (1, 1)
+    after = row(engine, tables, lost.id)
+    assert (after.status, after.attempts, after.dead_lettered_at) == ("pending", 0, None)
+
+    async with running(Relay(settings, broker.publisher())):
+        await eventually(lambda: row(engine, tables, lost.id).status == "published")
+    assert [m.id for m in broker.messages("orders.lost")] == [lost.id]
+
+    again = await acli(tables, "outbox", "retry", "--topic", "orders.lost", "--yes")
+    assert again.returncode == 0
+    assert "No dead or backing-off rows match (topic orders.lost)" in again.stdout
+
+
+async def test_replay_redelivers_with_the_same_id_and_the_inbox_skips_it(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables, database_url: str
+) -> None:
+    from postroom.consumer import Consumer
+    from postroom.testing import Disposition, deliver
+
+    handled: list[uuid.UUID] = []
+    consumer = Consumer("billing", settings=settings)
+
+    @consumer.handler("orders.created")
+    async def charge(message: Message, session: Any) -> None:
+        handled.append(message.id)
+
+    broker = MemoryBroker()
+    (sent,) = write(engine, outbox, outbox.message("orders.created", {"order": 1}, key="o-1"))
+    async with running(Relay(settings, broker.publisher())):
+        await eventually(lambda: len(broker.messages()) == 1)
+        await eventually(lambda: row(engine, tables, sent.id).status == "published")
+        first = await deliver(consumer, broker.messages()[0], database_url=database_url)
+        assert first.disposition is Disposition.HANDLED
+
+        replayed = await acli(tables, "outbox", "replay", str(sent.id), "--yes")
+        assert replayed.returncode == 0, replayed.stderr
+        assert "Replaying 1 messages" in replayed.stdout
+        assert "consumers with an inbox skip the ones they already handled" in replayed.stdout
+        await eventually(lambda: len(broker.messages()) == 2)
+        await eventually(lambda: row(engine, tables, sent.id).status == "published")
+
+    copy = broker.messages()[1]
+    assert copy.id == sent.id
+    second = await deliver(consumer, copy, database_url=database_url)
+    assert second.disposition is Disposition.DUPLICATE
+    assert handled == [sent.id]
+
+    entries = as_json(await acli(tables, "inbox", "ls", "--consumer", "billing", "--json"))
+    assert [e["message_id"] for e in entries["entries"]] == [str(sent.id)]
+    forgot = as_json(
+        await acli(tables, "inbox", "forget", "-c", "billing", str(sent.id), "--yes", "--json")
+    )
+    assert forgot["changed"] == 1
+    third = await deliver(consumer, copy, database_url=database_url)
+    assert third.disposition is Disposition.HANDLED
+    assert handled == [sent.id, sent.id]
+
+    gone = str(uuid.uuid4())
+    missing = await acli(tables, "outbox", "replay", gone, "--yes")
+    assert missing.returncode == 3
+    assert gone in missing.stderr
+    assert "retention" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def backdate(engine: Engine, tables: Tables, statement: str, **params: Any) -> None:
+    table = f'"{tables.schema}"."{tables.outbox.name}"'
+    with engine.begin() as connection:
+        connection.execute(text(statement.format(outbox=table)), params)
+
+
+def test_purge_dry_run_changes_nothing_and_then_removes_exactly_the_matching_rows(
+    engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    written = write(engine, outbox, *(outbox.message("t", {"n": i}, key=f"k{i}") for i in range(7)))
+    old_published = [m.id for m in written[:3]]
+    new_published = [m.id for m in written[3:5]]
+    old_dead, pending = written[5].id, written[6].id
+    set_published = (
+        "UPDATE {outbox} SET status = 'published', "
+        "published_at = now() - CAST(:age AS interval) WHERE id = ANY(:ids)"
+    )
+    backdate(engine, tables, set_published, age="2 hours", ids=old_published)
+    backdate(engine, tables, set_published, age="10 minutes", ids=new_published)
+    backdate(
+        engine,
+        tables,
+        "UPDATE {outbox} SET status = 'dead', dead_lettered_at = now() - interval '2 hours', "
+        "attempts = 3, last_error = 'too large' WHERE id = :id",
+        id=old_dead,
+    )
+    everything = ids_in_outbox(engine, tables)
+
+    dry = as_json(cli(tables, "outbox", "purge", "--older-than", "1h", "--dry-run", "--json"))
+    assert (dry["dry_run"], dry["matched"], dry["changed"]) == (True, 3, 0)
+    assert {r["id"] for r in dry["sample"]} == {str(i) for i in old_published}
+    table_dry = cli(tables, "outbox", "purge", "--older-than", "1h", "--dry-run")
+    assert "would delete 3 published rows; nothing changed" in table_dry.stdout
+    assert ids_in_outbox(engine, tables) == everything
+
+    refused = cli(tables, "outbox", "purge", "--older-than", "1h")
+    assert refused.returncode == 2
+    assert "--yes" in refused.stderr
+    assert ids_in_outbox(engine, tables) == everything
+
+    purged = cli(tables, "outbox", "purge", "--older-than", "1h", "--yes")
+    assert purged.returncode == 0, purged.stderr
+    assert "Deleted 3 rows." in purged.stdout
+    assert ids_in_outbox(engine, tables) == everything - set(old_published)
+
+    dead = as_json(
+        cli(tables, "outbox", "purge", "--older-than", "1h", "-s", "dead", "--yes", "--json")
+    )
+    assert dead["changed"] == 1
+    assert ids_in_outbox(engine, tables) == {*new_published, pending}
+
+    nothing = cli(tables, "outbox", "purge", "--older-than", "1h", "--yes")
+    assert nothing.returncode == 0
+    assert "Nothing to do" in nothing.stdout
+
+
+def test_status_json_and_table_carry_the_same_facts_and_probe_the_backlog(
+    engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    written = write(
+        engine,
+        outbox,
+        *(outbox.message("orders", {"n": i}, key=f"k{i}") for i in range(3)),
+        outbox.message("invoices", {"n": 9}, key="x"),
+    )
+    backdate(
+        engine,
+        tables,
+        "UPDATE {outbox} SET status = 'dead', dead_lettered_at = now(), attempts = 1, "
+        "last_error = 'nack' WHERE id = :id",
+        id=written[3].id,
+    )
+    backdate(
+        engine,
+        tables,
+        "UPDATE {outbox} SET available_at = now() - interval '10 minutes' WHERE id = :id",
+        id=written[0].id,
+    )
+    status = as_json(cli(tables, "outbox", "status", "--json"))
+    assert status["counts"] == {
+        "pending": 3,
+        "backing_off": 0,
+        "delayed": 0,
+        "published": 0,
+        "dead": 1,
+    }
+    assert status["oldest_pending"]["age_seconds"] >= 600
+    assert {t["topic"]: (t["pending"], t["dead"]) for t in status["topics"]} == {
+        "orders": (3, 0),
+        "invoices": (0, 1),
+    }
+    assert status["partitions"][0]["owner"] is None
+    assert sum(len(p["partitions"]) for p in status["partitions"]) == 64
+    assert status["pending_without_live_relay"] == 3
+
+    table = cli(tables, "outbox", "status")
+    assert table.returncode == 0, table.stderr
+    assert "pending    3 (0 backing off" in table.stdout
+    assert "dead       1" in table.stdout
+    assert "waited 10m" in table.stdout
+    assert "(nobody)" in table.stdout
+    assert "0-63" in table.stdout
+    assert "No relay is registered" in table.stdout
+
+    listed = as_json(cli(tables, "outbox", "ls", "--json", "--newest", "--limit", "2"))
+    assert (listed["matched"], listed["shown"]) == (4, 2)
+    assert [r["id"] for r in listed["rows"]] == [str(written[3].id), str(written[2].id)]
+    shown = cli(tables, "outbox", "ls", "--newest", "--limit", "2")
+    assert "2 of 4 matching rows, newest first; raise --limit" in shown.stdout
+    for r in listed["rows"]:
+        assert r["id"] in shown.stdout
+        assert r["state"] in shown.stdout
+
+    assert cli(tables, "outbox", "status", "--fail-if-older-than", "1h").returncode == 0
+    probe = cli(tables, "outbox", "status", "--fail-if-older-than", "5m")
+    assert probe.returncode == 1
+    assert "longer than 5m" in probe.stderr
+    bad = cli(tables, "outbox", "status", "--fail-if-older-than", "five minutes")
+    assert bad.returncode == 2
+    assert "is not a duration" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_errors_are_sentences(tables: Tables) -> None:
+    unreachable = cli(
+        tables,
+        "outbox",
+        "status",
+        database_url="postgresql://postgres:s3cret-pw@127.0.0.1:1/test",
+    )
+    assert unreachable.returncode == 3
+    assert "cannot reach PostgreSQL" in unreachable.stderr
+    assert "s3cret-pw" not in unreachable.stderr + unreachable.stdout
+    assert "Traceback" not in unreachable.stderr
+
+    missing = cli(tables, "outbox", "ls", env={"POSTROOM_SCHEMA": "pr_test_absent"})
+    assert missing.returncode == 3
+    assert "postroom db upgrade" in missing.stderr
+
+    unknown = str(uuid.uuid4())
+    shown = cli(tables, "outbox", "show", unknown)
+    assert shown.returncode == 3
+    assert f"message {unknown} is not in the outbox" in shown.stderr
+    malformed = cli(tables, "outbox", "show", "42")
+    assert malformed.returncode == 2
+    assert "is not a message id" in malformed.stderr
+    unselected = cli(tables, "outbox", "retry", "--yes")
+    assert unselected.returncode == 2
+    assert "--all" in unselected.stderr
+    retry_unknown = cli(tables, "outbox", "retry", unknown, "--yes")
+    assert retry_unknown.returncode == 3
+    assert unknown in retry_unknown.stderr
+
+
+def test_inbox_ls_forget_and_purge(engine: Engine, tables: Tables) -> None:
+    inbox = f'"{tables.schema}"."{tables.inbox.name}"'
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                f"INSERT INTO {inbox} (consumer, message_id, processed_at) VALUES "
+                "('billing', 'm1', now() - interval '10 days'), "
+                "('billing', 'm2', now() - interval '1 hour'), "
+                "('billing', 'm3', now()), ('shipping', 'm1', now() - interval '10 days')"
+            )
+        )
+    summary = as_json(cli(tables, "inbox", "ls", "--json"))
+    assert {c["consumer"]: c["entries"] for c in summary["consumers"]} == {
+        "billing": 3,
+        "shipping": 1,
+    }
+    table = cli(tables, "inbox", "ls")
+    assert "billing" in table.stdout
+    assert "shipping" in table.stdout
+
+    entries = as_json(cli(tables, "inbox", "ls", "-c", "billing", "--json"))
+    assert [e["message_id"] for e in entries["entries"]] == ["m3", "m2", "m1"]
+
+    dry = as_json(
+        cli(
+            tables, "inbox", "forget", "-c", "billing", "--older-than", "30m", "--dry-run", "--json"
+        )
+    )
+    assert (dry["matched"], dry["changed"]) == (2, 0)
+    assert as_json(cli(tables, "inbox", "ls", "--json"))["consumers"][0]["entries"] == 3
+
+    nothing = cli(tables, "inbox", "forget", "-c", "billing", "nope", "--yes")
+    assert nothing.returncode == 0
+    assert "No inbox entries match" in nothing.stdout
+
+    purged = cli(tables, "inbox", "purge", "--older-than", "7d", "--yes")
+    assert purged.returncode == 0
+    assert "Deleted 2 inbox entries." in purged.stdout
+    left = as_json(cli(tables, "inbox", "ls", "-c", "billing", "--json"))
+    assert [e["message_id"] for e in left["entries"]] == ["m3", "m2"]
+
+
+COMMANDS = [
+    ("outbox", "status"),
+    ("outbox", "ls"),
+    ("outbox", "show"),
+    ("outbox", "retry"),
+    ("outbox", "replay"),
+    ("outbox", "purge"),
+    ("inbox", "ls"),
+    ("inbox", "forget"),
+    ("inbox", "purge"),
+]
+
+
+def test_help_reads_well(tables: Tables) -> None:
+    root = cli(tables, "--help")
+    assert root.returncode == 0
+    assert "outbox" in root.stdout
+    assert "inbox" in root.stdout
+    for group in ("outbox", "inbox"):
+        assert cli(tables, group, "--help").returncode == 0
+    for command in COMMANDS:
+        result = cli(tables, *command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "POSTROOM_DATABASE_URL" in result.stdout
+        if command[1] in {"retry", "replay", "purge", "forget"}:
+            for flag in ("--dry-run", "--yes", "--json", "POSTROOM_YES"):
+                assert flag in result.stdout, (command, flag)
