@@ -1,19 +1,28 @@
-"""postroom demo: an order and its message commit together, or not at all; then the relay
-publishes the committed message to RabbitMQ, and only marks it published once confirmed.
+"""postroom demo: the whole path, end to end, against the real services.
 
-Run with `make demo` (which starts the services and creates postroom's tables first).
+1. Orders are written with their message in one transaction; declined ones roll back,
+   and their message vanishes with them.
+2. The relay publishes the committed messages to RabbitMQ and marks them published once
+   RabbitMQ confirms.
+3. A billing consumer charges each order in a transaction that also records the message
+   in its inbox and enqueues a follow-up message. RabbitMQ then delivers one message a
+   second time (as brokers do after a lost acknowledgement): the inbox skips it.
+4. A summary shows every committed order charged exactly once.
+
+Run with `make demo` (it starts the services and creates postroom's tables first).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import sys
 import uuid
+from typing import Any
 
-from sqlalchemy import Column, Integer, MetaData, Numeric, Table, Text, select, text
+from sqlalchemy import Column, Integer, MetaData, Numeric, Table, Text, func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import postroom
@@ -29,28 +38,137 @@ orders = Table(
     Column("total", Numeric(10, 2), nullable=False),
     Column("run", Text, nullable=False),
 )
+charges = Table(
+    "charges",
+    metadata,
+    Column("order_id", Integer, nullable=False),
+    Column("amount", Numeric(10, 2), nullable=False),
+    Column("run", Text, nullable=False),
+)
+
+ORDERS = 12
+DECLINED_EVERY = 4
 
 
 class PaymentDeclined(Exception):
-    """The business rule that makes the second order fail."""
+    """The business rule that makes some orders fail after their message was enqueued."""
 
 
-def place_order(session: Session, order_id: int, customer: str, total: str, run: str) -> None:
-    """Insert the order and enqueue its event in the caller's transaction."""
-    session.execute(orders.insert().values(id=order_id, customer=customer, total=total, run=run))
-    postroom.enqueue(
-        session,
-        "orders.created",
-        {"order_id": order_id, "customer": customer, "total": total},
-        key=f"customer-{customer}",
-        headers={"demo-run": run},
-    )
-    if customer == "mallory":
-        raise PaymentDeclined(f"card of {customer} declined")
+def place_orders(engine: Any, run: str, first_id: int) -> list[int]:
+    """Write each order and its message in one transaction; return the committed ids."""
+    committed = []
+    for n in range(ORDERS):
+        order_id = first_id + n
+        customer = f"customer-{n % 5}"
+        try:
+            with Session(engine) as session:
+                session.execute(
+                    orders.insert().values(id=order_id, customer=customer, total="42.00", run=run)
+                )
+                postroom.enqueue(
+                    session,
+                    "orders.created",
+                    {"order_id": order_id, "customer": customer, "total": "42.00"},
+                    key=customer,
+                    headers={"demo-run": run},
+                )
+                if n % DECLINED_EVERY == DECLINED_EVERY - 1:
+                    raise PaymentDeclined(f"card of {customer} declined")
+                session.commit()
+                committed.append(order_id)
+        except PaymentDeclined:
+            pass
+    return committed
+
+
+def billing_consumer(run: str) -> postroom.Consumer:
+    """The consumer under test: charge the order, and announce the charge."""
+    consumer = postroom.Consumer(f"demo-billing-{run}")
+
+    @consumer.handler("orders.created")
+    async def charge(message: postroom.Message, session: AsyncSession) -> None:
+        if message.headers.get("demo-run") != run:
+            return  # an order from an earlier demo run
+        order = message.payload
+        await session.execute(
+            charges.insert().values(order_id=order["order_id"], amount=order["total"], run=run)
+        )
+        await consumer.outbox.enqueue_async(
+            session, "charges.made", {"order_id": order["order_id"]}, key=order["customer"]
+        )
+        delivered.append(message)
+
+    return consumer
+
+
+delivered: list[postroom.Message] = []
+
+
+async def run_pipeline(settings: postroom.Settings, run: str, committed: list[int]) -> int:
+    """Relay and consumer until every committed order is charged; return duplicates seen."""
+    import aio_pika
+
+    from postroom.brokers import publisher_from_url
+    from postroom.consumer.runner import ConsumerService, subscriber_from_url
+    from postroom.relay import Relay
+
+    amqp_url = os.environ.get("POSTROOM_TEST_AMQP_URL", settings.broker_url)
+    settings = dataclasses.replace(settings, metrics_port=0, relay_poll_interval=0.2)
+    consumer = billing_consumer(run)
+    consumer.configure(settings)
+    service = ConsumerService(consumer, subscriber_from_url(amqp_url, settings), settings)
+    consuming = asyncio.create_task(service.run())
+    await asyncio.wait_for(service.started.wait(), 30)  # its queue is bound: messages route
+    relay = Relay(settings, publisher_from_url(amqp_url))
+    relaying = asyncio.create_task(relay.run())
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange("postroom", aio_pika.ExchangeType.TOPIC, durable=True)
+    notifications = await channel.declare_queue(f"demo-notifications-{run}", exclusive=True)
+    await notifications.bind(exchange, "charges.made")  # where the follow-ups go
+    try:
+        await _until(lambda: len(delivered) >= len(committed))
+        # The same message is published a second time, as a relay does when it crashed
+        # after the broker's confirm but before marking the row: the inbox must skip it.
+        again = delivered[0]
+        await exchange.publish(
+            aio_pika.Message(
+                again.body,
+                message_id=str(again.id),
+                content_type=again.content_type,
+                headers=again.wire_headers(),
+            ),
+            routing_key=again.topic,
+        )
+        await _until(lambda: _counted(service) >= 1)
+        await asyncio.sleep(0.5)  # the relay records the follow-ups' confirmations
+    finally:
+        relay.stop()
+        service.stop()
+        await asyncio.gather(relaying, consuming)
+        for queue in (consumer.name, f"{consumer.name}.dead-letter"):
+            await channel.queue_delete(queue)
+        await connection.close()
+    return _counted(service)
+
+
+async def _until(check: Any, seconds: float = 60.0) -> None:
+    """Wait until ``check()`` is true; fail after ``seconds``."""
+    for _ in range(int(seconds * 10)):
+        if check():
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("the demo did not finish in time")
+
+
+def _counted(service: Any) -> int:
+    """Duplicates the consumer's inbox has skipped so far (from its metrics)."""
+    samples = [s for m in service.metrics.duplicates.collect() for s in m.samples]
+    return int(sum(s.value for s in samples if s.name.endswith("_total")))
 
 
 def main() -> int:
-    """Place one good and one failing order, then show what the database holds."""
+    """Run the demo and check its outcome; exit 1 if anything is off."""
     configure_logging(level="warning")
     settings = postroom.Settings.from_env()
     engine = create_engine(settings.database_url)
@@ -58,96 +176,59 @@ def main() -> int:
     with engine.begin() as connection:
         connection.execute(text("CREATE SCHEMA IF NOT EXISTS postroom_demo"))
         metadata.create_all(connection)
-        base = connection.execute(text("SELECT coalesce(max(id), 0) FROM postroom_demo.orders"))
-        first_id = int(base.scalar_one()) + 1
+        first_id = (
+            int(connection.execute(select(func.coalesce(func.max(orders.c.id), 0))).scalar_one())
+            + 1
+        )
 
-    print(f"demo run {run}")
-    with Session(engine) as session:
-        place_order(session, first_id, "alice", "42.00", run)
-        session.commit()
-    print(f"  order {first_id} (alice): committed")
-    try:
-        with Session(engine) as session:
-            place_order(session, first_id + 1, "mallory", "13.37", run)
-            session.commit()
-    except PaymentDeclined as declined:
-        print(f"  order {first_id + 1} (mallory): rolled back ({declined})")
-
+    print(f"postroom demo, run {run}")
+    committed = place_orders(engine, run, first_id)
     outbox = settings.tables().outbox
+    this_run = outbox.c.headers["demo-run"].astext == run
     with engine.connect() as connection:
-        order_ids = (
-            connection.execute(select(orders.c.id).where(orders.c.run == run).order_by(orders.c.id))
+        written = connection.execute(select(func.count()).where(this_run)).scalar_one()
+    print(
+        f"1. {ORDERS} orders placed: {len(committed)} committed, "
+        f"{ORDERS - len(committed)} declined and rolled back; outbox rows: {written}"
+    )
+
+    duplicates = asyncio.run(run_pipeline(settings, run, committed))
+    with engine.connect() as connection:
+        published = connection.execute(
+            select(func.count()).where(this_run, outbox.c.status == "published")
+        ).scalar_one()
+        charged = (
+            connection.execute(
+                select(charges.c.order_id).where(charges.c.run == run).order_by(charges.c.order_id)
+            )
             .scalars()
             .all()
         )
-        messages = connection.execute(
-            select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload, outbox.c.status)
-            .where(outbox.c.headers["demo-run"].astext == run)
-            .order_by(outbox.c.position)
-        ).all()
-    print(f"  orders table:  {list(order_ids)}")
-    for message in messages:
-        print(
-            f"  outbox row:    {message.topic} key={message.key} status={message.status} "
-            f"payload={bytes(message.payload).decode()}"
-        )
-    ok = list(order_ids) == [first_id] and len(messages) == 1
-    print(
-        "atomic write holds: the committed order has its message, the rolled-back one has none"
-        if ok
-        else "UNEXPECTED: orders and outbox rows disagree"
-    )
-    delivered = asyncio.run(relay_to_rabbitmq(settings, run))
-    with engine.connect() as connection:
-        status = connection.execute(
-            select(outbox.c.status).where(outbox.c.headers["demo-run"].astext == run)
+        follow_ups = connection.execute(
+            select(func.count()).where(
+                outbox.c.topic == "charges.made",
+                outbox.c.payload.in_([f'{{"order_id":{i}}}'.encode() for i in committed]),
+            )
         ).scalar_one()
     engine.dispose()
-    print(f"  outbox row is now: {status}")
-    ok = ok and delivered == [first_id] and status == "published"
+    print(f"2. relay: {published} of {written} messages confirmed by RabbitMQ and marked published")
     print(
-        "relay holds: the committed order's message reached RabbitMQ, confirmed and marked"
+        f"3. consumer: {len(charged)} charges written, {duplicates} redelivered message skipped "
+        f"by the inbox, {follow_ups} follow-up messages enqueued with the charges"
+    )
+    ok = (
+        written == len(committed)
+        and published == len(committed)
+        and list(charged) == committed
+        and duplicates == 1
+        and follow_ups == len(committed)
+    )
+    print(
+        "4. every committed order was charged exactly once; declined orders left no trace"
         if ok
-        else "UNEXPECTED: the relay did not deliver exactly the committed message"
+        else "4. UNEXPECTED: the numbers above do not add up"
     )
     return 0 if ok else 1
-
-
-async def relay_to_rabbitmq(settings: postroom.Settings, run: str) -> list[int]:
-    """Run a relay until this run's message arrives on a queue bound to orders.created."""
-    import aio_pika
-
-    from postroom.brokers import publisher_from_url
-    from postroom.relay import Relay
-
-    amqp_url = os.environ.get("POSTROOM_TEST_AMQP_URL", settings.broker_url)
-    connection = await aio_pika.connect(amqp_url)
-    channel = await connection.channel()
-    exchange = await channel.declare_exchange("postroom", aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(f"postroom-demo-{run}", exclusive=True)
-    await queue.bind(exchange, "orders.created")
-    relay_settings = dataclasses.replace(settings, metrics_port=0, relay_poll_interval=0.2)
-    relay = Relay(relay_settings, publisher_from_url(amqp_url))
-    task = asyncio.create_task(relay.run())
-    delivered: list[int] = []
-    try:
-        async with asyncio.timeout(30), queue.iterator() as messages:
-            async for incoming in messages:
-                await incoming.ack()
-                if incoming.headers.get("demo-run") == run:
-                    payload = json.loads(incoming.body)
-                    delivered.append(payload["order_id"])
-                    print(
-                        f"  from RabbitMQ: {incoming.routing_key} id={incoming.message_id} "
-                        f"payload={incoming.body.decode()}"
-                    )
-                    break
-        await asyncio.sleep(0.5)  # let the relay record the broker's confirmation
-    finally:
-        relay.stop()
-        await task
-        await connection.close()
-    return delivered
 
 
 if __name__ == "__main__":
