@@ -19,5 +19,7 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1 for the first)."""
-        nominal = min(self.maximum, self.initial * 2.0 ** max(0, attempt - 1))
+        # The exponent is clamped: past ~60 doublings every delay is the maximum anyway,
+        # and 2.0 ** 1024 would overflow after a long outage.
+        nominal = min(self.maximum, self.initial * 2.0 ** min(max(0, attempt - 1), 60))
         return nominal * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not security

@@ -72,3 +72,8 @@ def test_backoff_doubles_within_jitter_and_is_capped(attempt: int) -> None:
     delays = [backoff.delay(attempt) for _ in range(200)]
     assert all(nominal / 2 <= d <= nominal for d in delays)
     assert max(delays) - min(delays) > 0
+
+
+def test_backoff_survives_any_number_of_attempts() -> None:
+    backoff = Backoff(initial=0.5, maximum=30.0)
+    assert 15.0 <= backoff.delay(10_000) <= 30.0
