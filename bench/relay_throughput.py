@@ -62,7 +62,7 @@ async def rabbitmq_sink(topic: str) -> AsyncIterator[Any]:
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel(publisher_confirms=True)
     exchange = await channel.declare_exchange("postroom", aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(f"bench-{uuid.uuid4().hex[:8]}", auto_delete=False)
+    queue = await channel.declare_queue(f"bench-{uuid.uuid4().hex[:8]}", exclusive=True)
     await queue.bind(exchange, topic)
     try:
         yield exchange
