@@ -125,6 +125,9 @@ HEADER_CONSUMER = "postroom-consumer"
 """The consumer that dead-lettered a message."""
 HEADER_DEAD_LETTERED_AT = "postroom-dead-lettered-at"
 """When a message was dead-lettered (ISO 8601, UTC)."""
+HEADER_FOR_CONSUMER = "postroom-for-consumer"
+"""On a copy requeued to a shared topic (``postroom dead-letter requeue`` on Kafka): the one
+consumer meant to handle it. Other consumers acknowledge it without handling it."""
 
 #: Longest error text put in a header (brokers limit header sizes).
 MAX_ERROR_HEADER_CHARS = 2000

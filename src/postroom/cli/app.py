@@ -21,6 +21,7 @@ app = typer.Typer(
 app.add_typer(db.app, name="db")
 app.add_typer(outbox.app, name="outbox")
 app.add_typer(inbox.app, name="inbox")
+app.add_typer(__import__("postroom.cli.dead_letter", fromlist=["app"]).app, name="dead-letter")
 app.command()(relay)
 app.command()(__import__("postroom.cli.consume", fromlist=["consume"]).consume)
 

@@ -22,6 +22,13 @@ class ConsumerMetrics:
             ["topic"],
             registry=r,
         )
+        self.skipped = Counter(
+            "postroom_consumer_skipped",
+            "Deliveries meant for another consumer (a requeued dead letter; acknowledged, "
+            "handler not run).",
+            ["topic"],
+            registry=r,
+        )
         self.failures = Counter(
             "postroom_consumer_failures",
             "Handler runs that raised (the transaction was rolled back).",

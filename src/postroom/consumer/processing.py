@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from postroom.backoff import Backoff
-from postroom.brokers.base import Delivery
+from postroom.brokers.base import HEADER_FOR_CONSUMER, Delivery
 from postroom.config import Settings
 from postroom.consumer.decoding import IdSource, describe_error, to_message, to_model
 from postroom.consumer.metrics import ConsumerMetrics
@@ -44,6 +44,9 @@ class Disposition(enum.Enum):
     """The handler ran and its transaction, with the inbox row, committed; acknowledged."""
     DUPLICATE = "duplicate"
     """The inbox already held the message: acknowledged without running the handler."""
+    SKIPPED = "skipped"
+    """Meant for another consumer (a requeued dead letter on a shared Kafka topic):
+    acknowledged without running the handler or writing an inbox row."""
     FAILED = "failed"
     """The handler raised; its transaction rolled back (the message will be retried)."""
     RETRYING = "retrying"
@@ -97,6 +100,18 @@ class Processor:
 
     async def process(self, delivery: Delivery) -> Result:
         """Handle ``delivery`` under the retry policy and settle it with the broker."""
+        meant_for = delivery.headers.get(HEADER_FOR_CONSUMER)
+        if meant_for is not None and meant_for != self.consumer.name:
+            # A dead letter of another consumer, requeued to the topic both read.
+            self.metrics.skipped.labels(delivery.topic).inc()
+            log.debug(
+                "consumer.skipped",
+                consumer=self.consumer.name,
+                topic=delivery.topic,
+                for_consumer=meant_for,
+            )
+            await self._ack(delivery)
+            return Result(Disposition.SKIPPED)
         attempt = max(1, delivery.attempt)
         outages = 0
         message_id: str | None = None
