@@ -63,6 +63,20 @@ class BrokerUnavailableError(PostroomError):
     """The broker cannot be reached or dropped the connection; the message is not at fault."""
 
 
+class DeliveryLostError(BrokerUnavailableError):
+    """A delivery can no longer be settled: the channel it came on is closed (RabbitMQ).
+
+    The broker hands the message out again by itself, so nothing is published for it.
+    """
+
+
+class HandlerCancelledError(PostroomError):
+    """A handler raised CancelledError while its consumer was not being cancelled.
+
+    It counts as a failed attempt like any other exception of the handler.
+    """
+
+
 class UndecodableMessageError(PostroomError):
     """A received message has no usable id or a payload that cannot be decoded.
 

@@ -23,6 +23,9 @@ from postroom.message import Message
 
 __all__ = ["DeliveryReport", "Disposition", "deliver"]
 
+#: Tries in a row after which deliver() raises the error of an unreachable database.
+OUTAGE_TRIES = 3
+
 
 @dataclass(frozen=True)
 class DeliveryReport:
@@ -53,7 +56,8 @@ async def deliver(
     The database is ``database_url`` (else the consumer's settings'). Deliver the same
     message twice to see the second one come back as DUPLICATE. With ``retries=False`` a
     failing handler gives FAILED at once; with ``retries=True`` it is retried (without
-    waiting) up to ``consumer_max_attempts`` and ends DEAD_LETTERED.
+    waiting) up to ``consumer_max_attempts`` and ends DEAD_LETTERED. If the database cannot
+    be reached (three tries in a row), its error is raised instead of waiting for it.
     """
     base = settings or consumer.settings
     if database_url is not None:
@@ -70,7 +74,12 @@ async def deliver(
         return None
 
     processor = Processor(
-        consumer, base, async_engine=async_engine, sync_engine=sync_engine, sleep=no_wait
+        consumer,
+        base,
+        async_engine=async_engine,
+        sync_engine=sync_engine,
+        sleep=no_wait,
+        max_outages=OUTAGE_TRIES,
     )
     subscriber = MemorySubscriber(MemoryBroker())
     subscriber.consumer = consumer.name

@@ -601,6 +601,11 @@ class KafkaDelivery:
         """Commit the offset after this record (skipped if the partition was revoked)."""
         await self._subscriber._commit(self)
 
+    async def release(self) -> bool:
+        """Give it back unsettled: seek its partition back to it, so it and every later
+        record come again (the ones in hand become stale). False if that failed."""
+        return self._subscriber._rewind(self)
+
     async def retry_later(self, delay: float, error: str) -> None:
         """Not supported: a partition is retried in place to keep its order."""
         raise NotImplementedError("Kafka deliveries are retried in place")
@@ -808,6 +813,26 @@ class KafkaSubscriber:
                 self._consumer.resume([confluent_kafka.TopicPartition(key[0], key[1])])
             except (KafkaException, RuntimeError) as exc:
                 _log.warning("Kafka resume failed", partition=key, error=str(exc))
+
+    def _rewind(self, delivery: KafkaDelivery) -> bool:
+        key = (delivery.topic, delivery.partition)
+        consumer = self._consumer
+        if consumer is None or not self._owns(delivery):
+            return True  # not ours any more: its new owner reads from the committed offset
+        try:
+            consumer.seek(
+                confluent_kafka.TopicPartition(delivery.topic, delivery.partition, delivery.offset)
+            )
+        except (KafkaException, RuntimeError) as exc:
+            _log.warning("Kafka seek back failed", partition=key, error=str(exc))
+            return False
+        # The records handed out after it are now stale (never acked); fetch them again.
+        self._epochs[key] = self._epochs.get(key, 0) + 1
+        self._reset(key)
+        with contextlib.suppress(KafkaException, RuntimeError):
+            consumer.resume([confluent_kafka.TopicPartition(delivery.topic, delivery.partition)])
+        _log.info("partition rewound", partition=key, offset=delivery.offset)
+        return True
 
     def _owns(self, delivery: KafkaDelivery) -> bool:
         key = (delivery.topic, delivery.partition)

@@ -237,12 +237,18 @@ class MemoryDelivery:
         self.content_type: str | None = message.content_type
         self.attempt = attempt
         self.settled: str | None = None
-        """``acked``, ``retried`` or ``dead_lettered`` once settled."""
+        """``acked``, ``retried``, ``released`` or ``dead_lettered`` once settled."""
 
     async def ack(self) -> None:
         """Mark it acknowledged."""
         self.settled = "acked"
         self._subscriber.acked.append(self.message)
+
+    async def release(self) -> bool:
+        """Give it back unsettled: it is handed out again at once, as the same attempt."""
+        self.settled = "released"
+        self._subscriber._redeliver(self.message, self.attempt, 0.0)
+        return True
 
     async def retry_later(self, delay: float, error: str) -> None:
         """Deliver it again after ``delay`` seconds as the next attempt."""

@@ -6,13 +6,18 @@ import asyncio
 import contextlib
 import inspect
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
 from postroom.config import redact_url
-from postroom.errors import BrokerUnavailableError, ConfigurationError, MissingExtraError
+from postroom.errors import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    DeliveryLostError,
+    MissingExtraError,
+)
 from postroom.log import get_logger
 from postroom.message import Message
 
@@ -429,26 +434,76 @@ class RabbitMQDelivery:
         """basic.ack on the channel the message came from."""
         await self._incoming.ack()
 
+    async def release(self) -> bool:
+        """Give it back unsettled: basic.nack with requeue, so RabbitMQ delivers it again."""
+        if self._channel_lost():
+            return True  # RabbitMQ requeued it when its channel closed
+        with contextlib.suppress(aio_pika.exceptions.MessageProcessError):  # already settled
+            await self._incoming.nack(requeue=True)
+        return True
+
     async def retry_later(self, delay: float, error: str) -> None:
         """Publish a copy (confirmed) to the retry queue for ``delay``, then ack this one."""
         from postroom.brokers.base import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_TOPIC
 
+        self._check_channel()
         headers = dict(self.headers)
         headers[HEADER_TOPIC] = self.topic
         headers[HEADER_ATTEMPTS] = str(self.attempt)
         headers[HEADER_ERROR] = error[:2000]
         queue = await self._subscriber._retry_queue(delay)
-        await self._subscriber._publish(self, queue, headers, expiration=delay)
-        await self._incoming.ack()
+
+        async def declare() -> None:
+            self._subscriber._retry_queues.discard(queue)
+            await self._subscriber._retry_queue(delay)
+
+        await self._subscriber._publish(self, queue, headers, declare, expiration=delay)
+        await self._ack_after_copy("retry")
 
     async def dead_letter(self, error: str, attempts: int) -> None:
-        """Publish a copy (confirmed) to ``<queue>.dead-letter`` with the error, then ack."""
+        """Publish a copy (confirmed) to ``<queue>.dead-letter`` with the error, then ack.
+
+        Raises DeliveryLostError, without publishing, if the channel the message came on is
+        already closed (RabbitMQ delivers it again). Once the copy is confirmed, a failing
+        ack is only logged: the copy must not be published twice.
+        """
         from postroom.brokers.base import dead_letter_headers, dead_letter_name
 
+        self._check_channel()
         name = self._subscriber.queue_name
         headers = dead_letter_headers(self, name, error, attempts)
-        await self._subscriber._publish(self, dead_letter_name(name), headers)
-        await self._incoming.ack()
+        queue = dead_letter_name(name)
+
+        async def declare() -> None:
+            await self._subscriber._channel.declare_queue(queue, durable=True)
+
+        await self._subscriber._publish(self, queue, headers, declare)
+        await self._ack_after_copy("dead-letter")
+
+    def _channel_lost(self) -> bool:
+        try:
+            return bool(self._incoming.channel.is_closed)
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return True
+
+    def _check_channel(self) -> None:
+        if self._channel_lost():
+            raise DeliveryLostError(
+                "the channel this message came on is closed (the connection was reopened); "
+                "RabbitMQ delivers it again"
+            )
+
+    async def _ack_after_copy(self, what: str) -> None:
+        try:
+            await self._incoming.ack()
+        except Exception as exc:
+            # The copy is stored; RabbitMQ redelivers the original (its channel is gone),
+            # which the inbox or the retry policy takes care of.
+            _log.warning(
+                f"ack after the {what} copy failed",
+                queue=self._subscriber.queue_name,
+                error=self._subscriber._describe(exc),
+            )
 
 
 class RabbitMQSubscriber:
@@ -502,7 +557,11 @@ class RabbitMQSubscriber:
                 timeout=self.connect_timeout,
                 client_properties={"connection_name": f"postroom consumer {consumer}"},
             )
-            self._channel = await self._connection.channel(publisher_confirms=True)
+            # on_return_raises: a retry or dead-letter copy RabbitMQ returns as unroutable
+            # is a failure, so the original is not acknowledged.
+            self._channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
             await self._channel.set_qos(prefetch_count=self.prefetch)
             exchange = await self._channel.declare_exchange(
                 self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
@@ -561,6 +620,7 @@ class RabbitMQSubscriber:
         delivery: RabbitMQDelivery,
         queue: str,
         headers: dict[str, str],
+        declare: Callable[[], Awaitable[None]],
         *,
         expiration: float | None = None,
     ) -> None:
@@ -574,7 +634,15 @@ class RabbitMQSubscriber:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             expiration=max(0.001, expiration) if expiration is not None else None,
         )
-        await self._channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+        exchange = self._channel.default_exchange
+        try:
+            await exchange.publish(message, routing_key=queue, mandatory=True)
+        except aiormq.exceptions.PublishError:
+            # Returned as unroutable: the queue is gone (deleted while we run). Declare it
+            # again and publish once more; a second return raises.
+            _log.warning("queue missing, declaring it again", queue=queue)
+            await declare()
+            await exchange.publish(message, routing_key=queue, mandatory=True)
 
     def _describe(self, exc: BaseException) -> str:
         text = str(exc) or repr(exc)

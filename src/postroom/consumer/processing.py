@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -29,7 +30,7 @@ from postroom.config import Settings
 from postroom.consumer.decoding import IdSource, describe_error, to_message, to_model
 from postroom.consumer.metrics import ConsumerMetrics
 from postroom.consumer.registry import Consumer, HandlerSpec
-from postroom.errors import UndecodableMessageError
+from postroom.errors import DeliveryLostError, HandlerCancelledError, UndecodableMessageError
 from postroom.log import get_logger
 from postroom.message import Message
 from postroom.schema.inbox_sql import insert_inbox_sql
@@ -71,6 +72,39 @@ class _DatabaseUnavailable(Exception):
     """The database could not be reached; no attempt is counted."""
 
 
+#: SQLSTATEs of a server that is shutting down or restarting (besides class 08, connection).
+_SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
+
+
+def connection_failed(exc: BaseException) -> bool:
+    """True if ``exc`` means the database could not be reached or dropped the connection.
+
+    Only such failures leave a message's attempts alone: an invalidated connection, SQLSTATE
+    class 08, 57P01-57P03, or a psycopg OperationalError without a SQLSTATE (no server
+    answer). Errors of the handler's SQL (statement or lock timeout, deadlock,
+    serialization failure, ...) are failures of the attempt like any other.
+    """
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig if exc.orig is not None else exc
+    if not isinstance(exc, psycopg.Error):
+        return False
+    sqlstate = exc.sqlstate
+    if sqlstate is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return sqlstate.startswith("08") or sqlstate in _SERVER_GONE
+
+
+def _is_bad_value(exc: sa_exc.DBAPIError) -> bool:
+    return isinstance(exc, sa_exc.DataError) or isinstance(exc.orig, psycopg.DataError)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Processor:
     """Runs deliveries through a consumer's handlers against the database."""
 
@@ -84,6 +118,8 @@ class Processor:
         metrics: ConsumerMetrics | None = None,
         stopping: asyncio.Event | None = None,
         sleep: Callable[[float], Any] | None = None,
+        slots: asyncio.Semaphore | None = None,
+        max_outages: int | None = None,
     ) -> None:
         self.consumer = consumer
         self.settings = settings
@@ -97,6 +133,10 @@ class Processor:
         self.stopping = stopping or asyncio.Event()
         self._sleep = sleep
         self._reconnect = Backoff(initial=0.5, maximum=15.0)
+        self._slots = slots
+        """Held around each handling attempt only (never while waiting for a retry)."""
+        self._max_outages = max_outages
+        """Consecutive 'database unavailable' rounds after which the error is raised."""
 
     async def process(self, delivery: Delivery) -> Result:
         """Handle ``delivery`` under the retry policy and settle it with the broker."""
@@ -132,6 +172,8 @@ class Processor:
             except _DatabaseUnavailable as exc:
                 outages += 1
                 self.metrics.database_unavailable.inc()
+                if self._max_outages is not None and outages >= self._max_outages:
+                    raise (exc.__cause__ or exc) from None
                 delay = self._reconnect.delay(outages)
                 log.warning(
                     "consumer.database_unavailable",
@@ -139,7 +181,7 @@ class Processor:
                     error=str(exc),
                     retry_in=round(delay, 2),
                 )
-                if not await self._wait(delay):
+                if not await self._wait(delay) or _revoked(delivery):
                     return Result(Disposition.ABANDONED, str(exc), attempt - 1, message_id)
                 continue
             except Exception as exc:
@@ -168,9 +210,13 @@ class Processor:
                     exc_info=True,
                 )
                 if delivery.redeliverable:
-                    await delivery.retry_later(delay, error)
+                    try:
+                        await delivery.retry_later(delay, error)
+                    except DeliveryLostError:
+                        return Result(Disposition.ABANDONED, error, attempt, message_id)
                     return Result(Disposition.RETRYING, error, attempt, message_id)
-                if not await self._wait(delay):
+                if not await self._wait(delay) or _revoked(delivery):
+                    # Stopping, or the partition went to another member, which takes over.
                     return Result(Disposition.ABANDONED, error, attempt, message_id)
                 attempt += 1
                 continue
@@ -181,21 +227,29 @@ class Processor:
         """One run: insert the inbox row, run the handler, commit. Raises what it raised."""
         argument = to_model(message, spec.model) if spec.model is not None else message
         params = {"consumer": self.consumer.name, "message_id": message_id}
-        started = time.perf_counter()
-        self.metrics.in_flight.inc()
-        try:
-            if spec.is_async:
-                new = await self._run_async(spec, argument, params)
-            else:
-                new = await asyncio.to_thread(self._run_sync, spec, argument, params)
-        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-            raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
-        except sa_exc.DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
-            raise
-        finally:
-            self.metrics.in_flight.dec()
+        async with self._slots if self._slots is not None else contextlib.nullcontext():
+            started = time.perf_counter()
+            self.metrics.in_flight.inc()
+            try:
+                if spec.is_async:
+                    new = await self._run_async(spec, argument, params)
+                else:
+                    new = await asyncio.to_thread(self._run_sync, spec, argument, params)
+            except sa_exc.DBAPIError as exc:
+                if connection_failed(exc):
+                    raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
+                raise
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                # Not the consumer stopping: the handler let a cancelled sub-task's
+                # CancelledError escape. That is a failure of this attempt.
+                raise HandlerCancelledError(
+                    "the handler raised CancelledError (it awaited something that was "
+                    "cancelled) while the consumer was not stopping"
+                ) from exc
+            finally:
+                self.metrics.in_flight.dec()
         if not new:
             self.metrics.duplicates.labels(message.topic).inc()
             log.info(
@@ -217,46 +271,75 @@ class Processor:
         )
         return Disposition.HANDLED
 
+    # The Processor owns the transaction: the inbox row is written on the connection, and
+    # the handler's Session joins it with join_transaction_mode="create_savepoint", so a
+    # handler that commits (or rolls back) its session only releases (or rolls back to) a
+    # savepoint. Everything commits together, or not at all, when the Processor commits.
+
     async def _run_async(self, spec: HandlerSpec, argument: Any, params: dict[str, str]) -> bool:
-        async with AsyncSession(self._async_engine, expire_on_commit=False) as session:
+        async with self._async_engine.connect() as connection:
+            await connection.begin()
             try:
-                inserted = await self._record_async(session, params)
+                inserted = await self._record_async(connection, params)
                 if not inserted:
-                    await session.rollback()
+                    await connection.rollback()
                     return False
-                await spec.function(argument, session)
-                await session.commit()
+                async with AsyncSession(
+                    bind=connection,
+                    expire_on_commit=False,
+                    join_transaction_mode="create_savepoint",
+                ) as session:
+                    await spec.function(argument, session)
+                    await session.commit()
+                await connection.commit()
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await session.rollback()
+                    await connection.rollback()
                 raise
             return True
 
-    async def _record_async(self, session: AsyncSession, params: dict[str, str]) -> bool:
+    async def _record_async(self, connection: Any, params: dict[str, str]) -> bool:
         try:
-            return (await session.execute(self._insert, params)).first() is not None
+            return (await connection.execute(self._insert, params)).first() is not None
         except sa_exc.DBAPIError as exc:
-            # Not the message's fault (database down, tables missing): no attempt is spent.
-            raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
+            raise self._record_failed(exc) from exc
 
-    def _record_sync(self, session: Session, params: dict[str, str]) -> bool:
+    def _record_sync(self, connection: Any, params: dict[str, str]) -> bool:
         try:
-            return session.execute(self._insert, params).first() is not None
+            return connection.execute(self._insert, params).first() is not None
         except sa_exc.DBAPIError as exc:
-            raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
+            raise self._record_failed(exc) from exc
+
+    @staticmethod
+    def _record_failed(exc: sa_exc.DBAPIError) -> Exception:
+        if _is_bad_value(exc) and not connection_failed(exc):
+            # The id cannot be stored (e.g. a NUL character from a foreign producer).
+            return UndecodableMessageError(
+                f"the message id cannot be stored in the inbox "
+                f"({describe_error(exc.orig or exc)}); it is dead-lettered: fix the producer"
+            )
+        # Not the message's fault (database down, tables missing): no attempt is spent.
+        return _DatabaseUnavailable(describe_error(exc.orig or exc))
 
     def _run_sync(self, spec: HandlerSpec, argument: Any, params: dict[str, str]) -> bool:
-        with Session(self._sync_engine(), expire_on_commit=False) as session:
+        with self._sync_engine().connect() as connection:
+            connection.begin()
             try:
-                inserted = self._record_sync(session, params)
+                inserted = self._record_sync(connection, params)
                 if not inserted:
-                    session.rollback()
+                    connection.rollback()
                     return False
-                spec.function(argument, session)
-                session.commit()
+                with Session(
+                    bind=connection,
+                    expire_on_commit=False,
+                    join_transaction_mode="create_savepoint",
+                ) as session:
+                    spec.function(argument, session)
+                    session.commit()
+                connection.commit()
             except BaseException:
                 with contextlib.suppress(Exception):
-                    session.rollback()
+                    connection.rollback()
                 raise
             return True
 
@@ -265,9 +348,15 @@ class Processor:
     ) -> Result:
         failures = 0
         while True:
+            if _revoked(delivery):
+                # The partition went to another member: it handles the record again.
+                return Result(Disposition.ABANDONED, error, attempts, message_id)
             try:
                 await delivery.dead_letter(error, attempts)
                 break
+            except DeliveryLostError:
+                # Its channel is gone: the broker hands the message out again.
+                return Result(Disposition.ABANDONED, error, attempts, message_id)
             except Exception as exc:
                 # Not acknowledged: for an ordered lane nothing after it may be committed,
                 # so keep trying (with backoff) until it is stored or the consumer stops.
@@ -318,3 +407,8 @@ class Processor:
         except TimeoutError:
             return True
         return False
+
+
+def _revoked(delivery: Delivery) -> bool:
+    """True for a Kafka delivery whose partition this consumer no longer owns."""
+    return bool(getattr(delivery, "revoked", False))

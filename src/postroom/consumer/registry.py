@@ -94,8 +94,12 @@ class Consumer:
         ``async def h(message, session: AsyncSession)`` runs on the event loop;
         ``def h(message, session: Session)`` runs in a worker thread. Its writes, the inbox
         row and any messages it enqueues into ``session`` commit together, after it returns;
-        an exception rolls all of them back and the message is retried. Do not commit the
-        session yourself.
+        an exception rolls all of them back and the message is retried. There is no need to
+        commit the session yourself: the transaction belongs to postroom, and ``session``
+        joins it with ``join_transaction_mode="create_savepoint"``, so a ``commit()`` in the
+        handler (or in a library it calls) only releases a savepoint and a ``rollback()``
+        only undoes the handler's writes since the last one. Nothing is durable until the
+        handler returns; if it raises after committing, that work is rolled back too.
 
         With ``model`` (or a first parameter annotated with a class that has
         ``model_validate``, such as a pydantic model), the handler receives the payload

@@ -15,7 +15,7 @@ from postroom.backoff import Backoff
 from postroom.brokers.base import Delivery, Subscriber
 from postroom.config import Settings
 from postroom.consumer.metrics import ConsumerMetrics
-from postroom.consumer.processing import Processor
+from postroom.consumer.processing import Disposition, Processor, Result
 from postroom.consumer.registry import Consumer
 from postroom.database import create_async_engine, create_engine
 from postroom.errors import BrokerUnavailableError, ConfigurationError
@@ -64,7 +64,11 @@ class ConsumerService:
 
     Deliveries of one lane (a Kafka partition) are handled one after another, in order;
     different lanes, and deliveries without a lane (RabbitMQ), run concurrently up to
-    ``consumer_concurrency``.
+    ``consumer_concurrency`` handler runs at a time (a delivery waiting for its next attempt
+    holds no slot). A lane never goes on past a delivery that was not settled (acknowledged
+    or dead-lettered): the delivery is released (``release()``: Kafka seeks the partition
+    back to it, RabbitMQ requeues it), and the lane's later records are dropped until the
+    broker hands them out again.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class ConsumerService:
             self.settings.database_url, pool_size=self.settings.consumer_concurrency + 1
         )
         self._sync_engine: Engine | None = None
+        self._slots = asyncio.Semaphore(self.settings.consumer_concurrency)
         self.processor = Processor(
             consumer,
             self.settings,
@@ -92,10 +97,17 @@ class ConsumerService:
             sync_engine=self._get_sync_engine,
             metrics=self.metrics,
             stopping=self._stopping,
+            slots=self._slots,
         )
-        self._slots = asyncio.Semaphore(self.settings.consumer_concurrency)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lanes: dict[object, asyncio.Queue[Delivery]] = {}
+        # Deliveries without a lane in hand at once (the broker's prefetch bounds it too).
+        self._unordered = asyncio.Semaphore(
+            max(self.settings.consumer_concurrency, self.settings.consumer_prefetch)
+        )
+        # Lanes stopped at an unsettled delivery that could not be released: lane -> epoch.
+        self._broken: dict[object, object] = {}
+        self._unsettled_streak = 0
         self._subscribed = False
         self._last_progress = time.monotonic()
         self.started = asyncio.Event()
@@ -200,7 +212,7 @@ class ConsumerService:
             if self._stopping.is_set():
                 return
             if delivery.lane is None:
-                await self._slots.acquire()
+                await self._unordered.acquire()
                 self._spawn(self._one(delivery))
             else:
                 queue = self._lanes.get(delivery.lane)
@@ -216,9 +228,11 @@ class ConsumerService:
 
     async def _one(self, delivery: Delivery) -> None:
         try:
-            await self._handle(delivery)
+            result = await self._handle(delivery)
+            if not _settled(result):
+                await self._unsettled(delivery, result)
         finally:
-            self._slots.release()
+            self._unordered.release()
 
     async def _lane(self, lane: object, queue: asyncio.Queue[Delivery]) -> None:
         try:
@@ -230,25 +244,73 @@ class ConsumerService:
                     if queue.empty() and time.monotonic() - idle_since > LANE_IDLE:
                         return
                     continue
-                if getattr(delivery, "revoked", False):
+                if getattr(delivery, "revoked", False) or self._is_broken(delivery):
                     continue
-                async with self._slots:
-                    result = await self._handle(delivery)
-                if result is not None and result.disposition.value == "abandoned":
-                    return
+                result = await self._handle(delivery)
+                if not _settled(result):
+                    if self._stopping.is_set():
+                        return
+                    # Nothing after it may be acknowledged: release it and drop the later
+                    # records in hand; the broker hands them out again.
+                    await self._unsettled(delivery, result)
                 idle_since = time.monotonic()
         finally:
             if self._lanes.get(lane) is queue:
                 del self._lanes[lane]
 
-    async def _handle(self, delivery: Delivery) -> Any:
+    async def _handle(self, delivery: Delivery) -> Result | None:
         try:
-            return await self.processor.process(delivery)
+            result = await self.processor.process(delivery)
         except Exception:
-            # A bug or a broker failure while settling: leave it unacknowledged; the
-            # broker delivers it again.
+            # A bug or a broker failure while settling: not acknowledged; it is released
+            # (see _unsettled) and the broker delivers it again.
             log.exception("consumer.delivery_error", consumer=self.consumer.name)
             return None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.exception("consumer.delivery_error", consumer=self.consumer.name)
+            return None
+        if _settled(result):
+            self._unsettled_streak = 0
+        return result
+
+    async def _unsettled(self, delivery: Delivery, result: Result | None) -> None:
+        """Give back a delivery that was neither acknowledged nor dead-lettered."""
+        if result is None and not self._stopping.is_set():
+            # It failed outside the handler (a bug, the broker while settling): wait a
+            # little so a failure that repeats on every redelivery does not spin.
+            self._unsettled_streak += 1
+            delay = self.processor._reconnect.delay(self._unsettled_streak)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+        release = getattr(delivery, "release", None)
+        released = False
+        if release is not None:
+            try:
+                released = await release()
+            except Exception as exc:
+                log.warning("consumer.release_failed", consumer=self.consumer.name, error=str(exc))
+        if not released and delivery.lane is not None:
+            # It cannot be fetched again yet: drop the lane's later records (of this
+            # assignment) so none is acknowledged past it.
+            self._broken[delivery.lane] = getattr(delivery, "epoch", None)
+            log.warning(
+                "consumer.lane_stopped",
+                consumer=self.consumer.name,
+                lane=str(delivery.lane),
+                reason="a delivery was not settled and could not be released",
+            )
+
+    def _is_broken(self, delivery: Delivery) -> bool:
+        if delivery.lane not in self._broken:
+            return False
+        epoch = getattr(delivery, "epoch", None)
+        if epoch is not None and epoch != self._broken[delivery.lane]:
+            del self._broken[delivery.lane]  # a new assignment: fetched again
+            return False
+        return True
 
     async def _finish(self) -> None:
         if self._tasks:
@@ -302,6 +364,13 @@ class ConsumerService:
                 log.warning("consumer.inbox_purge_failed", error=str(exc).splitlines()[0])
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), PURGE_INTERVAL)
+
+
+def _settled(result: Result | None) -> bool:
+    """True once the broker was told the delivery is done (or it went back to the broker)."""
+    if result is None:
+        return False
+    return result.disposition not in {Disposition.ABANDONED, Disposition.FAILED}
 
 
 def on_stop(service: ConsumerService) -> Callable[[], None]:

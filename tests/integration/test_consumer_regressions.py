@@ -1,0 +1,561 @@
+"""Regression tests for consumer bugs found in review: each failed before its fix.
+
+Real PostgreSQL throughout; RabbitMQ and Kafka (Tansu) where the bug is the broker's.
+Lanes are driven by a scripted subscriber where the broker adds nothing but waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+import postroom
+from postroom import testing
+from postroom.brokers.memory import MemoryBroker, MemoryDelivery, MemorySubscriber
+from postroom.consumer import ConsumerService
+from postroom.consumer.processing import Disposition, Processor
+from postroom.database import create_async_engine, create_engine
+from postroom.message import Message
+from postroom.schema import Tables
+from tests.contract.harness import AMQP_URL, KAFKA_URL
+from tests.integration.test_consumer import (
+    KAFKA_GROUP_SETTINGS,
+    Running,
+    kafka_available,
+    rabbitmq_available,
+    settings_for,
+    unique,
+)
+
+
+class LaneDelivery:
+    """A Kafka-like delivery: one lane, retried in place, no release(); settlements logged."""
+
+    redeliverable = False
+    broker_message_id = None
+    key = None
+    content_type = "application/json"
+    attempt = 1
+
+    def __init__(self, log: list[tuple[Any, ...]], lane: object, offset: int) -> None:
+        self.log = log
+        self.topic = "t"
+        self.lane = lane
+        self.offset = offset
+        self.body = b'{"n": %d}' % offset
+        self.headers = {
+            "postroom-id": str(uuid.uuid4()),
+            "postroom-content-type": "application/json",
+        }
+
+    async def ack(self) -> None:
+        self.log.append(("ack", self.lane, self.offset))
+
+    async def retry_later(self, delay: float, error: str) -> None:
+        raise NotImplementedError
+
+    async def dead_letter(self, error: str, attempts: int) -> None:
+        self.log.append(("dead_letter", self.lane, self.offset))
+
+
+class ScriptedSubscriber:
+    """Hands out the given deliveries (``None`` = pause 0.5 s), then waits for close()."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = script
+        self.closed = asyncio.Event()
+
+    async def start(self, consumer: str, topics: Any) -> None:
+        return None
+
+    async def deliveries(self) -> AsyncIterator[Any]:
+        for delivery in self.script:
+            if delivery is None:
+                await asyncio.sleep(0.5)
+            else:
+                yield delivery
+        await self.closed.wait()
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+async def wait_until(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return bool(condition())
+
+
+# Bug 4: the concurrency slot is held only while a handler runs, not during backoff.
+async def test_a_failing_partition_waiting_for_its_retry_does_not_block_the_others(
+    database_url: str, tables: Tables
+) -> None:
+    consumer = postroom.Consumer(unique("slot"))
+    handled: list[int] = []
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        if message.payload["n"] == 0:
+            raise RuntimeError("partition 0 always fails")
+        handled.append(message.payload["n"])
+
+    log: list[tuple[Any, ...]] = []
+    script = [LaneDelivery(log, ("t", 0), 0)] + [LaneDelivery(log, ("t", 1), n) for n in (1, 2, 3)]
+    settings = settings_for(
+        database_url,
+        tables,
+        consumer_concurrency=1,
+        consumer_backoff_initial=5.0,
+        consumer_backoff_max=5.0,
+    )
+    running = Running(ConsumerService(consumer, ScriptedSubscriber(script), settings))
+    await running.started()
+    try:
+        assert await wait_until(lambda: handled == [1, 2, 3], 2.0), handled
+    finally:
+        await running.stop()
+    assert [entry for entry in log if entry[1] == ("t", 1)] == [
+        ("ack", ("t", 1), n) for n in (1, 2, 3)
+    ]
+
+
+# Bug 2: a handler's own CancelledError is a failed attempt; the lane goes on in order.
+async def test_handler_raising_cancelled_error_fails_the_attempt_and_keeps_the_lane(
+    database_url: str, tables: Tables
+) -> None:
+    consumer = postroom.Consumer(unique("cancel"))
+    runs: list[int] = []
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        n = message.payload["n"]
+        runs.append(n)
+        if n == 0 and runs.count(0) == 1:
+            task = asyncio.create_task(asyncio.sleep(10))
+            await asyncio.sleep(0)
+            task.cancel()
+            await task  # the sub-task's CancelledError escapes the handler
+
+    log: list[tuple[Any, ...]] = []
+    lane = ("t", 0)
+    script: list[Any] = [LaneDelivery(log, lane, n) for n in range(3)]
+    script += [None, LaneDelivery(log, lane, 3)]
+    running = Running(
+        ConsumerService(consumer, ScriptedSubscriber(script), settings_for(database_url, tables))
+    )
+    await running.started()
+    try:
+        assert await wait_until(lambda: len(log) == 4, 5.0), log
+    finally:
+        await running.stop()
+    assert runs == [0, 0, 1, 2, 3]
+    assert log == [("ack", lane, n) for n in range(4)]
+
+
+# Bug 1: a lane stops at a delivery that was neither acknowledged nor dead-lettered.
+async def test_lane_without_release_never_acknowledges_past_an_unsettled_delivery(
+    database_url: str, tables: Tables
+) -> None:
+    consumer = postroom.Consumer(unique("broken"))
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        return None
+
+    log: list[tuple[Any, ...]] = []
+    script = [LaneDelivery(log, ("t", 0), n) for n in range(3)] + [LaneDelivery(log, ("t", 1), 9)]
+    service = ConsumerService(
+        consumer, ScriptedSubscriber(script), settings_for(database_url, tables)
+    )
+    original = service.processor.process
+
+    async def process(delivery: Any) -> Any:
+        if delivery.offset == 0:
+            raise RuntimeError("the broker failed while settling")
+        return await original(delivery)
+
+    service.processor.process = process  # type: ignore[method-assign]
+    running = Running(service)
+    await running.started()
+    try:
+        assert await wait_until(lambda: ("ack", ("t", 1), 9) in log, 3.0), log
+        await asyncio.sleep(1.0)
+    finally:
+        await running.stop()
+    assert [entry for entry in log if entry[1] == ("t", 0)] == []
+
+
+# Bug 3: only connection failures are "database unavailable"; the handler's SQL errors
+# spend attempts and end dead-lettered; deliver(retries=True) never spins.
+@pytest.mark.parametrize(
+    "sqlstate",
+    ["57014", "55P03", "40P01", "40001"],
+    ids=["statement_timeout", "lock_timeout", "deadlock", "serialization_failure"],
+)
+async def test_handler_sql_errors_spend_attempts_and_are_dead_lettered(
+    database_url: str, tables: Tables, sqlstate: str
+) -> None:
+    consumer = postroom.Consumer(unique("sqlerr"), settings_for(database_url, tables))
+    runs = [0]
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        runs[0] += 1
+        if sqlstate == "57014":
+            await session.execute(text("SET LOCAL statement_timeout = '20ms'"))
+            await session.execute(text("SELECT pg_sleep(1)"))
+        await session.execute(
+            text(f"DO $$ BEGIN RAISE EXCEPTION 'boom' USING ERRCODE = '{sqlstate}'; END $$")
+        )
+
+    report = await asyncio.wait_for(
+        testing.deliver(consumer, Message.create("t", {}), retries=True), 10
+    )
+    assert report.disposition is Disposition.DEAD_LETTERED
+    assert report.attempts == 3
+    assert runs[0] == 3
+
+
+async def test_connection_failure_spends_no_attempt_and_deliver_does_not_spin(
+    database_url: str, tables: Tables
+) -> None:
+    consumer = postroom.Consumer(unique("conn"), settings_for(database_url, tables))
+    runs = [0]
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        runs[0] += 1
+        await session.execute(
+            text("DO $$ BEGIN RAISE EXCEPTION 'gone' USING ERRCODE = '57P01'; END $$")
+        )
+
+    with pytest.raises(Exception, match="gone"):
+        await asyncio.wait_for(testing.deliver(consumer, Message.create("t", {}), retries=True), 10)
+    assert runs[0] == testing.OUTAGE_TRIES
+
+    waits: list[float] = []
+    stopping = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) >= 3:
+            stopping.set()
+
+    async_engine = create_async_engine(database_url)
+    processor = Processor(
+        consumer,
+        consumer.settings,
+        async_engine=async_engine,
+        sync_engine=lambda: create_engine(database_url),
+        stopping=stopping,
+        sleep=sleep,
+    )
+    try:
+        delivery = MemoryDelivery(_memory_subscriber(consumer), Message.create("t", {}), 1)
+        result = await processor.process(delivery)
+    finally:
+        await async_engine.dispose()
+    assert result.disposition is Disposition.ABANDONED
+    assert result.attempts == 0
+    assert delivery.settled is None
+
+
+def _memory_subscriber(consumer: postroom.Consumer) -> MemorySubscriber:
+    subscriber = MemorySubscriber(MemoryBroker())
+    subscriber.consumer = consumer.name
+    return subscriber
+
+
+async def test_foreign_id_the_inbox_cannot_store_is_dead_lettered_as_undecodable(
+    database_url: str, tables: Tables
+) -> None:
+    settings = settings_for(database_url, tables, consumer_id_source="header:x-id")
+    consumer = postroom.Consumer(unique("nul"), settings)
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        return None
+
+    stopping = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        stopping.set()  # the old code waited for the database here, for ever
+
+    async_engine = create_async_engine(database_url)
+    processor = Processor(
+        consumer,
+        settings,
+        async_engine=async_engine,
+        sync_engine=lambda: create_engine(database_url),
+        stopping=stopping,
+        sleep=sleep,
+    )
+    subscriber = _memory_subscriber(consumer)
+    delivery = MemoryDelivery(subscriber, Message.create("t", {}, headers={"x-id": "x"}), 1)
+    delivery.headers["x-id"] = "abc\x00def"  # as read off the wire from another producer
+    try:
+        result = await asyncio.wait_for(processor.process(delivery), 10)
+    finally:
+        await async_engine.dispose()
+    assert result.disposition is Disposition.DEAD_LETTERED
+    assert result.error is not None
+    assert "cannot be stored in the inbox" in result.error
+    assert delivery.settled == "dead_lettered"
+    assert len(subscriber.dead_lettered) == 1
+
+
+# Bug 7: a handler committing its session only releases a savepoint.
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_handler_that_commits_itself_loses_nothing_when_it_then_fails(
+    database_url: str, tables: Tables, engine: Engine, kind: str
+) -> None:
+    ledger = f'"{tables.schema}".ledger'
+    with engine.begin() as connection:
+        connection.execute(text(f"CREATE TABLE {ledger} (step text)"))
+    consumer = postroom.Consumer(unique("selfcommit"), settings_for(database_url, tables))
+    runs = [0]
+
+    if kind == "async":
+
+        @consumer.handler("t")
+        async def handle(message: Message, session: AsyncSession) -> None:
+            runs[0] += 1
+            await session.execute(text(f"INSERT INTO {ledger} VALUES ('debit')"))
+            await session.commit()
+            await session.execute(text(f"INSERT INTO {ledger} VALUES ('credit')"))
+            if runs[0] == 1:
+                raise RuntimeError("transient failure after the commit")
+
+    else:
+
+        @consumer.handler("t")
+        def handle_sync(message: Message, session: Session) -> None:
+            runs[0] += 1
+            session.execute(text(f"INSERT INTO {ledger} VALUES ('debit')"))
+            session.commit()
+            session.execute(text(f"INSERT INTO {ledger} VALUES ('credit')"))
+            if runs[0] == 1:
+                raise RuntimeError("transient failure after the commit")
+
+    report = await testing.deliver(consumer, Message.create("t", {}), retries=True)
+    assert report.disposition is Disposition.HANDLED
+    assert report.attempts == 2
+    with engine.connect() as connection:
+        steps = [row[0] for row in connection.execute(text(f"SELECT step FROM {ledger}"))]
+    assert steps == ["debit", "credit"]
+
+
+async def _rabbit_queue_count(name: str) -> int | None:
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(name, durable=True, passive=True)
+        except Exception:
+            return None
+        return int(queue.declaration_result.message_count or 0)
+    finally:
+        await connection.close()
+
+
+async def _rabbit_cleanup(name: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for queue in [name, f"{name}.dead-letter"] + [
+            f"{name}.retry.{1 << n}ms" for n in range(4, 12)
+        ]:
+            await channel.queue_delete(queue)
+    finally:
+        await connection.close()
+
+
+async def _publish(url: str, messages: list[Message]) -> None:
+    from postroom.brokers import publisher_from_url
+
+    publisher = publisher_from_url(url)
+    try:
+        results = await publisher.publish(messages)
+    finally:
+        await publisher.close()
+    assert all(r.confirmed for r in results), results
+
+
+# Bug 6: an unroutable dead-letter copy is a failure; the missing queue is declared again.
+async def test_rabbitmq_dead_letter_queue_deleted_while_running_is_declared_again(
+    database_url: str, tables: Tables
+) -> None:
+    rabbitmq_available()
+    import aio_pika
+
+    from postroom.brokers.rabbitmq import RabbitMQSubscriber
+
+    name, topic = unique("rmq-ret"), unique("topic")
+    consumer = postroom.Consumer(name)
+
+    @consumer.handler(topic)
+    async def handle(message: Message, session: AsyncSession) -> None:
+        raise RuntimeError("always fails")
+
+    settings = settings_for(database_url, tables, consumer_max_attempts=1)
+    running = Running(ConsumerService(consumer, RabbitMQSubscriber(AMQP_URL, prefetch=4), settings))
+    try:
+        await running.started()
+        connection = await aio_pika.connect(AMQP_URL)
+        channel = await connection.channel()
+        await channel.queue_delete(f"{name}.dead-letter")  # an operator removes it
+        await connection.close()
+        await _publish(AMQP_URL, [Message.create(topic, {"x": 1})])
+        assert await wait_until(
+            lambda: running.service.metrics.dead_lettered.labels(topic)._value.get() == 1, 5
+        )
+        await running.stop()
+        assert await _rabbit_queue_count(f"{name}.dead-letter") == 1
+        assert await _rabbit_queue_count(name) == 0
+    finally:
+        if not running.task.done():
+            await running.stop()
+        await _rabbit_cleanup(name)
+
+
+# Bug 5: once the dead-letter copy is confirmed, a failing ack never publishes another.
+async def test_rabbitmq_failed_ack_after_dead_letter_copy_publishes_no_second_copy(
+    database_url: str, tables: Tables, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rabbitmq_available()
+    import aio_pika
+    import aiormq
+
+    from postroom.brokers.rabbitmq import RabbitMQSubscriber
+
+    name, topic = unique("rmq-dlq"), unique("topic")
+    consumer = postroom.Consumer(name)
+
+    @consumer.handler(topic)
+    async def handle(message: Message, session: AsyncSession) -> None:
+        raise RuntimeError("always fails")
+
+    async def ack_on_a_dead_channel(self: Any, multiple: bool = False) -> None:
+        raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
+
+    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", ack_on_a_dead_channel)
+    settings = settings_for(database_url, tables, consumer_max_attempts=1)
+    running = Running(ConsumerService(consumer, RabbitMQSubscriber(AMQP_URL, prefetch=4), settings))
+    try:
+        await running.started()
+        await _publish(AMQP_URL, [Message.create(topic, {"x": 1})])
+        dead_letters = f"{name}.dead-letter"
+        for _ in range(50):
+            if await _rabbit_queue_count(dead_letters):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.0)  # the old code published a copy per reconnect backoff round
+        assert await _rabbit_queue_count(dead_letters) == 1
+        assert running.service.metrics.dead_lettered.labels(topic)._value.get() == 1
+    finally:
+        await running.stop()
+        await _rabbit_cleanup(name)
+
+
+# Bug 8: an unsettled RabbitMQ delivery is requeued at once (basic.nack), not left unacked.
+async def test_rabbitmq_unsettled_delivery_is_requeued_and_handled(
+    database_url: str, tables: Tables
+) -> None:
+    rabbitmq_available()
+    from postroom.brokers.rabbitmq import RabbitMQSubscriber
+
+    name, topic = unique("rmq-nack"), unique("topic")
+    consumer = postroom.Consumer(name)
+    handled: list[int] = []
+
+    @consumer.handler(topic)
+    async def handle(message: Message, session: AsyncSession) -> None:
+        handled.append(message.payload["x"])
+
+    service = ConsumerService(
+        consumer, RabbitMQSubscriber(AMQP_URL, prefetch=4), settings_for(database_url, tables)
+    )
+    original = service.processor.process
+    calls = [0]
+
+    async def process(delivery: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("the broker failed while settling")
+        return await original(delivery)
+
+    service.processor.process = process  # type: ignore[method-assign]
+    running = Running(service)
+    try:
+        await running.started()
+        await _publish(AMQP_URL, [Message.create(topic, {"x": 1})])
+        assert await wait_until(lambda: handled == [1], 5), (calls, handled)
+    finally:
+        await running.stop()
+        await _rabbit_cleanup(name)
+
+
+# Bug 1 on Kafka: an unsettled record rewinds its partition; nothing is committed past it.
+async def test_kafka_partition_is_rewound_to_an_unsettled_record(
+    database_url: str, tables: Tables
+) -> None:
+    kafka_available()
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from postroom.brokers.kafka import KafkaSubscriber, parse_kafka_url
+
+    name, topic = unique("kafka-rewind"), unique("topic")
+    bootstrap, _ = parse_kafka_url(KAFKA_URL)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics(
+        [
+            NewTopic(t, num_partitions=1, replication_factor=1)
+            for t in (topic, f"{name}.dead-letter")
+        ]
+    )
+    for future in futures.values():
+        await asyncio.to_thread(future.result, 10)
+    await _publish(KAFKA_URL, [Message.create(topic, {"n": n}, key="k") for n in range(3)])
+
+    consumer = postroom.Consumer(name)
+    handled: list[int] = []
+
+    @consumer.handler(topic)
+    async def handle(message: Message, session: AsyncSession) -> None:
+        handled.append(message.payload["n"])
+
+    subscriber = KafkaSubscriber.from_url(f"{KAFKA_URL}?{KAFKA_GROUP_SETTINGS}", prefetch=16)
+    service = ConsumerService(consumer, subscriber, settings_for(database_url, tables))
+    original = service.processor.process
+    failed: list[int] = []
+
+    async def process(delivery: Any) -> Any:
+        if delivery.offset == 0 and not failed:
+            failed.append(0)
+            raise RuntimeError("the broker failed while settling")
+        return await original(delivery)
+
+    service.processor.process = process  # type: ignore[method-assign]
+    running = Running(service)
+    try:
+        await running.started()
+        assert await wait_until(lambda: len(handled) >= 3, 20), handled
+    finally:
+        await running.stop()
+    assert handled == [0, 1, 2]
