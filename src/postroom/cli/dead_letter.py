@@ -416,16 +416,19 @@ class RabbitMQDeadLetters:
                 )
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             queue = await channel.declare_queue(self.queue, passive=True)
+            # Look at no more than was there when we started, and requeue each id at most
+            # once: a running consumer may dead-letter a copy again while this runs.
+            waiting = queue.declaration_result.message_count or 0
             held: list[Any] = []
             found: set[str] = set()
             index = 0
-            while True:
+            while index < waiting:
                 message = await queue.get(no_ack=False, fail=False, timeout=BROKER_TIMEOUT)
                 if message is None:
                     break
                 letter = self._letter(message, index)
                 index += 1
-                if letter.id not in wanted:
+                if letter.id not in wanted or letter.id in found:
                     held.append(message)
                     continue
                 found.add(letter.id)

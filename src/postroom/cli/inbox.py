@@ -89,8 +89,11 @@ def _params(
     older_than: str | None,
     newer_than: str | None,
 ) -> dict[str, Any]:
+    if consumer is not None and not consumer.strip():
+        # An empty name must never widen the command to every consumer.
+        fail("--consumer is empty; give the consumer's name, e.g. --consumer billing", EXIT_USAGE)
     return {
-        "consumers": [consumer] if consumer else None,
+        "consumers": [consumer] if consumer is not None else None,
         "message_ids": message_ids or None,
         "older_than": duration(older_than, "--older-than"),
         "newer_than": duration(newer_than, "--newer-than"),

@@ -682,7 +682,13 @@ def _change(
         confirm(f"{verb.capitalize()} {matched} {what} in {_where(settings)}?", yes=yes)
         changed = 0
         statement = batch_sql
-        batch_params = {**params, "limit": batch, "channel": tables.notify_channel}
+        batch_params = {
+            **params,
+            "limit": batch,
+            "channel": tables.notify_channel,
+            "after": 0,
+            "upto": int(_scalar(connection, sql.max_position_sql(tables), {})),
+        }
         while True:
             with connection.transaction():
                 cursor = connection.execute(statement, batch_params)
@@ -691,6 +697,8 @@ def _change(
             changed += count
             if count == 0:
                 break
+            if row is not None and len(row) > 1:
+                batch_params["after"] = int(row[1])
     if as_json:
         print_json(
             {

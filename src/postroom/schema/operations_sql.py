@@ -103,10 +103,21 @@ def outbox_states_of_sql(tables: Tables) -> str:
 
 
 def _batch(tables: Tables, guard: str) -> str:
+    # A cursor over positions (after the last batch, up to the newest row when the change
+    # was confirmed): a row the relay has meanwhile published again, or failed again, is
+    # never taken a second time by the same command.
     return (
         f"SELECT o.position FROM {quoted_table(tables.outbox)} AS o "
-        f"WHERE {OUTBOX_FILTER} AND {guard} ORDER BY o.position LIMIT %(limit)s FOR UPDATE"
+        f"WHERE {OUTBOX_FILTER} AND {guard} "
+        "AND o.position > %(after)s AND o.position <= %(upto)s "
+        "ORDER BY o.position LIMIT %(limit)s FOR UPDATE"
     )
+
+
+@functools.cache
+def max_position_sql(tables: Tables) -> str:
+    """The newest position in the outbox (0 when empty): where a change's cursor stops."""
+    return f"SELECT coalesce(max(position), 0) FROM {quoted_table(tables.outbox)}"
 
 
 @functools.cache
@@ -129,7 +140,7 @@ changed AS (
     FROM batch WHERE t.position = batch.position
     RETURNING t.position
 )
-SELECT count(*), pg_notify(%(channel)s, '') FROM changed
+SELECT count(*), coalesce(max(position), 0), pg_notify(%(channel)s, '') FROM changed
 """
 
 
@@ -152,7 +163,7 @@ changed AS (
     FROM batch WHERE t.position = batch.position
     RETURNING t.position
 )
-SELECT count(*), pg_notify(%(channel)s, '') FROM changed
+SELECT count(*), coalesce(max(position), 0), pg_notify(%(channel)s, '') FROM changed
 """
 
 
