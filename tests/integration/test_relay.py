@@ -275,7 +275,7 @@ async def test_a_stalled_relay_cannot_mark_rows_another_relay_took_over(
 
     def confirmed(claim: Claim) -> list[RowOutcome]:
         return [
-            RowOutcome(r.position, claim.tokens[r.partition], r.attempts, CONFIRMED)
+            RowOutcome(r.position, claim.tokens[r.partition], r.attempts, r.due_at, CONFIRMED)
             for r in claim.rows
         ]
 
@@ -477,7 +477,9 @@ async def test_a_mark_applied_twice_counts_one_failure(
     await leases.heartbeat()
     claim = await store.claim(leases.tokens, limit=10)
     (row,) = claim.rows
-    rejected = [RowOutcome(row.position, claim.tokens[row.partition], 0, REJECTED, "no", 0.0)]
+    rejected = [
+        RowOutcome(row.position, claim.tokens[row.partition], 0, row.due_at, REJECTED, "no", 0.0)
+    ]
     first = await store.mark(rejected, max_attempts=2, delete_published=False)
     again = await store.mark(rejected, max_attempts=2, delete_published=False)
     assert [(m.status, m.attempts) for m in first] == [("pending", 1)]
@@ -500,3 +502,27 @@ async def test_cancelling_the_relay_releases_its_partitions_and_connections(
     assert owners(engine, tables) == {None: PARTITION_COUNT}
     with pytest.raises(DatabaseError, match="closed"):
         await relay._mark_connection.get()
+
+
+async def test_a_retried_mark_cannot_undo_an_operators_replay(
+    database_url: str, conninfo: str, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    """A mark re-run after a lost reply must not mark a row an operator replayed meanwhile."""
+    write(engine, outbox, [("t", 1, "k")])
+    leases = PartitionLeases(Connection(conninfo, database_url), tables, "relay-a", 30)
+    store = OutboxStore(Connection(conninfo, database_url), tables)
+    await leases.heartbeat()
+    claim = await store.claim(leases.tokens, limit=10)
+    (row,) = claim.rows
+    confirmed = [RowOutcome(row.position, claim.tokens[row.partition], 0, row.due_at, CONFIRMED)]
+    assert len(await store.mark(confirmed, max_attempts=3, delete_published=False)) == 1
+    # `postroom outbox replay`: back to pending with the same id, due now.
+    with engine.begin() as connection:
+        connection.execute(
+            update(tables.outbox).values(
+                status="pending", attempts=0, next_attempt_at=text("now()"), published_at=None
+            )
+        )
+    assert await store.mark(confirmed, max_attempts=3, delete_published=False) == []
+    (stored,) = rows(engine, tables)
+    assert (stored.status, stored.published_at) == ("pending", None)

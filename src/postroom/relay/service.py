@@ -372,15 +372,16 @@ class Relay:
         self, row: ClaimedRow, result: PublishResult | None, token: uuid.UUID
     ) -> RowOutcome:
         if result is None:
-            return RowOutcome(row.position, token, row.attempts, HELD)
+            return RowOutcome(row.position, token, row.attempts, row.due_at, HELD)
         if result.outcome is Outcome.CONFIRMED:
-            return RowOutcome(row.position, token, row.attempts, CONFIRMED)
+            return RowOutcome(row.position, token, row.attempts, row.due_at, CONFIRMED)
         if result.outcome is Outcome.UNAVAILABLE:
             self._set_broker_ready(False)
             return RowOutcome(
                 row.position,
                 token,
                 row.attempts,
+                row.due_at,
                 UNAVAILABLE,
                 f"broker unavailable: {result.error}",
             )
@@ -395,7 +396,13 @@ class Relay:
             error=result.error,
         )
         return RowOutcome(
-            row.position, token, row.attempts, REJECTED, result.error or "rejected", delay
+            row.position,
+            token,
+            row.attempts,
+            row.due_at,
+            REJECTED,
+            result.error or "rejected",
+            delay,
         )
 
     def _count(

@@ -6,6 +6,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 import psycopg
@@ -31,6 +32,8 @@ class ClaimedRow:
     partition: int
     attempts: int
     message: Message
+    due_at: datetime
+    """The row's next_attempt_at as read; a mark applies only while it is unchanged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,8 @@ class RowOutcome:
     token: uuid.UUID
     attempts: int
     """Attempts as read by the claim: a mark applied twice (a retry) changes nothing."""
+    due_at: datetime
+    """next_attempt_at as read by the claim: an operator's retry or replay moves it."""
     outcome: str
     error: str | None = None
     delay_seconds: float = 0.0
@@ -153,6 +158,7 @@ class OutboxStore:
                 position=row[0],
                 partition=row[10],
                 attempts=row[9],
+                due_at=row[11],
                 message=Message(
                     id=row[1],
                     topic=row[2],
@@ -180,6 +186,7 @@ class OutboxStore:
                 "tokens": [o.token for o in outcomes],
                 "positions": [o.position for o in outcomes],
                 "attempts": [o.attempts for o in outcomes],
+                "due": [o.due_at for o in outcomes],
                 "outcomes": [o.outcome for o in outcomes],
                 "errors": [o.error for o in outcomes],
                 "delays": [o.delay_seconds for o in outcomes],

@@ -29,7 +29,7 @@ def claim_sql(tables: Tables) -> str:
     outbox = quoted_table(tables.outbox)
     return f"""
 SELECT o.position, o.id, o.topic, o.key, o.payload, o.content_type, o.headers,
-       o.created_at, o.available_at, o.attempts, o.partition
+       o.created_at, o.available_at, o.attempts, o.partition, o.next_attempt_at
 FROM {outbox} AS o
 WHERE o.status = '{PENDING}'
   AND o.partition = ANY(%(partitions)s)
@@ -52,8 +52,9 @@ def mark_sql(tables: Tables, delete_published: bool) -> str:
 
     Each result carries the token of its partition's lease as it was when the row was
     claimed; a row whose partition has since been taken over by another relay (a new
-    token) is left alone. It also carries the attempts the claim read, so applying the
-    same mark twice (a retry after a lost reply) counts a failure once. Outcomes:
+    token) is left alone. It also carries the attempts and due time the claim read, so
+    applying the same mark twice (a retry after a lost reply) counts a failure once, and
+    a row an operator retried or replayed meanwhile (due again now) is not touched. Outcomes:
     ``confirmed`` (published; or deleted when ``delete_published``), ``rejected`` (one
     more attempt; backoff of %(delays)s, dead-lettered at %(max_attempts)s),
     ``unavailable`` and ``held`` (left pending as they were, no attempt counted).
@@ -63,12 +64,13 @@ def mark_sql(tables: Tables, delete_published: bool) -> str:
     partitions = quoted_table(tables.partitions)
     results = """
 SELECT * FROM unnest(
-    %(positions)b::bigint[], %(attempts)b::int[], %(outcomes)b::text[], %(errors)b::text[],
-    %(delays)b::float8[], %(tokens)b::uuid[]
-) AS r(position, attempts, outcome, error, delay_seconds, token)
+    %(positions)b::bigint[], %(attempts)b::int[], %(due)b::timestamptz[],
+    %(outcomes)b::text[], %(errors)b::text[], %(delays)b::float8[], %(tokens)b::uuid[]
+) AS r(position, attempts, due, outcome, error, delay_seconds, token)
 """
     fenced = (
         "t.position = r.position AND t.status = 'pending' AND t.attempts = r.attempts "
+        "AND t.next_attempt_at = r.due "
         "AND EXISTS ("
         f"SELECT 1 FROM {partitions} AS p WHERE p.partition = t.partition AND p.token = r.token)"
     )
