@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+comma := ,
 
 export POSTROOM_DATABASE_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 export POSTROOM_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
@@ -34,8 +35,9 @@ demo: services ## Set up everything and run examples/ end to end
 test: services ## Set up everything and run the whole test suite
 	$(BIN)/pytest
 
-bench: services ## Relay throughput beside the raw broker clients (FULL=1: 50,000 messages)
+bench: services ## Relay throughput and latency beside the raw broker clients (FULL=1: full sizes)
 	$(BIN)/python bench/relay_throughput.py --messages $(if $(FULL),50000,10000)
+	$(BIN)/python bench/relay_latency.py --rates 200,1000$(if $(FULL),$(comma)3000) --seconds $(if $(FULL),10,3)
 
 lint: $(STAMP) ## ruff (lint and format check) and mypy --strict
 	$(BIN)/ruff check src tests examples bench
