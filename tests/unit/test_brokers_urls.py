@@ -160,3 +160,15 @@ def test_missing_client_library_gives_an_install_hint(
         importlib.import_module(module)
     with pytest.raises(MissingExtraError):
         publisher_from_url("amqp://h/" if extra == "rabbitmq" else "kafka://h")
+
+
+def test_subscribers_share_the_publishers_url_rules() -> None:
+    from postroom.brokers import subscriber_from_url
+    from postroom.brokers.memory import MemoryBroker, MemorySubscriber
+
+    subscriber = subscriber_from_url("memory://orders", prefetch=4)
+    assert isinstance(subscriber, MemorySubscriber)
+    assert subscriber_from_url("memory://orders", prefetch=4).broker is MemoryBroker.named("orders")
+    with pytest.raises(ConfigurationError, match="cannot consume from") as caught:
+        subscriber_from_url("redis://u:secret@h/0", prefetch=4)
+    assert "secret" not in str(caught.value)

@@ -6,11 +6,14 @@ Kafka modules import their client library, so they are only imported when asked 
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
-from postroom.brokers.base import CONFIRMED, Outcome, Publisher, PublishResult
+from postroom.brokers.base import CONFIRMED, Outcome, Publisher, PublishResult, Subscriber
 from postroom.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from postroom.brokers.memory import MemoryBroker
 
 __all__ = [
     "CONFIRMED",
@@ -19,6 +22,7 @@ __all__ = [
     "PublishResult",
     "Publisher",
     "publisher_from_url",
+    "subscriber_from_url",
 ]
 
 #: The broker URL forms publisher_from_url() accepts, for error messages and help texts.
@@ -36,10 +40,7 @@ def publisher_from_url(url: str, **options: Any) -> Publisher:
     publisher into the process-wide :class:`~postroom.brokers.memory.MemoryBroker` of
     that name (``memory://`` alone: the one named ``default``).
     """
-    try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError:
-        scheme = ""
+    scheme = _scheme(url)
     if scheme in {"amqp", "amqps"}:
         from postroom.brokers.rabbitmq import RabbitMQPublisher
 
@@ -49,18 +50,50 @@ def publisher_from_url(url: str, **options: Any) -> Publisher:
 
         return KafkaPublisher.from_url(url, **options)
     if scheme == "memory":
-        from postroom.brokers.memory import MemoryBroker
-
         if options:
             raise ConfigurationError(
                 f"memory:// publishers take no options, got {', '.join(sorted(options))}"
             )
-        parts = urlsplit(url)
-        name = unquote(parts.netloc + parts.path.rstrip("/")) or "default"
-        return MemoryBroker.named(name).publisher()
+        return _memory_broker(url).publisher()
+    raise _unsupported(scheme, "publish to")
+
+
+def subscriber_from_url(url: str, *, prefetch: int) -> Subscriber:
+    """A Subscriber for ``url`` (same schemes as :func:`publisher_from_url`)."""
+    scheme = _scheme(url)
+    if scheme in {"amqp", "amqps"}:
+        from postroom.brokers.rabbitmq import RabbitMQSubscriber
+
+        return RabbitMQSubscriber(url, prefetch=prefetch)
+    if scheme == "kafka":
+        from postroom.brokers.kafka import KafkaSubscriber
+
+        return KafkaSubscriber.from_url(url, prefetch=prefetch)
+    if scheme == "memory":
+        from postroom.brokers.memory import MemorySubscriber
+
+        return MemorySubscriber(_memory_broker(url))
+    raise _unsupported(scheme, "consume from")
+
+
+def _scheme(url: str) -> str:
+    try:
+        return urlsplit(url).scheme.lower()
+    except ValueError:
+        return ""
+
+
+def _memory_broker(url: str) -> MemoryBroker:
+    from postroom.brokers.memory import MemoryBroker
+
+    parts = urlsplit(url)
+    return MemoryBroker.named(unquote(parts.netloc + parts.path.rstrip("/")) or "default")
+
+
+def _unsupported(scheme: str, verb: str) -> ConfigurationError:
     # The URL itself is not shown: without a recognised scheme, a password in it
     # cannot be found reliably to be hidden.
     what = f"has the scheme {scheme!r}" if scheme else "has no scheme"
-    raise ConfigurationError(
-        f"the broker URL {what}, which postroom cannot publish to; use {URL_FORMS}"
+    return ConfigurationError(
+        f"the broker URL {what}, which postroom cannot {verb}; use {URL_FORMS}"
     )

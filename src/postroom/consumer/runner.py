@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from postroom import brokers
 from postroom.backoff import Backoff
 from postroom.brokers.base import Delivery, Subscriber
 from postroom.config import Settings
@@ -379,30 +380,5 @@ def on_stop(service: ConsumerService) -> Callable[[], None]:
 
 
 def subscriber_from_url(url: str, settings: Settings) -> Subscriber:
-    """A Subscriber for ``url`` (``amqp://``, ``kafka://`` or ``memory://name``)."""
-    from urllib.parse import unquote, urlsplit
-
-    try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError:
-        scheme = ""
-    if scheme in {"amqp", "amqps"}:
-        from postroom.brokers.rabbitmq import RabbitMQSubscriber
-
-        return RabbitMQSubscriber(url, prefetch=settings.consumer_prefetch)
-    if scheme == "kafka":
-        from postroom.brokers.kafka import KafkaSubscriber
-
-        return KafkaSubscriber.from_url(url, prefetch=settings.consumer_prefetch)
-    if scheme == "memory":
-        from postroom.brokers.memory import MemoryBroker, MemorySubscriber
-
-        parts = urlsplit(url)
-        name = unquote(parts.netloc + parts.path.rstrip("/")) or "default"
-        return MemorySubscriber(MemoryBroker.named(name))
-    from postroom.brokers import URL_FORMS
-
-    what = f"has the scheme {scheme!r}" if scheme else "has no scheme"
-    raise ConfigurationError(
-        f"the broker URL {what}, which postroom cannot consume from; use {URL_FORMS}"
-    )
+    """A Subscriber for ``url`` with the settings' prefetch."""
+    return brokers.subscriber_from_url(url, prefetch=settings.consumer_prefetch)
