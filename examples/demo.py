@@ -108,15 +108,17 @@ async def run_pipeline(settings: postroom.Settings, run: str, committed: list[in
     """Relay and consumer until every committed order is charged; return duplicates seen."""
     import aio_pika
 
-    from postroom.brokers import publisher_from_url
-    from postroom.consumer.runner import ConsumerService, subscriber_from_url
+    from postroom.brokers import publisher_from_url, subscriber_from_url
+    from postroom.consumer.runner import ConsumerService
     from postroom.relay import Relay
 
     amqp_url = os.environ.get("POSTROOM_TEST_AMQP_URL", settings.broker_url)
     settings = dataclasses.replace(settings, metrics_port=0, relay_poll_interval=0.2)
     consumer = billing_consumer(run)
     consumer.configure(settings)
-    service = ConsumerService(consumer, subscriber_from_url(amqp_url, settings), settings)
+    service = ConsumerService(
+        consumer, subscriber_from_url(amqp_url, prefetch=settings.consumer_prefetch), settings
+    )
     consuming = asyncio.create_task(service.run())
     await asyncio.wait_for(service.started.wait(), 30)  # its queue is bound: messages route
     relay = Relay(settings, publisher_from_url(amqp_url))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from postroom.cli import db, inbox, outbox
+from postroom.cli import db, dead_letter, inbox, outbox
+from postroom.cli.consume import consume
 from postroom.cli.relay import relay
 
 app = typer.Typer(
@@ -21,9 +22,9 @@ app = typer.Typer(
 app.add_typer(db.app, name="db")
 app.add_typer(outbox.app, name="outbox")
 app.add_typer(inbox.app, name="inbox")
-app.add_typer(__import__("postroom.cli.dead_letter", fromlist=["app"]).app, name="dead-letter")
+app.add_typer(dead_letter.app, name="dead-letter")
 app.command()(relay)
-app.command()(__import__("postroom.cli.consume", fromlist=["consume"]).consume)
+app.command()(consume)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from postroom.config import Settings, env_var, parse_duration
 from postroom.errors import PostroomError
+from postroom.log import configure_logging
 
 #: Exit codes: 0 success, 1 a check failed, 2 bad usage, 3 the operation failed.
 EXIT_CHECK_FAILED = 1
@@ -38,7 +39,7 @@ _FIELD_TYPES: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fi
 def _parameter(name: str) -> inspect.Parameter:
     """A keyword parameter whose typer option sets Settings field ``name``."""
     kind = _FIELD_TYPES[name]
-    flag = "--" + name.removeprefix("relay_").replace("_", "-")
+    flag = _flag(name)
     default: Any = getattr(_defaults, name)
     annotation: Any = kind
     if kind is bool:
@@ -51,6 +52,11 @@ def _parameter(name: str) -> inspect.Parameter:
         default=default,
         annotation=Annotated[annotation, _option(name, flag)],
     )
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of Settings field ``name``."""
+    return "--" + name.removeprefix("relay_").replace("_", "-")
 
 
 R = TypeVar("R")
@@ -80,7 +86,7 @@ def with_settings(*fields: str) -> Callable[[Callable[..., R]], Callable[..., R]
             with user_errors():
                 for name in names:
                     if _FIELD_TYPES[name] is float:
-                        values[name] = parse_duration(values[name], what="--" + name)
+                        values[name] = parse_duration(values[name], what=_flag(name))
                 settings = Settings.from_env({}, **values)
             return command(*args, settings=settings, **kwargs)
 
@@ -91,6 +97,12 @@ def with_settings(*fields: str) -> Callable[[Callable[..., R]], Callable[..., R]
         return wrapper
 
     return decorate
+
+
+def configure_service_logging(settings: Settings) -> None:
+    """structlog set-up for a long-running command (relay, consume) from its settings."""
+    use_json = None if settings.log_format == "auto" else settings.log_format == "json"
+    configure_logging(json=use_json)
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:

@@ -11,11 +11,11 @@ from typing import Annotated
 
 import typer
 
-from postroom.cli.common import user_errors, with_settings
+from postroom.cli.common import configure_service_logging, user_errors, with_settings
 from postroom.config import Settings, redact_url
 from postroom.consumer import Consumer
 from postroom.errors import ConfigurationError
-from postroom.log import configure_logging, get_logger
+from postroom.log import get_logger
 
 CONSUME_FIELDS = (
     "broker_url",
@@ -50,7 +50,7 @@ def consume(
     /healthz and /readyz on --metrics-port. The consumer uses this command's settings,
     not those it was built with.
     """
-    configure_logging(json=None if settings.log_format == "auto" else settings.log_format == "json")
+    configure_service_logging(settings)
     with user_errors():
         consumer = load_consumer(target)
         consumer.configure(settings)
@@ -89,19 +89,17 @@ def load_consumer(target: str) -> Consumer:
 
 
 async def _run(consumer: Consumer, settings: Settings) -> None:
-    from postroom.consumer import ConsumerService, subscriber_from_url
-    from postroom.errors import SchemaMissingError
+    from postroom.brokers import subscriber_from_url
+    from postroom.consumer import ConsumerService
     from postroom.schema import migrate
 
-    state = await asyncio.to_thread(migrate.status, settings.database_url, settings.tables())
-    if not state.up_to_date:
-        found = f"at revision {state.current}" if state.current else "missing"
-        raise SchemaMissingError(
-            f"postroom's tables are {found}; this consumer needs revision {state.head}. "
-            "Run `postroom db upgrade` first."
-        )
+    await asyncio.to_thread(
+        migrate.require_current, settings.database_url, settings.tables(), "consumer"
+    )
     service = ConsumerService(
-        consumer, subscriber_from_url(settings.broker_url, settings), settings
+        consumer,
+        subscriber_from_url(settings.broker_url, prefetch=settings.consumer_prefetch),
+        settings,
     )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from postroom.cli.common import user_errors, with_settings
+from postroom.cli.common import configure_service_logging, user_errors, with_settings
 from postroom.config import Settings, redact_url
-from postroom.log import configure_logging, get_logger
+from postroom.log import get_logger
 
 RELAY_FIELDS = (
     "broker_url",
@@ -32,7 +32,7 @@ def relay(*, settings: Settings) -> None:
     each key in order. SIGTERM or Ctrl-C finishes the batch in flight, releases the
     partitions and exits. Serves /metrics, /healthz and /readyz on --metrics-port.
     """
-    configure_logging(json=None if settings.log_format == "auto" else settings.log_format == "json")
+    configure_service_logging(settings)
     with user_errors():
         asyncio.run(_run(settings))
 
@@ -42,15 +42,9 @@ async def _run(settings: Settings) -> None:
     from postroom.relay import Relay
     from postroom.schema import migrate
 
-    state = await asyncio.to_thread(migrate.status, settings.database_url, settings.tables())
-    if not state.up_to_date:
-        from postroom.errors import SchemaMissingError
-
-        found = f"at revision {state.current}" if state.current else "missing"
-        raise SchemaMissingError(
-            f"postroom's tables are {found}; this relay needs revision {state.head}. "
-            "Run `postroom db upgrade` first."
-        )
+    await asyncio.to_thread(
+        migrate.require_current, settings.database_url, settings.tables(), "relay"
+    )
     publisher = publisher_from_url(settings.broker_url)
     service = Relay(settings, publisher)
     loop = asyncio.get_running_loop()

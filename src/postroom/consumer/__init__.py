@@ -12,7 +12,7 @@ Run it with ``postroom consume module:consumer``; test handlers with :mod:`postr
 from postroom.consumer.metrics import ConsumerMetrics
 from postroom.consumer.processing import Disposition, Processor, Result
 from postroom.consumer.registry import Consumer, HandlerSpec
-from postroom.consumer.runner import ConsumerService, subscriber_from_url
+from postroom.consumer.runner import ConsumerService
 
 __all__ = [
     "Consumer",
@@ -22,5 +22,4 @@ __all__ = [
     "HandlerSpec",
     "Processor",
     "Result",
-    "subscriber_from_url",
 ]

@@ -131,10 +131,13 @@ class Consumer:
     ) -> None:
         """Run until cancelled: receive from ``subscriber`` (or one for ``broker_url``, by
         default the settings' broker) and handle every message once."""
-        from postroom.consumer.runner import ConsumerService, subscriber_from_url
+        from postroom.brokers import subscriber_from_url
+        from postroom.consumer.runner import ConsumerService
 
         if subscriber is None:
-            subscriber = subscriber_from_url(broker_url or self.settings.broker_url, self.settings)
+            subscriber = subscriber_from_url(
+                broker_url or self.settings.broker_url, prefetch=self.settings.consumer_prefetch
+            )
         await ConsumerService(self, subscriber, self.settings).run()
 
 

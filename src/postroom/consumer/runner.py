@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from postroom import brokers
 from postroom.backoff import Backoff
 from postroom.brokers.base import Delivery, Subscriber
 from postroom.config import Settings
@@ -372,13 +370,3 @@ def _settled(result: Result | None) -> bool:
     if result is None:
         return False
     return result.disposition not in {Disposition.ABANDONED, Disposition.FAILED}
-
-
-def on_stop(service: ConsumerService) -> Callable[[], None]:
-    """A callback that stops ``service`` (for signal handlers)."""
-    return service.stop
-
-
-def subscriber_from_url(url: str, settings: Settings) -> Subscriber:
-    """A Subscriber for ``url`` with the settings' prefetch."""
-    return brokers.subscriber_from_url(url, prefetch=settings.consumer_prefetch)

@@ -14,6 +14,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, func, select, text
 
 from postroom.database import create_engine, readable_errors
+from postroom.errors import SchemaMissingError
 from postroom.schema.sql import quote_identifier
 from postroom.schema.tables import Tables
 
@@ -60,6 +61,17 @@ def upgrade(database_url: str, tables: Tables, revision: str = "head") -> Schema
         return status(database_url, tables)
     finally:
         engine.dispose()
+
+
+def require_current(database_url: str, tables: Tables, who: str) -> None:
+    """Raise SchemaMissingError unless every shipped migration has been applied."""
+    state = status(database_url, tables)
+    if not state.up_to_date:
+        found = f"at revision {state.current}" if state.current else "missing"
+        raise SchemaMissingError(
+            f"postroom's tables are {found}; this {who} needs revision {state.head}. "
+            "Run `postroom db upgrade` first."
+        )
 
 
 def downgrade(database_url: str, tables: Tables, revision: str = "base") -> None:
