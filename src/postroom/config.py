@@ -55,7 +55,7 @@ class Settings:
     )
     relay_batch_size: int = _setting(500, "Rows claimed and published per batch.")
     relay_lease: float = _setting(
-        15.0, "Lease on partitions and claimed rows; a dead relay's work moves after this."
+        15.0, "Partition lease; a dead relay's partitions move to others after this."
     )
     relay_poll_interval: float = _setting(
         1.0, "Longest wait between looks at the outbox when no NOTIFY arrives."

@@ -47,8 +47,12 @@ def readable_errors(database_url: str) -> Iterator[None]:
         raise translate(exc, database_url) from exc
 
 
-def translate(exc: BaseException, database_url: str) -> Exception:
-    """The postroom error that explains ``exc``, or ``exc`` itself if it is not one we know."""
+def translate(exc: BaseException, database_url: str, *, always: bool = False) -> Exception:
+    """The postroom error that explains ``exc``, or ``exc`` itself if it is not one we know.
+
+    With ``always``, an unknown driver error becomes a DatabaseError too (for services
+    that back off and retry on any database failure rather than stop).
+    """
     original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
     where = describe_url(database_url)
     first_line = str(original).strip().splitlines()[0] if str(original).strip() else ""
@@ -62,6 +66,8 @@ def translate(exc: BaseException, database_url: str) -> Exception:
             f"cannot reach PostgreSQL at {where}, or the connection was lost: {first_line}; "
             "check POSTROOM_DATABASE_URL (or --database-url) and that the server is running"
         )
-    if isinstance(exc, Exception):
+    if isinstance(exc, Exception) and not always:
         return exc
-    return DatabaseError(first_line)
+    return DatabaseError(
+        f"the database refused a statement: {first_line or type(original).__name__}"
+    )

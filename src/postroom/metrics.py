@@ -49,7 +49,8 @@ class RelayMetrics:
         )
         self.oldest_pending_age = Gauge(
             "postroom_outbox_oldest_pending_age_seconds",
-            "Age of the oldest row waiting to be published.",
+            "Seconds the oldest due row has waited to be published "
+            "(a delayed row counts from when it is due).",
             registry=r,
         )
         self.dead_rows = Gauge(

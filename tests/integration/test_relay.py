@@ -526,3 +526,19 @@ async def test_a_retried_mark_cannot_undo_an_operators_replay(
     assert await store.mark(confirmed, max_attempts=3, delete_published=False) == []
     (stored,) = rows(engine, tables)
     assert (stored.status, stored.published_at) == ("pending", None)
+
+
+async def test_a_delayed_message_does_not_look_stuck(
+    database_url: str, conninfo: str, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    with Session(engine) as session:
+        outbox.enqueue(session, "t", "later", delay=timedelta(hours=1))
+        session.commit()
+    with engine.begin() as connection:  # written an hour ago, due an hour from now
+        connection.execute(
+            update(tables.outbox).values(created_at=text("now() - interval '1 hour'"))
+        )
+    store = OutboxStore(Connection(conninfo, database_url), tables)
+    pending, oldest, dead = await store.backlog()
+    assert (pending, dead) == (1, 0)
+    assert oldest == 0.0

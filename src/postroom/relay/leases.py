@@ -1,12 +1,11 @@
 """Partition leases: each partition of the outbox has one relay at a time.
 
-Every relay heartbeats on its own connection. A heartbeat renews the partitions it owns
-(and the lease of the batch it has in flight), counts the live relays, and moves toward
-a fair share: it takes free or expired partitions when it has too few and gives up
-partitions it is not publishing when it has too many. Each acquisition of a
-partition mints a new token; every mark of a row must present the token of its
-partition's lease as it was when the row was read, so a relay that stalled past its
-lease cannot record anything for rows another relay has taken over (fencing).
+Every relay heartbeats on its own connection. A heartbeat renews the partitions it owns,
+counts the live relays, and moves toward a fair share: it takes free or expired
+partitions when it has too few, and drains then gives up partitions when it has too many.
+Each acquisition of a partition mints a new token; every mark of a row must present the
+token of its partition's lease as it was when the row was read, so a relay that stalled
+past its lease cannot record anything for rows another relay has taken over (fencing).
 """
 
 from __future__ import annotations

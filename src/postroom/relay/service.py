@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import secrets
@@ -29,6 +30,7 @@ from postroom.relay.store import (
     Claim,
     ClaimedRow,
     Connection,
+    MarkedRow,
     OutboxStore,
     RowOutcome,
 )
@@ -352,40 +354,21 @@ class Relay:
             for row in claim.rows:
                 self._in_flight.pop(row.position, None)
             self._unrecorded.discard(number)
-        self._count(claim, results, outcomes, marked_positions={m.position for m in marked})
-        for mark in marked:
-            if mark.status == DEAD:
-                source = next(r for r in claim.rows if r.position == mark.position)
-                error = next(o.error for o in outcomes if o.position == mark.position)
-                self.metrics.dead_lettered.inc()
-                log.error(
-                    "relay.dead_lettered",
-                    message_id=str(source.message.id),
-                    topic=source.message.topic,
-                    key=source.message.key,
-                    attempts=mark.attempts,
-                    error=error,
-                )
+        by_position = {o.position: (row, o) for row, o in zip(claim.rows, outcomes, strict=True)}
+        self._count(by_position, marked)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
 
     def _outcome(
         self, row: ClaimedRow, result: PublishResult | None, token: uuid.UUID
     ) -> RowOutcome:
+        """What to record for ``row`` given the broker's answer (None: held back, not sent)."""
         if result is None:
             return RowOutcome(row.position, token, row.attempts, row.due_at, HELD)
         if result.outcome is Outcome.CONFIRMED:
             return RowOutcome(row.position, token, row.attempts, row.due_at, CONFIRMED)
         if result.outcome is Outcome.UNAVAILABLE:
-            self._set_broker_ready(False)
-            return RowOutcome(
-                row.position,
-                token,
-                row.attempts,
-                row.due_at,
-                UNAVAILABLE,
-                f"broker unavailable: {result.error}",
-            )
-        delay = self._row_backoff.delay(row.attempts + 1)
+            error = f"broker unavailable: {result.error}"
+            return RowOutcome(row.position, token, row.attempts, row.due_at, UNAVAILABLE, error)
         log.warning(
             "relay.publish_failed",
             message_id=str(row.message.id),
@@ -395,36 +378,41 @@ class Relay:
             max_attempts=self.settings.relay_max_attempts,
             error=result.error,
         )
-        return RowOutcome(
-            row.position,
-            token,
-            row.attempts,
-            row.due_at,
-            REJECTED,
-            result.error or "rejected",
-            delay,
-        )
+        delay = self._row_backoff.delay(row.attempts + 1)
+        error = result.error or "rejected"
+        return RowOutcome(row.position, token, row.attempts, row.due_at, REJECTED, error, delay)
 
     def _count(
-        self,
-        claim: Claim,
-        results: list[PublishResult | None],
-        outcomes: list[RowOutcome],
-        marked_positions: set[int],
+        self, by_position: dict[int, tuple[ClaimedRow, RowOutcome]], marked: list[MarkedRow]
     ) -> None:
+        """Metrics and log events for one recorded batch (counters once per batch)."""
         now = datetime.now(UTC)
-        for row, result, outcome in zip(claim.rows, results, outcomes, strict=True):
-            if row.position not in marked_positions:
-                self.metrics.fenced.inc()
-                continue
+        tally: collections.Counter[str] = collections.Counter()
+        for mark in marked:
+            row, outcome = by_position[mark.position]
+            tally[outcome.outcome] += 1
             if outcome.outcome == CONFIRMED:
-                self.metrics.published.inc()
                 self.metrics.latency.observe((now - row.message.created_at).total_seconds())
-            elif outcome.outcome == REJECTED:
-                self.metrics.failed.inc()
-            elif outcome.outcome == UNAVAILABLE and result is not None:
-                self.metrics.unavailable.inc()
-        fenced = len(claim.rows) - len(marked_positions)
+            if mark.status == DEAD:
+                log.error(
+                    "relay.dead_lettered",
+                    message_id=str(row.message.id),
+                    topic=row.message.topic,
+                    key=row.message.key,
+                    attempts=mark.attempts,
+                    error=outcome.error,
+                )
+                tally["dead"] += 1
+        fenced = len(by_position) - len(marked)
+        for metric, count in (
+            (self.metrics.published, tally[CONFIRMED]),
+            (self.metrics.failed, tally[REJECTED]),
+            (self.metrics.unavailable, tally[UNAVAILABLE]),
+            (self.metrics.dead_lettered, tally["dead"]),
+            (self.metrics.fenced, fenced),
+        ):
+            if count:
+                metric.inc(count)
         if fenced:
             log.warning(
                 "relay.mark_fenced",

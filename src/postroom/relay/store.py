@@ -11,22 +11,23 @@ from typing import Any, Final
 
 import psycopg
 
+from postroom.brokers.base import Outcome
 from postroom.database import translate
 from postroom.errors import DatabaseError
 from postroom.message import Message
 from postroom.schema import relay_sql
 from postroom.schema.tables import Tables
 
-#: Outcome names the mark statement understands.
-CONFIRMED: Final = "confirmed"
-REJECTED: Final = "rejected"
-UNAVAILABLE: Final = "unavailable"
+#: Outcome names the mark statement understands: the broker's, plus "held" (not sent).
+CONFIRMED: Final = Outcome.CONFIRMED.value
+REJECTED: Final = Outcome.REJECTED.value
+UNAVAILABLE: Final = Outcome.UNAVAILABLE.value
 HELD: Final = "held"
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimedRow:
-    """One leased outbox row and the message it holds."""
+    """One claimed outbox row and the message it holds."""
 
     position: int
     partition: int
@@ -91,13 +92,9 @@ class Connection:
                 raise self._error(exc) from exc
         return self._connection
 
-    def _error(self, exc: psycopg.Error) -> DatabaseError:
-        """Every driver error as a DatabaseError, so callers back off instead of dying."""
-        translated = translate(exc, self._database_url)
-        if isinstance(translated, DatabaseError):
-            return translated
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return DatabaseError(f"the database refused a relay statement: {first_line}")
+    def _error(self, exc: psycopg.Error) -> Exception:
+        """Every driver error as a postroom error, so callers back off instead of dying."""
+        return translate(exc, self._database_url, always=True)
 
     async def fetch(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run one statement and return its rows; errors become postroom errors."""

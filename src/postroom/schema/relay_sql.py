@@ -196,11 +196,16 @@ RETURNING position
 
 @functools.cache
 def backlog_sql(tables: Tables) -> str:
-    """Pending rows, seconds since the oldest was written, and dead-lettered rows."""
+    """Pending rows, seconds the oldest due row has waited, and dead-lettered rows.
+
+    The wait counts from when a row became due (``available_at``), as in
+    ``postroom outbox status``, so a message delayed on purpose does not look stuck.
+    """
     outbox = quoted_table(tables.outbox)
     return f"""
 SELECT count(*),
-       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8,
+       coalesce(extract(epoch FROM now() - min(available_at)
+                FILTER (WHERE available_at <= now())), 0)::float8,
        (SELECT count(*) FROM {outbox} WHERE status = '{DEAD}')
 FROM {outbox} WHERE status = '{PENDING}'
 """
