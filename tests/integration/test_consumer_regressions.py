@@ -90,12 +90,15 @@ class ScriptedSubscriber:
 
 
 async def wait_until(condition: Any, seconds: float) -> bool:
+    """Wait until ``condition()`` holds; fail the test (not just return False) if it never does."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
             return True
         await asyncio.sleep(0.05)
-    return bool(condition())
+    if not condition():
+        raise AssertionError(f"condition not met within {seconds}s")
+    return True
 
 
 # Bug 4: the concurrency slot is held only while a handler runs, not during backoff.

@@ -190,14 +190,20 @@ async def test_broker_outage_burns_no_attempts_and_resumes_by_itself(
     settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
 ) -> None:
     broker = MemoryBroker()
-    broker.start_outage()
-    write(engine, outbox, [("t", i, f"k{i % 4}") for i in range(40)])
-    async with running(Relay(settings, broker.publisher())):
-        await asyncio.sleep(1.5)
-        assert broker.messages() == []
-        assert all(r.status == "pending" and r.attempts == 0 for r in rows(engine, tables))
+    relay = Relay(settings, broker.publisher())
+    async with running(relay):
+        write(engine, outbox, [("t", i, f"k{i % 4}") for i in range(5)])
+        await eventually(lambda: len(broker.messages()) == 5)
+        # The broker goes away while the relay is running: its publishes come back
+        # UNAVAILABLE, which must not cost the rows an attempt.
+        broker.start_outage()
+        write(engine, outbox, [("t", i, f"k{i % 4}") for i in range(5, 45)])
+        await eventually(lambda: relay.metrics.unavailable._value.get() > 0)
+        await eventually(lambda: not relay.ready)
+        assert len(broker.messages()) == 5
+        assert all(r.attempts == 0 for r in rows(engine, tables) if r.status == "pending")
         broker.end_outage()
-        await eventually(lambda: len(broker.messages()) == 40)
+        await eventually(lambda: len(broker.messages()) == 45)
         await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
     assert all(r.attempts == 0 for r in rows(engine, tables))
 

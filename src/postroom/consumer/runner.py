@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from postroom.backoff import Backoff
 from postroom.brokers.base import Delivery, Subscriber
 from postroom.config import Settings
+from postroom.consumer.decoding import describe_error
 from postroom.consumer.metrics import ConsumerMetrics
 from postroom.consumer.processing import Disposition, Processor, Result
 from postroom.consumer.registry import Consumer
@@ -360,7 +361,7 @@ class ConsumerService:
                     if deleted < PURGE_BATCH:
                         break
             except Exception as exc:
-                log.warning("consumer.inbox_purge_failed", error=str(exc).splitlines()[0])
+                log.warning("consumer.inbox_purge_failed", error=describe_error(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), PURGE_INTERVAL)
 

@@ -31,11 +31,14 @@ def insert_inbox_sql(tables: Tables) -> str:
 
 @functools.cache
 def purge_inbox_sql(tables: Tables) -> str:
-    """Delete up to ``:limit`` rows of ``:consumer`` older than ``:retention`` seconds."""
+    """Delete up to ``:limit`` rows of ``:consumer`` older than ``:retention`` seconds.
+
+    Rows another replica of the consumer is deleting are skipped, not waited for.
+    """
     inbox = quoted_table(tables.inbox)
     return (
         f"DELETE FROM {inbox} WHERE ctid = ANY(ARRAY("
         f"SELECT ctid FROM {inbox} "
         "WHERE processed_at < now() - CAST(:retention AS float8) * interval '1 second' "
-        "AND consumer = :consumer LIMIT :limit))"
+        "AND consumer = :consumer LIMIT :limit FOR UPDATE SKIP LOCKED))"
     )
