@@ -17,9 +17,12 @@ class Backoff:
     initial: float = 1.0
     maximum: float = 300.0
 
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1 for the first)."""
+    def nominal(self, attempt: int) -> float:
+        """The planned wait after failed attempt ``attempt`` (1 for the first), before jitter."""
         # The exponent is clamped: past ~60 doublings every delay is the maximum anyway,
         # and 2.0 ** 1024 would overflow after a long outage.
-        nominal = min(self.maximum, self.initial * 2.0 ** min(max(0, attempt - 1), 60))
-        return nominal * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not security
+        return min(self.maximum, self.initial * 2.0 ** min(max(0, attempt - 1), 60))
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1 for the first)."""
+        return self.nominal(attempt) * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not security

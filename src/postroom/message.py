@@ -28,6 +28,8 @@ HEADER_ID: Final = "postroom-id"
 HEADER_CONTENT_TYPE: Final = "postroom-content-type"
 HEADER_CREATED_AT: Final = "postroom-created-at"
 HEADER_KEY: Final = "postroom-key"
+#: The headers :meth:`Message.wire_headers` derives from the envelope's own fields.
+ENVELOPE_HEADERS: Final = (HEADER_ID, HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_KEY)
 
 
 class MessageOptions(TypedDict, total=False):

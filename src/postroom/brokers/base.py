@@ -126,6 +126,9 @@ HEADER_CONSUMER = "postroom-consumer"
 HEADER_DEAD_LETTERED_AT = "postroom-dead-lettered-at"
 """When a message was dead-lettered (ISO 8601, UTC)."""
 HEADER_FOR_CONSUMER = "postroom-for-consumer"
+#: Where a Kafka dead letter came from (its original partition and offset).
+HEADER_PARTITION = "postroom-partition"
+HEADER_OFFSET = "postroom-offset"
 """On a copy requeued to a shared topic (``postroom dead-letter requeue`` on Kafka): the one
 consumer meant to handle it. Other consumers acknowledge it without handling it."""
 

@@ -857,18 +857,18 @@ class KafkaSubscriber:
         import uuid as _uuid
 
         from postroom._uuid7 import uuid7
-        from postroom.brokers.base import dead_letter_headers
-        from postroom.message import HEADER_ID, OCTET_STREAM
+        from postroom.brokers.base import HEADER_OFFSET, HEADER_PARTITION, dead_letter_headers
+        from postroom.message import ENVELOPE_HEADERS, HEADER_CONTENT_TYPE, HEADER_ID, OCTET_STREAM
 
         headers = dead_letter_headers(delivery, self.group, error, attempts)
-        headers["postroom-partition"] = str(delivery.partition)
-        headers["postroom-offset"] = str(delivery.offset)
+        headers[HEADER_PARTITION] = str(delivery.partition)
+        headers[HEADER_OFFSET] = str(delivery.offset)
         try:
             message_id = _uuid.UUID(headers.get(HEADER_ID, ""))
         except ValueError:
             message_id = uuid7()
-        content_type = headers.pop("postroom-content-type", None) or OCTET_STREAM
-        for name in ("postroom-id", "postroom-created-at", "postroom-key"):
+        content_type = headers.pop(HEADER_CONTENT_TYPE, None) or OCTET_STREAM
+        for name in ENVELOPE_HEADERS:
             headers.pop(name, None)
         now = datetime.now(UTC)
         copy = Message(

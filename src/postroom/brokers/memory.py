@@ -12,7 +12,7 @@ from typing import ClassVar, Final
 
 from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
 from postroom.errors import BrokerUnavailableError
-from postroom.message import Message
+from postroom.message import ENVELOPE_HEADERS, Message
 
 #: The error text of results during a simulated outage, unless another reason is given.
 DEFAULT_OUTAGE_REASON: Final = "the in-memory broker is down (simulated outage)"
@@ -271,12 +271,7 @@ class MemoryDelivery:
 
 
 #: Wire headers a Message regenerates from its fields (not kept in a dead-letter copy's headers).
-HEADER_ID_NAMES: Final = (
-    "postroom-id",
-    "postroom-content-type",
-    "postroom-created-at",
-    "postroom-key",
-)
+HEADER_ID_NAMES: Final = ENVELOPE_HEADERS
 
 
 class MemorySubscriber:

@@ -47,6 +47,8 @@ from postroom.brokers.base import (
     HEADER_DEAD_LETTERED_AT,
     HEADER_ERROR,
     HEADER_FOR_CONSUMER,
+    HEADER_OFFSET,
+    HEADER_PARTITION,
     HEADER_TOPIC,
     dead_letter_name,
 )
@@ -113,8 +115,8 @@ DEAD_LETTER_HEADERS = frozenset(
 KAFKA_COPY_HEADERS = frozenset(
     {
         HEADER_TOPIC,
-        "postroom-partition",
-        "postroom-offset",
+        HEADER_PARTITION,
+        HEADER_OFFSET,
         HEADER_ID,
         HEADER_CONTENT_TYPE,
         HEADER_CREATED_AT,

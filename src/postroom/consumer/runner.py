@@ -38,12 +38,8 @@ STOP_GRACE = 30.0
 
 def retry_window(settings: Settings) -> float:
     """Longest time a message can spend between its first and last attempt (no jitter)."""
-    total = 0.0
-    for attempt in range(1, settings.consumer_max_attempts):
-        total += min(
-            settings.consumer_backoff_max, settings.consumer_backoff_initial * 2.0 ** (attempt - 1)
-        )
-    return total
+    backoff = Backoff(settings.consumer_backoff_initial, settings.consumer_backoff_max)
+    return sum(backoff.nominal(attempt) for attempt in range(1, settings.consumer_max_attempts))
 
 
 def check_settings(settings: Settings) -> None:

@@ -120,28 +120,35 @@ def max_position_sql(tables: Tables) -> str:
     return f"SELECT coalesce(max(position), 0) FROM {quoted_table(tables.outbox)}"
 
 
+def _back_to_pending_sql(tables: Tables, guard: str, resets: str) -> str:
+    """Move up to %(limit)s rows matching the filter and ``guard`` to pending, due now,
+    applying ``resets`` too; one notification wakes the relays."""
+    outbox = quoted_table(tables.outbox)
+    return f"""
+WITH batch AS ({_batch(tables, guard)}),
+changed AS (
+    UPDATE {outbox} AS t SET status = '{PENDING}', next_attempt_at = now(), {resets}
+    FROM batch WHERE t.position = batch.position
+    RETURNING t.position
+)
+SELECT count(*), coalesce(max(position), 0), pg_notify(%(channel)s, '') FROM changed
+"""
+
+
 @functools.cache
 def retry_batch_sql(tables: Tables) -> str:
     """Move up to %(limit)s dead or backing-off rows matching the filter to pending, due now.
 
     A dead row also gets its attempts reset to 0 (a full set of attempts again) and loses
     its ``dead_lettered_at``; a backing-off row keeps its attempts. ``last_error`` is kept
-    as a record of what went wrong. One notification wakes the relays.
+    as a record of what went wrong.
     """
-    outbox = quoted_table(tables.outbox)
-    return f"""
-WITH batch AS ({_batch(tables, RETRYABLE)}),
-changed AS (
-    UPDATE {outbox} AS t SET
-        status = '{PENDING}',
-        attempts = CASE WHEN t.status = '{DEAD}' THEN 0 ELSE t.attempts END,
-        next_attempt_at = now(),
-        dead_lettered_at = NULL
-    FROM batch WHERE t.position = batch.position
-    RETURNING t.position
-)
-SELECT count(*), coalesce(max(position), 0), pg_notify(%(channel)s, '') FROM changed
-"""
+    return _back_to_pending_sql(
+        tables,
+        RETRYABLE,
+        f"attempts = CASE WHEN t.status = '{DEAD}' THEN 0 ELSE t.attempts END, "
+        "dead_lettered_at = NULL",
+    )
 
 
 @functools.cache
@@ -151,20 +158,7 @@ def replay_batch_sql(tables: Tables) -> str:
     The rows keep their ids, so a consumer with an inbox recognises the messages it
     already handled. Attempts start again from 0; ``published_at`` is cleared.
     """
-    outbox = quoted_table(tables.outbox)
-    return f"""
-WITH batch AS ({_batch(tables, REPLAYABLE)}),
-changed AS (
-    UPDATE {outbox} AS t SET
-        status = '{PENDING}',
-        attempts = 0,
-        next_attempt_at = now(),
-        published_at = NULL
-    FROM batch WHERE t.position = batch.position
-    RETURNING t.position
-)
-SELECT count(*), coalesce(max(position), 0), pg_notify(%(channel)s, '') FROM changed
-"""
+    return _back_to_pending_sql(tables, REPLAYABLE, "attempts = 0, published_at = NULL")
 
 
 @functools.cache
