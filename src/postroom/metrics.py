@@ -3,16 +3,92 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
-from collections.abc import Callable
+import math
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 from postroom.errors import ConfigurationError
 
 #: Latency buckets in seconds, from a millisecond to a minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class BatchHistogram(Collector):
+    """A histogram (exposed like ``prometheus_client.Histogram``) that takes a whole
+    batch of observations in one call.
+
+    The relay observes the latency of every message it publishes; observing them one by
+    one through ``Histogram.observe`` (a lock and a bucket walk each) cost more than a
+    tenth of the relay's time per message. Here a batch costs one lock and one binary
+    search per value.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        *,
+        buckets: Iterable[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = sorted(float(b) for b in buckets)
+        self._counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        """Record one value."""
+        self.observe_many((value,))
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        """Record every value of ``values``."""
+        values = list(values)
+        if not values:
+            return
+        slot = bisect.bisect_left
+        bounds = self.bounds
+        with self._lock:
+            counts = self._counts
+            for value in values:
+                counts[slot(bounds, value)] += 1
+            self._sum += math.fsum(values)
+
+    @property
+    def count(self) -> int:
+        """Values observed so far."""
+        return sum(self._counts)
+
+    def collect(self) -> Iterator[Metric]:
+        """The histogram as Prometheus exposes it (cumulative buckets, sum and count)."""
+        with self._lock:
+            counts = list(self._counts)
+            total = self._sum
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip([*self.bounds, math.inf], counts, strict=True):
+            cumulative += count
+            label = "+Inf" if bound == math.inf else _float_label(bound)
+            buckets.append((label, cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric's name and type, without values (for registration)."""
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
+def _float_label(value: float) -> str:
+    """A bucket bound as ``prometheus_client`` prints it (``0.005``, ``1.0``)."""
+    return repr(float(value))
 
 
 class RelayMetrics:
@@ -62,7 +138,7 @@ class RelayMetrics:
         self.broker_connected = Gauge(
             "postroom_relay_broker_connected", "1 while the broker answers, else 0.", registry=r
         )
-        self.latency = Histogram(
+        self.latency = BatchHistogram(
             "postroom_relay_delivery_latency_seconds",
             "From enqueue to broker confirmation, per published message.",
             buckets=LATENCY_BUCKETS,

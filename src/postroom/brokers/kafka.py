@@ -242,25 +242,37 @@ class KafkaPublisher:
                 raise
 
     async def publish(self, batch: Sequence[Message]) -> list[PublishResult]:
-        """Produce ``batch`` in order and return one result per message from its delivery report."""
+        """Produce ``batch`` in order and return one result per message from its delivery report.
+
+        The delivery reports of the batch are counted on the poll thread into one
+        :class:`_Reports` object, which wakes this coroutine once, when the last arrives.
+        """
         if not batch:
             return []
         async with self._lock:
             producer = await self._ensure_producer()
-        loop = asyncio.get_running_loop()
-        queue_deadline = loop.time() + self.message_timeout
-        outcomes: list[asyncio.Future[PublishResult] | PublishResult] = []
-        for message in batch:
-            outcomes.append(await self._produce(producer, message, queue_deadline))
-        waiting = [o for o in outcomes if isinstance(o, asyncio.Future)]
-        if waiting:
-            _, late = await asyncio.wait(waiting, timeout=self.message_timeout + DELIVERY_GRACE)
-            if late:
-                producer.broken = (
-                    f"delivery reports were missing {self.message_timeout + DELIVERY_GRACE:g} s "
-                    "after producing"
+        reports = _Reports(producer, batch)
+        producer.pending.add(reports)
+        try:
+            await self._produce_all(producer, reports)
+            if not reports.seal():
+                done, _ = await asyncio.wait(
+                    [reports.future], timeout=self.message_timeout + DELIVERY_GRACE
                 )
-        results = [self._result(o) for o in outcomes]
+                if not done:
+                    producer.broken = (
+                        f"delivery reports were missing {self.message_timeout + DELIVERY_GRACE:g} "
+                        "s after producing"
+                    )
+        finally:
+            producer.pending.discard(reports)
+        results = reports.close(
+            PublishResult(
+                Outcome.UNAVAILABLE,
+                f"no delivery report from Kafka at {self.bootstrap_servers} within "
+                f"{self.message_timeout + DELIVERY_GRACE:g} s",
+            )
+        )
         if producer.broken is None and any(r.outcome is Outcome.UNAVAILABLE for r in results):
             # A producer can stay wedged after an outage: e.g. a broker that lost its
             # producer-id state answers UNKNOWN_PRODUCER_ID to every epoch bump, so all
@@ -327,46 +339,39 @@ class KafkaPublisher:
             "brokers run and that the broker URL (POSTROOM_BROKER_URL) is right"
         )
 
-    async def _produce(
-        self, producer: _Producer, message: Message, queue_deadline: float
-    ) -> asyncio.Future[PublishResult] | PublishResult:
+    async def _produce_all(self, producer: _Producer, reports: _Reports) -> None:
+        """Hand every message of ``reports`` to librdkafka, in order.
+
+        A message refused at once (too large, invalid) gets its result here; the others get
+        theirs from their delivery reports. A full producer queue waits for room, up to
+        ``message.timeout.ms``, then the rest of the batch is UNAVAILABLE.
+        """
         loop = asyncio.get_running_loop()
-        while True:
+        queue_deadline = loop.time() + self.message_timeout
+        index = 0
+        count = len(reports.messages)
+        while index < count:
+            index = producer.produce_from(reports, index)
+            if index >= count:
+                return
+            # produce_from stopped on a full queue: wait for delivery reports to make room.
             if producer.broken is not None:
-                return _unavailable_after_failure(producer.broken)
-            try:
-                return producer.produce(message)
-            except BufferError:
-                if loop.time() >= queue_deadline:
-                    return PublishResult(
+                reports.fail_from(index, _unavailable_after_failure(producer.broken))
+                return
+            if loop.time() >= queue_deadline:
+                reports.fail_from(
+                    index,
+                    PublishResult(
                         Outcome.UNAVAILABLE,
                         f"the producer queue stayed full for {self.message_timeout:g} s; "
                         f"Kafka at {self.bootstrap_servers} is not taking messages",
-                    )
-                producer.progress.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(producer.progress.wait(), 1.0)
-            except KafkaException as exc:
-                error: KafkaError = exc.args[0]
-                if error.fatal() or error.code() == KafkaError._FATAL:
-                    producer.broken = _describe(error)
-                    return _unavailable_after_failure(producer.broken)
-                return classify_error(error, message)
-            except (TypeError, ValueError) as exc:
-                return PublishResult(
-                    Outcome.REJECTED, f"the Kafka client refused the message: {exc}"
+                    ),
                 )
-
-    def _result(self, outcome: asyncio.Future[PublishResult] | PublishResult) -> PublishResult:
-        if isinstance(outcome, PublishResult):
-            return outcome
-        if outcome.done() and not outcome.cancelled():
-            return outcome.result()
-        return PublishResult(
-            Outcome.UNAVAILABLE,
-            f"no delivery report from Kafka at {self.bootstrap_servers} within "
-            f"{self.message_timeout + DELIVERY_GRACE:g} s",
-        )
+                return
+            producer.progress.clear()
+            producer.waiting_for_room = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(producer.progress.wait(), 1.0)
 
 
 def classify_error(error: KafkaError, message: Message) -> PublishResult:
@@ -415,11 +420,102 @@ class _LibrdkafkaLog:
         _log.log(min(level, logging.WARNING), "librdkafka", detail=fmt % args if args else fmt)
 
 
+class _Reports:
+    """The delivery reports of one publish() call, counted as they arrive.
+
+    The poll thread writes each message's result into ``results`` (CONFIRMED only from a
+    report without error) and wakes the event loop once, when the last expected report is
+    in. The event loop thread only produces, seals and reads. ``_lock`` orders the two.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_expected",
+        "_lock",
+        "_reported",
+        "_sealed",
+        "future",
+        "messages",
+        "producer",
+        "results",
+    )
+
+    def __init__(self, producer: _Producer, messages: Sequence[Message]) -> None:
+        self.producer = producer
+        self.messages = messages
+        self.results: list[PublishResult | None] = [None] * len(messages)
+        self.future: asyncio.Future[None] = producer.loop.create_future()
+        self._lock = threading.Lock()
+        self._expected = 0
+        """Messages handed to librdkafka (each will get one delivery report)."""
+        self._reported = 0
+        self._sealed = False
+        """True once every message was produced or got its result: no more are expected."""
+        self._closed = False
+        """True once publish() read the results: later reports are ignored."""
+
+    def expect(self, produced: int) -> None:
+        """``produced`` more messages were handed to librdkafka (event loop thread)."""
+        with self._lock:
+            self._expected += produced
+
+    def refused(self, index: int, result: PublishResult) -> None:
+        """Message ``index`` was not produced; ``result`` says why (event loop thread)."""
+        self.results[index] = result
+
+    def fail_from(self, index: int, result: PublishResult) -> None:
+        """Messages from ``index`` on were not produced (event loop thread)."""
+        for position in range(index, len(self.messages)):
+            self.results[position] = result
+
+    def seal(self) -> bool:
+        """No more messages will be produced; True if every report is already in."""
+        with self._lock:
+            self._sealed = True
+            complete = self._reported >= self._expected
+        if complete and not self.future.done():
+            self.future.set_result(None)
+        return complete
+
+    def report(self, index: int, error: KafkaError | None, _record: Any) -> None:
+        """librdkafka's delivery report for message ``index`` (poll thread)."""
+        result = CONFIRMED if error is None else classify_error(error, self.messages[index])
+        with self._lock:
+            if self._closed:
+                return
+            self.results[index] = result
+            self._reported += 1
+            last = self._sealed and self._reported == self._expected
+        if last:
+            self.producer.to_loop(self._wake)
+        elif self.producer.waiting_for_room:
+            self.producer.waiting_for_room = False
+            self.producer.to_loop(self.producer.progress.set)
+
+    def _wake(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+        self.producer.progress.set()
+
+    def fail(self, result: PublishResult) -> None:
+        """The producer failed or closed: stop waiting (event loop thread)."""
+        with self._lock:
+            self.results = [r if r is not None else result for r in self.results]
+        self._wake()
+
+    def close(self, missing: PublishResult) -> list[PublishResult]:
+        """The final results, ``missing`` for messages without a report (event loop thread)."""
+        with self._lock:
+            self._closed = True
+            return [r if r is not None else missing for r in self.results]
+
+
 class _Producer:
-    """One librdkafka producer, the thread that polls it, and the futures it will resolve.
+    """One librdkafka producer, the thread that polls it, and the batches awaiting reports.
 
     Attributes other than ``producer`` are read and written on the event loop's thread;
-    the poll thread only hands results over with ``call_soon_threadsafe``.
+    the poll thread only hands results over through :class:`_Reports` (under its lock)
+    and ``call_soon_threadsafe``.
     """
 
     def __init__(self, settings: Mapping[str, Any], loop: asyncio.AbstractEventLoop) -> None:
@@ -427,9 +523,9 @@ class _Producer:
         self.broken: str | None = None
         self.all_brokers_down: str | None = None
         self.progress = asyncio.Event()
-        self.pending: set[asyncio.Future[PublishResult]] = set()
-        self._handoff: list[tuple[asyncio.Future[PublishResult], PublishResult]] = []
-        self._handoff_lock = threading.Lock()
+        self.waiting_for_room = False
+        """Set when a publish waits for queue room: the next report wakes it."""
+        self.pending: set[_Reports] = set()
         self._stop = threading.Event()
         self.producer: Any = confluent_kafka.Producer(
             {**settings, "error_cb": self._on_error, "logger": _LibrdkafkaLog()}
@@ -439,20 +535,52 @@ class _Producer:
         )
         self._thread.start()
 
-    def produce(self, message: Message) -> asyncio.Future[PublishResult]:
-        """Hand one message to librdkafka; the future resolves from its delivery report."""
-        future: asyncio.Future[PublishResult] = self.loop.create_future()
-        self.producer.produce(
-            message.topic,
-            value=message.body,
-            key=message.key.encode() if message.key is not None else None,
-            headers=[(name, value.encode()) for name, value in message.wire_headers().items()],
-            timestamp=int(message.created_at.timestamp() * 1000),
-            on_delivery=functools.partial(self._on_delivery, future, message),
-        )
-        self.pending.add(future)
-        future.add_done_callback(self.pending.discard)
-        return future
+    def produce_from(self, reports: _Reports, start: int) -> int:
+        """Hand messages ``start``, ``start + 1``, ... of ``reports`` to librdkafka.
+
+        Returns the index of the first message not handed over because the queue is full
+        (or the batch's length when all were). A message librdkafka refuses at once gets
+        its result in ``reports``; after a fatal error the rest are UNAVAILABLE.
+        """
+        produce = self.producer.produce
+        report = reports.report
+        messages = reports.messages
+        index = start
+        produced = 0
+        try:
+            for index in range(start, len(messages)):
+                message = messages[index]
+                try:
+                    produce(
+                        message.topic,
+                        value=message.body,
+                        key=message.key,
+                        headers=list(message.wire_headers().items()),
+                        timestamp=int(message.created_at.timestamp() * 1000),
+                        on_delivery=functools.partial(report, index),
+                    )
+                except BufferError:
+                    return index
+                except KafkaException as exc:
+                    error: KafkaError = exc.args[0]
+                    if error.fatal() or error.code() == KafkaError._FATAL:
+                        self.broken = _describe(error)
+                        reports.fail_from(index, _unavailable_after_failure(self.broken))
+                        return len(messages)
+                    reports.refused(index, classify_error(error, message))
+                    continue
+                except (TypeError, ValueError) as exc:
+                    reports.refused(
+                        index,
+                        PublishResult(
+                            Outcome.REJECTED, f"the Kafka client refused the message: {exc}"
+                        ),
+                    )
+                    continue
+                produced += 1
+            return len(messages)
+        finally:
+            reports.expect(produced)
 
     async def shutdown(self, *, flush_timeout: float) -> None:
         """Deliver what is in flight (up to ``flush_timeout``), then stop and free the producer."""
@@ -486,44 +614,23 @@ class _Producer:
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():
             _log.error("Kafka producer failed fatally", error=_describe(error))
-            self._to_loop(self._mark_broken, _describe(error))
+            self.to_loop(self._mark_broken, _describe(error))
         elif error.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._to_loop(setattr, self, "all_brokers_down", _describe(error))
+            self.to_loop(setattr, self, "all_brokers_down", _describe(error))
             _log.warning("all Kafka brokers are down", error=_describe(error))
-
-    def _on_delivery(
-        self,
-        future: asyncio.Future[PublishResult],
-        message: Message,
-        error: KafkaError | None,
-        _record: Any,
-    ) -> None:
-        result = CONFIRMED if error is None else classify_error(error, message)
-        with self._handoff_lock:
-            self._handoff.append((future, result))
-            first = len(self._handoff) == 1
-        if first:
-            self._to_loop(self._take_handoff)
-
-    def _take_handoff(self) -> None:
-        with self._handoff_lock:
-            ready, self._handoff = self._handoff, []
-        for future, result in ready:
-            if not future.done():
-                future.set_result(result)
-        self.progress.set()
 
     def _mark_broken(self, reason: str) -> None:
         self.broken = self.broken or reason
         self._fail_pending(f"the Kafka producer failed ({reason}); it is replaced")
 
     def _fail_pending(self, reason: str) -> None:
-        for future in list(self.pending):
-            if not future.done():
-                future.set_result(PublishResult(Outcome.UNAVAILABLE, reason))
+        failed = PublishResult(Outcome.UNAVAILABLE, reason)
+        for reports in list(self.pending):
+            reports.fail(failed)
         self.progress.set()
 
-    def _to_loop(self, callback: Any, *args: Any) -> None:
+    def to_loop(self, callback: Any, *args: Any) -> None:
+        """Run ``callback(*args)`` on the event loop thread (from any thread)."""
         # A closed event loop raises RuntimeError: nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(callback, *args)

@@ -9,9 +9,7 @@ import os
 import secrets
 import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import TypeVar
 
 from postroom.backoff import Backoff
@@ -27,15 +25,15 @@ from postroom.relay.store import (
     HELD,
     REJECTED,
     UNAVAILABLE,
+    BatchOutcomes,
     Claim,
     ClaimedRow,
     Connection,
     MarkedRow,
     OutboxStore,
-    RowOutcome,
 )
 from postroom.relay.wakeup import Wakeup
-from postroom.schema.tables import DEAD
+from postroom.schema.tables import DEAD, PUBLISHED
 
 log = get_logger("relay")
 
@@ -338,37 +336,59 @@ class Relay:
     async def _record(
         self, claim: Claim, results: list[PublishResult | None], started: float, number: int
     ) -> None:
+        rows = claim.rows
         try:
-            outcomes = [
-                self._outcome(row, result, claim.tokens[row.partition])
-                for row, result in zip(claim.rows, results, strict=True)
-            ]
+            batch = self._outcomes(claim, results)
             marked = await _with_retries(
-                lambda: self._marks.mark(
-                    outcomes,
+                lambda: self._marks.mark_batch(
+                    batch,
                     max_attempts=self.settings.relay_max_attempts,
                     delete_published=self.settings.relay_retention == 0,
                 )
             )
         finally:
-            for row in claim.rows:
-                self._in_flight.pop(row.position, None)
+            in_flight = self._in_flight
+            for row in rows:
+                in_flight.pop(row.position, None)
             self._unrecorded.discard(number)
-        by_position = {o.position: (row, o) for row, o in zip(claim.rows, outcomes, strict=True)}
-        self._count(by_position, marked)
+        self._count(rows, batch, marked)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
 
+    def _outcomes(self, claim: Claim, results: list[PublishResult | None]) -> BatchOutcomes:
+        """What to record for each row of ``claim``, column by column."""
+        rows = claim.rows
+        numbers = {partition: n for n, partition in enumerate(claim.tokens, start=1)}
+        names: list[str] = []
+        failures: dict[int, tuple[str | None, float]] = {}
+        for row, result in zip(rows, results, strict=True):
+            if result is not None and result.outcome is Outcome.CONFIRMED:
+                names.append(CONFIRMED)
+                continue
+            name, error, delay = self._outcome(row, result)
+            names.append(name)
+            if error is not None or delay:
+                failures[row.position] = (error, delay)
+        return BatchOutcomes(
+            positions=[row.position for row in rows],
+            attempts=[row.attempts for row in rows],
+            due=[row.due_at for row in rows],
+            outcomes=names,
+            token_numbers=[numbers[row.partition] for row in rows],
+            tokens=list(claim.tokens.values()),
+            failures=failures,
+        )
+
     def _outcome(
-        self, row: ClaimedRow, result: PublishResult | None, token: uuid.UUID
-    ) -> RowOutcome:
-        """What to record for ``row`` given the broker's answer (None: held back, not sent)."""
+        self, row: ClaimedRow, result: PublishResult | None
+    ) -> tuple[str, str | None, float]:
+        """Outcome name, error and backoff delay for ``row`` given the broker's answer
+        (None: held back, not sent)."""
         if result is None:
-            return RowOutcome(row.position, token, row.attempts, row.due_at, HELD)
+            return HELD, None, 0.0
         if result.outcome is Outcome.CONFIRMED:
-            return RowOutcome(row.position, token, row.attempts, row.due_at, CONFIRMED)
+            return CONFIRMED, None, 0.0
         if result.outcome is Outcome.UNAVAILABLE:
-            error = f"broker unavailable: {result.error}"
-            return RowOutcome(row.position, token, row.attempts, row.due_at, UNAVAILABLE, error)
+            return UNAVAILABLE, f"broker unavailable: {result.error}", 0.0
         log.warning(
             "relay.publish_failed",
             message_id=str(row.message.id),
@@ -378,34 +398,51 @@ class Relay:
             max_attempts=self.settings.relay_max_attempts,
             error=result.error,
         )
-        delay = self._row_backoff.delay(row.attempts + 1)
-        error = result.error or "rejected"
-        return RowOutcome(row.position, token, row.attempts, row.due_at, REJECTED, error, delay)
+        return REJECTED, result.error or "rejected", self._row_backoff.delay(row.attempts + 1)
 
-    def _count(
-        self, by_position: dict[int, tuple[ClaimedRow, RowOutcome]], marked: list[MarkedRow]
-    ) -> None:
-        """Metrics and log events for one recorded batch (counters once per batch)."""
-        now = datetime.now(UTC)
-        tally: collections.Counter[str] = collections.Counter()
+    def _count(self, rows: list[ClaimedRow], batch: BatchOutcomes, marked: list[MarkedRow]) -> None:
+        """Metrics and log events for one recorded batch: counters once per batch, the
+        latencies of the published messages in one call."""
+        published = 0
+        unusual: list[MarkedRow] = []
         for mark in marked:
-            row, outcome = by_position[mark.position]
-            tally[outcome.outcome] += 1
-            if outcome.outcome == CONFIRMED:
-                self.metrics.latency.observe((now - row.message.created_at).total_seconds())
-            if mark.status == DEAD:
-                log.error(
-                    "relay.dead_lettered",
-                    message_id=str(row.message.id),
-                    topic=row.message.topic,
-                    key=row.message.key,
-                    attempts=mark.attempts,
-                    error=outcome.error,
-                )
-                tally["dead"] += 1
-        fenced = len(by_position) - len(marked)
+            if mark.status == PUBLISHED:
+                published += 1
+            else:
+                unusual.append(mark)
+        if published:
+            # Every row the mark changed is in ``marked``; a published one was confirmed.
+            now = time.time()
+            changed = {m.position for m in marked} if len(marked) < len(rows) else None
+            self.metrics.latency.observe_many(
+                [
+                    now - row.message.created_at.timestamp()
+                    for row, outcome in zip(rows, batch.outcomes, strict=True)
+                    if outcome == CONFIRMED and (changed is None or row.position in changed)
+                ]
+            )
+        tally: collections.Counter[str] = collections.Counter()
+        if unusual:
+            by_position = {
+                row.position: (row, outcome)
+                for row, outcome in zip(rows, batch.outcomes, strict=True)
+            }
+            for mark in unusual:
+                row, outcome = by_position[mark.position]
+                tally[outcome] += 1
+                if mark.status == DEAD:
+                    log.error(
+                        "relay.dead_lettered",
+                        message_id=str(row.message.id),
+                        topic=row.message.topic,
+                        key=row.message.key,
+                        attempts=mark.attempts,
+                        error=batch.failures.get(row.position, (None, 0.0))[0],
+                    )
+                    tally["dead"] += 1
+        fenced = len(rows) - len(marked)
         for metric, count in (
-            (self.metrics.published, tally[CONFIRMED]),
+            (self.metrics.published, published),
             (self.metrics.failed, tally[REJECTED]),
             (self.metrics.unavailable, tally[UNAVAILABLE]),
             (self.metrics.dead_lettered, tally["dead"]),
