@@ -6,13 +6,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-comma := ,
 
 export POSTROOM_DATABASE_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 export POSTROOM_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export POSTROOM_TEST_KAFKA_URL ?= kafka://127.0.0.1:9092
 
-.PHONY: help venv services demo test lint bench format clean
+.PHONY: help venv services demo test faults lint bench format clean
 
 help: ## List the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,9 +34,17 @@ demo: services ## Set up everything and run examples/ end to end
 test: services ## Set up everything and run the whole test suite
 	$(BIN)/pytest
 
-bench: services ## Relay throughput and latency beside the raw broker clients (FULL=1: full sizes)
-	$(BIN)/python bench/relay_throughput.py --messages $(if $(FULL),50000,10000)
-	$(BIN)/python bench/relay_latency.py --rates 200,1000$(if $(FULL),$(comma)3000) --seconds $(if $(FULL),10,3)
+faults: services ## The fault suite with the full counts, both brokers (SEED=n replays a run)
+	POSTROOM_FAULTS=full $(if $(SEED),POSTROOM_FAULTS_SEED=$(SEED)) $(BIN)/pytest tests/faults
+
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --group bench
+	@touch $@
+
+bench: services $(BENCH_STAMP) ## Every benchmark beside its same-run baseline: table, JSON, charts (FULL=1: full sizes)
+	$(BIN)/python bench/run.py $(if $(FULL),--full) $(if $(ONLY),--only $(ONLY))
 
 lint: $(STAMP) ## ruff (lint and format check) and mypy --strict
 	$(BIN)/ruff check src tests examples bench

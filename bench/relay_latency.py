@@ -1,11 +1,22 @@
 """Relay latency: from a committed transaction to the message arriving at a RabbitMQ consumer.
 
-Measures a single message on an idle system (the NOTIFY path), then steady offered loads,
+Measures single messages on an idle system (the NOTIFY path), then steady offered loads,
 one message per committed transaction. The baseline, measured in the same run, is aio-pika
-publishing the same messages straight to RabbitMQ (publisher confirms, one at a time) and
-the same consumer receiving them: what the broker round trip costs without an outbox.
+publishing the same messages straight to RabbitMQ (publisher confirms, one at a time per
+sender) to the same consumer: what the broker round trip costs without an outbox.
 
-    python bench/relay_latency.py [--rates 200,1000] [--seconds 5]
+Three processes, so that none of them measures another's CPU time as latency: the relay
+is a ``postroom relay`` process with the CLI's default settings; the load comes from a
+generator process (this file with ``--generate``), whose senders each hold one psycopg
+connection and commit one ``Outbox.enqueue_async`` per transaction (or publish one
+message with aio-pika, for the baseline), ``rate / 100`` senders at 100 msg/s each; this
+process only consumes and records arrival time minus the sent-at header, which is taken
+inside the transaction just before the insert and commit. PostgreSQL, RabbitMQ and all
+three processes share the machine's cores.
+
+    python bench/relay_latency.py [--rates 200,1000,3000] [--seconds 10]
+
+``bench/run.py`` runs this with the other scenarios and prints one table.
 """
 
 from __future__ import annotations
@@ -13,37 +24,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import statistics
+import sys
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 import aio_pika
-from sqlalchemy import text
-
-from postroom import Outbox, Settings
-from postroom.brokers import publisher_from_url
-from postroom.database import create_async_engine, create_engine
-from postroom.log import configure_logging
-from postroom.relay import Relay
-from postroom.schema import build_tables, migrate
-
-DATABASE_URL = os.environ.get(
-    "POSTROOM_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from common import (
+    AMQP_URL,
+    DATABASE_URL,
+    RelayProcess,
+    bench_schema,
+    percentiles,
+    quiet,
+    result_row,
+    unique,
+    wait_for_shares,
 )
-AMQP_URL = os.environ.get("POSTROOM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
 SENT_AT = "bench-sent-at"
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    """p50, p95 and p99 in milliseconds."""
-    if len(samples) < 2:
-        value = round(samples[0] * 1000, 2) if samples else float("nan")
-        return {"p50": value, "p95": value, "p99": value}
-    cuts = statistics.quantiles(samples, n=100, method="inclusive")
-    return {name: round(cuts[i] * 1000, 2) for name, i in (("p50", 49), ("p95", 94), ("p99", 98))}
+IDLE_MESSAGES = 20
+IDLE_GAP = 0.3
+PER_SENDER = 100
+TARGET_RATE = 1000
+TARGET_P99_MS = 25.0
+TARGET_IDLE_MS = 10.0
+PAYLOAD = {"pad": "x" * 200}
 
 
 class Receiver:
@@ -76,7 +81,10 @@ class Receiver:
         raise TimeoutError(f"only {len(self.latencies)} of {count} messages arrived")
 
 
-async def offered_load(send: Any, rate: int, seconds: float) -> int:
+# ------------------------------------------------------------------ load generator process
+
+
+async def offered_load(send: Any, rate: float, seconds: float) -> int:
     """Call ``send()`` ``rate`` times a second for ``seconds``; return how many were sent."""
     total = int(rate * seconds)
     started = time.perf_counter()
@@ -88,97 +96,181 @@ async def offered_load(send: Any, rate: int, seconds: float) -> int:
     return total
 
 
-async def measure(rates: list[int], seconds: float) -> list[dict[str, Any]]:
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    tables = build_tables(schema)
-    migrate.upgrade(DATABASE_URL, tables)
-    engine = create_async_engine(DATABASE_URL, pool_size=8)
-    outbox = Outbox(tables)
-    connection = await aio_pika.connect(AMQP_URL)
-    results: list[dict[str, Any]] = []
-    topic = f"bench.latency.{uuid.uuid4().hex[:6]}"
-    try:
-        receiver = await Receiver(await connection.channel(), topic).start()
-        settings = Settings(database_url=DATABASE_URL, schema=schema, metrics_port=0)
-        relay = Relay(settings, publisher_from_url(AMQP_URL))
-        task = asyncio.create_task(relay.run())
-        for _ in range(3000):
-            if relay.leases.owned:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(1.0)  # the relay is idle, waiting for a notification
+async def generate(sender: str, schema: str, topic: str, rate: float, seconds: float) -> dict:
+    """The generator process: ``rate`` msg/s for ``seconds`` through ``sender``."""
+    import psycopg
 
-        async def commit_one() -> None:
-            # The sent-at time is taken just before the commit, inside the transaction.
-            async with engine.connect() as db, db.begin():
-                await outbox.enqueue_async(
-                    db, topic, {"pad": "x" * 200}, headers={SENT_AT: repr(time.time())}
-                )
+    from postroom import Outbox
+    from postroom.config import psycopg_conninfo
+    from postroom.schema import build_tables
 
-        idle = []
-        for _ in range(20):
-            before = len(receiver.latencies)
-            await commit_one()
-            await receiver.wait_for(before + 1)
-            idle.append(receiver.latencies[-1])
-            await asyncio.sleep(0.3)  # idle again
-        results.append({"scenario": "idle, one message", "messages": 20, **percentiles(idle)})
+    senders = max(1, round(rate / PER_SENDER))
+    closers: list[Any] = []
 
+    async def make_sender() -> Any:
+        if sender == "relay":
+            outbox = Outbox(build_tables(schema))
+            db = await psycopg.AsyncConnection.connect(psycopg_conninfo(DATABASE_URL))
+            closers.append(db.close)
+
+            async def commit_one() -> None:
+                async with db.transaction():
+                    await outbox.enqueue_async(
+                        db, topic, PAYLOAD, headers={SENT_AT: repr(time.time())}
+                    )
+
+            return commit_one
+        connection = await aio_pika.connect(AMQP_URL)
+        closers.append(connection.close)
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange("postroom")
+        body = json.dumps(PAYLOAD).encode()
 
         async def raw_one() -> None:
-            await exchange.publish(
-                aio_pika.Message(
-                    b'{"pad":"' + b"x" * 200 + b'"}', headers={SENT_AT: repr(time.time())}
-                ),
-                routing_key=topic,
-            )
+            message = aio_pika.Message(body, headers={SENT_AT: repr(time.time())})
+            await exchange.publish(message, routing_key=topic)
 
-        for rate in rates:
-            for name, send in (("raw aio-pika", raw_one), ("relay", commit_one)):
+        return raw_one
+
+    sends = [await make_sender() for _ in range(senders)]
+    try:
+        started = time.perf_counter()
+        counts = await asyncio.gather(
+            *(offered_load(send, rate / senders, seconds) for send in sends)
+        )
+        elapsed = time.perf_counter() - started
+    finally:
+        for close in closers:
+            await close()
+    return {"sent": sum(counts), "achieved_rate": round(sum(counts) / elapsed), "senders": senders}
+
+
+async def run_generator(
+    sender: str, schema: str, topic: str, rate: float, seconds: float
+) -> dict[str, Any]:
+    """Run :func:`generate` in a separate process; return what it reports."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--generate",
+        json.dumps([sender, schema, topic, rate, seconds]),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"the load generator failed ({process.returncode})")
+    report: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return report
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+async def measure(rates: list[int], seconds: float) -> list[dict[str, Any]]:
+    """Idle, then per rate: raw aio-pika and relay. Each result keeps its samples (s)."""
+    results: list[dict[str, Any]] = []
+    topic = unique("bench.latency.")
+    with bench_schema() as schema:
+        connection = await aio_pika.connect(AMQP_URL)
+        relay = RelayProcess(schema.name, AMQP_URL)
+        try:
+            receiver = await Receiver(await connection.channel(), topic).start()
+            await wait_for_shares(schema, [relay])
+            await asyncio.sleep(1.0)  # the relay is idle, waiting for a notification
+
+            async def run(load: str, sender: str, rate: float, seconds: float) -> None:
                 receiver.latencies.clear()
-                workers = max(1, rate // 100)
-
-                async def worker(share: int, send: Any = send) -> int:
-                    return await offered_load(send, share, seconds)
-
-                counts = await asyncio.gather(*(worker(rate // workers) for _ in range(workers)))
-                await receiver.wait_for(sum(counts))
+                report = await run_generator(sender, schema.name, topic, rate, seconds)
+                await receiver.wait_for(report["sent"], seconds=60)
+                relay.check()
                 results.append(
                     {
-                        "scenario": f"{rate} msg/s, {name}",
-                        "messages": sum(counts),
-                        **percentiles(receiver.latencies),
+                        "load": load,
+                        "sender": sender,
+                        "rate": rate,
+                        **report,
+                        "samples": list(receiver.latencies),
                     }
                 )
-        relay.stop()
-        await task
-    finally:
-        await connection.close()
-        await engine.dispose()
-        sync = create_engine(DATABASE_URL)
-        with sync.begin() as db:
-            db.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        sync.dispose()
+
+            await run("idle", "relay", 1 / IDLE_GAP, IDLE_MESSAGES * IDLE_GAP)
+            for rate in rates:
+                for sender in ("raw aio-pika", "relay"):
+                    await run(f"{rate} msg/s", sender, rate, seconds)
+        finally:
+            relay.stop()
+            await connection.close()
+    for r in results:
+        r["messages"] = len(r["samples"])
+        r.update(percentiles(r["samples"]))
     return results
 
 
+def _triple(r: dict[str, Any]) -> str:
+    return f"p50/p95/p99 {r['p50']:.1f}/{r['p95']:.1f}/{r['p99']:.1f} ms"
+
+
+def to_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summary rows of scenario 2: idle, then one per offered load (relay beside raw)."""
+    summary = [{k: v for k, v in r.items() if k != "samples"} for r in results]
+    rows = []
+    idle = summary[0]
+    rows.append(
+        result_row(
+            f"2 latency, idle, {idle['messages']} single messages",
+            "rabbitmq",
+            _triple(idle),
+            "",
+            None,
+            f"p99 <= {TARGET_IDLE_MS:g} ms",
+            idle["p99"] <= TARGET_IDLE_MS,
+            **idle,
+        )
+    )
+    by_load: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in summary[1:]:
+        by_load.setdefault(r["rate"], {})[r["sender"]] = r
+    for rate, pair in by_load.items():
+        relay, raw = pair["relay"], pair["raw aio-pika"]
+        targeted = rate == TARGET_RATE
+        rows.append(
+            result_row(
+                f"2 latency, {rate:,} msg/s offered ({relay['achieved_rate']:,} sent)",
+                "rabbitmq",
+                _triple(relay),
+                f"{_triple(raw)} (aio-pika direct)",
+                relay["p99"] / raw["p99"] if raw["p99"] else None,
+                f"p99 <= {TARGET_P99_MS:g} ms" if targeted else "",
+                relay["p99"] <= TARGET_P99_MS if targeted else None,
+                relay=relay,
+                raw=raw,
+            )
+        )
+    return rows
+
+
+async def scenario(rates: list[int], seconds: float) -> tuple[list[dict[str, Any]], Any]:
+    """Summary rows of scenario 2, and the raw results (with samples, for the charts)."""
+    results = await measure(rates, seconds)
+    return to_rows(results), results
+
+
 def main() -> None:
+    from run import print_table, save
+
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--rates", default="200,1000")
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--output", default="bench/results/relay_latency.json")
+    parser.add_argument("--generate", help="(internal) run as the load generator")
     args = parser.parse_args()
-    configure_logging(json=True, level="warning")
+    if args.generate:
+        print(json.dumps(asyncio.run(generate(*json.loads(args.generate)))))
+        return
+    quiet()
     rates = [int(r) for r in args.rates.split(",")]
-    results = asyncio.run(measure(rates, args.seconds))
-    print(f"{'scenario':<28}{'messages':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}")
-    for r in results:
-        print(f"{r['scenario']:<28}{r['messages']:>10}{r['p50']:>10}{r['p95']:>10}{r['p99']:>10}")
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    rows, _ = asyncio.run(scenario(rates, args.seconds))
+    print_table(rows)
+    save(rows, "relay_latency")
 
 
 if __name__ == "__main__":

@@ -6,69 +6,40 @@ the relay drains the same number of rows from the outbox until the broker confir
 The ratio relay/raw is what to compare across machines; absolute rates are noisy.
 
     python bench/relay_throughput.py [--messages 50000] [--brokers rabbitmq,kafka]
+
+``bench/run.py`` runs this with the other scenarios and prints one table.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import os
 import time
-import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from common import (
+    AMQP_URL,
+    BROKER_URLS,
+    DATABASE_URL,
+    KAFKA_BOOTSTRAP,
+    bench_schema,
+    create_kafka_topic,
+    delete_kafka_topics,
+    make_messages,
+    quiet,
+    rabbitmq_sink,
+    result_row,
+    unique,
+    wait_until,
+)
 from sqlalchemy.orm import Session
 
 from postroom import Message, Outbox, Settings
 from postroom.brokers import publisher_from_url
-from postroom.database import create_engine
-from postroom.log import configure_logging
 from postroom.relay import Relay
-from postroom.schema import build_tables, migrate
 
-DATABASE_URL = os.environ.get(
-    "POSTROOM_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-AMQP_URL = os.environ.get("POSTROOM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-KAFKA_URL = os.environ.get("POSTROOM_TEST_KAFKA_URL", "kafka://127.0.0.1:9092")
-KEYS = 1000
 PIPELINE = 500
-
-
-def make_messages(count: int, topic: str) -> list[Message]:
-    """About 250-byte JSON payloads over 1,000 keys."""
-    filler = "x" * 150
-    return [
-        Message.create(
-            topic,
-            {"order_id": i, "customer": f"customer-{i % KEYS}", "total": "123.45", "note": filler},
-            key=f"customer-{i % KEYS}",
-            headers={"source": "bench"},
-        )
-        for i in range(count)
-    ]
-
-
-@contextlib.asynccontextmanager
-async def rabbitmq_sink(topic: str) -> AsyncIterator[Any]:
-    """A queue bound to ``topic`` on the relay's exchange, so messages are routable."""
-    import aio_pika
-
-    connection = await aio_pika.connect(AMQP_URL)
-    channel = await connection.channel(publisher_confirms=True)
-    exchange = await channel.declare_exchange("postroom", aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(f"bench-{uuid.uuid4().hex[:8]}", exclusive=True)
-    await queue.bind(exchange, topic)
-    try:
-        yield exchange
-    finally:
-        await queue.delete(if_unused=False, if_empty=False)
-        await connection.close()
+TARGETS = {"rabbitmq": 0.9, "kafka": 0.7}
 
 
 async def raw_rabbitmq(exchange: Any, messages: list[Message]) -> float:
@@ -102,7 +73,7 @@ def raw_kafka(messages: list[Message]) -> float:
 
     producer = Producer(
         {
-            "bootstrap.servers": KAFKA_URL.removeprefix("kafka://"),
+            "bootstrap.servers": KAFKA_BOOTSTRAP,
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
@@ -136,94 +107,125 @@ def raw_kafka(messages: list[Message]) -> float:
     return elapsed
 
 
-async def relay_drain(broker_url: str, count: int, topic: str, batch_size: int) -> float:
-    """Seconds for the relay to publish a backlog of ``count`` rows until all are confirmed."""
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    tables = build_tables(schema)
-    migrate.upgrade(DATABASE_URL, tables)
-    engine = create_engine(DATABASE_URL)
-    outbox = Outbox(tables, notify=False)
-    try:
+async def relay_drain(
+    broker_url: str,
+    count: int,
+    topic: str,
+    batch_size: int,
+    *,
+    history: int = 0,
+    probe: Any = None,
+    database_url: str = DATABASE_URL,
+) -> dict[str, Any]:
+    """Let an in-process relay publish a backlog of ``count`` rows until all are confirmed.
+
+    The backlog is written with ``Outbox.enqueue_many`` (the product's write path), the
+    table vacuumed and analysed, then the clock runs from the moment the relay owns its
+    partitions until its metrics count ``count`` published rows. ``history`` rows already
+    published are inserted first (one INSERT ... SELECT). A ``probe`` (see ``cost.py``) is
+    started with the schema just before the relay (so its start-up is counted too) and
+    finished after the relay stopped; what its ``finish()`` returns joins the result.
+    """
+    with bench_schema(database_url) as schema:
+        if history:
+            schema.bulk_insert(history, topic, status="published")
+        outbox = Outbox(schema.tables, notify=False)
         messages = make_messages(count, topic)
-        with Session(engine) as session:
+        with Session(schema.engine) as session:
             for start in range(0, count, 5000):
                 outbox.enqueue_many(session, messages[start : start + 5000])
             session.commit()
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.execute(text(f'VACUUM ANALYZE "{schema}".outbox'))
+        del messages
+        schema.vacuum_analyze()
         settings = Settings(
-            database_url=DATABASE_URL,
-            schema=schema,
+            database_url=database_url,
+            schema=schema.name,
             broker_url=broker_url,
             relay_batch_size=batch_size,
             metrics_port=0,
         )
         relay = Relay(settings, publisher_from_url(broker_url))
+        extra: dict[str, Any] = {}
+        if probe is not None:
+            probe.start(schema)
         task = asyncio.create_task(relay.run())
-        await _wait_until(lambda: relay.leases.owned != frozenset(), 30)
-        started = time.perf_counter()
-        await _wait_until(lambda: relay.metrics.published._value.get() >= count, 600)
-        elapsed = time.perf_counter() - started
-        relay.stop()
-        await task
-        return elapsed
-    finally:
-        with engine.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
+        try:
+            await wait_until(lambda: relay.leases.owned != frozenset(), 30, "relay start")
+            started = time.perf_counter()
+            await wait_until(
+                lambda: relay.metrics.published._value.get() >= count, 900, "relay drain"
+            )
+            elapsed = time.perf_counter() - started
+        finally:
+            relay.stop()
+            await task
+        if probe is not None:
+            extra = await probe.finish()
+        return {"seconds": elapsed, "rate": count / elapsed, **extra}
 
 
-async def _wait_until(check: Any, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark did not finish in time")
-        await asyncio.sleep(0.005)
+async def measure_broker(broker: str, count: int, batch_size: int) -> dict[str, Any]:
+    """Raw client, then relay, on the same messages and a fresh topic each."""
+    topic = unique(f"bench.{broker}.")
+    messages = make_messages(count, topic)
+    if broker == "rabbitmq":
+        async with rabbitmq_sink(topic) as exchange:
+            raw = await raw_rabbitmq(exchange, messages)
+        del messages
+        async with rabbitmq_sink(topic):
+            relayed = await relay_drain(AMQP_URL, count, topic, batch_size)
+    else:
+        create_kafka_topic(topic)
+        try:
+            raw = await asyncio.to_thread(raw_kafka, messages)
+            del messages
+            relayed = await relay_drain(BROKER_URLS["kafka"], count, topic, batch_size)
+        finally:
+            delete_kafka_topics(topic)
+    return {
+        "messages": count,
+        "batch_size": batch_size,
+        "raw_msgs_per_s": round(count / raw),
+        "relay_msgs_per_s": round(relayed["rate"]),
+        "ratio": round(raw / relayed["seconds"], 3),
+    }
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+async def scenario(count: int, brokers: list[str], batch_size: int = 500) -> list[dict[str, Any]]:
+    """Summary rows of scenario 1 (one per broker)."""
+    rows = []
+    for broker in brokers:
+        r = await measure_broker(broker, count, batch_size)
+        target = TARGETS[broker]
+        baseline = "aio-pika, confirms" if broker == "rabbitmq" else "confluent-kafka, acks=all"
+        rows.append(
+            result_row(
+                f"1 relay throughput, {count:,} msgs",
+                broker,
+                f"{r['relay_msgs_per_s']:,} msg/s",
+                f"{r['raw_msgs_per_s']:,} msg/s ({baseline})",
+                r["ratio"],
+                f">= {target}x raw",
+                r["ratio"] >= target,
+                **r,
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    from run import print_table, save
+
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--brokers", default="rabbitmq,kafka")
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--output", default="bench/results/relay_throughput.json")
     args = parser.parse_args()
-    configure_logging(json=True, level="warning")
-    results = []
-    for broker in args.brokers.split(","):
-        topic = f"bench.{broker}.{uuid.uuid4().hex[:6]}"
-        messages = make_messages(args.messages, topic)
-        if broker == "rabbitmq":
-            async with rabbitmq_sink(topic) as exchange:
-                raw = await raw_rabbitmq(exchange, messages)
-            async with rabbitmq_sink(topic):
-                relayed = await relay_drain(AMQP_URL, args.messages, topic, args.batch_size)
-        else:
-            raw = await asyncio.to_thread(raw_kafka, messages)
-            relayed = await relay_drain(KAFKA_URL, args.messages, topic, args.batch_size)
-        results.append(
-            {
-                "broker": broker,
-                "messages": args.messages,
-                "raw_msgs_per_s": round(args.messages / raw),
-                "relay_msgs_per_s": round(args.messages / relayed),
-                "ratio": round(raw / relayed, 3),
-            }
-        )
-    print(f"{'broker':<10}{'messages':>10}{'raw msg/s':>12}{'relay msg/s':>14}{'relay/raw':>11}")
-    for r in results:
-        print(
-            f"{r['broker']:<10}{r['messages']:>10}{r['raw_msgs_per_s']:>12}"
-            f"{r['relay_msgs_per_s']:>14}{r['ratio']:>11.2f}"
-        )
-    save(Path(args.output), results)
-
-
-def save(path: Path, results: list[dict[str, Any]]) -> None:
-    """Write the results as JSON next to the printed table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    quiet()
+    rows = asyncio.run(scenario(args.messages, args.brokers.split(","), args.batch_size))
+    print_table(rows)
+    save(rows, "relay_throughput")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

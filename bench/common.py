@@ -1,0 +1,359 @@
+"""Shared pieces of the benchmarks: services, messages, throwaway schemas, helpers.
+
+Every benchmark works in its own schema (``bench_<random>``), dropped afterwards, so runs
+never see each other's rows or another user's tables on the shared database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from postroom import Message
+from postroom.database import create_engine
+from postroom.log import configure_logging
+from postroom.schema import build_tables, migrate
+from postroom.schema.sql import quoted_table
+from postroom.schema.tables import Tables, partition_for
+
+DATABASE_URL = os.environ.get(
+    "POSTROOM_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+AMQP_URL = os.environ.get("POSTROOM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+KAFKA_URL = os.environ.get("POSTROOM_TEST_KAFKA_URL", "kafka://127.0.0.1:9092")
+KAFKA_BOOTSTRAP = KAFKA_URL.removeprefix("kafka://").split("?", 1)[0]
+BROKER_URLS = {"rabbitmq": AMQP_URL, "kafka": KAFKA_URL}
+#: Distinct message keys: a 500-row batch holds each key at most once (one publish round).
+KEYS = 1000
+FILLER = "x" * 150
+
+
+def quiet() -> None:
+    """postroom's own logs at warning and above only, as JSON (nothing on a tty)."""
+    configure_logging(json=True, level="warning")
+
+
+def make_messages(count: int, topic: str) -> list[Message]:
+    """About 250-byte JSON payloads over 1,000 keys."""
+    return [
+        Message.create(
+            topic,
+            {"order_id": i, "customer": f"customer-{i % KEYS}", "total": "123.45", "note": FILLER},
+            key=f"customer-{i % KEYS}",
+            headers={"source": "bench"},
+        )
+        for i in range(count)
+    ]
+
+
+def unique(prefix: str) -> str:
+    """``prefix`` with a short random suffix (topics, queues, consumer names)."""
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class BenchSchema:
+    """A migrated throwaway schema and a sync engine on the database."""
+
+    name: str
+    tables: Tables
+    engine: Engine
+    url: str
+
+    def execute(self, sql: str, params: dict[str, Any] | None = None) -> Any:
+        """Run one statement in its own transaction; return the first row (if any)."""
+        with self.engine.begin() as connection:
+            result = connection.execute(text(sql), params or {})
+            return result.first() if result.returns_rows else None
+
+    def vacuum_analyze(self) -> None:
+        """VACUUM ANALYZE the outbox (fresh statistics, visibility map set)."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as db:
+            db.execute(text(f"VACUUM ANALYZE {quoted_table(self.tables.outbox)}"))
+
+    def owners(self) -> list[int]:
+        """Partitions held under a live lease, counted per owner (ascending)."""
+        partitions = quoted_table(self.tables.partitions)
+        with self.engine.connect() as db:
+            rows = db.execute(
+                text(
+                    f"SELECT count(*) FROM {partitions} "
+                    "WHERE owner IS NOT NULL AND lease_expires_at > now() GROUP BY owner"
+                )
+            ).all()
+        return sorted(r[0] for r in rows)
+
+    def pending(self) -> int:
+        """Rows still pending (walks the partial index on pending rows)."""
+        outbox = quoted_table(self.tables.outbox)
+        return int(self.execute(f"SELECT count(*) FROM {outbox} WHERE status = 'pending'")[0])
+
+    def bulk_insert(
+        self, count: int, topic: str, *, status: str = "pending", notify: bool = False
+    ) -> float:
+        """Insert ``count`` keyed ~250-byte rows with one INSERT ... SELECT; return seconds.
+
+        Same shape as :func:`make_messages` (1,000 keys, each on the partition the
+        outbox would give it). ``status='published'`` writes history: rows already sent.
+        ``notify`` wakes the relays in the same transaction, as ``enqueue`` does.
+        """
+        outbox = quoted_table(self.tables.outbox)
+        partitions = [partition_for(f"customer-{k}", uuid.UUID(int=0)) for k in range(KEYS)]
+        published = "now()" if status == "published" else "NULL"
+        sql = f"""
+INSERT INTO {outbox} (id, topic, key, partition, payload, content_type, headers,
+                      created_at, available_at, status, published_at, next_attempt_at)
+SELECT gen_random_uuid(), CAST(:topic AS text), 'customer-' || (i % {KEYS}),
+       (CAST(:partitions AS smallint[]))[i % {KEYS} + 1],
+       convert_to(json_build_object('order_id', i, 'customer', 'customer-' || (i % {KEYS}),
+                                    'total', '123.45', 'note', CAST(:filler AS text))::text,
+                  'UTF8'),
+       'application/json', '{{"source": "bench"}}'::jsonb,
+       now(), now(), CAST(:status AS text), {published}, now()
+FROM generate_series(0, CAST(:count AS integer) - 1) AS i
+"""
+        params = {
+            "topic": topic,
+            "partitions": partitions,
+            "filler": FILLER,
+            "status": status,
+            "count": count,
+        }
+        started = time.perf_counter()
+        with self.engine.begin() as connection:
+            connection.execute(text(sql), params)
+            if notify:
+                connection.execute(
+                    text("SELECT pg_notify(:channel, '')"),
+                    {"channel": self.tables.notify_channel},
+                )
+        return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def bench_schema(database_url: str = DATABASE_URL) -> Iterator[BenchSchema]:
+    """A fresh schema with postroom's tables, dropped on the way out."""
+    name = unique("bench_")
+    tables = build_tables(name)
+    migrate.upgrade(database_url, tables)
+    engine = create_engine(database_url)
+    try:
+        yield BenchSchema(name, tables, engine, database_url)
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+        engine.dispose()
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50, p95 and p99 in milliseconds (``samples`` in seconds)."""
+    if len(samples) < 2:
+        value = round(samples[0] * 1000, 2) if samples else float("nan")
+        return {"p50": value, "p95": value, "p99": value}
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    return {name: round(cuts[i] * 1000, 2) for name, i in (("p50", 49), ("p95", 94), ("p99", 98))}
+
+
+async def wait_until(check: Callable[[], bool], seconds: float, what: str = "benchmark") -> None:
+    """Poll ``check`` every 5 ms; TimeoutError after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not finish within {seconds:g} s")
+        await asyncio.sleep(0.005)
+
+
+def create_kafka_topic(topic: str, partitions: int = 8) -> None:
+    """Create ``topic`` up front (a consumer only sees new topics at a metadata refresh)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": KAFKA_BOOTSTRAP})
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
+    )
+    for future in futures.values():
+        future.result(30)
+
+
+def delete_kafka_topics(*topics: str) -> None:
+    """Delete benchmark topics: the broker here keeps everything in memory."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": KAFKA_BOOTSTRAP})
+    for future in admin.delete_topics(list(topics)).values():
+        with contextlib.suppress(Exception):
+            future.result(30)
+
+
+@contextlib.asynccontextmanager
+async def rabbitmq_sink(topic: str, *, max_length: int | None = None) -> AsyncIterator[Any]:
+    """A queue bound to ``topic`` on the relay's exchange (so messages are routable);
+    yields the exchange. ``max_length`` caps the queue (oldest dropped), for long drains."""
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel(publisher_confirms=True)
+    exchange = await channel.declare_exchange("postroom", aio_pika.ExchangeType.TOPIC, durable=True)
+    arguments = {"x-max-length": max_length} if max_length else None
+    queue = await channel.declare_queue(unique("bench-"), exclusive=True, arguments=arguments)
+    await queue.bind(exchange, topic)
+    try:
+        yield exchange
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+        await connection.close()
+
+
+def result_row(
+    scenario: str,
+    broker: str,
+    measured: str,
+    baseline: str = "",
+    ratio: float | None = None,
+    target: str = "",
+    met: bool | None = None,
+    /,
+    **details: Any,
+) -> dict[str, Any]:
+    """One line of the summary table, with the raw figures behind it in ``details``."""
+    return {
+        "scenario": scenario,
+        "broker": broker,
+        "measured": measured,
+        "baseline": baseline,
+        "ratio": None if ratio is None else round(ratio, 3),
+        "target": target,
+        "met": met,
+        "details": details,
+    }
+
+
+# ------------------------------------------------------------------- relay processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def postroom_command() -> list[str]:
+    script = Path(sys.executable).parent / "postroom"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "postroom"]
+
+
+class RelayProcess:
+    """One ``postroom relay`` subprocess (the CLI, as deployed), its log in a temporary file.
+
+    Settings are the CLI's defaults apart from a short lease (so relays share partitions
+    quickly) and ``options`` (extra CLI options, e.g. ``["--batch-size", "100"]``).
+    """
+
+    def __init__(
+        self,
+        schema: str,
+        broker_url: str,
+        *,
+        metrics_port: int = 0,
+        lease: float = 3,
+        options: list[str] | None = None,
+    ):
+        self.metrics_port = metrics_port
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
+            prefix="bench-relay-", suffix=".log", delete=False
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+        env["PGAPPNAME"] = "postroom-bench-relay"
+        self.process = subprocess.Popen(
+            [
+                *postroom_command(),
+                "relay",
+                "--database-url",
+                DATABASE_URL,
+                "--schema",
+                schema,
+                "--broker-url",
+                broker_url,
+                "--log-format",
+                "json",
+                "--metrics-port",
+                str(metrics_port),
+                "--lease",
+                f"{lease:g}s",
+                *(options or []),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            tail = Path(self.log.name).read_text()[-2000:]
+            raise RuntimeError(f"relay exited with {self.process.returncode}:\n{tail}")
+
+    def rss_mb(self) -> tuple[float, float]:
+        """(VmRSS, VmHWM) in MB: resident now, and the peak so far."""
+        fields = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in {"VmRSS", "VmHWM"}:
+                fields[name] = int(value.split()[0]) / 1024
+        return fields["VmRSS"], fields["VmHWM"]
+
+    def published(self) -> int:
+        """The relay's postroom_relay_published_total, from its /metrics endpoint."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("postroom_relay_published_total"):
+                    return int(float(line.split()[-1]))
+        return 0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+async def wait_for_shares(schema: BenchSchema, processes: list[RelayProcess]) -> None:
+    """Wait until the relays hold the 64 partitions, shared out evenly."""
+    deadline = time.monotonic() + 90
+    share = 64 // len(processes)
+    while True:
+        for p in processes:
+            p.check()
+        owners = schema.owners()
+        if len(owners) == len(processes) and min(owners) >= share and sum(owners) == 64:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"relays did not share the partitions: {owners}")
+        await asyncio.sleep(0.2)

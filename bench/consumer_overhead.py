@@ -1,0 +1,204 @@
+"""Consumer overhead: messages/s through a real postroom consumer, with and without the inbox.
+
+A backlog of keyed ~250-byte messages is published (with postroom's own publisher, so each
+carries the postroom envelope) before the consumer starts; then a ``ConsumerService`` with
+one ``async`` handler that inserts one row into a table drains it. The clock runs from the
+first handler call to the last acknowledged-and-committed message (Kafka's group join is
+not counted).
+
+The baseline is the very same service, subscription, settings and handler with the inbox
+insert switched off (``Processor._record_async`` replaced by a stub that reports "new"):
+same connection pool, same transaction and savepoint around the handler, same
+acknowledgement path. The ratio is therefore the cost of the inbox alone, which is what
+the target (<= 15 %) is about.
+
+    python bench/consumer_overhead.py [--messages 20000] [--brokers rabbitmq,kafka]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+from common import (
+    AMQP_URL,
+    DATABASE_URL,
+    KAFKA_URL,
+    bench_schema,
+    create_kafka_topic,
+    delete_kafka_topics,
+    make_messages,
+    quiet,
+    result_row,
+    unique,
+    wait_until,
+)
+from sqlalchemy import text
+
+from postroom import Consumer, Message, Settings
+from postroom.brokers import publisher_from_url, subscriber_from_url
+from postroom.consumer import ConsumerService
+from postroom.schema.sql import quote_identifier
+
+#: librdkafka group timings that make a group join take seconds, not ~23 s, on Tansu.
+KAFKA_CONSUMER_URL = (
+    f"{KAFKA_URL}?session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=7000"
+)
+TARGET_OVERHEAD = 0.15
+
+
+async def publish_backlog(broker_url: str, messages: list[Message]) -> None:
+    """Publish ``messages`` with postroom's publisher (confirmed), 500 at a time."""
+    publisher = publisher_from_url(broker_url)
+    await publisher.connect()
+    try:
+        for start in range(0, len(messages), 500):
+            results = await publisher.publish(messages[start : start + 500])
+            failed = [r for r in results if not r.confirmed]
+            if failed:
+                raise RuntimeError(f"backlog publish failed: {failed[0].error}")
+    finally:
+        await publisher.close()
+
+
+async def prepare_rabbitmq(queue: str, topic: str) -> None:
+    """Declare the consumer's queue (as its subscriber will) so the backlog is routable."""
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            "postroom", aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        declared = await channel.declare_queue(queue, durable=True)
+        await declared.bind(exchange, routing_key=topic)
+
+
+async def delete_rabbitmq_queues(*queues: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in queues:
+            try:
+                await channel.queue_delete(name)
+            except Exception:  # already gone: the channel closes, open another
+                channel = await connection.channel()
+
+
+async def consume(broker: str, count: int, *, inbox: bool) -> dict[str, Any]:
+    """Messages/s of the consumer draining a backlog of ``count`` (fresh names each run)."""
+    topic = unique(f"bench.consumer.{broker}.")
+    name = unique(f"bench-consumer-{'inbox' if inbox else 'plain'}-")
+    with bench_schema() as schema:
+        sink = f"{quote_identifier(schema.name)}.sink"
+        schema.execute(
+            f"CREATE TABLE {sink} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+            "message_id text NOT NULL, customer text, total numeric)"
+        )
+        broker_url = AMQP_URL if broker == "rabbitmq" else KAFKA_CONSUMER_URL
+        messages = make_messages(count, topic)
+        if broker == "rabbitmq":
+            await prepare_rabbitmq(name, topic)
+            await publish_backlog(AMQP_URL, messages)
+        else:
+            create_kafka_topic(topic, partitions=8)
+            await publish_backlog(KAFKA_URL, messages)
+        del messages
+        settings = Settings(
+            database_url=DATABASE_URL,
+            schema=schema.name,
+            broker_url=broker_url,
+            metrics_port=0,
+            inbox_retention=0,
+        )
+        consumer = Consumer(name, settings)
+        insert = text(f"INSERT INTO {sink} (message_id, customer, total) VALUES (:i, :c, :t)")
+        first: list[float] = []
+
+        @consumer.handler(topic)
+        async def handle(message: Message, session: Any) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            payload = message.payload
+            await session.execute(
+                insert, {"i": str(message.id), "c": payload["customer"], "t": payload["total"]}
+            )
+
+        service = ConsumerService(
+            consumer,
+            subscriber_from_url(broker_url, prefetch=settings.consumer_prefetch),
+            settings,
+        )
+        if not inbox:
+
+            async def no_inbox(connection: Any, params: dict[str, str]) -> bool:
+                return True  # "a new message": the handler runs, nothing is recorded
+
+            service.processor._record_async = no_inbox  # type: ignore[method-assign]
+        handled = service.metrics.handled.labels(topic)
+        task = asyncio.create_task(service.run())
+        try:
+            await wait_until(lambda: handled._value.get() >= count, 900, "consumer drain")
+            elapsed = time.perf_counter() - first[0]
+        finally:
+            service.stop()
+            await task
+            if broker == "rabbitmq":
+                await delete_rabbitmq_queues(name, f"{name}.dead-letter")
+            else:
+                delete_kafka_topics(topic, f"{name}.dead-letter")
+        rows = schema.execute(f"SELECT count(*) FROM {sink}")[0]
+        recorded = schema.execute(
+            f"SELECT count(*) FROM {quote_identifier(schema.name)}.inbox WHERE consumer = :c",
+            {"c": name},
+        )[0]
+    if rows < count:
+        raise RuntimeError(f"the handler wrote {rows} rows for {count} messages")
+    return {"seconds": elapsed, "rate": count / elapsed, "sink_rows": rows, "inbox_rows": recorded}
+
+
+async def scenario(count: int, brokers: list[str]) -> list[dict[str, Any]]:
+    """Summary rows of scenario 3 (one per broker): inbox against no inbox."""
+    rows = []
+    for broker in brokers:
+        plain = await consume(broker, count, inbox=False)
+        with_inbox = await consume(broker, count, inbox=True)
+        ratio = with_inbox["rate"] / plain["rate"]
+        rows.append(
+            result_row(
+                f"3 consumer, 1-row handler, {count:,} msgs",
+                broker,
+                f"{with_inbox['rate']:,.0f} msg/s with inbox",
+                f"{plain['rate']:,.0f} msg/s same handler, no inbox",
+                ratio,
+                f"overhead <= {TARGET_OVERHEAD:.0%} (>= {1 - TARGET_OVERHEAD:.2f}x)",
+                ratio >= 1 - TARGET_OVERHEAD,
+                messages=count,
+                inbox=with_inbox,
+                no_inbox=plain,
+                overhead=round(1 - ratio, 3),
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    from run import print_table, save
+
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--brokers", default="rabbitmq,kafka")
+    args = parser.parse_args()
+    quiet()
+    rows = asyncio.run(scenario(args.messages, args.brokers.split(",")))
+    print_table(rows)
+    save(rows, "consumer_overhead")
+
+
+if __name__ == "__main__":
+    main()
