@@ -17,6 +17,8 @@ from postroom.database import create_async_engine, create_engine
 from postroom.outbox import Outbox
 from postroom.schema import Tables, build_tables, migrate
 
+pytest_plugins = ["tests.support.services"]
+
 
 def require_service(name: str, reason: str) -> None:
     """Fail (under CI) or skip (on a developer machine) when a service is missing."""

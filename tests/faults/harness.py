@@ -1,0 +1,547 @@
+"""The fault suite's harness: one run = real relays and consumers, a writer, a fault, a verdict.
+
+A :class:`Run` owns everything of one scenario on one broker: a schema of its own (the
+``tables`` fixture), an effects table the consumer's handler writes, a read-back of the
+scenario's topic with the broker's own client, ``postroom relay`` and ``postroom consume``
+processes (:class:`~tests.support.processes.RelayFleet`) and a
+:class:`~tests.support.writing.PacedWriter` committing keyed messages. The scenario breaks
+things while the writer writes; :meth:`Run.finish` stops the writer, waits until every
+committed message was published, seen on the wire and handled (or the drain time runs
+out), then checks every message:
+
+- lost: committed but never on the wire, or never handled (a handler effect is missing);
+- applied twice: more than one effect row for a message id;
+- order violations: a key's first deliveries on the wire out of commit order (per topic
+  and key on Kafka, whose order is per partition);
+- duplicates on the wire: counted and reported, allowed;
+- problems: anything else that must not happen (content changed on the wire, rows in the
+  outbox that no committed transaction wrote, dead-lettered rows, effects of messages
+  nobody committed).
+
+The counts come from a :class:`Profile`: ``POSTROOM_FAULTS=short`` (the default, for CI)
+or ``full`` (``make faults``). Every run draws its timing from a random generator seeded by
+``POSTROOM_FAULTS_SEED`` (random when unset) and the scenario's name, and prints the seed:
+``POSTROOM_FAULTS_SEED=<seed> pytest tests/faults -k '<scenario>'`` replays its choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from postroom.outbox import Outbox
+from postroom.schema import Tables
+from postroom.schema.sql import quoted_table
+from tests.support.processes import RelayFleet, ServiceProcess
+from tests.support.readback import KafkaReadback, RabbitMQReadback, check_deliveries, create_topics
+from tests.support.writing import PacedWriter
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONSUMER_TARGET = "tests.faults.app:consumer"
+LEASE = 2.0
+"""Relay lease in every scenario: short, so a dead or paused relay's partitions move soon."""
+KAFKA_CONSUMER_SETTINGS = (
+    "session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=7000"
+    "&topic.metadata.refresh.interval.ms=1000"
+)
+"""librdkafka settings of the scenario's consumers: a killed member leaves the group in 6 s."""
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How many faults each scenario injects, and how long a run may take to drain."""
+
+    name: str
+    relay_kills: int
+    pauses: int
+    broker_outages: int
+    database_faults: int
+    consumer_kills: int
+    storms: int
+    storm_copies: int
+    """Copies of each stormed message, on its own topic and again on a twin topic."""
+    long_transactions: int
+    drain: float
+    """Seconds a run may take, once the writer stops, for everything to arrive."""
+    timeout: float
+    """pytest-timeout per scenario run."""
+
+
+PROFILES = {
+    "short": Profile(
+        "short",
+        relay_kills=3,
+        pauses=1,
+        broker_outages=3,
+        database_faults=4,
+        consumer_kills=3,
+        storms=2,
+        storm_copies=5,
+        long_transactions=2,
+        drain=60,
+        timeout=150,
+    ),
+    "full": Profile(
+        "full",
+        relay_kills=50,
+        pauses=10,
+        broker_outages=21,
+        database_faults=30,
+        consumer_kills=50,
+        storms=20,
+        storm_copies=20,
+        long_transactions=20,
+        drain=180,
+        timeout=1800,
+    ),
+}
+
+
+def profile_from_env() -> Profile:
+    """The profile named by ``POSTROOM_FAULTS`` (default ``short``)."""
+    name = os.environ.get("POSTROOM_FAULTS", "short").strip().lower() or "short"
+    if name not in PROFILES:
+        raise ValueError(
+            f"POSTROOM_FAULTS={name!r} is not a fault profile; use one of {', '.join(PROFILES)}"
+        )
+    return PROFILES[name]
+
+
+def seed_from_env() -> int:
+    """``POSTROOM_FAULTS_SEED`` if set (an integer), else a fresh random seed."""
+    given = os.environ.get("POSTROOM_FAULTS_SEED", "").strip()
+    if not given:
+        return random.SystemRandom().randrange(2**31)
+    try:
+        return int(given)
+    except ValueError:
+        raise ValueError(f"POSTROOM_FAULTS_SEED={given!r} is not an integer") from None
+
+
+PROFILE = profile_from_env()
+SEED = seed_from_env()
+
+
+# ----------------------------------------------------------------------------- outcome
+
+
+@dataclass
+class Outcome:
+    """One row of the report: what a scenario did to one broker and what the checks found."""
+
+    scenario: str
+    broker: str
+    seed: int
+    profile: str
+    messages: int = 0
+    faults: int = 0
+    fault_note: str = ""
+    lost: int = 0
+    wire_duplicates: int = 0
+    applied_twice: int = 0
+    order_violations: int = 0
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        """No loss, nothing applied twice, order kept, nothing else wrong."""
+        return not (self.lost or self.applied_twice or self.order_violations or self.problems)
+
+    def as_json(self) -> dict[str, Any]:
+        """The row as JSON (with ``passed``)."""
+        return {**asdict(self), "passed": self.passed}
+
+
+OUTCOMES: list[Outcome] = []
+"""Every run of this session, in order (the report is made of them)."""
+
+COLUMNS = (
+    ("scenario", "scenario"),
+    ("broker", "broker"),
+    ("messages", "messages"),
+    ("faults", "faults"),
+    ("lost", "lost"),
+    ("wire_duplicates", "dup. on wire"),
+    ("applied_twice", "applied twice"),
+    ("order_violations", "order viol."),
+    ("seconds", "seconds"),
+)
+
+
+def report_table(outcomes: Iterable[Outcome]) -> str:
+    """The outcomes as a Markdown table (faults with their note, a verdict per row)."""
+    header = [title for _, title in COLUMNS] + ["verdict"]
+    rows = []
+    for outcome in outcomes:
+        cells = []
+        for name, _ in COLUMNS:
+            value = getattr(outcome, name)
+            if name == "faults" and outcome.fault_note:
+                value = f"{value} ({outcome.fault_note})"
+            elif name == "seconds":
+                value = f"{value:.0f}"
+            cells.append(str(value))
+        cells.append("ok" if outcome.passed else "FAILED: " + "; ".join(outcome.problems)[:200])
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *map(line, rows)])
+
+
+def write_report(path: Path, outcomes: list[Outcome]) -> None:
+    """Write the session's outcomes as JSON (profile, seed and one object per run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "profile": PROFILE.name,
+        "seed": SEED,
+        "passed": all(o.passed for o in outcomes),
+        "runs": [o.as_json() for o in outcomes],
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where a run's processes and its read-back reach the broker and the database."""
+
+    broker: str
+    """``rabbitmq`` or ``kafka``."""
+    service_broker_url: str
+    """The relays' and consumers' broker URL (through a fault proxy, in some scenarios)."""
+    readback: str
+    """The read-back's AMQP URL, or its Kafka bootstrap address."""
+    service_database_url: str | None = None
+    """The relays' and consumers' database URL, when not the test database's own."""
+
+    @property
+    def kafka(self) -> bool:
+        """True for Kafka."""
+        return self.broker == "kafka"
+
+    @property
+    def consumer_broker_url(self) -> str:
+        """The consumers' broker URL: on Kafka with settings that make group moves quick."""
+        if not self.kafka:
+            return self.service_broker_url
+        joiner = "&" if "?" in self.service_broker_url else "?"
+        return self.service_broker_url + joiner + KAFKA_CONSUMER_SETTINGS
+
+
+# ----------------------------------------------------------------------------- a run
+
+
+class Run:
+    """One scenario on one broker: start services, write, break things, then :meth:`finish`.
+
+    Use as ``async with Run(...) as run:``; leaving it kills every process it started,
+    stops the writer and removes the consumer's queues.
+    """
+
+    def __init__(
+        self,
+        *,
+        scenario: str,
+        endpoints: Endpoints,
+        tables: Tables,
+        engine: Engine,
+        database_url: str,
+        log_dir: Path,
+        handler_pause: float = 0.02,
+    ) -> None:
+        assert tables.schema is not None
+        self.scenario = scenario
+        self.endpoints = endpoints
+        self.tables = tables
+        self.engine = engine
+        self.outbox = Outbox(tables)
+        self.seed = SEED
+        self.rng = random.Random(f"{SEED}:{scenario}:{endpoints.broker}")
+        self.topic = f"f{uuid.uuid4().hex[:10]}"
+        self.storm_topic = f"{self.topic}.storm"
+        self.consumer_name = f"faults-{self.topic}"
+        self.effects = f'"{tables.schema}"."effects"'
+        self.handler_pause = handler_pause
+        self.fleet = RelayFleet(
+            endpoints.service_database_url or database_url,
+            schema=tables.schema,
+            log_dir=log_dir,
+            broker_url=endpoints.service_broker_url,
+        )
+        self.readback: RabbitMQReadback | KafkaReadback | None = None
+        self.writer = PacedWriter(
+            engine,
+            self.outbox,
+            self.topic,
+            keys=20,
+            rows_per_transaction=5,
+            interval=0.05,
+            rng=random.Random(self.rng.random()),
+        )
+        self.outcome = Outcome(scenario, endpoints.broker, SEED, PROFILE.name)
+        self._started = time.monotonic()
+        self._writing = False
+
+    async def __aenter__(self) -> Run:
+        with self.engine.begin() as connection:
+            connection.execute(
+                text(
+                    f"CREATE TABLE {self.effects} (message_id text NOT NULL, topic text NOT NULL,"
+                    " pid int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+                )
+            )
+        if self.endpoints.kafka:
+            bootstrap = self.endpoints.readback
+            await asyncio.to_thread(create_topics, bootstrap, [self.topic, self.storm_topic])
+            self.readback = await asyncio.to_thread(
+                KafkaReadback(bootstrap, [self.topic], create=False).start
+            )
+        else:
+            self.readback = await RabbitMQReadback(self.endpoints.readback, self.topic).start()
+        print(f"\n[{self.scenario} / {self.endpoints.broker}] seed {self.seed}, topic {self.topic}")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._writing:
+            self._writing = False
+            await asyncio.to_thread(self.writer.stop)
+        self.fleet.stop_all()
+        if isinstance(self.readback, RabbitMQReadback):
+            await self.readback.close()
+            await delete_consumer_queues(self.endpoints.readback, self.consumer_name)
+        elif self.readback is not None:
+            await asyncio.to_thread(self.readback.close)
+
+    # ------------------------------------------------------------ processes
+
+    def start_relay(self, **options: Any) -> ServiceProcess:
+        """A relay with the scenario's short lease and backoff (not waited for)."""
+        settings: dict[str, Any] = {"lease": LEASE, "backoff_initial": 0.1, "backoff_max": 1.0}
+        return self.fleet.start(**{**settings, **options})
+
+    def start_consumer(self) -> ServiceProcess:
+        """``postroom consume tests.faults.app:consumer`` for this run (not waited for)."""
+        return self.fleet.start_consumer(
+            CONSUMER_TARGET,
+            broker_url=self.endpoints.consumer_broker_url,
+            consumer_id=f"{self.consumer_name}-{len(self.fleet.relays) + 1}",
+            extra_args=["--consumer-backoff-initial", "0.1s", "--consumer-backoff-max", "1s"],
+            env={
+                "FAULTS_CONSUMER": self.consumer_name,
+                "FAULTS_TOPIC": self.topic,
+                "FAULTS_EFFECTS": self.effects,
+                "FAULTS_HANDLER_PAUSE": str(self.handler_pause),
+            },
+            pythonpath=str(REPO_ROOT),
+        )
+
+    async def ready(self, *processes: ServiceProcess, within: float = 45.0) -> None:
+        """Wait until each relay owns partitions and each consumer is subscribed."""
+        for process in processes:
+            await process.wait_ready_async(within)
+
+    async def start(self, *, relays: int = 1, consumers: int = 1) -> list[ServiceProcess]:
+        """Start consumers (first: a RabbitMQ queue must exist before anything is published),
+        then relays, wait for all of them, then start writing. Returns relays then consumers."""
+        started_consumers = [self.start_consumer() for _ in range(consumers)]
+        await self.ready(*started_consumers)
+        started_relays = [self.start_relay() for _ in range(relays)]
+        await self.ready(*started_relays)
+        self.writer.start()
+        self._writing = True
+        return started_relays + started_consumers
+
+    def relays(self) -> list[ServiceProcess]:
+        """Relay processes still running."""
+        return [p for p in self.fleet.relays if p.kind == "relay" and p.alive]
+
+    def consumers(self) -> list[ServiceProcess]:
+        """Consumer processes still running."""
+        return [p for p in self.fleet.relays if p.kind == "consumer" and p.alive]
+
+    async def pause(self, low: float, high: float) -> float:
+        """Sleep a random time between ``low`` and ``high`` seconds; return it."""
+        seconds = self.rng.uniform(low, high)
+        await asyncio.sleep(seconds)
+        return seconds
+
+    # ------------------------------------------------------------ database
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        """One value from the test database."""
+        with self.engine.connect() as connection:
+            return connection.execute(text(sql), params).scalar()
+
+    def unpublished(self) -> int:
+        """Outbox rows not yet published."""
+        outbox = quoted_table(self.tables.outbox)
+        return int(self.scalar(f"SELECT count(*) FROM {outbox} WHERE status <> 'published'"))
+
+    def effect_counts(self) -> Counter[str]:
+        """Message id → number of effect rows."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                text(f"SELECT message_id, count(*) FROM {self.effects} GROUP BY message_id")
+            )
+            return Counter({message_id: int(count) for message_id, count in rows})
+
+    def outbox_statuses(self) -> dict[str, str]:
+        """Message id → outbox status."""
+        outbox = quoted_table(self.tables.outbox)
+        with self.engine.connect() as connection:
+            rows = connection.execute(text(f"SELECT id, status FROM {outbox}"))
+            return {str(message_id): status for message_id, status in rows}
+
+    def backends(self, processes: Iterable[ServiceProcess], state: str | None = None) -> list[int]:
+        """Backend pids of ``processes`` (by application_name), optionally in one ``state``."""
+        names = [p.application_name for p in processes]
+        sql = "SELECT pid FROM pg_stat_activity WHERE application_name = ANY(:names)"
+        if state is not None:
+            sql += " AND state = :state"
+        with self.engine.connect() as connection:
+            rows = connection.execute(text(sql), {"names": names, "state": state})
+            return [int(pid) for (pid,) in rows]
+
+    def terminate_backends(self, processes: Iterable[ServiceProcess]) -> int:
+        """``pg_terminate_backend`` every backend of ``processes``; the number terminated."""
+        names = [p.application_name for p in processes]
+        with self.engine.connect() as connection:
+            terminated = connection.execute(
+                text(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
+                    "FROM pg_stat_activity WHERE application_name = ANY(:names)"
+                ),
+                {"names": names},
+            ).scalar()
+        return int(terminated or 0)
+
+    # ------------------------------------------------------------ the verdict
+
+    def seen_on_wire(self) -> set[str]:
+        """Ids the read-back received so far."""
+        assert self.readback is not None
+        return self.readback.ids()
+
+    async def finish(self, *, faults: int, note: str = "") -> Outcome:
+        """Settle, check every message, record the outcome; fail if it failed."""
+        await self.settle()
+        outcome = await asyncio.to_thread(self.check)
+        outcome.faults = faults
+        outcome.fault_note = note
+        OUTCOMES.append(outcome)
+        print(report_table([outcome]))
+        assert outcome.passed, (
+            f"{self.scenario} on {self.endpoints.broker} (seed {self.seed}): "
+            f"lost {outcome.lost}, applied twice {outcome.applied_twice}, order violations "
+            f"{outcome.order_violations}, problems: {outcome.problems}\n{self.fleet.tails(25)}"
+        )
+        return outcome
+
+    async def settle(self) -> None:
+        """Stop writing, then wait until every committed message was published, seen on
+        the wire and handled (or the profile's drain time is over), and a second more."""
+        if self._writing:
+            self._writing = False
+            await asyncio.to_thread(self.writer.stop)
+        await self._drain()
+
+    def _missing(self) -> tuple[int, set[str], set[str]]:
+        committed = self.writer.written.ids()
+        return (
+            self.unpublished(),
+            committed - self.seen_on_wire(),
+            committed - set(self.effect_counts()),
+        )
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + PROFILE.drain
+        while True:
+            pending, off_wire, unhandled = await asyncio.to_thread(self._missing)
+            if not (pending or off_wire or unhandled):
+                break
+            if time.monotonic() > deadline:
+                self.outcome.problems.append(
+                    f"after {PROFILE.drain:g} s of draining: {pending} rows unpublished, "
+                    f"{len(off_wire)} not on the wire, {len(unhandled)} not handled"
+                )
+                break
+            await asyncio.sleep(0.25)
+        # Late copies (a resumed relay, a redelivery) have a moment to land and be counted.
+        await asyncio.sleep(1.0)
+
+    def check(self) -> Outcome:
+        """Compare what was committed with the outbox, the wire and the effects."""
+        outcome = self.outcome
+        outcome.seconds = time.monotonic() - self._started
+        written = self.writer.written
+        committed = written.ids()
+        outcome.messages = len(committed)
+        assert self.readback is not None
+        delivered = self.readback.received
+        wire = check_deliveries(
+            written.messages, delivered, sequence=written.seq, kafka=self.endpoints.kafka
+        )
+        effects = self.effect_counts()
+        statuses = self.outbox_statuses()
+
+        lost = set(wire.missing) | (committed - set(effects))
+        outcome.lost = len(lost)
+        outcome.wire_duplicates = wire.duplicates
+        outcome.applied_twice = sum(1 for count in effects.values() if count > 1)
+        outcome.order_violations = len(wire.order_violations)
+        problems = outcome.problems
+        _note(problems, "lost", sorted(lost))
+        _note(problems, "order broken", wire.order_violations)
+        _note(problems, "applied twice", [i for i, c in effects.items() if c > 1])
+        _note(problems, "content changed on the wire", wire.mismatches)
+        _note(problems, "on the wire but never committed", wire.unexpected)
+        phantom = sorted(set(statuses) - committed)
+        _note(problems, "outbox rows no committed transaction wrote", phantom)
+        _note(problems, "committed without an outbox row", sorted(committed - set(statuses)))
+        _note(problems, "dead-lettered rows", [i for i, s in statuses.items() if s == "dead"])
+        _note(problems, "effects of messages never committed", sorted(set(effects) - committed))
+        return outcome
+
+
+def _note(problems: list[str], what: str, items: list[str]) -> None:
+    if items:
+        problems.append(f"{len(items)} {what}: {items[:5]}")
+
+
+async def delete_consumer_queues(amqp_url: str, consumer: str) -> None:
+    """Remove a consumer's queue, dead-letter queue and retry queues from RabbitMQ."""
+    import aio_pika
+
+    from postroom.brokers.base import dead_letter_name
+
+    names = [consumer, dead_letter_name(consumer)]
+    names += [f"{consumer}.retry.{2**power}ms" for power in range(4, 20)]
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+    finally:
+        await connection.close()

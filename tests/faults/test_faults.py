@@ -1,0 +1,302 @@
+"""The proof under faults: seven ways of breaking postroom, on RabbitMQ and on Kafka.
+
+Each test is one scenario on one broker, run by a :class:`~tests.faults.harness.Run`: real
+``postroom relay`` and ``postroom consume`` processes, a writer committing keyed messages
+all along, faults at random moments (seeded; the seed is printed), then a check of every
+committed message: delivered to the broker, handled exactly once, each key in order.
+``POSTROOM_FAULTS=full`` (``make faults``) runs the full counts; the default is the short
+profile CI runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from postroom.brokers import publisher_from_url
+from postroom.message import Message
+from postroom.schema.sql import quoted_table
+from tests.faults.conftest import RunFactory
+from tests.faults.harness import LEASE, PROFILE, Endpoints, Run
+from tests.support.processes import ServiceProcess, TansuBroker
+from tests.support.proxy import FaultProxy, free_port, replace_address
+from tests.support.services import address
+from tests.support.writing import make_message
+
+BROKERS = ["rabbitmq", "kafka"]
+
+pytestmark = [pytest.mark.timeout(PROFILE.timeout), pytest.mark.parametrize("broker", BROKERS)]
+
+Direct = Callable[[str], Endpoints]
+
+
+# ----------------------------------------------------------------------------- 1. relay kills
+
+
+async def test_relay_killed_at_random_moments(
+    broker: str, make_run: RunFactory, endpoints: Direct
+) -> None:
+    """Two relays under a steady write load; SIGKILL one at a random moment, start another."""
+    async with make_run("relay SIGKILL", endpoints(broker)) as run:
+        await run.start(relays=2)
+        for _ in range(PROFILE.relay_kills):
+            await run.pause(0.3, 2.0)
+            run.rng.choice(run.relays()).kill()
+            run.start_relay()
+        await run.finish(faults=PROFILE.relay_kills)
+
+
+# ----------------------------------------------------------------------------- 2. paused relays
+
+
+async def test_relay_paused_past_its_lease(
+    broker: str, make_run: RunFactory, endpoints: Direct
+) -> None:
+    """Three relays; SIGSTOP one for longer than its lease, then SIGCONT it.
+
+    Its partitions move to the others meanwhile; when it wakes, whatever it still holds
+    must be fenced (not marked), and whatever it publishes late is only a duplicate.
+    """
+    async with make_run("relay SIGSTOP past lease", endpoints(broker)) as run:
+        await run.start(relays=3)
+        for _ in range(PROFILE.pauses):
+            await run.pause(0.5, 1.5)
+            victim = run.rng.choice(run.relays())
+            victim.pause()
+            await run.pause(LEASE + 0.5, LEASE + 3.0)
+            victim.resume()
+        await run.pause(1.0, 1.5)
+        fenced = sum(len(p.events("relay.mark_fenced")) for p in run.fleet.relays)
+        await run.finish(faults=PROFILE.pauses, note=f"{fenced} batches fenced")
+
+
+# ----------------------------------------------------------------------------- 3. broker outages
+
+
+async def test_broker_unreachable_then_back(
+    broker: str,
+    make_run: RunFactory,
+    endpoints: Direct,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    """Relays and consumers reach the broker through a fault proxy that cuts every
+    connection, black-holes them (a partition, healed or ended by a cut) or slows them."""
+    direct = endpoints(broker)
+    tansu: TansuBroker | None = None
+    if broker == "kafka":
+        # Kafka clients connect to the address the broker advertises: a private broker
+        # advertises the proxy, so every connection (not just the first) goes through it.
+        proxy_port = free_port()
+        tansu = TansuBroker(
+            request.getfixturevalue("tansu"),
+            advertised_port=proxy_port,
+            log_path=tmp_path / "tansu.log",
+        ).start()
+        proxy = FaultProxy("127.0.0.1", tansu.port, port=proxy_port, lifetime=3600).start()
+        through = Endpoints("kafka", f"kafka://127.0.0.1:{proxy_port}", f"127.0.0.1:{tansu.port}")
+    else:
+        proxy = FaultProxy(*address(direct.readback, 5672), lifetime=3600).start()
+        through = dataclasses.replace(direct, service_broker_url=proxy.url_for(direct.readback))
+    modes: list[str] = []
+    try:
+        async with make_run("broker outage", through) as run:
+            await run.start(relays=2)
+            for number in range(PROFILE.broker_outages):
+                await run.pause(0.5, 1.5)
+                mode = ("cut", "black hole", "slow")[number % 3]
+                if mode == "cut":
+                    proxy.cut()
+                elif mode == "black hole":
+                    proxy.black_hole()
+                else:
+                    proxy.slow(run.rng.uniform(0.05, 0.3))
+                await run.pause(0.5, 3.0)
+                if mode == "black hole" and run.rng.random() < 0.5:
+                    mode = "black hole, then cut"
+                    proxy.cut()
+                proxy.restore()
+                modes.append(mode)
+            note = ", ".join(f"{modes.count(m)} {m}" for m in sorted(set(modes)))
+            await run.finish(faults=len(modes), note=note)
+    finally:
+        proxy.close()
+        if tansu is not None:
+            tansu.ensure_stopped()
+
+
+# ----------------------------------------------------------------------------- 4. database faults
+
+
+async def test_database_connections_killed_and_database_unreachable(
+    broker: str, make_run: RunFactory, endpoints: Direct, database_url: str
+) -> None:
+    """Relays and consumers reach PostgreSQL through a fault proxy (the writer does not).
+
+    Faults alternate: every backend of theirs terminated (``pg_terminate_backend``,
+    mid-batch and mid-handler under load), and the database cut off for a while.
+    """
+    proxy = FaultProxy(*address(database_url, 5432), lifetime=3600).start()
+    through = dataclasses.replace(
+        endpoints(broker),
+        service_database_url=replace_address(database_url, proxy.host, proxy.port),
+    )
+    terminated = cuts = 0
+    try:
+        async with make_run("database faults", through) as run:
+            services = await run.start(relays=2)
+            for number in range(PROFILE.database_faults):
+                await run.pause(0.5, 1.5)
+                if number % 2 == 0:
+                    running = run.relays() + run.consumers()
+                    terminated += await asyncio.to_thread(run.terminate_backends, running)
+                else:
+                    proxy.cut()
+                    await run.pause(0.3, 2.5)
+                    proxy.restore()
+                    cuts += 1
+            assert all(p.alive for p in services), run.fleet.tails(25)
+            note = f"{terminated} backends terminated, {cuts} cuts"
+            await run.finish(faults=PROFILE.database_faults, note=note)
+    finally:
+        proxy.close()
+
+
+# ----------------------------------------------------------------------------- 5. consumer kills
+
+
+async def test_consumer_killed_mid_handler(
+    broker: str, make_run: RunFactory, endpoints: Direct
+) -> None:
+    """SIGKILL the consumer while a handler's transaction is open (its effect written, not
+    committed), start another; no effect may be lost or applied twice."""
+    async with make_run("consumer SIGKILL", endpoints(broker), handler_pause=0.05) as run:
+        await run.start(relays=1)
+        mid_handler = 0
+        for _ in range(PROFILE.consumer_kills):
+            victim = run.consumers()[0]
+            await run.pause(0.2, 1.0)
+            if await _wait_mid_handler(run, victim, within=20.0):
+                mid_handler += 1
+            victim.kill()
+            run.start_consumer()
+        note = f"{mid_handler} mid-handler"
+        await run.finish(faults=PROFILE.consumer_kills, note=note)
+
+
+async def _wait_mid_handler(run: Run, consumer: ServiceProcess, *, within: float) -> bool:
+    """Wait until ``consumer`` has a transaction open (a handler between write and commit)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(run.backends, [consumer], "idle in transaction"):
+            return True
+        await asyncio.sleep(0.005)
+    return False
+
+
+# ----------------------------------------------------------------------------- 6. storms
+
+
+async def test_duplicate_storms(broker: str, make_run: RunFactory, endpoints: Direct) -> None:
+    """Messages already delivered arrive again many times at once: exact copies on their
+    own topic, and copies under other keys on a twin topic (other partitions on Kafka, so
+    the consumer handles copies of one message concurrently)."""
+    async with make_run("duplicate storm", endpoints(broker)) as run:
+        await run.start(relays=1)
+        publisher = publisher_from_url(run.endpoints.service_broker_url)
+        await publisher.connect()
+        injected = 0
+        try:
+            for _ in range(PROFILE.storms):
+                await run.pause(0.5, 1.5)
+                copies = _storm(run, PROFILE.storm_copies)
+                chunks = [copies[i::4] for i in range(4)]
+                results = await asyncio.gather(*(publisher.publish(c) for c in chunks))
+                refused = [r for batch in results for r in batch if not r.confirmed]
+                assert not refused, f"the broker refused storm copies: {refused[:3]}"
+                injected += len(copies)
+        finally:
+            await publisher.close()
+        await run.finish(faults=PROFILE.storms, note=f"{injected} copies")
+
+
+def _storm(run: Run, copies: int) -> list[Message]:
+    """Copies of up to 20 messages the read-back has already seen (so exact copies on the
+    main topic cannot reorder first deliveries), shuffled."""
+    seen = run.seen_on_wire()
+    delivered = [m for m in run.writer.written.of([run.topic]) if str(m.id) in seen]
+    chosen = run.rng.sample(delivered, min(20, len(delivered)))
+    storm: list[Message] = []
+    for message in chosen:
+        storm += [message] * copies
+        storm += [
+            dataclasses.replace(
+                message, topic=run.storm_topic, key=f"storm-{run.rng.randrange(10_000)}"
+            )
+            for _ in range(copies)
+        ]
+    run.rng.shuffle(storm)
+    return storm
+
+
+# ----------------------------------------------------------------------------- 7. long transactions
+
+
+async def test_long_transactions_commit_after_later_rows_were_published(
+    broker: str, make_run: RunFactory, endpoints: Direct
+) -> None:
+    """A transaction enqueues a row, then stays open while later rows are published (and,
+    every other time, a relay is killed meanwhile); then it commits, or rolls back. The
+    late row must still be published and handled; a rolled-back one must never appear."""
+    later_rows = 50 if PROFILE.name == "full" else 20
+    async with make_run("long transaction", endpoints(broker)) as run:
+        await run.start(relays=2)
+        rolled_back = kills = 0
+        for number in range(PROFILE.long_transactions):
+            await run.pause(0.2, 0.8)
+            message = make_message(run.outbox, run.topic, f"late-{number}", 0)
+            session = Session(run.engine)
+            try:
+                session.begin()
+                run.outbox.enqueue_many(session, [message])
+                position = _position(run, session, message)
+                if number % 2 == 1:
+                    run.rng.choice(run.relays()).kill()
+                    run.start_relay()
+                    kills += 1
+                await _wait_published_after(run, position, later_rows, within=60.0)
+                if run.rng.random() < 0.3:
+                    session.rollback()
+                    rolled_back += 1
+                else:
+                    session.commit()
+                    run.writer.written.add([message], [0])
+            finally:
+                session.close()
+        note = f"{rolled_back} rolled back, {kills} relay kills while open"
+        await run.finish(faults=PROFILE.long_transactions, note=note)
+
+
+def _position(run: Run, session: Session, message: Message) -> int:
+    outbox = quoted_table(run.tables.outbox)
+    sql = text(f"SELECT position FROM {outbox} WHERE id = :id")
+    return int(session.execute(sql, {"id": message.id}).scalar_one())
+
+
+async def _wait_published_after(run: Run, position: int, rows: int, *, within: float) -> None:
+    outbox = quoted_table(run.tables.outbox)
+    sql = f"SELECT count(*) FROM {outbox} WHERE position > :p AND status = 'published'"
+    deadline = time.monotonic() + within
+    while await asyncio.to_thread(run.scalar, sql, p=position) < rows:
+        assert time.monotonic() < deadline, (
+            f"fewer than {rows} rows after position {position} published in {within:g} s\n"
+            + run.fleet.tails(20)
+        )
+        await asyncio.sleep(0.1)
