@@ -430,6 +430,48 @@ async def test_a_failed_mark_does_not_strand_the_next_batch(
     assert {m.id for m in broker.messages()} == {r.id for r in rows(engine, tables)}
 
 
+async def test_the_next_batch_is_read_ahead_only_under_a_backlog(
+    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    """A full batch means a backlog: the next claim overlaps its publish. After a partial
+    batch the next claim waits for the publish, so rows committed meanwhile go next."""
+    broker = MemoryBroker()
+    relay = Relay(Settings(**{**settings.__dict__, "relay_batch_size": 50}), broker.publisher())
+    publisher, claim = relay.publisher, relay._store.claim
+    publishing: list[int] = []
+    overlapped: list[int] = []
+    late: list[Any] = []
+
+    async def slow_publish(batch: Any) -> Any:
+        publishing.append(len(batch))
+        try:
+            await asyncio.sleep(0.1)
+            if not late:  # committed while the first (partial) batch is being published
+                late.extend(write(engine, outbox, [("t", "late", "late")]))
+            return await publisher.publish(batch)
+        finally:
+            publishing.pop()
+
+    async def watched_claim(*args: Any, **kwargs: Any) -> Any:
+        if publishing:
+            overlapped.append(publishing[-1])
+        return await claim(*args, **kwargs)
+
+    relay.publisher = type("Slow", (), {"publish": staticmethod(slow_publish)})()
+    relay.publisher.connect = publisher.connect  # type: ignore[attr-defined]
+    relay.publisher.close = publisher.close  # type: ignore[attr-defined]
+    relay._store.claim = watched_claim  # type: ignore[method-assign]
+    write(engine, outbox, [("t", i, f"k{i}") for i in range(10)])
+    async with running(relay):
+        await eventually(lambda: len(broker.messages()) == 11)
+        assert overlapped == []  # partial batches: no claim during a publish
+        # The late row went out in the very next batch, not one batch later.
+        assert [m.payload for m in broker.messages()][-1] == "late"
+        write(engine, outbox, [("t", i, f"b{i}") for i in range(200)])
+        await eventually(lambda: len(broker.messages()) == 211)
+    assert overlapped and set(overlapped) == {50}  # read ahead only behind full batches
+
+
 async def test_the_heartbeat_outlives_an_unexpected_error(
     settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
 ) -> None:

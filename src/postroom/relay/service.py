@@ -250,8 +250,9 @@ class Relay:
     async def _run_batch(self) -> bool:
         """Publish one batch and start recording its outcomes; False if nothing was due.
 
-        Three batches overlap: while one is published, the next is read and the previous
-        one's outcomes are recorded. Until a batch's outcomes are committed, its rows are
+        Under a backlog (a full batch) three batches overlap: while one is published, the
+        next is read and the previous one's outcomes are recorded; otherwise the next batch
+        is read after the publish. Until a batch's outcomes are committed, its rows are
         left out of claims, and a claim read before then holds back the keys that failed
         in it (kept in memory per batch), so the overlap never reorders a key.
         """
@@ -266,7 +267,11 @@ class Relay:
         self._unrecorded.add(number)
         for row in claim.rows:
             self._in_flight[row.position] = row.partition
-        self._prefetch = asyncio.create_task(self._claim())
+        if len(claim.rows) >= self.settings.relay_batch_size:
+            # A full batch means a backlog: read the next batch while this one is published.
+            # Otherwise the next claim waits for the publish, so it also takes the rows
+            # committed meanwhile instead of leaving them for one batch later.
+            self._prefetch = asyncio.create_task(self._claim())
         results = await publish_in_key_order(
             self.publisher,
             [row.message for row in claim.rows],
