@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ def _pyplot() -> Any:
 def rates(row: dict[str, Any]) -> tuple[float, float, str, str] | None:
     """(measured, baseline) messages/s of a throughput-like row, with their labels."""
     d = row["details"]
+    if row["broker"] == "memory":
+        return d["ceiling_msgs_per_s"], d["raw_msgs_per_s"], "relay, no broker", "raw Kafka"
     if "relay_msgs_per_s" in d:
         return d["relay_msgs_per_s"], d["raw_msgs_per_s"], "relay", "raw client"
     if "inbox" in d:
@@ -81,7 +84,7 @@ def draw_throughput(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.text(
             measured, y - 0.2, f" {m_label} {measured:,.0f} ({ratio:.2f}x)", va="center", fontsize=7
         )
-        labels.append((y, f"{row['scenario']}\n[{row['broker']}]"))
+        labels.append((y, textwrap.fill(f"{row['scenario']} [{row['broker']}]", 34)))
     ax.set_yticks([y for y, _ in labels], [label for _, label in labels], fontsize=7)
     ax.set_xlabel("messages/s (grey: same-run baseline)")
     ax.set_title("Throughput per scenario")

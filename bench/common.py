@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,26 @@ def percentiles(samples: list[float]) -> dict[str, float]:
         return {"p50": value, "p95": value, "p99": value}
     cuts = statistics.quantiles(samples, n=100, method="inclusive")
     return {name: round(cuts[i] * 1000, 2) for name, i in (("p50", 49), ("p95", 94), ("p99", 98))}
+
+
+async def alternating(
+    first: Callable[[], Awaitable[dict[str, Any]]],
+    second: Callable[[], Awaitable[dict[str, Any]]],
+    rounds: int = 2,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run two measurements ``rounds`` times each in ABBA order and keep the best ``rate``
+    of each (the least disturbed by whatever else the machine ran); every rate is kept
+    in the result's ``rates``."""
+    runs: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+    for i in range(rounds):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for which in order:
+            runs[which].append(await (first, second)[which]())
+    best = []
+    for results in runs:
+        top = max(results, key=lambda r: r["rate"])
+        best.append({**top, "rates": [round(r["rate"]) for r in results]})
+    return best[0], best[1]
 
 
 async def wait_until(check: Callable[[], bool], seconds: float, what: str = "benchmark") -> None:

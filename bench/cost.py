@@ -36,6 +36,7 @@ import psycopg
 from common import (
     DATABASE_URL,
     KAFKA_URL,
+    bench_schema,
     create_kafka_topic,
     delete_kafka_topics,
     quiet,
@@ -150,8 +151,25 @@ class Probe:
         return {"client": dict(self.counts), "server": delta}
 
 
-async def scenario(count: int) -> list[dict[str, Any]]:
-    """Summary row of scenario 5."""
+async def notify_cost(seconds: float, writers: int = 8) -> dict[str, Any]:
+    """Commits/s of ``writers`` connections each committing one outbox row per transaction
+    as fast as they can, with and without NOTIFY (no relay running: the write side only)."""
+    from relay_latency import run_generator
+
+    rates: dict[str, Any] = {}
+    with bench_schema() as schema:
+        for sender in ("relay, no notify", "relay", "relay, no notify", "relay"):
+            # An unreachable rate: the writers go flat out until the generator's cut-off
+            # (twice the given seconds).
+            report = await run_generator(
+                sender, schema.name, "bench.notify", 1_000_000, seconds / 2, writers
+            )
+            rates.setdefault(sender, []).append(report["achieved_rate"])
+    return {sender: max(values) for sender, values in rates.items()}
+
+
+async def scenario(count: int, notify_seconds: float = 3.0) -> list[dict[str, Any]]:
+    """Summary rows of scenario 5: round trips per message, and NOTIFY's commit cost."""
     from relay_throughput import relay_drain
 
     topic = unique("bench.cost.")
@@ -176,7 +194,7 @@ async def scenario(count: int) -> list[dict[str, Any]]:
         f"server: {server['xact_commit'] / count:.4f} xact/msg, "
         f"{server['tup_updated'] / count:.2f} rows updated/msg"
     )
-    return [
+    rows = [
         result_row(
             f"5 cost, {count:,} msgs, batch 500",
             "kafka",
@@ -190,8 +208,25 @@ async def scenario(count: int) -> list[dict[str, Any]]:
             server_counters=server,
             round_trips_per_message=round(per, 5),
             statements_per_message=round(statements / count, 5),
-        )
+        ),
     ]
+    rates = await notify_cost(notify_seconds)
+    with_notify, without = rates["relay"], rates["relay, no notify"]
+    rows.append(
+        result_row(
+            "5 cost, NOTIFY at commit: 8 writers, 1 row per transaction, flat out",
+            "postgres",
+            f"{with_notify:,} commits/s with NOTIFY",
+            f"{without:,} commits/s without",
+            with_notify / without,
+            "",
+            None,
+            writers=8,
+            seconds=notify_seconds,
+            **{k.replace(", ", "_").replace(" ", "_"): v for k, v in rates.items()},
+        )
+    )
+    return rows
 
 
 def main() -> None:

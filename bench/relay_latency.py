@@ -85,31 +85,42 @@ class Receiver:
 
 
 async def offered_load(send: Any, rate: float, seconds: float) -> int:
-    """Call ``send()`` ``rate`` times a second for ``seconds``; return how many were sent."""
+    """Call ``send()`` ``rate`` times a second for ``seconds``; return how many were sent.
+
+    A sender that falls behind catches up (no pause) but stops at twice ``seconds``.
+    """
     total = int(rate * seconds)
     started = time.perf_counter()
+    give_up = started + 2 * seconds
     for n in range(total):
-        delay = started + n / rate - time.perf_counter()
+        now = time.perf_counter()
+        if now > give_up:
+            return n
+        delay = started + n / rate - now
         if delay > 0:
             await asyncio.sleep(delay)
         await send()
     return total
 
 
-async def generate(sender: str, schema: str, topic: str, rate: float, seconds: float) -> dict:
-    """The generator process: ``rate`` msg/s for ``seconds`` through ``sender``."""
+async def generate(
+    sender: str, schema: str, topic: str, rate: float, seconds: float, senders: int = 0
+) -> dict[str, Any]:
+    """The generator process: ``rate`` msg/s for ``seconds`` through ``sender`` ("relay":
+    commit to the outbox, "relay, no notify": the same without NOTIFY, "raw aio-pika"),
+    spread over ``senders`` connections (default: one per 100 msg/s)."""
     import psycopg
 
     from postroom import Outbox
     from postroom.config import psycopg_conninfo
     from postroom.schema import build_tables
 
-    senders = max(1, round(rate / PER_SENDER))
+    senders = senders or max(1, round(rate / PER_SENDER))
     closers: list[Any] = []
 
     async def make_sender() -> Any:
-        if sender == "relay":
-            outbox = Outbox(build_tables(schema))
+        if sender.startswith("relay"):
+            outbox = Outbox(build_tables(schema), notify=sender == "relay")
             db = await psycopg.AsyncConnection.connect(psycopg_conninfo(DATABASE_URL))
             closers.append(db.close)
 
@@ -146,14 +157,14 @@ async def generate(sender: str, schema: str, topic: str, rate: float, seconds: f
 
 
 async def run_generator(
-    sender: str, schema: str, topic: str, rate: float, seconds: float
+    sender: str, schema: str, topic: str, rate: float, seconds: float, senders: int = 0
 ) -> dict[str, Any]:
     """Run :func:`generate` in a separate process; return what it reports."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         __file__,
         "--generate",
-        json.dumps([sender, schema, topic, rate, seconds]),
+        json.dumps([sender, schema, topic, rate, seconds, senders]),
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await process.communicate()

@@ -41,6 +41,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "relays_messages": 20_000,
         "memory_rows": 100_000,
         "cost_messages": 10_000,
+        "notify_seconds": 2.0,
     },
     "full": {
         "throughput_messages": 50_000,
@@ -52,6 +53,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "relays_messages": 100_000,
         "memory_rows": 1_000_000,
         "cost_messages": 50_000,
+        "notify_seconds": 5.0,
     },
 }
 SCENARIOS = ("throughput", "latency", "consumer", "scale", "cost")
@@ -194,7 +196,12 @@ async def run_all(mode: str, only: list[str]) -> tuple[list[dict[str, Any]], dic
             lambda: scale.memory_scenario(sizes["memory_rows"]),
             "rss_series",
         ),
-        ("cost", "cost", lambda: cost.scenario(sizes["cost_messages"]), None),
+        (
+            "cost",
+            "cost",
+            lambda: cost.scenario(sizes["cost_messages"], sizes["notify_seconds"]),
+            None,
+        ),
     ]
     for group, name, scenario, side in plan:
         if group not in only:
@@ -202,11 +209,12 @@ async def run_all(mode: str, only: list[str]) -> tuple[list[dict[str, Any]], dic
         got = await step(name, scenario())
         if got is None:
             continue
-        if side is None:
-            rows += got
-        else:
-            rows += got[0]
-            extra[side] = got[1]
+        if side is not None:
+            got, extra[side] = got
+        rows += got
+        for row in got:
+            cells = (_cell(row, key) for key in ("measured", "baseline", "met"))
+            print("   " + " | ".join(cells), flush=True)
     samples = extra.get("latency_samples")
     if samples is not None:
         extra["latency_samples"] = {f"{r['load']}, {r['sender']}": r["samples"] for r in samples}
