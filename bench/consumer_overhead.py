@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from common import (
     AMQP_URL,
     DATABASE_URL,
     KAFKA_URL,
+    alternating,
     bench_schema,
     create_kafka_topic,
     delete_kafka_topics,
@@ -166,8 +168,10 @@ async def scenario(count: int, brokers: list[str]) -> list[dict[str, Any]]:
     """Summary rows of scenario 3 (one per broker): inbox against no inbox."""
     rows = []
     for broker in brokers:
-        plain = await consume(broker, count, inbox=False)
-        with_inbox = await consume(broker, count, inbox=True)
+        plain, with_inbox = await alternating(
+            functools.partial(consume, broker, count, inbox=False),
+            functools.partial(consume, broker, count, inbox=True),
+        )
         ratio = with_inbox["rate"] / plain["rate"]
         rows.append(
             result_row(
