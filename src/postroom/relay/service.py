@@ -10,7 +10,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from postroom.backoff import Backoff
 from postroom.brokers.base import Outcome, Publisher, PublishResult
@@ -37,6 +37,12 @@ from postroom.schema.tables import DEAD, PUBLISHED
 
 log = get_logger("relay")
 
+#: The marks' connection commits without waiting for the WAL flush. A mark is only ever
+#: lost by a crash of PostgreSQL itself (the last fraction of a second of commits), and its
+#: rows are then published again: a duplicate, never a loss, as after a relay crash
+#: between the broker's confirm and the mark. It keeps one fsync per batch off the path
+#: that the next batch waits on, and off the disk the application's commits share.
+MARK_SESSION_SETTINGS: Final = {"synchronous_commit": "off"}
 #: Rows deleted per statement, and statements per round, when purging published rows.
 PURGE_BATCH = 5000
 PURGE_BATCHES_PER_ROUND = 20
@@ -70,7 +76,9 @@ class Relay:
         self._work_connection = Connection(conninfo, settings.database_url)
         self._lease_connection = Connection(conninfo, settings.database_url)
         self._housekeeping_connection = Connection(conninfo, settings.database_url)
-        self._mark_connection = Connection(conninfo, settings.database_url)
+        self._mark_connection = Connection(
+            conninfo, settings.database_url, session=MARK_SESSION_SETTINGS
+        )
         self._store = OutboxStore(self._work_connection, self._tables)
         self._marks = OutboxStore(self._mark_connection, self._tables)
         self._maintenance = OutboxStore(self._housekeeping_connection, self._tables)

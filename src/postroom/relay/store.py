@@ -116,11 +116,17 @@ def array_literal(values: Iterable[object]) -> str:
 
 
 class Connection:
-    """One autocommit psycopg connection that reconnects on the next use after a failure."""
+    """One autocommit psycopg connection that reconnects on the next use after a failure.
 
-    def __init__(self, conninfo: str, database_url: str) -> None:
+    ``session`` holds PostgreSQL settings applied to every new connection (``SET``).
+    """
+
+    def __init__(
+        self, conninfo: str, database_url: str, *, session: dict[str, str] | None = None
+    ) -> None:
         self._conninfo = conninfo
         self._database_url = database_url
+        self._session = dict(session or {})
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._closed = False
 
@@ -130,11 +136,14 @@ class Connection:
             raise DatabaseError("the relay's database connection was closed (shutting down)")
         if self._connection is None or self._connection.closed:
             try:
-                self._connection = await psycopg.AsyncConnection.connect(
+                connection = await psycopg.AsyncConnection.connect(
                     self._conninfo, autocommit=True, connect_timeout=10
                 )
+                for name, value in self._session.items():
+                    await connection.execute("SELECT set_config(%s, %s, false)", (name, value))
             except psycopg.Error as exc:
                 raise self._error(exc) from exc
+            self._connection = connection
         return self._connection
 
     def _error(self, exc: psycopg.Error) -> Exception:
