@@ -64,7 +64,9 @@ async def test_relay_paused_past_its_lease(
     Its partitions move to the others meanwhile; when it wakes, whatever it still holds
     must be fenced (not marked), and whatever it publishes late is only a duplicate.
     """
-    async with make_run("relay SIGSTOP past lease", endpoints(broker)) as run:
+    # A heavier load than elsewhere, so that a pause often lands in the middle of a batch.
+    heavy = {"rows_per_transaction": 10, "write_interval": 0.02, "handler_pause": 0.002}
+    async with make_run("relay SIGSTOP past lease", endpoints(broker), **heavy) as run:
         await run.start(relays=3)
         for _ in range(PROFILE.pauses):
             await run.pause(0.5, 1.5)
@@ -177,7 +179,7 @@ async def test_consumer_killed_mid_handler(
 ) -> None:
     """SIGKILL the consumer while a handler's transaction is open (its effect written, not
     committed), start another; no effect may be lost or applied twice."""
-    async with make_run("consumer SIGKILL", endpoints(broker), handler_pause=0.05) as run:
+    async with make_run("consumer SIGKILL", endpoints(broker), handler_pause=0.03) as run:
         await run.start(relays=1)
         mid_handler = 0
         for _ in range(PROFILE.consumer_kills):
