@@ -30,7 +30,7 @@ from postroom import Message
 from postroom.database import create_engine
 from postroom.log import configure_logging
 from postroom.schema import build_tables, migrate
-from postroom.schema.sql import quoted_table
+from postroom.schema.sql import quote_identifier, quoted_table
 from postroom.schema.tables import Tables, partition_for
 
 DATABASE_URL = os.environ.get(
@@ -75,7 +75,6 @@ class BenchSchema:
     name: str
     tables: Tables
     engine: Engine
-    url: str
 
     def execute(self, sql: str, params: dict[str, Any] | None = None) -> Any:
         """Run one statement in its own transaction; return the first row (if any)."""
@@ -100,10 +99,12 @@ class BenchSchema:
             ).all()
         return sorted(r[0] for r in rows)
 
-    def pending(self) -> int:
-        """Rows still pending (walks the partial index on pending rows)."""
+    def has_pending(self) -> bool:
+        """Whether any row is still pending (walks the partial index on pending rows)."""
         outbox = quoted_table(self.tables.outbox)
-        return int(self.execute(f"SELECT count(*) FROM {outbox} WHERE status = 'pending'")[0])
+        return bool(
+            self.execute(f"SELECT EXISTS (SELECT 1 FROM {outbox} WHERE status = 'pending')")[0]
+        )
 
     def bulk_insert(
         self, count: int, topic: str, *, status: str = "pending", notify: bool = False
@@ -155,10 +156,10 @@ def bench_schema(database_url: str = DATABASE_URL) -> Iterator[BenchSchema]:
     migrate.upgrade(database_url, tables)
     engine = create_engine(database_url)
     try:
-        yield BenchSchema(name, tables, engine, database_url)
+        yield BenchSchema(name, tables, engine)
     finally:
         with engine.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+            connection.execute(text(f"DROP SCHEMA {quote_identifier(name)} CASCADE"))
         engine.dispose()
 
 
@@ -223,16 +224,15 @@ def delete_kafka_topics(*topics: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def rabbitmq_sink(topic: str, *, max_length: int | None = None) -> AsyncIterator[Any]:
+async def rabbitmq_sink(topic: str) -> AsyncIterator[Any]:
     """A queue bound to ``topic`` on the relay's exchange (so messages are routable);
-    yields the exchange. ``max_length`` caps the queue (oldest dropped), for long drains."""
+    yields the exchange."""
     import aio_pika
 
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel(publisher_confirms=True)
     exchange = await channel.declare_exchange("postroom", aio_pika.ExchangeType.TOPIC, durable=True)
-    arguments = {"x-max-length": max_length} if max_length else None
-    queue = await channel.declare_queue(unique("bench-"), exclusive=True, arguments=arguments)
+    queue = await channel.declare_queue(unique("bench-"), exclusive=True)
     await queue.bind(exchange, topic)
     try:
         yield exchange
@@ -282,19 +282,11 @@ def postroom_command() -> list[str]:
 class RelayProcess:
     """One ``postroom relay`` subprocess (the CLI, as deployed), its log in a temporary file.
 
-    Settings are the CLI's defaults apart from a short lease (so relays share partitions
-    quickly) and ``options`` (extra CLI options, e.g. ``["--batch-size", "100"]``).
+    Settings are the CLI's defaults apart from a short lease (3 s, so relays share
+    partitions quickly).
     """
 
-    def __init__(
-        self,
-        schema: str,
-        broker_url: str,
-        *,
-        metrics_port: int = 0,
-        lease: float = 3,
-        options: list[str] | None = None,
-    ):
+    def __init__(self, schema: str, broker_url: str, *, metrics_port: int = 0):
         self.metrics_port = metrics_port
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
             prefix="bench-relay-", suffix=".log", delete=False
@@ -316,8 +308,7 @@ class RelayProcess:
                 "--metrics-port",
                 str(metrics_port),
                 "--lease",
-                f"{lease:g}s",
-                *(options or []),
+                "3s",
             ],
             env=env,
             stdin=subprocess.DEVNULL,

@@ -42,7 +42,7 @@ from sqlalchemy import text
 from postroom import Consumer, Message, Settings
 from postroom.brokers import publisher_from_url, subscriber_from_url
 from postroom.consumer import ConsumerService
-from postroom.schema.sql import quote_identifier
+from postroom.schema.sql import quote_identifier, quoted_table
 
 #: librdkafka group timings that make a group join take seconds, not ~23 s, on Tansu.
 KAFKA_CONSUMER_URL = (
@@ -51,11 +51,19 @@ KAFKA_CONSUMER_URL = (
 TARGET_OVERHEAD = 0.15
 
 
-async def publish_backlog(broker_url: str, messages: list[Message]) -> None:
-    """Publish ``messages`` with postroom's publisher (confirmed), 500 at a time."""
+async def publish_backlog(
+    broker_url: str, messages: list[Message], *, queue: str | None = None
+) -> None:
+    """Publish ``messages`` with postroom's publisher (confirmed), 500 at a time.
+
+    ``queue`` (RabbitMQ): first declare the consumer's queue and bind it to the topic, as
+    its subscriber will, so that the backlog is routable.
+    """
     publisher = publisher_from_url(broker_url)
     await publisher.connect()
     try:
+        if queue is not None:
+            await publisher.bind_queue(queue, messages[0].topic)  # type: ignore[attr-defined]
         for start in range(0, len(messages), 500):
             results = await publisher.publish(messages[start : start + 500])
             failed = [r for r in results if not r.confirmed]
@@ -63,20 +71,6 @@ async def publish_backlog(broker_url: str, messages: list[Message]) -> None:
                 raise RuntimeError(f"backlog publish failed: {failed[0].error}")
     finally:
         await publisher.close()
-
-
-async def prepare_rabbitmq(queue: str, topic: str) -> None:
-    """Declare the consumer's queue (as its subscriber will) so the backlog is routable."""
-    import aio_pika
-
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            "postroom", aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        declared = await channel.declare_queue(queue, durable=True)
-        await declared.bind(exchange, routing_key=topic)
 
 
 async def delete_rabbitmq_queues(*queues: str) -> None:
@@ -105,10 +99,9 @@ async def consume(broker: str, count: int, *, inbox: bool) -> dict[str, Any]:
         broker_url = AMQP_URL if broker == "rabbitmq" else KAFKA_CONSUMER_URL
         messages = make_messages(count, topic)
         if broker == "rabbitmq":
-            await prepare_rabbitmq(name, topic)
-            await publish_backlog(AMQP_URL, messages)
+            await publish_backlog(AMQP_URL, messages, queue=name)
         else:
-            create_kafka_topic(topic, partitions=8)
+            create_kafka_topic(topic)
             await publish_backlog(KAFKA_URL, messages)
         del messages
         settings = Settings(
@@ -156,7 +149,7 @@ async def consume(broker: str, count: int, *, inbox: bool) -> dict[str, Any]:
                 delete_kafka_topics(topic, f"{name}.dead-letter")
         rows = schema.execute(f"SELECT count(*) FROM {sink}")[0]
         recorded = schema.execute(
-            f"SELECT count(*) FROM {quote_identifier(schema.name)}.inbox WHERE consumer = :c",
+            f"SELECT count(*) FROM {quoted_table(schema.tables.inbox)} WHERE consumer = :c",
             {"c": name},
         )[0]
     if rows < count:

@@ -43,10 +43,13 @@ from common import (
     result_row,
     unique,
 )
+from relay_latency import run_generator
+from relay_throughput import relay_drain
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from postroom.database import create_engine
+from postroom.schema.sql import quote_identifier
 
 #: Server-side counters read from pg_stat_database.
 COUNTERS = ("xact_commit", "xact_rollback", "tup_returned", "tup_inserted", "tup_updated")
@@ -73,7 +76,7 @@ def bench_database_url() -> str:
                 text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}
             ).first()
             if not exists:
-                db.execute(text(f'CREATE DATABASE "{name}"'))
+                db.execute(text(f"CREATE DATABASE {quote_identifier(name)}"))
     finally:
         engine.dispose()
     return url.set(database=name).render_as_string(hide_password=False)
@@ -154,8 +157,6 @@ class Probe:
 async def notify_cost(seconds: float, writers: int = 8) -> dict[str, Any]:
     """Commits/s of ``writers`` connections each committing one outbox row per transaction
     as fast as they can, with and without NOTIFY (no relay running: the write side only)."""
-    from relay_latency import run_generator
-
     rates: dict[str, Any] = {}
     with bench_schema() as schema:
         for sender in ("relay, no notify", "relay", "relay, no notify", "relay"):
@@ -170,8 +171,6 @@ async def notify_cost(seconds: float, writers: int = 8) -> dict[str, Any]:
 
 async def scenario(count: int, notify_seconds: float = 3.0) -> list[dict[str, Any]]:
     """Summary rows of scenario 5: round trips per message, and NOTIFY's commit cost."""
-    from relay_throughput import relay_drain
-
     topic = unique("bench.cost.")
     create_kafka_topic(topic)
     try:

@@ -133,6 +133,7 @@ async def run_all(mode: str, only: list[str]) -> tuple[list[dict[str, Any]], dic
     import relay_latency
     import relay_throughput
     import scale
+    from common import result_row
 
     sizes = SIZES[mode]
     rows: list[dict[str, Any]] = []
@@ -145,18 +146,8 @@ async def run_all(mode: str, only: list[str]) -> tuple[list[dict[str, Any]], dic
             return await coroutine
         except Exception as exc:
             traceback.print_exc()
-            rows.append(
-                {
-                    "scenario": name,
-                    "broker": "",
-                    "measured": f"FAILED: {type(exc).__name__}: {exc}"[:120],
-                    "baseline": "",
-                    "ratio": None,
-                    "target": "",
-                    "met": False,
-                    "details": {"error": repr(exc)},
-                }
-            )
+            failed = f"FAILED: {type(exc).__name__}: {exc}"[:120]
+            rows.append(result_row(name, "", failed, "", None, "", False, error=repr(exc)))
             return None
         finally:
             extra["timings"][name] = round(time.perf_counter() - started, 1)

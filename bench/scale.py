@@ -24,7 +24,6 @@ from typing import Any
 
 from common import (
     KAFKA_URL,
-    BenchSchema,
     RelayProcess,
     alternating,
     bench_schema,
@@ -37,8 +36,6 @@ from common import (
     wait_for_shares,
 )
 from relay_throughput import relay_drain
-
-from postroom.schema.sql import quoted_table
 
 HISTORY_TOLERANCE = 0.10
 #: RSS growth from 10 % to 90 % of a drain above which memory is not "flat".
@@ -83,11 +80,6 @@ async def history_scenario(count: int, history: int) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------ relay processes
 
 
-def _commit_backlog(schema: BenchSchema, count: int, topic: str) -> None:
-    """Insert ``count`` pending rows and NOTIFY the relays, in one transaction."""
-    schema.bulk_insert(count, topic, notify=True)
-
-
 async def drain_with_relays(relays: int, count: int) -> dict[str, Any]:
     """Seconds from committing ``count`` rows to none pending, with ``relays`` processes."""
     topic = unique("bench.relays.")
@@ -95,25 +87,25 @@ async def drain_with_relays(relays: int, count: int) -> dict[str, Any]:
     processes: list[RelayProcess] = []
     try:
         with bench_schema() as schema:
-            processes = [RelayProcess(schema.name, KAFKA_URL) for _ in range(relays)]
-            await wait_for_shares(schema, processes)
-            outbox = quoted_table(schema.tables.outbox)
-            started = time.perf_counter()
-            await asyncio.to_thread(_commit_backlog, schema, count, topic)
-            committed = time.perf_counter()
-            check = f"SELECT EXISTS (SELECT 1 FROM {outbox} WHERE status = 'pending')"
-            while schema.execute(check)[0]:
+            try:
+                for _ in range(relays):
+                    processes.append(RelayProcess(schema.name, KAFKA_URL))
+                await wait_for_shares(schema, processes)
+                started = time.perf_counter()
+                # The backlog and the NOTIFY that wakes the relays, in one transaction.
+                await asyncio.to_thread(schema.bulk_insert, count, topic, notify=True)
+                committed = time.perf_counter()
+                while schema.has_pending():
+                    for p in processes:
+                        p.check()
+                    if time.perf_counter() - started > 900:
+                        raise TimeoutError("the relays did not drain the backlog")
+                    await asyncio.sleep(0.05)
+                elapsed = time.perf_counter() - committed
+            finally:
                 for p in processes:
-                    p.check()
-                if time.perf_counter() - started > 900:
-                    raise TimeoutError("the relays did not drain the backlog")
-                await asyncio.sleep(0.05)
-            elapsed = time.perf_counter() - committed
-            for p in processes:
-                p.stop()
+                    p.stop()
     finally:
-        for p in processes:
-            p.stop()
         delete_kafka_topics(topic)
     return {
         "relays": relays,
@@ -152,31 +144,32 @@ async def memory_scenario(rows: int) -> tuple[list[dict[str, Any]], dict[str, An
     topic = unique("bench.memory.")
     create_kafka_topic(topic)
     series: list[tuple[float, float, int]] = []
-    relay: RelayProcess | None = None
     try:
         with bench_schema() as schema:
             insert_seconds = await asyncio.to_thread(schema.bulk_insert, rows, topic)
             await asyncio.to_thread(schema.vacuum_analyze)
             relay = RelayProcess(schema.name, KAFKA_URL, metrics_port=free_port())
-            started = time.perf_counter()
-            published = 0
-            while published < rows:
-                relay.check()
-                await asyncio.sleep(0.1)
-                rss, _ = relay.rss_mb()
-                try:
-                    published = await asyncio.to_thread(relay.published)
-                except OSError:
-                    continue  # the metrics endpoint is not up yet
-                series.append((round(time.perf_counter() - started, 2), round(rss, 1), published))
-                if time.perf_counter() - started > 1800:
-                    raise TimeoutError("the relay did not drain the backlog")
-            elapsed = time.perf_counter() - started
-            _, peak = relay.rss_mb()
-            relay.stop()
+            try:
+                started = time.perf_counter()
+                published = 0
+                while published < rows:
+                    relay.check()
+                    await asyncio.sleep(0.1)
+                    rss, _ = relay.rss_mb()
+                    try:
+                        published = await asyncio.to_thread(relay.published)
+                    except OSError:
+                        continue  # the metrics endpoint is not up yet
+                    series.append(
+                        (round(time.perf_counter() - started, 2), round(rss, 1), published)
+                    )
+                    if time.perf_counter() - started > 1800:
+                        raise TimeoutError("the relay did not drain the backlog")
+                elapsed = time.perf_counter() - started
+                _, peak = relay.rss_mb()
+            finally:
+                relay.stop()
     finally:
-        if relay is not None:
-            relay.stop()
         delete_kafka_topics(topic)
 
     def at(fraction: float) -> float:
