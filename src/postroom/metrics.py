@@ -46,10 +46,6 @@ class BatchHistogram(Collector):
         self._lock = threading.Lock()
         registry.register(self)
 
-    def observe(self, value: float) -> None:
-        """Record one value."""
-        self.observe_many((value,))
-
     def observe_many(self, values: Iterable[float]) -> None:
         """Record every value of ``values``."""
         values = list(values)
@@ -62,11 +58,6 @@ class BatchHistogram(Collector):
             for value in values:
                 counts[slot(bounds, value)] += 1
             self._sum += math.fsum(values)
-
-    @property
-    def count(self) -> int:
-        """Values observed so far."""
-        return sum(self._counts)
 
     def collect(self) -> Iterator[Metric]:
         """The histogram as Prometheus exposes it (cumulative buckets, sum and count)."""

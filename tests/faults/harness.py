@@ -45,7 +45,13 @@ from postroom.outbox import Outbox
 from postroom.schema import Tables
 from postroom.schema.sql import quoted_table
 from tests.support.processes import RelayFleet, ServiceProcess
-from tests.support.readback import KafkaReadback, RabbitMQReadback, check_deliveries, create_topics
+from tests.support.readback import (
+    KafkaReadback,
+    RabbitMQReadback,
+    check_deliveries,
+    create_topics,
+    delete_consumer_queues,
+)
 from tests.support.writing import PacedWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -545,20 +551,3 @@ class Run:
 def _note(problems: list[str], what: str, items: list[str]) -> None:
     if items:
         problems.append(f"{len(items)} {what}: {items[:5]}")
-
-
-async def delete_consumer_queues(amqp_url: str, consumer: str) -> None:
-    """Remove a consumer's queue, dead-letter queue and retry queues from RabbitMQ."""
-    import aio_pika
-
-    from postroom.brokers.base import dead_letter_name
-
-    names = [consumer, dead_letter_name(consumer)]
-    names += [f"{consumer}.retry.{2**power}ms" for power in range(4, 20)]
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        for name in names:
-            await channel.queue_delete(name)
-    finally:
-        await connection.close()

@@ -21,6 +21,7 @@ from postroom.schema import Tables
 from tests.contract.harness import AMQP_URL
 from tests.integration.test_consumer import rabbitmq_available
 from tests.support.processes import _die_with_parent, postroom_command
+from tests.support.readback import delete_consumer_queues
 
 HANDLERS = textwrap.dedent(
     """
@@ -145,22 +146,10 @@ async def test_consumer_killed_before_commit_processes_the_message_once_after_re
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait(10)
-        await _delete_queues(name)
+        await delete_consumer_queues(AMQP_URL, name)
     assert count(engine, f"SELECT count(*) FROM {effects}") == 1
     assert count(engine, f"SELECT count(*) FROM {inbox} WHERE consumer = :c", c=name) == 1
     assert '"consumer.stopped"' in log.read_text()
-
-
-async def _delete_queues(name: str) -> None:
-    import aio_pika
-
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        for queue in (name, f"{name}.dead-letter"):
-            await channel.queue_delete(queue)
-    finally:
-        await connection.close()
 
 
 pytestmark = pytest.mark.timeout(120)

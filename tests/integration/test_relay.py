@@ -29,6 +29,7 @@ from postroom.relay.leases import PartitionLeases
 from postroom.relay.store import (
     CONFIRMED,
     REJECTED,
+    BatchOutcomes,
     Claim,
     Connection,
     OutboxStore,
@@ -279,11 +280,13 @@ async def test_a_stalled_relay_cannot_mark_rows_another_relay_took_over(
     second = await store_b.claim(leases_b.tokens, limit=10)
     assert [r.position for r in second.rows] == [r.position for r in first.rows]
 
-    def confirmed(claim: Claim) -> list[RowOutcome]:
-        return [
-            RowOutcome(r.position, claim.tokens[r.partition], r.attempts, r.due_at, CONFIRMED)
-            for r in claim.rows
-        ]
+    def confirmed(claim: Claim) -> BatchOutcomes:
+        return BatchOutcomes.of(
+            [
+                RowOutcome(r.position, claim.tokens[r.partition], r.attempts, r.due_at, CONFIRMED)
+                for r in claim.rows
+            ]
+        )
 
     stale = await store_a.mark(confirmed(first), max_attempts=3, delete_published=False)
     assert stale == []
@@ -541,9 +544,9 @@ async def test_a_mark_applied_twice_counts_one_failure(
     await leases.heartbeat()
     claim = await store.claim(leases.tokens, limit=10)
     (row,) = claim.rows
-    rejected = [
-        RowOutcome(row.position, claim.tokens[row.partition], 0, row.due_at, REJECTED, "no", 0.0)
-    ]
+    rejected = BatchOutcomes.of(
+        [RowOutcome(row.position, claim.tokens[row.partition], 0, row.due_at, REJECTED, "no", 0.0)]
+    )
     first = await store.mark(rejected, max_attempts=2, delete_published=False)
     again = await store.mark(rejected, max_attempts=2, delete_published=False)
     assert [(m.status, m.attempts) for m in first] == [("pending", 1)]
@@ -578,7 +581,9 @@ async def test_a_retried_mark_cannot_undo_an_operators_replay(
     await leases.heartbeat()
     claim = await store.claim(leases.tokens, limit=10)
     (row,) = claim.rows
-    confirmed = [RowOutcome(row.position, claim.tokens[row.partition], 0, row.due_at, CONFIRMED)]
+    confirmed = BatchOutcomes.of(
+        [RowOutcome(row.position, claim.tokens[row.partition], 0, row.due_at, CONFIRMED)]
+    )
     assert len(await store.mark(confirmed, max_attempts=3, delete_published=False)) == 1
     # `postroom outbox replay`: back to pending with the same id, due now.
     with engine.begin() as connection:

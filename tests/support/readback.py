@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from postroom.brokers.base import dead_letter_name
 from postroom.message import (
     HEADER_CONTENT_TYPE,
     HEADER_CREATED_AT,
@@ -209,6 +210,21 @@ class RabbitMQReadback(_Collector):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+async def delete_consumer_queues(amqp_url: str, consumer: str) -> None:
+    """Remove a consumer's queue, dead-letter queue and retry queues from RabbitMQ."""
+    import aio_pika
+
+    names = [consumer, dead_letter_name(consumer)]
+    names += [f"{consumer}.retry.{2**power}ms" for power in range(4, 20)]
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+    finally:
+        await connection.close()
 
 
 # ----------------------------------------------------------------------------- Kafka

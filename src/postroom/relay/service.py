@@ -353,7 +353,7 @@ class Relay:
         try:
             batch = self._outcomes(claim, results)
             marked = await _with_retries(
-                lambda: self._marks.mark_batch(
+                lambda: self._marks.mark(
                     batch,
                     max_attempts=self.settings.relay_max_attempts,
                     delete_published=self.settings.relay_retention == 0,
@@ -394,12 +394,10 @@ class Relay:
     def _outcome(
         self, row: ClaimedRow, result: PublishResult | None
     ) -> tuple[str, str | None, float]:
-        """Outcome name, error and backoff delay for ``row`` given the broker's answer
-        (None: held back, not sent)."""
+        """Outcome name, error and backoff delay for ``row`` given a broker's answer other
+        than a confirm (None: held back, not sent)."""
         if result is None:
             return HELD, None, 0.0
-        if result.outcome is Outcome.CONFIRMED:
-            return CONFIRMED, None, 0.0
         if result.outcome is Outcome.UNAVAILABLE:
             return UNAVAILABLE, f"broker unavailable: {result.error}", 0.0
         log.warning(
@@ -416,43 +414,30 @@ class Relay:
     def _count(self, rows: list[ClaimedRow], batch: BatchOutcomes, marked: list[MarkedRow]) -> None:
         """Metrics and log events for one recorded batch: counters once per batch, the
         latencies of the published messages in one call."""
-        published = 0
-        unusual: list[MarkedRow] = []
-        for mark in marked:
-            if mark.status == PUBLISHED:
-                published += 1
-            else:
-                unusual.append(mark)
-        if published:
-            # Every row the mark changed is in ``marked``; a published one was confirmed.
-            now = time.time()
-            changed = {m.position for m in marked} if len(marked) < len(rows) else None
-            self.metrics.latency.observe_many(
-                [
-                    now - row.message.created_at.timestamp()
-                    for row, outcome in zip(rows, batch.outcomes, strict=True)
-                    if outcome == CONFIRMED and (changed is None or row.position in changed)
-                ]
-            )
+        by_position = {row.position: row for row in rows}
+        outcome_of = dict(zip(batch.positions, batch.outcomes, strict=True))
+        now = time.time()
+        latencies: list[float] = []
         tally: collections.Counter[str] = collections.Counter()
-        if unusual:
-            by_position = {
-                row.position: (row, outcome)
-                for row, outcome in zip(rows, batch.outcomes, strict=True)
-            }
-            for mark in unusual:
-                row, outcome = by_position[mark.position]
-                tally[outcome] += 1
-                if mark.status == DEAD:
-                    log.error(
-                        "relay.dead_lettered",
-                        message_id=str(row.message.id),
-                        topic=row.message.topic,
-                        key=row.message.key,
-                        attempts=mark.attempts,
-                        error=batch.failures.get(row.position, (None, 0.0))[0],
-                    )
-                    tally["dead"] += 1
+        for mark in marked:
+            row = by_position[mark.position]
+            if mark.status == PUBLISHED:
+                latencies.append(now - row.message.created_at.timestamp())
+                continue
+            tally[outcome_of[mark.position]] += 1
+            if mark.status == DEAD:
+                log.error(
+                    "relay.dead_lettered",
+                    message_id=str(row.message.id),
+                    topic=row.message.topic,
+                    key=row.message.key,
+                    attempts=mark.attempts,
+                    error=batch.failures.get(mark.position, (None, 0.0))[0],
+                )
+                tally["dead"] += 1
+        if latencies:
+            self.metrics.latency.observe_many(latencies)
+        published = len(latencies)
         fenced = len(rows) - len(marked)
         for metric, count in (
             (self.metrics.published, published),

@@ -139,9 +139,13 @@ class Connection:
                 connection = await psycopg.AsyncConnection.connect(
                     self._conninfo, autocommit=True, connect_timeout=10
                 )
+            except psycopg.Error as exc:
+                raise self._error(exc) from exc
+            try:
                 for name, value in self._session.items():
                     await connection.execute("SELECT set_config(%s, %s, false)", (name, value))
             except psycopg.Error as exc:
+                await connection.close()
                 raise self._error(exc) from exc
             self._connection = connection
         return self._connection
@@ -248,19 +252,12 @@ class OutboxStore:
         return Claim(rows=claimed, tokens={p: tokens[p] for p in partitions})
 
     async def mark(
-        self, outcomes: Sequence[RowOutcome], *, max_attempts: int, delete_published: bool
-    ) -> list[MarkedRow]:
-        """Record outcomes where the partition's lease token still holds; return those rows."""
-        return await self.mark_batch(
-            BatchOutcomes.of(outcomes),
-            max_attempts=max_attempts,
-            delete_published=delete_published,
-        )
-
-    async def mark_batch(
         self, batch: BatchOutcomes, *, max_attempts: int, delete_published: bool
     ) -> list[MarkedRow]:
-        """:meth:`mark`, for outcomes already laid out column by column (the relay's path)."""
+        """Record outcomes where the partition's lease token still holds; return those rows.
+
+        ``BatchOutcomes.of`` builds ``batch`` from one :class:`RowOutcome` per row.
+        """
         if not batch.positions:
             return []
         # The per-row arrays go as text literals built by str.join (they hold only numbers,
