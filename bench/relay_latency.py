@@ -112,8 +112,8 @@ async def generate(
     import psycopg
 
     from postroom import Outbox
-    from postroom.config import psycopg_conninfo
     from postroom.schema import build_tables
+    from postroom.urls import psycopg_conninfo
 
     senders = senders or max(1, round(rate / PER_SENDER))
     closers: list[Any] = []

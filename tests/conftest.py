@@ -12,10 +12,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from postroom.config import DEFAULT_DATABASE_URL, normalize_database_url, psycopg_conninfo
+from postroom.config import DEFAULT_DATABASE_URL
 from postroom.database import create_async_engine, create_engine
 from postroom.outbox import Outbox
 from postroom.schema import Tables, build_tables, migrate
+from postroom.urls import normalize_database_url, psycopg_conninfo
 
 pytest_plugins = ["tests.support.services"]
 

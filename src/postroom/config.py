@@ -8,10 +8,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
-
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from postroom.errors import ConfigurationError
 from postroom.message import DEFAULT_MAX_PAYLOAD_BYTES
@@ -22,6 +18,7 @@ from postroom.schema.tables import (
     Tables,
     build_tables,
 )
+from postroom.urls import normalize_database_url
 
 ENV_PREFIX: Final = "POSTROOM_"
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -179,50 +176,3 @@ def parse_duration(text: str, *, what: str = "duration") -> float:
             "a unit: 250ms, 30s, 5m, 24h, 7d"
         )
     return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
-
-
-def normalize_database_url(url: str) -> str:
-    """Check a PostgreSQL URL and make it use the psycopg driver."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigurationError(
-            f"database URL {redact_url(url)!r} is not a URL; "
-            "use postgresql://user:password@host:5432/dbname"
-        ) from None
-    backend = parsed.drivername.split("+", 1)[0]
-    if backend not in {"postgresql", "postgres"}:
-        raise ConfigurationError(
-            f"database URL {redact_url(url)!r} is not a PostgreSQL URL; "
-            "postroom needs postgresql://user:password@host:5432/dbname"
-        )
-    if parsed.drivername in {"postgresql", "postgres"}:
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    elif parsed.drivername != "postgresql+psycopg":
-        raise ConfigurationError(
-            f"database URL driver {parsed.drivername!r} is not supported; "
-            "use postgresql:// or postgresql+psycopg:// (psycopg 3)"
-        )
-    return parsed.render_as_string(hide_password=False)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe for logs and output."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0] + ":***"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[1]}"))
-
-
-def psycopg_conninfo(database_url: str) -> str:
-    """The libpq form of a database URL (for psycopg connections made outside SQLAlchemy)."""
-    return (
-        make_url(normalize_database_url(database_url))
-        .set(drivername="postgresql")
-        .render_as_string(hide_password=False)
-    )

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import psycopg
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
-from postroom.config import normalize_database_url
 from postroom.errors import DatabaseError, SchemaMissingError
+from postroom.urls import describe_url, normalize_database_url
 
 
 def create_engine(database_url: str, *, pool_size: int = 5) -> Engine:
@@ -28,12 +28,6 @@ def create_async_engine(database_url: str, *, pool_size: int = 5) -> AsyncEngine
     return sa_create_async_engine(
         normalize_database_url(database_url), pool_size=pool_size, pool_pre_ping=True
     )
-
-
-def describe_url(database_url: str) -> str:
-    """``user@host:port/db`` without the password, for messages."""
-    url = make_url(normalize_database_url(database_url))
-    return f"{url.username or ''}@{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
 
 @contextlib.contextmanager

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from postroom import ConfigurationError, Settings
-from postroom.config import redact_url
 from postroom.errors import InvalidIdentifierError
 from postroom.schema import build_tables, validate_identifier
+from postroom.urls import redact_url
 
 
 def test_defaults_without_environment() -> None:

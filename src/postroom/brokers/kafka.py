@@ -13,10 +13,10 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
 from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
-from postroom.config import redact_url
 from postroom.errors import BrokerUnavailableError, ConfigurationError, MissingExtraError
 from postroom.log import get_logger
 from postroom.message import Message
+from postroom.urls import redact_url
 
 try:
     import confluent_kafka

@@ -11,7 +11,6 @@ from typing import Any, Final
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
-from postroom.config import redact_url
 from postroom.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -20,6 +19,7 @@ from postroom.errors import (
 )
 from postroom.log import get_logger
 from postroom.message import Message
+from postroom.urls import redact_url
 
 try:
     import aio_pika

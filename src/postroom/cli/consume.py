@@ -12,10 +12,11 @@ from typing import Annotated
 import typer
 
 from postroom.cli.common import configure_service_logging, user_errors, with_settings
-from postroom.config import Settings, redact_url
+from postroom.config import Settings
 from postroom.consumer import Consumer
 from postroom.errors import ConfigurationError
 from postroom.log import get_logger
+from postroom.urls import redact_url
 
 CONSUME_FIELDS = (
     "broker_url",

@@ -14,8 +14,8 @@ from postroom.cli.common import (
     with_settings,
 )
 from postroom.config import Settings
-from postroom.database import describe_url
 from postroom.schema import migrate
+from postroom.urls import describe_url
 
 app = typer.Typer(
     help="Create, upgrade and check postroom's tables (outbox and inbox).",

@@ -77,7 +77,7 @@ from postroom.cli.output import (
     table,
     timestamp,
 )
-from postroom.config import Settings, redact_url
+from postroom.config import Settings
 from postroom.errors import BrokerUnavailableError, PostroomError
 from postroom.log import configure_logging
 from postroom.message import (
@@ -87,6 +87,7 @@ from postroom.message import (
     HEADER_KEY,
     OCTET_STREAM,
 )
+from postroom.urls import redact_url
 
 app = typer.Typer(
     help=(

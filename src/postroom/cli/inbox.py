@@ -25,9 +25,9 @@ from postroom.cli.output import (
     table,
 )
 from postroom.config import Settings
-from postroom.database import describe_url
 from postroom.schema import operations_sql as sql
 from postroom.schema.sql import quoted_table
+from postroom.urls import describe_url
 
 app = typer.Typer(
     help=(

@@ -39,10 +39,10 @@ from postroom.cli.output import (
     timestamp,
 )
 from postroom.config import Settings
-from postroom.database import describe_url
 from postroom.schema import operations_sql as sql
 from postroom.schema.sql import quoted_table
 from postroom.schema.tables import DEAD, PENDING, PUBLISHED, Tables
+from postroom.urls import describe_url
 
 app = typer.Typer(
     help=(

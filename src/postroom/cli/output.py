@@ -21,9 +21,10 @@ import typer
 from rich.table import Table
 
 from postroom.cli.common import EXIT_FAILED, console, error_console, fail, user_errors
-from postroom.config import Settings, parse_duration, psycopg_conninfo
+from postroom.config import Settings, parse_duration
 from postroom.database import readable_errors
 from postroom.errors import ConfigurationError
+from postroom.urls import psycopg_conninfo
 
 #: Exit code of bad usage (as click uses for bad options).
 EXIT_USAGE = 2

@@ -6,8 +6,9 @@ import asyncio
 import signal
 
 from postroom.cli.common import configure_service_logging, user_errors, with_settings
-from postroom.config import Settings, redact_url
+from postroom.config import Settings
 from postroom.log import get_logger
+from postroom.urls import redact_url
 
 RELAY_FIELDS = (
     "broker_url",

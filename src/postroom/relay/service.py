@@ -14,7 +14,7 @@ from typing import Final, TypeVar
 
 from postroom.backoff import Backoff
 from postroom.brokers.base import Outcome, Publisher, PublishResult
-from postroom.config import Settings, psycopg_conninfo
+from postroom.config import Settings
 from postroom.errors import BrokerUnavailableError, DatabaseError
 from postroom.log import get_logger
 from postroom.metrics import RelayMetrics, serve_http
@@ -34,6 +34,7 @@ from postroom.relay.store import (
 )
 from postroom.relay.wakeup import Wakeup
 from postroom.schema.tables import DEAD, PUBLISHED
+from postroom.urls import psycopg_conninfo
 
 log = get_logger("relay")
 
