@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 import postroom
 from postroom.database import create_engine
 from postroom.log import configure_logging
+from postroom.schema.tables import tables_for
 
 metadata = MetaData(schema="postroom_demo")
 orders = Table(
@@ -185,7 +186,7 @@ def main() -> int:
 
     print(f"postroom demo, run {run}")
     committed = place_orders(engine, run, first_id)
-    outbox = settings.tables().outbox
+    outbox = tables_for(settings).outbox
     this_run = outbox.c.headers["demo-run"].astext == run
     with engine.connect() as connection:
         written = connection.execute(select(func.count()).where(this_run)).scalar_one()

@@ -11,12 +11,11 @@ from typing import Any, Final
 
 from postroom.errors import ConfigurationError
 from postroom.message import DEFAULT_MAX_PAYLOAD_BYTES
-from postroom.schema.tables import (
+from postroom.names import (
     DEFAULT_INBOX_TABLE,
     DEFAULT_OUTBOX_TABLE,
     DEFAULT_SCHEMA,
-    Tables,
-    build_tables,
+    validate_table_names,
 )
 from postroom.urls import normalize_database_url
 
@@ -102,7 +101,7 @@ class Settings:
                 "max_payload_bytes must be a positive number of bytes, "
                 f"got {self.max_payload_bytes}"
             )
-        self.tables()
+        validate_table_names(self.schema, self.outbox_table, self.inbox_table)
         positive = ("relay_batch_size", "relay_lease", "relay_poll_interval", "relay_max_attempts")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -130,10 +129,6 @@ class Settings:
                 values[f.name] = _parse(f.name, raw, type(f.default))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-    def tables(self) -> Tables:
-        """postroom's tables under these settings' names."""
-        return build_tables(self.schema, self.outbox_table, self.inbox_table)
 
     def help_for(self, name: str) -> str:
         """The help text of one field, for CLI options."""

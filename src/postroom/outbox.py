@@ -24,7 +24,7 @@ from postroom.errors import (
 )
 from postroom.message import DEFAULT_MAX_PAYLOAD_BYTES, Message, MessageOptions
 from postroom.schema.sql import insert_outbox_sql
-from postroom.schema.tables import Tables, build_tables, partition_for
+from postroom.schema.tables import Tables, build_tables, partition_for, tables_for
 
 SyncTarget = Session | Connection | psycopg.Connection[Any]
 AsyncTarget = AsyncSession | AsyncConnection | psycopg.AsyncConnection[Any]
@@ -52,7 +52,7 @@ class Outbox:
     def from_settings(cls, settings: Settings) -> Outbox:
         """An Outbox using the table names and limits of ``settings``."""
         return cls(
-            settings.tables(),
+            tables_for(settings),
             max_payload_bytes=settings.max_payload_bytes,
             notify=settings.notify,
         )

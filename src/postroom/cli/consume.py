@@ -16,6 +16,7 @@ from postroom.config import Settings
 from postroom.consumer import Consumer
 from postroom.errors import ConfigurationError
 from postroom.log import get_logger
+from postroom.schema.tables import tables_for
 from postroom.urls import redact_url
 
 CONSUME_FIELDS = (
@@ -95,7 +96,7 @@ async def _run(consumer: Consumer, settings: Settings) -> None:
     from postroom.schema import migrate
 
     await asyncio.to_thread(
-        migrate.require_current, settings.database_url, settings.tables(), "consumer"
+        migrate.require_current, settings.database_url, tables_for(settings), "consumer"
     )
     service = ConsumerService(
         consumer,

@@ -15,6 +15,7 @@ from postroom.cli.common import (
 )
 from postroom.config import Settings
 from postroom.schema import migrate
+from postroom.schema.tables import tables_for
 from postroom.urls import describe_url
 
 app = typer.Typer(
@@ -34,8 +35,8 @@ def upgrade(revision: Revision = "head", *, settings: Settings) -> None:
     """Create postroom's tables, or bring them up to date. Safe to run again, and from
     several deploys at once (they take turns on an advisory lock)."""
     with user_errors():
-        before = migrate.status(settings.database_url, settings.tables())
-        after = migrate.upgrade(settings.database_url, settings.tables(), revision)
+        before = migrate.status(settings.database_url, tables_for(settings))
+        after = migrate.upgrade(settings.database_url, tables_for(settings), revision)
     where = f"{describe_url(settings.database_url)} schema {settings.schema}"
     if before.current == after.current:
         console.print(f"postroom tables already at revision {after.current} in {where}")
@@ -54,7 +55,7 @@ def check(*, settings: Settings) -> None:
     Use it as a deploy gate before starting relays and consumers.
     """
     with user_errors():
-        state = migrate.status(settings.database_url, settings.tables())
+        state = migrate.status(settings.database_url, tables_for(settings))
     where = f"{describe_url(settings.database_url)} schema {settings.schema}"
     if state.up_to_date:
         console.print(f"postroom tables are up to date (revision {state.head}) in {where}")
@@ -75,7 +76,7 @@ def sql(revision: Revision = "head", *, settings: Settings) -> None:
     Hand it to a DBA or apply it with psql; it records the revision like `db upgrade` does.
     """
     with user_errors():
-        typer.echo(migrate.offline_sql(settings.tables(), revision), nl=False)
+        typer.echo(migrate.offline_sql(tables_for(settings), revision), nl=False)
 
 
 @app.command()
@@ -91,5 +92,5 @@ def downgrade(
     if not yes and not typer.confirm(f"Revert postroom's tables in {where} to {revision}?"):
         raise typer.Exit(1)
     with user_errors():
-        migrate.downgrade(settings.database_url, settings.tables(), revision)
+        migrate.downgrade(settings.database_url, tables_for(settings), revision)
     console.print(f"postroom tables reverted to {revision} in {where}")

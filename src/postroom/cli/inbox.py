@@ -27,6 +27,7 @@ from postroom.cli.output import (
 from postroom.config import Settings
 from postroom.schema import operations_sql as sql
 from postroom.schema.sql import quoted_table
+from postroom.schema.tables import tables_for
 from postroom.urls import describe_url
 
 app = typer.Typer(
@@ -115,7 +116,7 @@ def _words(
 
 
 def _where(settings: Settings) -> str:
-    return f"{quoted_table(settings.tables().inbox)} at {describe_url(settings.database_url)}"
+    return f"{quoted_table(tables_for(settings).inbox)} at {describe_url(settings.database_url)}"
 
 
 def _entry_json(row: tuple[Any, ...], now: datetime) -> dict[str, Any]:
@@ -169,7 +170,7 @@ def list_entries(
 
     Give message ids to check whether the consumer handled those messages.
     """
-    tables = settings.tables()
+    tables = tables_for(settings)
     params = {**_params(consumer, message_ids, older_than, newer_than), "limit": limit}
     with connect(settings) as connection:
         now_row = connection.execute("SELECT now()").fetchone()
@@ -246,7 +247,7 @@ def _delete(
     as_json: bool,
     done: str,
 ) -> None:
-    tables = settings.tables()
+    tables = tables_for(settings)
     with connect(settings) as connection:
         now_row = connection.execute("SELECT now()").fetchone()
         assert now_row is not None

@@ -41,7 +41,7 @@ from postroom.cli.output import (
 from postroom.config import Settings
 from postroom.schema import operations_sql as sql
 from postroom.schema.sql import quoted_table
-from postroom.schema.tables import DEAD, PENDING, PUBLISHED, Tables
+from postroom.schema.tables import DEAD, PENDING, PUBLISHED, Tables, tables_for
 from postroom.urls import describe_url
 
 app = typer.Typer(
@@ -200,7 +200,7 @@ def _ids(texts: list[str] | None) -> list[uuid.UUID] | None:
 
 
 def _where(settings: Settings) -> str:
-    return f"{quoted_table(settings.tables().outbox)} at {describe_url(settings.database_url)}"
+    return f"{quoted_table(tables_for(settings).outbox)} at {describe_url(settings.database_url)}"
 
 
 def _now(connection: psycopg.Connection[Any]) -> datetime:
@@ -309,7 +309,7 @@ def status(
     older than --lease; partitions whose owner is gone move to live relays by themselves.
     """
     threshold = duration(fail_if_older_than, "--fail-if-older-than")
-    tables = settings.tables()
+    tables = tables_for(settings)
     with connect(settings) as connection:
         counts = connection.execute(sql.state_counts_sql(tables)).fetchall()
         pending_row = connection.execute(sql.pending_summary_sql(tables)).fetchone()
@@ -509,7 +509,7 @@ def list_rows(
         newer_than=newer_than,
         error=error,
     )
-    tables = settings.tables()
+    tables = tables_for(settings)
     params = {**flt.params(), "limit": limit}
     with connect(settings) as connection:
         now = _now(connection)
@@ -550,7 +550,7 @@ def show(
     Only the number of failed attempts and the last error are kept, not each attempt.
     """
     wanted = parse_uuid(message_id)
-    tables = settings.tables()
+    tables = tables_for(settings)
     with connect(settings) as connection:
         now = _now(connection)
         rows = _query(connection, sql.outbox_row_sql(tables), {"id": wanted})
@@ -654,7 +654,7 @@ def _change(
     batch: int = sql.UPDATE_BATCH,
 ) -> None:
     """Count, show, confirm, then apply ``batch_sql`` in batches until it changes nothing."""
-    tables = settings.tables()
+    tables = tables_for(settings)
     with connect(settings) as connection:
         now = _now(connection)
         facts = extra(connection) if extra else {}
@@ -766,7 +766,7 @@ def retry(
         error=error,
     )
     _require_selection(flt, everything, "retry", "every dead and backing-off row")
-    tables = settings.tables()
+    tables = tables_for(settings)
     params = flt.params()
     if flt.ids:
         with connect(settings) as connection:
@@ -839,7 +839,7 @@ def replay(
         ids=_ids(ids), topics=topic, keys=key, older_than=older_than, newer_than=newer_than
     )
     _require_selection(flt, everything, "replay", "every published row still kept")
-    tables = settings.tables()
+    tables = tables_for(settings)
     if flt.ids:
         with connect(settings) as connection:
             _check_ids(
@@ -929,7 +929,7 @@ def purge(
     Pending rows are never purged. Deleted rows cannot be replayed or retried.
     """
     states = [s.value for s in state or [PurgeState.published]]
-    tables = settings.tables()
+    tables = tables_for(settings)
     params = {
         "states": states,
         "topics": topic or None,

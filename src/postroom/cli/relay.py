@@ -8,6 +8,7 @@ import signal
 from postroom.cli.common import configure_service_logging, user_errors, with_settings
 from postroom.config import Settings
 from postroom.log import get_logger
+from postroom.schema.tables import tables_for
 from postroom.urls import redact_url
 
 RELAY_FIELDS = (
@@ -44,7 +45,7 @@ async def _run(settings: Settings) -> None:
     from postroom.schema import migrate
 
     await asyncio.to_thread(
-        migrate.require_current, settings.database_url, settings.tables(), "relay"
+        migrate.require_current, settings.database_url, tables_for(settings), "relay"
     )
     publisher = publisher_from_url(settings.broker_url)
     service = Relay(settings, publisher)

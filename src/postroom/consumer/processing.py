@@ -34,6 +34,7 @@ from postroom.errors import DeliveryLostError, HandlerCancelledError, Undecodabl
 from postroom.log import get_logger
 from postroom.message import Message
 from postroom.schema.inbox_sql import insert_inbox_sql
+from postroom.schema.tables import tables_for
 
 log = get_logger("consumer")
 
@@ -129,7 +130,7 @@ class Processor:
         self.max_attempts = settings.consumer_max_attempts
         self._async_engine = async_engine
         self._sync_engine = sync_engine
-        self._insert = text(insert_inbox_sql(settings.tables()))
+        self._insert = text(insert_inbox_sql(tables_for(settings)))
         self.stopping = stopping or asyncio.Event()
         self._sleep = sleep
         self._reconnect = Backoff(initial=0.5, maximum=15.0)

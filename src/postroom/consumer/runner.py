@@ -22,6 +22,7 @@ from postroom.errors import BrokerUnavailableError, ConfigurationError
 from postroom.log import get_logger
 from postroom.metrics import serve_http
 from postroom.schema.inbox_sql import purge_inbox_sql
+from postroom.schema.tables import tables_for
 
 log = get_logger("consumer")
 
@@ -337,7 +338,7 @@ class ConsumerService:
         retention = self.settings.inbox_retention
         if not retention:
             return
-        sql = text(purge_inbox_sql(self.settings.tables()))
+        sql = text(purge_inbox_sql(tables_for(self.settings)))
         while not self._stopping.is_set():
             try:
                 for _ in range(PURGE_BATCHES_PER_ROUND):

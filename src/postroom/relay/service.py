@@ -33,7 +33,7 @@ from postroom.relay.store import (
     OutboxStore,
 )
 from postroom.relay.wakeup import Wakeup
-from postroom.schema.tables import DEAD, PUBLISHED
+from postroom.schema.tables import DEAD, PUBLISHED, tables_for
 from postroom.urls import psycopg_conninfo
 
 log = get_logger("relay")
@@ -72,7 +72,7 @@ class Relay:
         self.publisher = publisher
         self.relay_id = settings.relay_id or default_relay_id()
         self.metrics = metrics or RelayMetrics()
-        self._tables = settings.tables()
+        self._tables = tables_for(settings)
         conninfo = psycopg_conninfo(settings.database_url)
         self._work_connection = Connection(conninfo, settings.database_url)
         self._lease_connection = Connection(conninfo, settings.database_url)

@@ -8,6 +8,7 @@ from postroom.schema.tables import (
     PUBLISHED,
     Tables,
     build_tables,
+    tables_for,
     validate_identifier,
 )
 
@@ -20,6 +21,7 @@ __all__ = [
     "Tables",
     "build_tables",
     "downgrade_ops",
+    "tables_for",
     "upgrade_ops",
     "validate_identifier",
 ]

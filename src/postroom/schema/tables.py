@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import functools
-import re
 import uuid
 import zlib
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from sqlalchemy import (
     BigInteger,
@@ -30,11 +29,30 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from postroom.errors import InvalidIdentifierError
+from postroom.names import (
+    DEFAULT_INBOX_TABLE,
+    DEFAULT_OUTBOX_TABLE,
+    DEFAULT_SCHEMA,
+    validate_identifier,
+    validate_table_names,
+)
 
-DEFAULT_SCHEMA: Final = "postroom"
-DEFAULT_OUTBOX_TABLE: Final = "outbox"
-DEFAULT_INBOX_TABLE: Final = "inbox"
+__all__ = [
+    "DEAD",
+    "DEFAULT_INBOX_TABLE",
+    "DEFAULT_OUTBOX_TABLE",
+    "DEFAULT_SCHEMA",
+    "OUTBOX_STORAGE_PARAMETERS",
+    "PARTITION_COUNT",
+    "PENDING",
+    "PUBLISHED",
+    "TableNames",
+    "Tables",
+    "build_tables",
+    "partition_for",
+    "tables_for",
+    "validate_identifier",
+]
 
 #: Keys are hashed into this many partitions; each partition has one relay at a time.
 PARTITION_COUNT: Final = 64
@@ -52,28 +70,12 @@ OUTBOX_STORAGE_PARAMETERS: Final = {
     "autovacuum_vacuum_cost_delay": "0",
 }
 
-_IDENTIFIER: Final = re.compile(r"[a-z_][a-z0-9_]{0,43}")
-
 
 def partition_for(key: str | None, message_id: uuid.UUID) -> int:
     """The partition a row belongs to: by its key, or spread by its id when it has none."""
     if key is None:
         return message_id.int % PARTITION_COUNT
     return zlib.crc32(key.encode()) % PARTITION_COUNT
-
-
-def validate_identifier(name: object, what: str) -> str:
-    """Return ``name`` if it is a plain lower-case SQL identifier, else raise.
-
-    Names are also quoted wherever they reach SQL; this check keeps them readable in
-    ``psql`` and short enough for the index names derived from them.
-    """
-    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
-        raise InvalidIdentifierError(
-            f"{what} {name!r} is not a valid name: use 1-44 characters of lower-case letters, "
-            "digits and '_', starting with a letter or '_'"
-        )
-    return name
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,15 +111,26 @@ def build_tables(
     Pass your own ``metadata`` to have the tables join it, for example so Alembic's
     autogenerate sees them; ``schema=None`` puts them in the connection's default schema.
     """
-    if schema is not None:
-        validate_identifier(schema, "schema name")
-    validate_identifier(outbox, "outbox table name")
-    validate_identifier(inbox, "inbox table name")
-    if outbox == inbox:
-        raise InvalidIdentifierError("the outbox and inbox tables need different names")
+    validate_table_names(schema, outbox, inbox)
     if metadata is None:
         return _cached_tables(schema, outbox, inbox)
     return _define(schema, outbox, inbox, metadata)
+
+
+class TableNames(Protocol):
+    """Anything that names postroom's tables, such as :class:`postroom.config.Settings`."""
+
+    @property
+    def schema(self) -> str: ...
+    @property
+    def outbox_table(self) -> str: ...
+    @property
+    def inbox_table(self) -> str: ...
+
+
+def tables_for(names: TableNames) -> Tables:
+    """postroom's tables under the names that ``names`` (for example the settings) gives."""
+    return build_tables(names.schema, names.outbox_table, names.inbox_table)
 
 
 @functools.cache
