@@ -428,7 +428,7 @@ async def test_a_failed_mark_does_not_strand_the_next_batch(
     relay._marks.mark = flaky_mark  # type: ignore[method-assign]
     async with running(relay):
         await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
-        assert relay._in_flight == {}
+        assert relay._batches.positions() == []
         assert relay._busy_partitions() == frozenset()
     assert {m.id for m in broker.messages()} == {r.id for r in rows(engine, tables)}
 

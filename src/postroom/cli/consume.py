@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
-import signal
 import sys
 from typing import Annotated
 
@@ -15,6 +14,7 @@ from postroom.cli.common import configure_service_logging, user_errors, with_set
 from postroom.config import Settings
 from postroom.consumer import Consumer
 from postroom.errors import ConfigurationError
+from postroom.lifecycle import run_until_signalled
 from postroom.log import get_logger
 from postroom.schema.tables import tables_for
 from postroom.urls import redact_url
@@ -103,12 +103,9 @@ async def _run(consumer: Consumer, settings: Settings) -> None:
         subscriber_from_url(settings.broker_url, prefetch=settings.consumer_prefetch),
         settings,
     )
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, service.stop)
     get_logger("consumer").info(
         "consumer.configured",
         consumer=consumer.name,
         broker=redact_url(settings.broker_url),
     )
-    await service.run()
+    await run_until_signalled(service)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 
 from postroom.cli.common import configure_service_logging, user_errors, with_settings
 from postroom.config import Settings
+from postroom.lifecycle import run_until_signalled
 from postroom.log import get_logger
 from postroom.schema.tables import tables_for
 from postroom.urls import redact_url
@@ -49,10 +49,7 @@ async def _run(settings: Settings) -> None:
     )
     publisher = publisher_from_url(settings.broker_url)
     service = Relay(settings, publisher)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, service.stop)
     get_logger("relay").info(
         "relay.configured", broker=redact_url(settings.broker_url), relay=service.relay_id
     )
-    await service.run()
+    await run_until_signalled(service)

@@ -15,7 +15,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from sqlalchemy import exc as sa_exc
@@ -29,12 +29,14 @@ from postroom.brokers.base import HEADER_FOR_CONSUMER, Delivery
 from postroom.config import Settings
 from postroom.consumer.decoding import IdSource, describe_error, to_message, to_model
 from postroom.consumer.metrics import ConsumerMetrics
-from postroom.consumer.registry import Consumer, HandlerSpec
 from postroom.errors import DeliveryLostError, HandlerCancelledError, UndecodableMessageError
 from postroom.log import get_logger
 from postroom.message import Message
 from postroom.schema.inbox_sql import insert_inbox_sql
 from postroom.schema.tables import tables_for
+
+if TYPE_CHECKING:
+    from postroom.consumer.registry import Consumer, HandlerSpec
 
 log = get_logger("consumer")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -16,21 +16,18 @@ from postroom.config import Settings
 from postroom.consumer.decoding import describe_error
 from postroom.consumer.metrics import ConsumerMetrics
 from postroom.consumer.processing import Disposition, Processor, Result
-from postroom.consumer.registry import Consumer
 from postroom.database import create_async_engine, create_engine
 from postroom.errors import BrokerUnavailableError, ConfigurationError
+from postroom.lifecycle import PURGE_INTERVAL, Background, Lifecycle, purge_round, repeat
 from postroom.log import get_logger
-from postroom.metrics import serve_http
 from postroom.schema.inbox_sql import purge_inbox_sql
 from postroom.schema.tables import tables_for
 
+if TYPE_CHECKING:
+    from postroom.consumer.registry import Consumer
+
 log = get_logger("consumer")
 
-#: Inbox rows deleted per statement, and statements per round, by retention.
-PURGE_BATCH = 5000
-PURGE_BATCHES_PER_ROUND = 20
-#: Seconds between retention rounds.
-PURGE_INTERVAL = 60.0
 #: Seconds an ordered lane (a Kafka partition) without deliveries keeps its worker.
 LANE_IDLE = 30.0
 #: Seconds a stopping consumer waits for handlers in flight.
@@ -81,7 +78,15 @@ class ConsumerService:
         self.settings = settings or consumer.settings
         check_settings(self.settings)
         self.metrics = metrics or ConsumerMetrics()
-        self._stopping = asyncio.Event()
+        self._lifecycle = Lifecycle(
+            "consumer",
+            self.metrics.registry,
+            metrics_port=self.settings.metrics_port,
+            healthy=self.healthy,
+            ready=lambda: self.ready,
+            identity={"consumer": consumer.name},
+        )
+        self._stopping = self._lifecycle.stopping
         self._async_engine = create_async_engine(
             self.settings.database_url, pool_size=self.settings.consumer_concurrency + 1
         )
@@ -119,9 +124,7 @@ class ConsumerService:
 
     def stop(self) -> None:
         """Finish the handlers in flight, leave the rest unacknowledged, and return from run()."""
-        if not self._stopping.is_set():
-            log.info("consumer.stopping", consumer=self.consumer.name)
-        self._stopping.set()
+        self._lifecycle.stop()
 
     @property
     def ready(self) -> bool:
@@ -141,48 +144,44 @@ class ConsumerService:
                 "@consumer.handler('topic') before running it"
             )
         self._warn_about_retention()
-        log.info(
-            "consumer.starting",
-            consumer=self.consumer.name,
-            topics=topics,
-            concurrency=self.settings.consumer_concurrency,
-            prefetch=self.settings.consumer_prefetch,
-            max_attempts=self.settings.consumer_max_attempts,
+        background: list[Background] = []
+        if self.settings.inbox_retention:
+            background.append(("postroom-inbox-purge", self._purge_forever))
+        await self._lifecycle.run(
+            lambda: self._work(topics),
+            background=background,
+            drain=self._finish,
+            close=self._close,
+            starting={
+                "topics": topics,
+                "concurrency": self.settings.consumer_concurrency,
+                "prefetch": self.settings.consumer_prefetch,
+                "max_attempts": self.settings.consumer_max_attempts,
+            },
         )
-        server = None
-        if self.settings.metrics_port:
-            server = await serve_http(
-                self.settings.metrics_port,
-                self.metrics.registry,
-                healthy=self.healthy,
-                ready=lambda: self.ready,
-            )
-        purge = asyncio.create_task(self._purge_forever(), name="postroom-inbox-purge")
-        try:
-            if await self._subscribe(topics):
-                receive = asyncio.create_task(self._receive(), name="postroom-consumer-receive")
-                stopping = asyncio.create_task(self._stopping.wait())
-                await asyncio.wait({receive, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                self._stopping.set()
-                receive.cancel()
-                stopping.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    exc = await asyncio.gather(receive, return_exceptions=True)
-                    if exc and isinstance(exc[0], Exception):
-                        raise exc[0]
-        finally:
-            await self._finish()
-            purge.cancel()
-            await asyncio.gather(purge, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self.subscriber.close()
-            self._subscribed = False
-            await self._async_engine.dispose()
-            if self._sync_engine is not None:
-                self._sync_engine.dispose()
-            if server is not None:
-                server.close()
-            log.info("consumer.stopped", consumer=self.consumer.name)
+
+    async def _work(self, topics: list[str]) -> None:
+        """Subscribe, then receive until stopping or until receiving fails."""
+        if not await self._subscribe(topics):
+            return
+        receive = asyncio.create_task(self._receive(), name="postroom-consumer-receive")
+        stopping = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({receive, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        self._stopping.set()
+        receive.cancel()
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            exc = await asyncio.gather(receive, return_exceptions=True)
+            if exc and isinstance(exc[0], Exception):
+                raise exc[0]
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.subscriber.close()
+        self._subscribed = False
+        await self._async_engine.dispose()
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
 
     async def _subscribe(self, topics: list[str]) -> bool:
         failures = 0
@@ -194,8 +193,7 @@ class ConsumerService:
                 failures += 1
                 delay = reconnect.delay(failures)
                 log.warning("consumer.broker_unavailable", error=str(exc), retry_in=round(delay, 2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                await self._lifecycle.pause(delay)
                 continue
             self._subscribed = True
             self.started.set()
@@ -335,32 +333,26 @@ class ConsumerService:
             )
 
     async def _purge_forever(self) -> None:
-        retention = self.settings.inbox_retention
-        if not retention:
-            return
+        """Delete this consumer's inbox rows past their retention, a round a minute."""
         sql = text(purge_inbox_sql(tables_for(self.settings)))
-        while not self._stopping.is_set():
-            try:
-                for _ in range(PURGE_BATCHES_PER_ROUND):
-                    async with self._async_engine.begin() as connection:
-                        result = await connection.execute(
-                            sql,
-                            {
-                                "consumer": self.consumer.name,
-                                "retention": retention,
-                                "limit": PURGE_BATCH,
-                            },
-                        )
-                    deleted = result.rowcount or 0
-                    if deleted:
-                        self.metrics.inbox_purged.inc(deleted)
-                        log.info("consumer.inbox_purged", consumer=self.consumer.name, rows=deleted)
-                    if deleted < PURGE_BATCH:
-                        break
-            except Exception as exc:
-                log.warning("consumer.inbox_purge_failed", error=describe_error(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), PURGE_INTERVAL)
+        params = {"consumer": self.consumer.name, "retention": self.settings.inbox_retention}
+
+        async def delete(limit: int) -> int:
+            async with self._async_engine.begin() as connection:
+                result = await connection.execute(sql, {**params, "limit": limit})
+            return result.rowcount or 0
+
+        def purged(rows: int) -> None:
+            self.metrics.inbox_purged.inc(rows)
+            log.info("consumer.inbox_purged", consumer=self.consumer.name, rows=rows)
+
+        def failed(exc: Exception) -> None:
+            log.warning("consumer.inbox_purge_failed", error=describe_error(exc))
+
+        async def round_() -> None:
+            await purge_round(delete, on_deleted=purged)
+
+        await repeat(round_, PURGE_INTERVAL, on_error=failed)
 
 
 def _settled(result: Result | None) -> bool:

@@ -16,8 +16,10 @@ from postroom.backoff import Backoff
 from postroom.brokers.base import Outcome, Publisher, PublishResult
 from postroom.config import Settings
 from postroom.errors import BrokerUnavailableError, DatabaseError
+from postroom.lifecycle import PURGE_INTERVAL, Every, Lifecycle, purge_round, repeat
 from postroom.log import get_logger
-from postroom.metrics import RelayMetrics, serve_http
+from postroom.metrics import RelayMetrics
+from postroom.relay.batches import Batches
 from postroom.relay.leases import PartitionLeases
 from postroom.relay.ordering import publish_in_key_order
 from postroom.relay.store import (
@@ -44,9 +46,8 @@ log = get_logger("relay")
 #: between the broker's confirm and the mark. It keeps one fsync per batch off the path
 #: that the next batch waits on, and off the disk the application's commits share.
 MARK_SESSION_SETTINGS: Final = {"synchronous_commit": "off"}
-#: Rows deleted per statement, and statements per round, when purging published rows.
-PURGE_BATCH = 5000
-PURGE_BATCHES_PER_ROUND = 20
+#: Seconds between refreshes of the backlog gauges (and looks at the purge's schedule).
+HOUSEKEEPING_INTERVAL: Final = 10.0
 
 
 def default_relay_id() -> str:
@@ -88,28 +89,27 @@ class Relay:
         )
         self.wakeup = Wakeup(conninfo, self._tables.notify_channel)
         self._row_backoff = Backoff(settings.relay_backoff_initial, settings.relay_backoff_max)
-        self._stopping = asyncio.Event()
-        self._in_flight: dict[int, int] = {}
-        """Position → partition of rows claimed whose outcomes are not recorded yet."""
+        self._lifecycle = Lifecycle(
+            "relay",
+            self.metrics.registry,
+            metrics_port=settings.metrics_port,
+            healthy=self.healthy,
+            ready=lambda: self.ready,
+            identity={"relay": self.relay_id},
+            on_stop=self.wakeup.set,
+        )
+        self._batches = Batches()
         self._recording: asyncio.Task[None] | None = None
         self._prefetch: asyncio.Task[tuple[Claim, frozenset[int]]] | None = None
-        self._batch_number = 0
-        self._unrecorded: set[int] = set()
-        """Numbers of batches claimed whose outcomes are not committed yet."""
-        self._stalled_keys: dict[int, set[str]] = {}
-        """Batch number → keys not confirmed in it (kept for the last few batches)."""
+        self._purge_due = Every(PURGE_INTERVAL)
         self._broker_ready = False
         self._database_ready = False
         self._last_progress = time.monotonic()
         self._started = time.monotonic()
-        self._failure: BaseException | None = None
 
     def stop(self) -> None:
         """Ask the relay to finish the batch in flight, release its partitions and return."""
-        if not self._stopping.is_set():
-            log.info("relay.stopping", relay=self.relay_id)
-        self._stopping.set()
-        self.wakeup.set()
+        self._lifecycle.stop()
 
     @property
     def ready(self) -> bool:
@@ -126,54 +126,26 @@ class Relay:
 
     async def run(self) -> None:
         """Run until :meth:`stop` is called (or the task is cancelled)."""
-        log.info(
-            "relay.starting",
-            relay=self.relay_id,
-            table=self._tables.outbox.fullname,
-            batch_size=self.settings.relay_batch_size,
-            lease=self.settings.relay_lease,
+        await self._lifecycle.run(
+            self._work,
+            background=[
+                ("postroom-relay-heartbeat", self._heartbeats),
+                ("postroom-relay-wakeup", self.wakeup.run),
+                ("postroom-relay-housekeeping", self._housekeeping),
+            ],
+            drain=self._settle,
+            close=self._shutdown,
+            starting={
+                "table": self._tables.outbox.fullname,
+                "batch_size": self.settings.relay_batch_size,
+                "lease": self.settings.relay_lease,
+            },
         )
-        server = None
-        if self.settings.metrics_port:
-            server = await serve_http(
-                self.settings.metrics_port,
-                self.metrics.registry,
-                healthy=self.healthy,
-                ready=lambda: self.ready,
-            )
-        background = [
-            asyncio.create_task(self._heartbeats(), name="postroom-relay-heartbeat"),
-            asyncio.create_task(self.wakeup.run(), name="postroom-relay-wakeup"),
-            asyncio.create_task(self._housekeeping(), name="postroom-relay-housekeeping"),
-        ]
-        for task in background:
-            task.add_done_callback(self._background_ended)
-        try:
-            await self._work()
-        finally:
-            await self._drop_prefetch()
-            await self._settle_recording()
-            for task in background:
-                task.remove_done_callback(self._background_ended)
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await self._shutdown()
-            if server is not None:
-                server.close()
-            log.info("relay.stopped", relay=self.relay_id)
-        if self._failure is not None:
-            raise self._failure
 
-    def _background_ended(self, task: asyncio.Task[None]) -> None:
-        """A background loop must never end on its own: stop the relay, keeping the error."""
-        if task.cancelled():
-            return
-        self._failure = task.exception() or RuntimeError(f"{task.get_name()} ended")
-        log.error("relay.background_task_failed", task=task.get_name(), error=str(self._failure))
-        self.stop()
-
-    async def _settle_recording(self) -> None:
-        """On the way out: record the last batch (bounded) before the leases are released."""
+    async def _settle(self) -> None:
+        """On the way out: forget the batch read ahead, and record the last batch
+        (bounded) before the leases are released."""
+        await self._drop_prefetch()
         task, self._recording = self._recording, None
         if task is None:
             return
@@ -206,7 +178,7 @@ class Relay:
         broker_failures = 0
         database_failures = 0
         reconnect = Backoff(initial=0.5, maximum=30.0)
-        while not self._stopping.is_set():
+        while not self._lifecycle.stopping.is_set():
             self._last_progress = time.monotonic()
             if not self._broker_ready:
                 try:
@@ -253,8 +225,7 @@ class Relay:
         if wake_on_notify:
             await self.wakeup.wait(seconds)
         else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), seconds)
+            await self._lifecycle.pause(seconds)
 
     async def _run_batch(self) -> bool:
         """Publish one batch and start recording its outcomes; False if nothing was due.
@@ -271,11 +242,7 @@ class Relay:
         claim = self._still_owned_rows(claim)
         if not claim.rows:
             return False
-        self._batch_number += 1
-        number = self._batch_number
-        self._unrecorded.add(number)
-        for row in claim.rows:
-            self._in_flight[row.position] = row.partition
+        number = self._batches.claimed(claim)
         if len(claim.rows) >= self.settings.relay_batch_size:
             # A full batch means a backlog: read the next batch while this one is published.
             # Otherwise the next claim waits for the publish, so it also takes the rows
@@ -285,15 +252,16 @@ class Relay:
             self.publisher,
             [row.message for row in claim.rows],
             may_continue=lambda: self._still_owns(claim),
-            stalled_keys=set().union(*(self._stalled_keys.get(b, ()) for b in unrecorded)),
+            stalled_keys=self._batches.stalled_keys(unrecorded),
         )
-        self._stalled_keys[number] = {
-            row.message.key
-            for row, result in zip(claim.rows, results, strict=True)
-            if row.message.key is not None and (result is None or not result.confirmed)
-        }
-        for old in [b for b in self._stalled_keys if b < number - 3]:
-            del self._stalled_keys[old]
+        self._batches.published(
+            number,
+            {
+                row.message.key
+                for row, result in zip(claim.rows, results, strict=True)
+                if row.message.key is not None and (result is None or not result.confirmed)
+            },
+        )
         if any(r is not None and r.outcome is Outcome.UNAVAILABLE for r in results):
             self._set_broker_ready(False)
         try:
@@ -306,11 +274,11 @@ class Relay:
 
     async def _claim(self) -> tuple[Claim, frozenset[int]]:
         """Read the next batch, with the batches not yet recorded when it was read."""
-        unrecorded = frozenset(self._unrecorded)
+        unrecorded = self._batches.unrecorded()
         claim = await self._store.claim(
             self.leases.claimable(),
             limit=self.settings.relay_batch_size,
-            in_flight=list(self._in_flight),
+            in_flight=self._batches.positions(),
         )
         return claim, unrecorded
 
@@ -339,7 +307,7 @@ class Relay:
 
     def _busy_partitions(self) -> frozenset[int]:
         """Partitions the heartbeat must not give up: those with rows in flight."""
-        return frozenset(self._in_flight.values())
+        return self._batches.partitions()
 
     async def _finish_recording(self) -> None:
         """Wait for the batch being recorded; its database errors surface here."""
@@ -361,10 +329,7 @@ class Relay:
                 )
             )
         finally:
-            in_flight = self._in_flight
-            for row in rows:
-                in_flight.pop(row.position, None)
-            self._unrecorded.discard(number)
+            self._batches.recorded(number)
         self._count(rows, batch, marked)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
 
@@ -485,30 +450,24 @@ class Relay:
 
     async def _housekeeping(self) -> None:
         """Refresh the backlog gauges and purge published rows past their retention."""
-        interval = 10.0
-        last_purge = 0.0
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                pending, oldest, dead = await self._maintenance.backlog()
-                self.metrics.backlog.set(pending)
-                self.metrics.oldest_pending_age.set(oldest)
-                self.metrics.dead_rows.set(dead)
-                retention = self.settings.relay_retention
-                if retention > 0 and time.monotonic() - last_purge > 60:
-                    last_purge = time.monotonic()
-                    purged = 0
-                    for _ in range(PURGE_BATCHES_PER_ROUND):
-                        count = await self._maintenance.purge_published(
-                            retention, limit=PURGE_BATCH
-                        )
-                        purged += count
-                        if count < PURGE_BATCH:
-                            break
-                    if purged:
-                        log.info("relay.purged", rows=purged, older_than_seconds=retention)
-            except Exception as exc:  # housekeeping must outlive any error
-                log.warning("relay.housekeeping_failed", error=str(exc), kind=type(exc).__name__)
+        await repeat(self._housekeeping_round, HOUSEKEEPING_INTERVAL, on_error=_housekeeping_failed)
+
+    async def _housekeeping_round(self) -> None:
+        pending, oldest, dead = await self._maintenance.backlog()
+        self.metrics.backlog.set(pending)
+        self.metrics.oldest_pending_age.set(oldest)
+        self.metrics.dead_rows.set(dead)
+        retention = self.settings.relay_retention
+        if retention > 0 and self._purge_due.due():
+            purged = await purge_round(
+                lambda limit: self._maintenance.purge_published(retention, limit=limit)
+            )
+            if purged:
+                log.info("relay.purged", rows=purged, older_than_seconds=retention)
+
+
+def _housekeeping_failed(exc: Exception) -> None:
+    log.warning("relay.housekeeping_failed", error=str(exc), kind=type(exc).__name__)
 
 
 T = TypeVar("T")
