@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 from sqlalchemy import exc as sa_exc
@@ -74,6 +74,12 @@ class Result:
 class _DatabaseUnavailable(Exception):
     """The database could not be reached; no attempt is counted."""
 
+
+#: How a handler's Session joins the Processor's transaction (see _run_async).
+_JOINED: Final[dict[str, Any]] = {
+    "expire_on_commit": False,
+    "join_transaction_mode": "create_savepoint",
+}
 
 #: SQLSTATEs of a server that is shutting down or restarting (besides class 08, connection).
 _SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
@@ -147,12 +153,7 @@ class Processor:
         if meant_for is not None and meant_for != self.consumer.name:
             # A dead letter of another consumer, requeued to the topic both read.
             self.metrics.skipped.labels(delivery.topic).inc()
-            log.debug(
-                "consumer.skipped",
-                consumer=self.consumer.name,
-                topic=delivery.topic,
-                for_consumer=meant_for,
-            )
+            log.debug("consumer.skipped", **self._about(delivery.topic), for_consumer=meant_for)
             await self._ack(delivery)
             return Result(Disposition.SKIPPED)
         attempt = max(1, delivery.attempt)
@@ -190,28 +191,21 @@ class Processor:
             except Exception as exc:
                 error = describe_error(exc)
                 self.metrics.failures.labels(delivery.topic).inc()
-                if attempt >= self.max_attempts:
-                    log.warning(
-                        "consumer.failed",
-                        consumer=self.consumer.name,
-                        topic=delivery.topic,
-                        message_id=message_id,
-                        attempt=attempt,
-                        error=error,
-                        final=True,
-                    )
-                    return await self._dead_letter(delivery, error, attempt, message_id)
-                delay = self.backoff.delay(attempt)
+                final = attempt >= self.max_attempts
+                delay = 0.0 if final else self.backoff.delay(attempt)
                 log.warning(
                     "consumer.failed",
-                    consumer=self.consumer.name,
-                    topic=delivery.topic,
-                    message_id=message_id,
+                    **self._about(delivery.topic, message_id=message_id),
                     attempt=attempt,
                     error=error,
-                    retry_in=round(delay, 3),
-                    exc_info=True,
+                    **(
+                        {"final": True}
+                        if final
+                        else {"retry_in": round(delay, 3), "exc_info": True}
+                    ),
                 )
+                if final:
+                    return await self._dead_letter(delivery, error, attempt, message_id)
                 if delivery.redeliverable:
                     try:
                         await delivery.retry_later(delay, error)
@@ -255,24 +249,21 @@ class Processor:
                 self.metrics.in_flight.dec()
         if not new:
             self.metrics.duplicates.labels(message.topic).inc()
-            log.info(
-                "consumer.duplicate",
-                consumer=self.consumer.name,
-                topic=message.topic,
-                message_id=message_id,
-            )
+            log.info("consumer.duplicate", **self._about(message.topic, message_id=message_id))
             return Disposition.DUPLICATE
         seconds = time.perf_counter() - started
         self.metrics.latency.labels(message.topic).observe(seconds)
         self.metrics.handled.labels(message.topic).inc()
         log.debug(
             "consumer.handled",
-            consumer=self.consumer.name,
-            topic=message.topic,
-            message_id=message_id,
+            **self._about(message.topic, message_id=message_id),
             seconds=round(seconds, 4),
         )
         return Disposition.HANDLED
+
+    def _about(self, topic: str, **fields: Any) -> dict[str, Any]:
+        """The fields that name a message in this consumer's log events, with ``fields``."""
+        return {"consumer": self.consumer.name, "topic": topic, **fields}
 
     # The Processor owns the transaction: the inbox row is written on the connection, and
     # the handler's Session joins it with join_transaction_mode="create_savepoint", so a
@@ -283,15 +274,12 @@ class Processor:
         async with self._async_engine.connect() as connection:
             await connection.begin()
             try:
-                inserted = await self._record_async(connection, params)
-                if not inserted:
+                with self._inbox_errors():
+                    inserted = (await connection.execute(self._insert, params)).first()
+                if inserted is None:
                     await connection.rollback()
                     return False
-                async with AsyncSession(
-                    bind=connection,
-                    expire_on_commit=False,
-                    join_transaction_mode="create_savepoint",
-                ) as session:
+                async with AsyncSession(bind=connection, **_JOINED) as session:
                     await spec.function(argument, session)
                     await session.commit()
                 await connection.commit()
@@ -301,42 +289,32 @@ class Processor:
                 raise
             return True
 
-    async def _record_async(self, connection: Any, params: dict[str, str]) -> bool:
-        try:
-            return (await connection.execute(self._insert, params)).first() is not None
-        except sa_exc.DBAPIError as exc:
-            raise self._record_failed(exc) from exc
-
-    def _record_sync(self, connection: Any, params: dict[str, str]) -> bool:
-        try:
-            return connection.execute(self._insert, params).first() is not None
-        except sa_exc.DBAPIError as exc:
-            raise self._record_failed(exc) from exc
-
     @staticmethod
-    def _record_failed(exc: sa_exc.DBAPIError) -> Exception:
-        if _is_bad_value(exc) and not connection_failed(exc):
-            # The id cannot be stored (e.g. a NUL character from a foreign producer).
-            return UndecodableMessageError(
-                f"the message id cannot be stored in the inbox "
-                f"({describe_error(exc.orig or exc)}); it is dead-lettered: fix the producer"
-            )
-        # Not the message's fault (database down, tables missing): no attempt is spent.
-        return _DatabaseUnavailable(describe_error(exc.orig or exc))
+    @contextlib.contextmanager
+    def _inbox_errors() -> Iterator[None]:
+        """Turn a failed inbox insert into a dead letter (a bad id) or an outage."""
+        try:
+            yield
+        except sa_exc.DBAPIError as exc:
+            if _is_bad_value(exc) and not connection_failed(exc):
+                # The id cannot be stored (e.g. a NUL character from a foreign producer).
+                raise UndecodableMessageError(
+                    f"the message id cannot be stored in the inbox "
+                    f"({describe_error(exc.orig or exc)}); it is dead-lettered: fix the producer"
+                ) from exc
+            # Not the message's fault (database down, tables missing): no attempt is spent.
+            raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
 
     def _run_sync(self, spec: HandlerSpec, argument: Any, params: dict[str, str]) -> bool:
         with self._sync_engine().connect() as connection:
             connection.begin()
             try:
-                inserted = self._record_sync(connection, params)
-                if not inserted:
+                with self._inbox_errors():
+                    inserted = connection.execute(self._insert, params).first()
+                if inserted is None:
                     connection.rollback()
                     return False
-                with Session(
-                    bind=connection,
-                    expire_on_commit=False,
-                    join_transaction_mode="create_savepoint",
-                ) as session:
+                with Session(bind=connection, **_JOINED) as session:
                     spec.function(argument, session)
                     session.commit()
                 connection.commit()
@@ -367,9 +345,7 @@ class Processor:
                 delay = self._reconnect.delay(failures)
                 log.warning(
                     "consumer.dead_letter_failed",
-                    consumer=self.consumer.name,
-                    topic=delivery.topic,
-                    message_id=message_id,
+                    **self._about(delivery.topic, message_id=message_id),
                     error=describe_error(exc),
                     retry_in=round(delay, 2),
                 )
@@ -378,9 +354,7 @@ class Processor:
         self.metrics.dead_lettered.labels(delivery.topic).inc()
         log.warning(
             "consumer.dead_lettered",
-            consumer=self.consumer.name,
-            topic=delivery.topic,
-            message_id=message_id,
+            **self._about(delivery.topic, message_id=message_id),
             attempts=attempts,
             error=error,
         )
@@ -392,10 +366,7 @@ class Processor:
         except Exception as exc:
             # The transaction committed: a redelivery finds the inbox row and is acknowledged.
             log.warning(
-                "consumer.ack_failed",
-                consumer=self.consumer.name,
-                topic=delivery.topic,
-                error=describe_error(exc),
+                "consumer.ack_failed", **self._about(delivery.topic), error=describe_error(exc)
             )
 
     async def _wait(self, seconds: float) -> bool:

@@ -29,6 +29,15 @@ class Step:
     downgrade: Callable[[Operations, Tables], None]
 
 
+#: The outbox's partial indexes of revision 0001: name, columns, predicate.
+_INITIAL_PARTIAL_INDEXES: tuple[tuple[str, list[str], str], ...] = (
+    ("pending", ["position"], "status = 'pending'"),
+    ("published", ["published_at"], "status = 'published'"),
+    ("dead", ["position"], "status = 'dead'"),
+    ("retrying", ["key", "position"], "status = 'pending' AND attempts > 0"),
+)
+
+
 def _initial_upgrade(op: Operations, tables: Tables) -> None:
     schema = tables.schema
     outbox = tables.outbox.name
@@ -69,34 +78,10 @@ def _initial_upgrade(op: Operations, tables: Tables) -> None:
         postgresql_with=OUTBOX_STORAGE_PARAMETERS,
         comment="postroom outbox: messages written with business transactions, awaiting the relay.",
     )
-    op.create_index(
-        f"{outbox}_pending_idx",
-        outbox,
-        ["position"],
-        schema=schema,
-        postgresql_where=sa.text("status = 'pending'"),
-    )
-    op.create_index(
-        f"{outbox}_published_idx",
-        outbox,
-        ["published_at"],
-        schema=schema,
-        postgresql_where=sa.text("status = 'published'"),
-    )
-    op.create_index(
-        f"{outbox}_dead_idx",
-        outbox,
-        ["position"],
-        schema=schema,
-        postgresql_where=sa.text("status = 'dead'"),
-    )
-    op.create_index(
-        f"{outbox}_retrying_idx",
-        outbox,
-        ["key", "position"],
-        schema=schema,
-        postgresql_where=sa.text("status = 'pending' AND attempts > 0"),
-    )
+    for name, columns, where in _INITIAL_PARTIAL_INDEXES:
+        op.create_index(
+            f"{outbox}_{name}_idx", outbox, columns, schema=schema, postgresql_where=sa.text(where)
+        )
     op.create_table(
         inbox,
         sa.Column("consumer", sa.Text, nullable=False),

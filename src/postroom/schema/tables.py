@@ -223,11 +223,4 @@ def _define(schema: str | None, outbox: str, inbox: str, metadata: MetaData) -> 
         schema=schema,
         comment="postroom relays alive now, for sharing the partitions between them.",
     )
-    return Tables(
-        schema=schema,
-        metadata=metadata,
-        outbox=outbox_table,
-        inbox=inbox_table,
-        partitions=partitions_table,
-        relays=relays_table,
-    )
+    return Tables(schema, metadata, outbox_table, inbox_table, partitions_table, relays_table)
