@@ -82,64 +82,76 @@ def _float_label(value: float) -> str:
     return repr(float(value))
 
 
-class RelayMetrics:
-    """What a relay counts and measures, on a registry of its own."""
+class Metrics:
+    """A service's metrics, on a registry of its own unless one is given.
+
+    Subclasses declare each metric in one call of :meth:`counter`, :meth:`gauge` or
+    :meth:`histogram` (latency buckets).
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.published = Counter(
-            "postroom_relay_published", "Messages the broker confirmed.", registry=r
+
+    def counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        """A counter on this registry, with ``labels`` if any."""
+        return Counter(name, documentation, labels, registry=self.registry)
+
+    def gauge(self, name: str, documentation: str) -> Gauge:
+        """A gauge on this registry."""
+        return Gauge(name, documentation, registry=self.registry)
+
+    def histogram(self, name: str, documentation: str, *labels: str) -> Histogram:
+        """A histogram of seconds (:data:`LATENCY_BUCKETS`) on this registry."""
+        return Histogram(
+            name, documentation, labels, buckets=LATENCY_BUCKETS, registry=self.registry
         )
-        self.failed = Counter(
+
+
+class RelayMetrics(Metrics):
+    """What a relay counts and measures."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        count, gauge = self.counter, self.gauge
+        self.published = count("postroom_relay_published", "Messages the broker confirmed.")
+        self.failed = count(
             "postroom_relay_failed",
             "Publish attempts the broker or client refused (each costs an attempt).",
-            registry=r,
         )
-        self.unavailable = Counter(
+        self.unavailable = count(
             "postroom_relay_unavailable",
             "Messages not confirmed because the broker was unreachable (no attempt spent).",
-            registry=r,
         )
-        self.dead_lettered = Counter(
-            "postroom_relay_dead_lettered",
-            "Rows dead-lettered after their last attempt.",
-            registry=r,
+        self.dead_lettered = count(
+            "postroom_relay_dead_lettered", "Rows dead-lettered after their last attempt."
         )
-        self.fenced = Counter(
+        self.fenced = count(
             "postroom_relay_fenced",
             "Outcomes not recorded because another relay had re-claimed the row.",
-            registry=r,
         )
-        self.backlog = Gauge(
-            "postroom_outbox_pending", "Rows waiting to be published (all relays).", registry=r
+        self.backlog = gauge(
+            "postroom_outbox_pending", "Rows waiting to be published (all relays)."
         )
-        self.oldest_pending_age = Gauge(
+        self.oldest_pending_age = gauge(
             "postroom_outbox_oldest_pending_age_seconds",
             "Seconds the oldest due row has waited to be published "
             "(a delayed row counts from when it is due).",
-            registry=r,
         )
-        self.dead_rows = Gauge(
-            "postroom_outbox_dead", "Dead-lettered rows in the outbox.", registry=r
+        self.dead_rows = gauge("postroom_outbox_dead", "Dead-lettered rows in the outbox.")
+        self.owned_partitions = gauge(
+            "postroom_relay_owned_partitions", "Partitions this relay holds."
         )
-        self.owned_partitions = Gauge(
-            "postroom_relay_owned_partitions", "Partitions this relay holds.", registry=r
-        )
-        self.broker_connected = Gauge(
-            "postroom_relay_broker_connected", "1 while the broker answers, else 0.", registry=r
+        self.broker_connected = gauge(
+            "postroom_relay_broker_connected", "1 while the broker answers, else 0."
         )
         self.latency = BatchHistogram(
             "postroom_relay_delivery_latency_seconds",
             "From enqueue to broker confirmation, per published message.",
             buckets=LATENCY_BUCKETS,
-            registry=r,
+            registry=self.registry,
         )
-        self.batch_seconds = Histogram(
-            "postroom_relay_batch_seconds",
-            "Claim, publish and mark of one batch.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.batch_seconds = self.histogram(
+            "postroom_relay_batch_seconds", "Claim, publish and mark of one batch."
         )
 
 
