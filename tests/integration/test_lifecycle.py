@@ -30,6 +30,7 @@ from postroom.relay.store import Connection, OutboxStore
 from postroom.schema import Tables
 from postroom.schema.inbox_sql import purge_inbox_sql
 from postroom.urls import psycopg_conninfo
+from tests.integration.test_consumer import settings_for as consumer_settings
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -43,6 +44,13 @@ def get(port: int, path: str) -> tuple[int, str]:
         return 0, ""
 
 
+def execute(engine: Engine, *statements: str) -> None:
+    """Run ``statements`` in one transaction."""
+    with engine.begin() as connection:
+        for statement in statements:
+            connection.execute(text(statement))
+
+
 async def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
     deadline = time.monotonic() + within
     while not check():
@@ -51,14 +59,10 @@ async def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
 
 
 def settings_for(database_url: str, tables: Tables, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "schema": tables.schema,
-        "metrics_port": 0,
-        "relay_lease": 2.0,
-        "relay_poll_interval": 0.2,
-    }
-    return Settings(**{**values, **overrides})
+    """The consumer tests' settings, with the relay's short lease and poll interval."""
+    return consumer_settings(
+        database_url, tables, relay_lease=2.0, relay_poll_interval=0.2, **overrides
+    )
 
 
 def relay_service(settings: Settings) -> Relay:
@@ -176,17 +180,13 @@ async def test_the_purge_deletes_inbox_rows_in_bounded_rounds(
     engine: Engine, async_engine: Any, tables: Tables
 ) -> None:
     inbox = f'"{tables.schema}".inbox'
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                f"INSERT INTO {inbox} (consumer, message_id, processed_at) "
-                "SELECT c, c || i, now() - make_interval(hours => h) FROM "
-                "(VALUES ('old', 2), ('new', 0)) AS a(c, h), generate_series(1, 25) AS i"
-            )
-        )
-        connection.execute(
-            text(f"INSERT INTO {inbox} (consumer, message_id) VALUES ('old', 'recent')")
-        )
+    execute(
+        engine,
+        f"INSERT INTO {inbox} (consumer, message_id, processed_at) "
+        "SELECT c, c || i, now() - make_interval(hours => h) FROM "
+        "(VALUES ('old', 2), ('new', 0)) AS a(c, h), generate_series(1, 25) AS i",
+        f"INSERT INTO {inbox} (consumer, message_id) VALUES ('old', 'recent')",
+    )
     sql = text(purge_inbox_sql(tables))
 
     async def delete(limit: int) -> int:
@@ -211,16 +211,13 @@ async def test_the_purge_deletes_inbox_rows_in_bounded_rounds(
 async def test_the_purge_deletes_published_outbox_rows_through_the_same_round(
     engine: Engine, database_url: str, tables: Tables
 ) -> None:
-    outbox = f'"{tables.schema}".outbox'
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                f"INSERT INTO {outbox} (id, topic, partition, payload, content_type, "
-                "created_at, available_at, status, published_at) "
-                "SELECT gen_random_uuid(), 't', 0, '\\x00', 'application/json', now(), now(), "
-                "'published', now() - interval '2 hours' FROM generate_series(1, 12)"
-            )
-        )
+    execute(
+        engine,
+        f'INSERT INTO "{tables.schema}".outbox (id, topic, partition, payload, content_type, '
+        "created_at, available_at, status, published_at) "
+        "SELECT gen_random_uuid(), 't', 0, '\\x00', 'application/json', now(), now(), "
+        "'published', now() - interval '2 hours' FROM generate_series(1, 12)",
+    )
     connection_ = Connection(psycopg_conninfo(database_url), database_url)
     store = OutboxStore(connection_, tables)
     try:
