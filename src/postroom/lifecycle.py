@@ -72,6 +72,16 @@ class Lifecycle:
         self.failure: BaseException | None = None
         """The error of a background loop that ended, raised by :meth:`run` at the end."""
         self._log = get_logger(component)
+        self.created = time.monotonic()
+        self._last_progress = self.created
+
+    def progressed(self) -> None:
+        """Note that the work loop went round (what :meth:`quiet_for` measures)."""
+        self._last_progress = time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since the work loop last went round (or since the service was made)."""
+        return time.monotonic() - self._last_progress
 
     def stop(self) -> None:
         """Ask the service to stop (logged once)."""

@@ -111,7 +111,6 @@ class ConsumerService:
         self._broken: dict[object, object] = {}
         self._unsettled_streak = 0
         self._subscribed = False
-        self._last_progress = time.monotonic()
         self.started = asyncio.Event()
         """Set once the subscriber is connected and subscribed."""
 
@@ -133,7 +132,7 @@ class ConsumerService:
 
     def healthy(self) -> bool:
         """False when the receive loop has not run for a long time."""
-        return time.monotonic() - self._last_progress < 120.0
+        return self._lifecycle.quiet_for() < 120.0
 
     async def run(self) -> None:
         """Subscribe and handle deliveries until :meth:`stop` (or cancellation)."""
@@ -203,7 +202,7 @@ class ConsumerService:
 
     async def _receive(self) -> None:
         async for delivery in self.subscriber.deliveries():
-            self._last_progress = time.monotonic()
+            self._lifecycle.progressed()
             if self._stopping.is_set():
                 return
             if delivery.lane is None:

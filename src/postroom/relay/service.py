@@ -104,8 +104,6 @@ class Relay:
         self._purge_due = Every(PURGE_INTERVAL)
         self._broker_ready = False
         self._database_ready = False
-        self._last_progress = time.monotonic()
-        self._started = time.monotonic()
 
     def stop(self) -> None:
         """Ask the relay to finish the batch in flight, release its partitions and return."""
@@ -118,11 +116,10 @@ class Relay:
 
     def healthy(self) -> bool:
         """False when the work loop is stuck, or heartbeats have failed for several leases."""
-        now = time.monotonic()
         patience = max(60.0, 4 * self.settings.relay_lease)
-        if now - self._last_progress > patience:
+        if self._lifecycle.quiet_for() > patience:
             return False
-        return now - max(self.leases.last_renewed, self._started) < patience
+        return time.monotonic() - max(self.leases.last_renewed, self._lifecycle.created) < patience
 
     async def run(self) -> None:
         """Run until :meth:`stop` is called (or the task is cancelled)."""
@@ -179,7 +176,7 @@ class Relay:
         database_failures = 0
         reconnect = Backoff(initial=0.5, maximum=30.0)
         while not self._lifecycle.stopping.is_set():
-            self._last_progress = time.monotonic()
+            self._lifecycle.progressed()
             if not self._broker_ready:
                 try:
                     await self.publisher.connect()
