@@ -202,26 +202,18 @@ def list_entries(
                 )
             )
         return
-    order = "newest first" if newest_first else "oldest first"
-    if as_json:
-        print_json(
-            {
-                "consumer": consumer,
-                "matched": matched,
-                "shown": len(rows),
-                "order": order,
-                "entries": [_entry_json(r, at) for r in rows],
-            }
-        )
-        return
+    items = [_entry_json(r, at) for r in rows]
+    listing = _entries_table(None, rows, at)
+    words = flt.words()
     show_listing(
-        _entries_table(None, rows, at),
-        what="inbox entries",
-        noun="entries",
-        shown=len(rows),
-        matched=matched,
-        order=order,
-        filters=flt.words(),
+        listing,
+        items,
+        matched,
+        newest_first,
+        as_json,
+        what=("inbox", "entries"),
+        filters=words,
+        head={"consumer": consumer},
     )
 
 

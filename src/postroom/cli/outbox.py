@@ -60,7 +60,7 @@ from postroom.cli.output import (
 from postroom.config import Settings
 from postroom.schema import operations_sql as sql
 from postroom.schema.sql import quoted_table
-from postroom.schema.tables import DEAD, PENDING, PUBLISHED, tables_for
+from postroom.schema.tables import DEAD, PENDING, PUBLISHED, Tables, tables_for
 from postroom.urls import describe_url
 
 app = typer.Typer(
@@ -189,25 +189,10 @@ def list_rows(
         at = now(connection)
         matched = scalar(connection, sql.outbox_count_sql(tables), params)
         rows = query(connection, sql.outbox_rows_sql(tables, newest_first=newest_first), params)
-    order = "newest first" if newest_first else "oldest first"
-    if as_json:
-        print_json(
-            {
-                "matched": matched,
-                "shown": len(rows),
-                "order": order,
-                "rows": [row_json(r, at) for r in rows],
-            }
-        )
-        return
+    items = [row_json(r, at) for r in rows]
+    listing = rows_table(None, rows, at)
     show_listing(
-        rows_table(None, rows, at),
-        what="outbox rows",
-        noun="rows",
-        shown=len(rows),
-        matched=matched,
-        order=order,
-        filters=flt.words(),
+        listing, items, matched, newest_first, as_json, what=("outbox", "rows"), filters=flt.words()
     )
 
 
@@ -299,10 +284,90 @@ def _change(
         )
 
 
-def _retry_note(state: str) -> str | None:
-    if state in {DEAD, PENDING}:
-        return None
-    return "is published, not dead: use `postroom outbox replay` to publish it again"
+@dataclass(frozen=True)
+class _BackToPending:
+    """How ``retry`` or ``replay`` moves rows back to pending: its words, rows and checks."""
+
+    verb: str
+    what: str
+    every: str
+    guard: str
+    batch: Callable[[Tables], str]
+    note: Callable[[str], str | None]
+    missing: str
+    done: Callable[[int], list[str]]
+
+    def run(
+        self,
+        settings: Settings,
+        flt: Filter,
+        everything: bool,
+        mode: Mode,
+        facts: Callable[[psycopg.Connection[Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        """Check the selection and the ids, then change the rows."""
+        params = guarded(settings, flt, everything, self.verb, self.every, self.note, self.missing)
+        tables = tables_for(settings)
+        _change(
+            settings,
+            Wording(self.what, self.verb, flt.words(), f"in {_where(settings)}"),
+            _Rows(
+                sql.outbox_count_sql(tables, self.guard),
+                sql.outbox_rows_sql(tables, self.guard),
+                self.batch(tables),
+            ),
+            params,
+            mode,
+            self.done,
+            facts,
+        )
+
+
+REPLAY_NOTE = (
+    "Replayed messages keep their ids: consumers with an inbox skip the ones they already "
+    "handled; consumers without one handle them again."
+)
+
+_RETRY = _BackToPending(
+    verb="retry",
+    what="dead or backing-off rows",
+    every="every dead and backing-off row",
+    guard=sql.RETRYABLE,
+    batch=sql.retry_batch_sql,
+    note=lambda state: (
+        None
+        if state in {DEAD, PENDING}
+        else "is published, not dead: use `postroom outbox replay` to publish it again"
+    ),
+    missing="is not in the outbox: check the id with `postroom outbox ls`",
+    done=lambda changed: [
+        f"Retried {changed} rows: they are pending and due now; a running relay publishes "
+        "them within moments (`postroom outbox status` shows the backlog).",
+        "Dead rows had their attempts reset to 0.",
+    ],
+)
+
+_REPLAY = _BackToPending(
+    verb="replay",
+    what="published rows",
+    every="every published row still kept",
+    guard=sql.REPLAYABLE,
+    batch=sql.replay_batch_sql,
+    note=lambda state: (
+        None
+        if state == PUBLISHED
+        else f"is {state}, not published: nothing to replay"
+        + (" (use `postroom outbox retry`)" if state == DEAD else "")
+    ),
+    missing="is not in the outbox, so it cannot be replayed: published rows are deleted after "
+    "the retention period (POSTROOM_RELAY_RETENTION, 24h by default) or by "
+    "`outbox purge`, or it was never written to this outbox",
+    done=lambda changed: [
+        f"Replaying {changed} messages: they are pending and due now; a running relay "
+        "publishes them again within moments.",
+        REPLAY_NOTE,
+    ],
+)
 
 
 @app.command()
@@ -344,46 +409,7 @@ def retry(
         newer_than=newer_than,
         error=error,
     )
-    guarded(
-        settings,
-        flt,
-        everything,
-        "retry",
-        "every dead and backing-off row",
-        _retry_note,
-        "is not in the outbox: check the id with `postroom outbox ls`",
-    )
-    tables = tables_for(settings)
-    _change(
-        settings,
-        Wording("dead or backing-off rows", "retry", flt.words(), f"in {_where(settings)}"),
-        _Rows(
-            sql.outbox_count_sql(tables, sql.RETRYABLE),
-            sql.outbox_rows_sql(tables, sql.RETRYABLE),
-            sql.retry_batch_sql(tables),
-        ),
-        flt.params(),
-        Mode(dry_run, yes, as_json),
-        lambda changed: [
-            f"Retried {changed} rows: they are pending and due now; a running relay publishes "
-            "them within moments (`postroom outbox status` shows the backlog).",
-            "Dead rows had their attempts reset to 0.",
-        ],
-    )
-
-
-REPLAY_NOTE = (
-    "Replayed messages keep their ids: consumers with an inbox skip the ones they already "
-    "handled; consumers without one handle them again."
-)
-
-
-def _replay_note(state: str) -> str | None:
-    if state == PUBLISHED:
-        return None
-    return f"is {state}, not published: nothing to replay" + (
-        " (use `postroom outbox retry`)" if state == DEAD else ""
-    )
+    _RETRY.run(settings, flt, everything, Mode(dry_run, yes, as_json))
 
 
 @app.command()
@@ -411,17 +437,6 @@ def replay(
     (24h by default).
     """
     flt = Filter.given(ids, topics=topic, keys=key, older_than=older_than, newer_than=newer_than)
-    guarded(
-        settings,
-        flt,
-        everything,
-        "replay",
-        "every published row still kept",
-        _replay_note,
-        "is not in the outbox, so it cannot be replayed: published rows are deleted after "
-        "the retention period (POSTROOM_RELAY_RETENTION, 24h by default) or by "
-        "`outbox purge`, or it was never written to this outbox",
-    )
     tables = tables_for(settings)
 
     def oldest(connection: psycopg.Connection[Any]) -> dict[str, Any]:
@@ -433,23 +448,7 @@ def replay(
             )
         return {"oldest_published_kept_created_at": kept, "note": REPLAY_NOTE}
 
-    _change(
-        settings,
-        Wording("published rows", "replay", flt.words(), f"in {_where(settings)}"),
-        _Rows(
-            sql.outbox_count_sql(tables, sql.REPLAYABLE),
-            sql.outbox_rows_sql(tables, sql.REPLAYABLE),
-            sql.replay_batch_sql(tables),
-        ),
-        flt.params(),
-        Mode(dry_run, yes, as_json),
-        lambda changed: [
-            f"Replaying {changed} messages: they are pending and due now; a running relay "
-            "publishes them again within moments.",
-            REPLAY_NOTE,
-        ],
-        oldest,
-    )
+    _REPLAY.run(settings, flt, everything, Mode(dry_run, yes, as_json), oldest)
 
 
 @app.command()

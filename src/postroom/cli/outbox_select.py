@@ -162,14 +162,19 @@ def guarded(
     rows: str,
     accepted: Callable[[str], str | None],
     missing: str,
-) -> None:
-    """Refuse a change of every row unless --all was given; check the ids given."""
+) -> dict[str, Any]:
+    """Refuse a change of every row unless --all was given; check the ids given.
+
+    Returns the filter's statement parameters (bad usage exits 2 before any id is looked up).
+    """
     if not flt.narrows and not everything:
         fail(
             f"say which rows to {command}: give message ids or a filter "
             f"(--topic, --key, --older-than, --newer-than, --error), or --all for {rows}",
             EXIT_USAGE,
         )
+    params = flt.params()
     if flt.ids:
         with connect(settings) as connection:
             check_ids(connection, tables_for(settings), flt.ids, accepted, missing)
+    return params

@@ -274,18 +274,28 @@ def show_headers_and_payload(headers: Mapping[str, Any], payload: bytes, content
 
 def show_listing(
     rendered: RenderableType,
-    *,
-    what: str,
-    noun: str,
-    shown: int,
+    items: list[dict[str, Any]],
     matched: int,
-    order: str,
+    newest_first: bool,
+    as_json: bool,
+    *,
+    what: tuple[str, str],
     filters: Mapping[str, Any],
+    head: Mapping[str, Any] | None = None,
 ) -> None:
-    """Print a listing's table and how much of the match it shows (or that nothing matched)."""
-    if not shown:
-        say(f"No {what} match ({describe(filters)}).")
-        return
-    console.print(rendered)
-    more = "; raise --limit to see more" if matched > shown else ""
-    say(f"{shown} of {matched} matching {noun}, {order}{more}.")
+    """Print a listing of ``what`` (the family and its noun, e.g. ``("outbox", "rows")``):
+    ``{...head, matched, shown, order, <noun>: items}`` with ``--json``; otherwise its table
+    and how much of the match it shows, or that nothing matched."""
+    shown = len(items)
+    order = "newest first" if newest_first else "oldest first"
+    family, noun = what
+    if as_json:
+        print_json(
+            {**(head or {}), "matched": matched, "shown": shown, "order": order, noun: items}
+        )
+    elif not shown:
+        say(f"No {family} {noun} match ({describe(filters)}).")
+    else:
+        console.print(rendered)
+        more = "; raise --limit to see more" if matched > shown else ""
+        say(f"{shown} of {matched} matching {noun}, {order}{more}.")
