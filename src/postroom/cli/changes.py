@@ -118,7 +118,13 @@ def run_change(
     item_json: Callable[[Item], dict[str, Any]],
     apply: Callable[[], Done],
 ) -> None:
-    """Select, preview, confirm, apply: the flow of every changing command (see the module)."""
+    """Select, preview, confirm, apply: the flow of every changing command.
+
+    ``select``, ``preview``, ``item_json`` and ``apply`` are the caller's own: rows in
+    PostgreSQL (outbox, inbox) or messages on a broker (dead letters) plug in alike; the
+    module's docstring shows how. Exits 0 when nothing matches, 2 without ``--yes`` and
+    without a terminal, 1 when the operator says no, and ``Done.exit_code`` when set.
+    """
     dry_run, as_json = mode.dry_run, mode.as_json
     chosen = select()
     matched = chosen.matched
