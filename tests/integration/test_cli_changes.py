@@ -253,3 +253,29 @@ def test_a_partly_failed_change_says_so_on_stderr_and_exits_3(
     captured = capsys.readouterr()
     assert "Sent 12 letters." in captured.out
     assert "not sent: letter 0" in captured.err
+
+
+def test_an_operator_who_says_no_changes_nothing(
+    letters: tuple[psycopg.Connection[Any], str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connection, schema = letters
+    questions: list[str] = []
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    def answer(question: str, **_: Any) -> bool:
+        questions.append(question)
+        return False
+
+    monkeypatch.setattr("sys.stdin", Terminal())
+    monkeypatch.setattr("postroom.cli.output.typer.confirm", answer)
+    with pytest.raises(typer.Exit) as declined:
+        requeue_letters(connection, schema, Mode(dry_run=False, yes=False, as_json=False))
+    assert declined.value.exit_code == 1
+    assert questions == ["Send 12 letters from the table?"]
+    assert "Nothing changed." in capsys.readouterr().err
+    assert (sent(connection, schema), batches(connection, schema)) == (0, [])

@@ -12,8 +12,9 @@ three functions of its own:
 ``apply() -> Done``
     Makes the change once the operator agreed, and says what happened.
 
-For rows in PostgreSQL, ``apply`` usually is :func:`in_batches` with a statement that
-changes at most ``%(limit)s`` rows. Any other store plugs in the same way. For example
+For rows in PostgreSQL, :func:`change_rows` does all of it from :class:`Statements` (a
+count, a sample, and a statement that changes at most ``%(limit)s`` rows, repeated by
+:func:`in_batches`). Any other store plugs into :func:`run_change` directly. For example
 ``dead-letter requeue`` would call::
 
     run_change(
@@ -44,21 +45,41 @@ What every command gets from this routine:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import psycopg
 import typer
 from rich.console import RenderableType
 
-from postroom.cli.common import console, error_console
-from postroom.cli.output import confirm, nothing_matches, print_json, say
+from postroom.cli.common import console, error_console, replace_parameter
+from postroom.cli.options import DryRun, Json, Yes
+from postroom.cli.output import (
+    confirm,
+    connect,
+    nothing_matches,
+    now,
+    print_json,
+    query,
+    say,
+    scalar,
+)
+from postroom.config import Settings
 
 #: Items shown (and put in ``--json``'s ``sample``) before a change.
 SAMPLE_ROWS = 20
 
 Item = TypeVar("Item")
+R = TypeVar("R")
+
+_MODE_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=option)
+    for name, option in (("dry_run", DryRun), ("yes", Yes), ("as_json", Json))
+]
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,20 @@ class Done:
     facts: Mapping[str, Any] = field(default_factory=dict)
     errors: Sequence[str] = ()
     exit_code: int = 0
+
+
+def with_mode(command: Callable[..., R]) -> Callable[..., R]:
+    """Give a changing command ``--dry-run``, ``--yes`` and ``--json`` (declared once, in
+    that order after its own options); it receives them as one :class:`Mode` ``mode``.
+
+    Put it below :func:`~postroom.cli.common.with_settings`, so the database options come last.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, dry_run: bool, yes: bool, as_json: bool, **kwargs: Any) -> R:
+        return command(*args, mode=Mode(dry_run, yes, as_json), **kwargs)
+
+    return replace_parameter(command, "mode", _MODE_OPTIONS, wrapper)
 
 
 def run_change(
@@ -194,3 +229,62 @@ def in_batches(
             return changed
         if row is not None and len(row) > 1:
             values["after"] = int(row[1])
+
+
+@dataclass(frozen=True)
+class Statements:
+    """A change of rows in PostgreSQL: how many match, the first few (``%(limit)s``), and
+    one bounded batch of the change (at most ``limit`` rows, see :func:`in_batches`).
+
+    ``start`` reads the batch statement's own parameters once the change is confirmed
+    (for example where a cursor over positions stops).
+    """
+
+    count: str
+    sample: str
+    batch: str
+    limit: int
+    start: Callable[[psycopg.Connection[Any]], Mapping[str, Any]] | None = None
+
+
+def change_rows(
+    settings: Settings,
+    wording: Wording,
+    mode: Mode,
+    statements: Statements,
+    params: Mapping[str, Any],
+    *,
+    preview: Callable[[str | None, Sequence[dict[str, Any]], datetime], RenderableType],
+    item_json: Callable[[Mapping[str, Any], datetime], dict[str, Any]],
+    done: Callable[[int], Sequence[str]],
+    facts: Callable[[psycopg.Connection[Any]], Mapping[str, Any]] | None = None,
+) -> None:
+    """:func:`run_change` on rows of the settings' database, one connection throughout.
+
+    ``preview`` and ``item_json`` get the database's time with the rows (for their ages);
+    ``facts`` are read before anything is counted and go into ``--json``.
+    """
+    with connect(settings) as connection:
+        at = now(connection)
+
+        def select() -> Selection[dict[str, Any]]:
+            extra = facts(connection) if facts else {}
+            matched = int(scalar(connection, statements.count, params))
+            limited = {**params, "limit": SAMPLE_ROWS}
+            sample = query(connection, statements.sample, limited) if matched else []
+            return Selection(matched, sample, extra)
+
+        def apply() -> Done:
+            start = statements.start(connection) if statements.start else {}
+            batch = {**params, **start, "limit": statements.limit}
+            changed = in_batches(connection, statements.batch, batch)
+            return Done(changed, done(changed))
+
+        run_change(
+            wording,
+            mode,
+            select=select,
+            preview=lambda title, sample: preview(title, sample, at),
+            item_json=lambda row: item_json(row, at),
+            apply=apply,
+        )

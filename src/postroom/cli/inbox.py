@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
-from postroom.cli.changes import SAMPLE_ROWS, Done, Mode, Selection, Wording, in_batches, run_change
+from postroom.cli.changes import Mode, Statements, Wording, change_rows, with_mode
 from postroom.cli.common import console, fail, with_settings
 from postroom.cli.options import (
-    DryRun,
     InboxAll,
     InboxLimit,
     InboxNewerThan,
     InboxOlderThan,
     Json,
-    Yes,
     newest,
     since,
 )
@@ -30,6 +28,7 @@ from postroom.cli.output import (
     duration,
     now,
     print_json,
+    query,
     say,
     scalar,
     seconds_between,
@@ -111,21 +110,18 @@ def _where(settings: Settings) -> str:
     return f"{quoted_table(tables_for(settings).inbox)} at {describe_url(settings.database_url)}"
 
 
-def _entry_json(row: Sequence[Any], at: datetime) -> dict[str, Any]:
-    consumer, message_id, processed_at = row
-    return {
-        "consumer": consumer,
-        "message_id": message_id,
-        "processed_at": processed_at,
-        "age_seconds": seconds_between(at, processed_at),
-    }
+def _entry_json(row: Mapping[str, Any], at: datetime) -> dict[str, Any]:
+    return {**row, "age_seconds": seconds_between(at, row["processed_at"])}
 
 
-def _entries_table(title: str | None, rows: Sequence[Sequence[Any]], at: datetime) -> Any:
+def _entries_table(title: str | None, rows: Sequence[Mapping[str, Any]], at: datetime) -> Any:
     return table(
         title,
         ["message id", "consumer", "processed", "age"],
-        [(m, c, p, age(seconds_between(at, p))) for c, m, p in rows],
+        [
+            (r["message_id"], r["consumer"], r["processed_at"], _ago(at, r["processed_at"]))
+            for r in rows
+        ],
     )
 
 
@@ -168,9 +164,7 @@ def list_entries(
             summary = connection.execute(sql.inbox_summary_sql(tables), params).fetchall()
         else:
             matched = int(scalar(connection, sql.inbox_count_sql(tables), params))
-            rows = connection.execute(
-                sql.inbox_rows_sql(tables, newest_first=newest_first), params
-            ).fetchall()
+            rows = query(connection, sql.inbox_rows_sql(tables, newest_first=newest_first), params)
     if consumer is None:
         consumers = [
             {
@@ -218,46 +212,36 @@ def list_entries(
 
 
 def _delete(settings: Settings, verb: str, flt: _Filter, mode: Mode, done: str) -> None:
-    """Run :func:`~postroom.cli.changes.run_change` on the entries ``flt`` selects."""
+    """Delete the entries ``flt`` selects with :func:`~postroom.cli.changes.change_rows`."""
     tables = tables_for(settings)
-    params = flt.params()
-    with connect(settings) as connection:
-        at = now(connection)
-
-        def select() -> Selection[tuple[Any, ...]]:
-            matched = int(scalar(connection, sql.inbox_count_sql(tables), params))
-            statement = sql.inbox_rows_sql(tables, newest_first=False)
-            limited = {**params, "limit": SAMPLE_ROWS}
-            sample = connection.execute(statement, limited).fetchall() if matched else []
-            return Selection(matched, sample)
-
-        def apply() -> Done:
-            batch = {**params, "limit": sql.DELETE_BATCH}
-            changed = in_batches(connection, sql.inbox_delete_batch_sql(tables), batch)
-            return Done(changed, [done.format(changed=changed)])
-
-        run_change(
-            Wording("inbox entries", verb, flt.words(), f"in {_where(settings)}"),
-            mode,
-            select=select,
-            preview=lambda title, sample: _entries_table(title, sample, at),
-            item_json=lambda row: _entry_json(row, at),
-            apply=apply,
-        )
+    change_rows(
+        settings,
+        Wording("inbox entries", verb, flt.words(), f"in {_where(settings)}"),
+        mode,
+        Statements(
+            sql.inbox_count_sql(tables),
+            sql.inbox_rows_sql(tables, newest_first=False),
+            sql.inbox_delete_batch_sql(tables),
+            sql.DELETE_BATCH,
+        ),
+        flt.params(),
+        preview=_entries_table,
+        item_json=_entry_json,
+        done=lambda changed: [done.format(changed=changed)],
+    )
 
 
 @app.command()
 @with_settings()
+@with_mode
 def forget(
     consumer: Annotated[str, _consumer_option("The consumer whose entries to forget.")],
     message_ids: MessageIds = None,
     older_than: InboxOlderThan = None,
     newer_than: InboxNewerThan = None,
     everything: InboxAll = False,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    as_json: Json = False,
     *,
+    mode: Mode,
     settings: Settings,
 ) -> None:
     """Forget that a consumer handled some messages, so it handles them again when they
@@ -275,7 +259,7 @@ def forget(
         settings,
         "forget",
         _Filter(consumer, message_ids, older_than, newer_than),
-        Mode(dry_run, yes, as_json),
+        mode,
         "Forgot {changed} inbox entries: "
         f"{consumer} handles those messages again if they are delivered again.",
     )
@@ -283,6 +267,7 @@ def forget(
 
 @app.command()
 @with_settings()
+@with_mode
 def purge(
     older_than: Annotated[
         str,
@@ -295,10 +280,8 @@ def purge(
     consumer: Annotated[
         str | None, _consumer_option("Only this consumer's entries (default: all).")
     ] = None,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    as_json: Json = False,
     *,
+    mode: Mode,
     settings: Settings,
 ) -> None:
     """Delete inbox entries processed longer ago than --older-than, in batches of 5,000.
@@ -311,6 +294,6 @@ def purge(
         settings,
         "delete",
         _Filter(consumer, older_than=older_than),
-        Mode(dry_run, yes, as_json),
+        mode,
         "Deleted {changed} inbox entries.",
     )

@@ -9,16 +9,14 @@ from typing import Annotated, Any
 import psycopg
 import typer
 
-from postroom.cli.changes import SAMPLE_ROWS, Done, Mode, Selection, Wording, in_batches, run_change
+from postroom.cli.changes import Mode, Statements, Wording, change_rows, with_mode
 from postroom.cli.common import EXIT_CHECK_FAILED, error_console, with_settings
 from postroom.cli.options import (
-    DryRun,
     Json,
     OutboxAll,
     OutboxLimit,
     OutboxNewerThan,
     OutboxOlderThan,
-    Yes,
     newest,
     since,
     states,
@@ -237,51 +235,14 @@ def show(
     show_row(row, at)
 
 
-@dataclass(frozen=True)
-class _Rows:
-    """A changing command's statements: count, sample and one bounded batch of the change."""
+def _cursor(tables: Tables) -> Callable[[psycopg.Connection[Any]], dict[str, Any]]:
+    """Where a change's cursor starts and stops: all rows there are when it is confirmed."""
 
-    count: str
-    sample: str
-    batch: str
-    limit: int = sql.UPDATE_BATCH
+    def start(connection: psycopg.Connection[Any]) -> dict[str, Any]:
+        upto = int(scalar(connection, sql.max_position_sql(tables), {}))
+        return {"channel": tables.notify_channel, "after": 0, "upto": upto}
 
-
-def _change(
-    settings: Settings,
-    wording: Wording,
-    rows: _Rows,
-    params: dict[str, Any],
-    mode: Mode,
-    done: Callable[[int], list[str]],
-    facts: Callable[[psycopg.Connection[Any]], dict[str, Any]] | None = None,
-) -> None:
-    """Run :func:`~postroom.cli.changes.run_change` on the outbox rows ``rows`` selects."""
-    tables = tables_for(settings)
-    with connect(settings) as connection:
-        at = now(connection)
-
-        def select() -> Selection[dict[str, Any]]:
-            extra = facts(connection) if facts else {}
-            matched = int(scalar(connection, rows.count, params))
-            limited = {**params, "limit": SAMPLE_ROWS}
-            sample = query(connection, rows.sample, limited) if matched else []
-            return Selection(matched, sample, extra)
-
-        def apply() -> Done:
-            upto = int(scalar(connection, sql.max_position_sql(tables), {}))
-            batch = {"limit": rows.limit, "channel": tables.notify_channel, "after": 0}
-            changed = in_batches(connection, rows.batch, {**params, **batch, "upto": upto})
-            return Done(changed, done(changed))
-
-        run_change(
-            wording,
-            mode,
-            select=select,
-            preview=lambda title, sample: rows_table(title, list(sample), at),
-            item_json=lambda row: row_json(row, at),
-            apply=apply,
-        )
+    return start
 
 
 @dataclass(frozen=True)
@@ -308,18 +269,22 @@ class _BackToPending:
         """Check the selection and the ids, then change the rows."""
         params = guarded(settings, flt, everything, self.verb, self.every, self.note, self.missing)
         tables = tables_for(settings)
-        _change(
+        change_rows(
             settings,
             Wording(self.what, self.verb, flt.words(), f"in {_where(settings)}"),
-            _Rows(
+            mode,
+            Statements(
                 sql.outbox_count_sql(tables, self.guard),
                 sql.outbox_rows_sql(tables, self.guard),
                 self.batch(tables),
+                sql.UPDATE_BATCH,
+                _cursor(tables),
             ),
             params,
-            mode,
-            self.done,
-            facts,
+            preview=rows_table,
+            item_json=row_json,
+            done=self.done,
+            facts=facts,
         )
 
 
@@ -372,6 +337,7 @@ _REPLAY = _BackToPending(
 
 @app.command()
 @with_settings()
+@with_mode
 def retry(
     ids: Ids = None,
     state: Annotated[
@@ -387,10 +353,8 @@ def retry(
     newer_than: OutboxNewerThan = None,
     error: Error = None,
     everything: OutboxAll = False,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    as_json: Json = False,
     *,
+    mode: Mode,
     settings: Settings,
 ) -> None:
     """Send dead-lettered and backing-off rows again now: back to pending, due at once.
@@ -409,11 +373,12 @@ def retry(
         newer_than=newer_than,
         error=error,
     )
-    _RETRY.run(settings, flt, everything, Mode(dry_run, yes, as_json))
+    _RETRY.run(settings, flt, everything, mode)
 
 
 @app.command()
 @with_settings()
+@with_mode
 def replay(
     ids: Ids = None,
     topic: Topic = None,
@@ -421,10 +386,8 @@ def replay(
     older_than: OutboxOlderThan = None,
     newer_than: OutboxNewerThan = None,
     everything: OutboxAll = False,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    as_json: Json = False,
     *,
+    mode: Mode,
     settings: Settings,
 ) -> None:
     """Publish already-published messages again, with their original ids.
@@ -441,18 +404,19 @@ def replay(
 
     def oldest(connection: psycopg.Connection[Any]) -> dict[str, Any]:
         kept = scalar(connection, sql.oldest_published_sql(tables), {})
-        if not as_json and kept is not None and not flt.ids:
+        if not mode.as_json and kept is not None and not flt.ids:
             say(
                 f"The oldest published row still kept was written {timestamp(kept)}; older "
                 "ones were deleted by retention and cannot be replayed."
             )
         return {"oldest_published_kept_created_at": kept, "note": REPLAY_NOTE}
 
-    _REPLAY.run(settings, flt, everything, Mode(dry_run, yes, as_json), oldest)
+    _REPLAY.run(settings, flt, everything, mode, oldest)
 
 
 @app.command()
 @with_settings()
+@with_mode
 def purge(
     older_than: Annotated[
         str,
@@ -470,10 +434,8 @@ def purge(
         ),
     ] = None,
     topic: Topic = None,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    as_json: Json = False,
     *,
+    mode: Mode,
     settings: Settings,
 ) -> None:
     """Delete published and/or dead rows that finished longer ago than --older-than.
@@ -485,10 +447,11 @@ def purge(
     purged = [s.value for s in state or [PurgeState.published]]
     tables = tables_for(settings)
     words = {"state": purged, "finished more than": f"{older_than} ago", "topic": topic}
-    _change(
+    change_rows(
         settings,
         Wording(" or ".join(purged) + " rows", "delete", words, f"in {_where(settings)}"),
-        _Rows(
+        mode,
+        Statements(
             sql.purge_count_sql(tables),
             sql.purge_rows_sql(tables),
             sql.purge_batch_sql(tables),
@@ -499,6 +462,7 @@ def purge(
             "topics": topic or None,
             "finished_before": duration(older_than, "--older-than"),
         },
-        Mode(dry_run, yes, as_json),
-        lambda changed: [f"Deleted {changed} rows."],
+        preview=rows_table,
+        item_json=row_json,
+        done=lambda changed: [f"Deleted {changed} rows."],
     )

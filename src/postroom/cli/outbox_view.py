@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -67,7 +67,7 @@ def _short(text: str | None, width: int = 70) -> str | None:
     return text[: width - 1] + "…"
 
 
-def rows_table(title: str | None, rows: list[dict[str, Any]], now: datetime) -> Table:
+def rows_table(title: str | None, rows: Sequence[Mapping[str, Any]], now: datetime) -> Table:
     """Rows as a table: id, topic, key, state, attempts, age, when, last error."""
     return table(
         title,
