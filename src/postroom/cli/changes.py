@@ -1,37 +1,43 @@
 """The one routine behind every command that changes something: select → preview →
 confirm → apply (in bounded batches).
 
-A command describes its change with a :class:`Wording`, then hands :func:`run_change`
-three functions of its own:
+A command takes ``--dry-run``, ``--yes`` and ``--json`` through :func:`with_mode` (one
+:class:`Mode`), describes its change with a :class:`Wording`, then hands
+:func:`run_change` four functions of its own:
 
 ``select() -> Selection``
     Counts what matches and returns a sample to show (at most :data:`SAMPLE_ROWS`), plus
     any facts to add to the ``--json`` document. It changes nothing.
 ``preview(title, sample) -> renderable``
-    The table shown before the question (and in ``--json``: ``item_json`` of each sample).
+    The table shown before the question.
+``item_json(item) -> dict``
+    One sample item in ``--json``.
 ``apply() -> Done``
     Makes the change once the operator agreed, and says what happened.
 
 For rows in PostgreSQL, :func:`change_rows` does all of it from :class:`Statements` (a
 count, a sample, and a statement that changes at most ``%(limit)s`` rows, repeated by
 :func:`in_batches`). Any other store plugs into :func:`run_change` directly. For example
-``dead-letter requeue`` would call::
+``dead-letter requeue`` (decorated with ``@with_mode``, so it gets ``mode``) would call::
 
     run_change(
         Wording("dead letters", "requeue", {"consumer": consumer},
                 place=f"from {broker.where} to {broker.target}",
                 target=f" to {broker.target}",
                 nothing=_nothing_there(broker, consumer, listing)),
-        Mode(dry_run, yes, as_json),
-        select=lambda: Selection(len(matched), matched[:SAMPLE_ROWS]),
+        mode,
+        select=select_letters,
         preview=_letters_table,
         item_json=DeadLetter.summary,
         apply=requeue_them,
     )
 
-where ``requeue_them`` calls ``broker.requeue(matched)`` and turns its report into
-``Done(changed=len(report.requeued), lines=[...], facts={"requeued": ..., "failed": ...},
-errors=["not requeued: ..."], exit_code=EXIT_FAILED if report.failures else 0)``.
+after browsing the broker for ``listing`` and ``matched`` (exiting 3 naming ids that are
+not there), with ``select_letters`` returning ``Selection(len(matched),
+matched[:SAMPLE_ROWS])`` and ``requeue_them`` calling ``broker.requeue(matched)`` and
+turning its report into ``Done(changed=len(report.requeued), lines=[...],
+facts={"requeued": ..., "failed": ...}, errors=["not requeued: ..."],
+exit_code=EXIT_FAILED if report.failures else 0)``.
 
 What every command gets from this routine:
 
