@@ -72,14 +72,6 @@ def with_settings(*fields: str) -> Callable[[Callable[..., R]], Callable[..., R]
     extra = [_parameter(name) for name in names]
 
     def decorate(command: Callable[..., R]) -> Callable[..., R]:
-        hints = typing.get_type_hints(command, include_extras=True)
-        signature = inspect.signature(command)
-        own = [
-            p.replace(annotation=hints.get(p.name, p.annotation))
-            for p in signature.parameters.values()
-            if p.name != "settings"
-        ]
-
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> R:
             values = {name: kwargs.pop(name) for name in names}
@@ -90,13 +82,31 @@ def with_settings(*fields: str) -> Callable[[Callable[..., R]], Callable[..., R]
                 settings = Settings.from_env({}, **values)
             return command(*args, settings=settings, **kwargs)
 
-        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=own + extra
-        )
-        wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
-        return wrapper
+        return replace_parameter(command, "settings", extra, wrapper)
 
     return decorate
+
+
+def replace_parameter(
+    command: Callable[..., R],
+    name: str,
+    options: list[inspect.Parameter],
+    wrapper: Callable[..., R],
+) -> Callable[..., R]:
+    """Give ``wrapper`` (which calls ``command``) the command's parameters, without ``name``
+    and with ``options`` at the end: what typer reads to build the command's options."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    signature = inspect.signature(command)
+    own = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in signature.parameters.values()
+        if p.name != name
+    ]
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=own + options
+    )
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + options}
+    return wrapper
 
 
 def configure_service_logging(settings: Settings) -> None:

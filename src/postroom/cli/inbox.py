@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
+from postroom.cli.changes import Mode, Statements, Wording, change_rows, with_mode
 from postroom.cli.common import console, fail, with_settings
+from postroom.cli.options import (
+    InboxAll,
+    InboxLimit,
+    InboxNewerThan,
+    InboxOlderThan,
+    Json,
+    newest,
+    since,
+)
 from postroom.cli.output import (
     EXIT_USAGE,
-    DryRun,
-    Json,
-    Yes,
     age,
-    confirm,
     connect,
     describe,
     duration,
-    nothing_matches,
+    now,
     print_json,
+    query,
     say,
+    scalar,
     seconds_between,
+    show_listing,
     table,
 )
 from postroom.config import Settings
@@ -42,33 +53,10 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-#: Entries shown (and put in ``--json``'s ``sample``) before a change.
-SAMPLE_ROWS = 20
-
 MessageIds = Annotated[
     list[str] | None,
     typer.Argument(
         help="Message ids as the consumer recorded them.", metavar="ID", show_default=False
-    ),
-]
-OlderThan = Annotated[
-    str | None,
-    typer.Option(
-        "--older-than",
-        envvar="POSTROOM_INBOX_OLDER_THAN",
-        metavar="DURATION",
-        help="Only entries processed longer ago than this: 30s, 5m, 24h, 7d.",
-        show_default=False,
-    ),
-]
-NewerThan = Annotated[
-    str | None,
-    typer.Option(
-        "--newer-than",
-        envvar="POSTROOM_INBOX_NEWER_THAN",
-        metavar="DURATION",
-        help="Only entries processed within this long: 30s, 5m, 24h, 7d.",
-        show_default=False,
     ),
 ]
 
@@ -84,57 +72,61 @@ def _consumer_option(help: str) -> Any:
     )
 
 
-def _params(
-    consumer: str | None,
-    message_ids: list[str] | None,
-    older_than: str | None,
-    newer_than: str | None,
-) -> dict[str, Any]:
-    if consumer is not None and not consumer.strip():
-        # An empty name must never widen the command to every consumer.
-        fail("--consumer is empty; give the consumer's name, e.g. --consumer billing", EXIT_USAGE)
-    return {
-        "consumers": [consumer] if consumer is not None else None,
-        "message_ids": message_ids or None,
-        "older_than": duration(older_than, "--older-than"),
-        "newer_than": duration(newer_than, "--newer-than"),
-    }
+@dataclass(frozen=True)
+class _Filter:
+    """Which inbox entries an operator asked for."""
 
+    consumer: str | None
+    message_ids: list[str] | None = None
+    older_than: str | None = None
+    newer_than: str | None = None
 
-def _words(
-    consumer: str | None,
-    message_ids: list[str] | None,
-    older_than: str | None,
-    newer_than: str | None,
-) -> dict[str, Any]:
-    return {
-        "consumer": consumer,
-        "message id": message_ids,
-        "processed more than": f"{older_than} ago" if older_than else None,
-        "processed within": newer_than,
-    }
+    def params(self) -> dict[str, Any]:
+        """The statement parameters (durations in seconds); an empty consumer exits 2."""
+        if self.consumer is not None and not self.consumer.strip():
+            # An empty name must never widen the command to every consumer.
+            fail(
+                "--consumer is empty; give the consumer's name, e.g. --consumer billing",
+                EXIT_USAGE,
+            )
+        return {
+            "consumers": [self.consumer] if self.consumer is not None else None,
+            "message_ids": self.message_ids or None,
+            "older_than": duration(self.older_than, "--older-than"),
+            "newer_than": duration(self.newer_than, "--newer-than"),
+        }
+
+    def words(self) -> dict[str, Any]:
+        """The filter, for sentences."""
+        return {
+            "consumer": self.consumer,
+            "message id": self.message_ids,
+            "processed more than": f"{self.older_than} ago" if self.older_than else None,
+            "processed within": self.newer_than,
+        }
 
 
 def _where(settings: Settings) -> str:
     return f"{quoted_table(tables_for(settings).inbox)} at {describe_url(settings.database_url)}"
 
 
-def _entry_json(row: tuple[Any, ...], now: datetime) -> dict[str, Any]:
-    consumer, message_id, processed_at = row
-    return {
-        "consumer": consumer,
-        "message_id": message_id,
-        "processed_at": processed_at,
-        "age_seconds": seconds_between(now, processed_at),
-    }
+def _entry_json(row: Mapping[str, Any], at: datetime) -> dict[str, Any]:
+    return {**row, "age_seconds": seconds_between(at, row["processed_at"])}
 
 
-def _entries_table(title: str | None, rows: list[tuple[Any, ...]], now: datetime) -> Any:
+def _entries_table(title: str | None, rows: Sequence[Mapping[str, Any]], at: datetime) -> Any:
     return table(
         title,
         ["message id", "consumer", "processed", "age"],
-        [(m, c, p, age(seconds_between(now, p))) for c, m, p in rows],
+        [
+            (r["message_id"], r["consumer"], r["processed_at"], _ago(at, r["processed_at"]))
+            for r in rows
+        ],
     )
+
+
+def _ago(at: datetime, then: datetime) -> str:
+    return f"{age(seconds_between(at, then))} ago"
 
 
 @app.command("ls")
@@ -145,22 +137,15 @@ def list_entries(
         _consumer_option("The consumer whose entries to list; without it, a summary per consumer."),
     ] = None,
     message_ids: MessageIds = None,
-    older_than: OlderThan = None,
-    newer_than: NewerThan = None,
-    newest: Annotated[
+    older_than: InboxOlderThan = None,
+    newer_than: InboxNewerThan = None,
+    newest_first: Annotated[
         bool,
-        typer.Option(
-            "--newest/--oldest",
-            envvar="POSTROOM_INBOX_NEWEST",
-            help="Most recently processed first (the default), or oldest first.",
+        newest(
+            "POSTROOM_INBOX_NEWEST", "Most recently processed first (the default), or oldest first."
         ),
     ] = True,
-    limit: Annotated[
-        int,
-        typer.Option(
-            "--limit", "-n", envvar="POSTROOM_INBOX_LIMIT", min=1, help="Show at most this many."
-        ),
-    ] = 50,
+    limit: InboxLimit = 50,
     as_json: Json = False,
     *,
     settings: Settings,
@@ -171,19 +156,15 @@ def list_entries(
     Give message ids to check whether the consumer handled those messages.
     """
     tables = tables_for(settings)
-    params = {**_params(consumer, message_ids, older_than, newer_than), "limit": limit}
+    flt = _Filter(consumer, message_ids, older_than, newer_than)
+    params = {**flt.params(), "limit": limit}
     with connect(settings) as connection:
-        now_row = connection.execute("SELECT now()").fetchone()
-        assert now_row is not None
-        now: datetime = now_row[0]
+        at = now(connection)
         if consumer is None:
             summary = connection.execute(sql.inbox_summary_sql(tables), params).fetchall()
         else:
-            matched = connection.execute(sql.inbox_count_sql(tables), params).fetchone()
-            rows = connection.execute(
-                sql.inbox_rows_sql(tables, newest_first=newest), params
-            ).fetchall()
-    words = _words(consumer, message_ids, older_than, newer_than)
+            matched = int(scalar(connection, sql.inbox_count_sql(tables), params))
+            rows = query(connection, sql.inbox_rows_sql(tables, newest_first=newest_first), params)
     if consumer is None:
         consumers = [
             {
@@ -197,7 +178,7 @@ def list_entries(
         if as_json:
             print_json({"consumers": consumers})
         elif not consumers:
-            say(f"No inbox entries match ({describe(words)}).")
+            say(f"No inbox entries match ({describe(flt.words())}).")
         else:
             console.print(
                 table(
@@ -207,110 +188,60 @@ def list_entries(
                         (
                             c["consumer"],
                             c["entries"],
-                            f"{age(seconds_between(now, c['oldest_processed_at']))} ago",
-                            f"{age(seconds_between(now, c['newest_processed_at']))} ago",
+                            _ago(at, c["oldest_processed_at"]),
+                            _ago(at, c["newest_processed_at"]),
                         )
                         for c in consumers
                     ],
                 )
             )
         return
-    assert matched is not None
-    order = "newest first" if newest else "oldest first"
-    if as_json:
-        print_json(
-            {
-                "consumer": consumer,
-                "matched": matched[0],
-                "shown": len(rows),
-                "order": order,
-                "entries": [_entry_json(r, now) for r in rows],
-            }
-        )
-        return
-    if not rows:
-        say(f"No inbox entries match ({describe(words)}).")
-        return
-    console.print(_entries_table(None, list(rows), now))
-    more = "; raise --limit to see more" if matched[0] > len(rows) else ""
-    say(f"{len(rows)} of {matched[0]} matching entries, {order}{more}.")
+    items = [_entry_json(r, at) for r in rows]
+    listing = _entries_table(None, rows, at)
+    words = flt.words()
+    show_listing(
+        listing,
+        items,
+        matched,
+        newest_first,
+        as_json,
+        what=("inbox", "entries"),
+        filters=words,
+        head={"consumer": consumer},
+    )
 
 
-def _delete(
-    *,
-    settings: Settings,
-    verb: str,
-    params: dict[str, Any],
-    words: dict[str, Any],
-    dry_run: bool,
-    yes: bool,
-    as_json: bool,
-    done: str,
-) -> None:
+def _delete(settings: Settings, verb: str, flt: _Filter, mode: Mode, done: str) -> None:
+    """Delete the entries ``flt`` selects with :func:`~postroom.cli.changes.change_rows`."""
     tables = tables_for(settings)
-    with connect(settings) as connection:
-        now_row = connection.execute("SELECT now()").fetchone()
-        assert now_row is not None
-        now: datetime = now_row[0]
-        counted = connection.execute(sql.inbox_count_sql(tables), params).fetchone()
-        matched = int(counted[0]) if counted else 0
-        if matched == 0:
-            nothing_matches("inbox entries", words, as_json=as_json, dry_run=dry_run, changed=0)
-        sample = connection.execute(
+    change_rows(
+        settings,
+        Wording("inbox entries", verb, flt.words(), f"in {_where(settings)}"),
+        mode,
+        Statements(
+            sql.inbox_count_sql(tables),
             sql.inbox_rows_sql(tables, newest_first=False),
-            {**params, "limit": SAMPLE_ROWS},
-        ).fetchall()
-        document = {
-            "dry_run": dry_run,
-            "matched": matched,
-            "changed": 0,
-            "sample": [_entry_json(r, now) for r in sample],
-        }
-        if not as_json:
-            shown = f"first {len(sample)} of {matched}" if matched > len(sample) else str(matched)
-            console.print(_entries_table(f"Inbox entries to {verb} ({shown})", list(sample), now))
-        if dry_run:
-            if as_json:
-                print_json(document)
-            else:
-                say(f"Dry run: would {verb} {matched} inbox entries; nothing changed.")
-            return
-        confirm(f"{verb.capitalize()} {matched} inbox entries in {_where(settings)}?", yes=yes)
-        changed = 0
-        statement = sql.inbox_delete_batch_sql(tables)
-        while True:
-            with connection.transaction():
-                count = connection.execute(
-                    statement, {**params, "limit": sql.DELETE_BATCH}
-                ).rowcount
-            changed += count
-            if count == 0:
-                break
-    if as_json:
-        print_json({**document, "changed": changed})
-    else:
-        say(done.format(changed=changed))
+            sql.inbox_delete_batch_sql(tables),
+            sql.DELETE_BATCH,
+        ),
+        flt.params(),
+        preview=_entries_table,
+        item_json=_entry_json,
+        done=lambda changed: [done.format(changed=changed)],
+    )
 
 
 @app.command()
 @with_settings()
+@with_mode
 def forget(
     consumer: Annotated[str, _consumer_option("The consumer whose entries to forget.")],
     message_ids: MessageIds = None,
-    older_than: OlderThan = None,
-    newer_than: NewerThan = None,
-    everything: Annotated[
-        bool,
-        typer.Option(
-            "--all",
-            envvar="POSTROOM_INBOX_ALL",
-            help="Without ids or a time filter: forget every entry of the consumer.",
-        ),
-    ] = False,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    as_json: Json = False,
+    older_than: InboxOlderThan = None,
+    newer_than: InboxNewerThan = None,
+    everything: InboxAll = False,
     *,
+    mode: Mode,
     settings: Settings,
 ) -> None:
     """Forget that a consumer handled some messages, so it handles them again when they
@@ -325,40 +256,32 @@ def forget(
             EXIT_USAGE,
         )
     _delete(
-        settings=settings,
-        verb="forget",
-        params=_params(consumer, message_ids, older_than, newer_than),
-        words=_words(consumer, message_ids, older_than, newer_than),
-        dry_run=dry_run,
-        yes=yes,
-        as_json=as_json,
-        done=(
-            "Forgot {changed} inbox entries: "
-            f"{consumer} handles those messages again if they are delivered again."
-        ),
+        settings,
+        "forget",
+        _Filter(consumer, message_ids, older_than, newer_than),
+        mode,
+        "Forgot {changed} inbox entries: "
+        f"{consumer} handles those messages again if they are delivered again.",
     )
 
 
 @app.command()
 @with_settings()
+@with_mode
 def purge(
     older_than: Annotated[
         str,
-        typer.Option(
+        since(
             "--older-than",
-            envvar="POSTROOM_INBOX_PURGE_OLDER_THAN",
-            metavar="DURATION",
-            help="Delete entries processed longer ago than this: 30s, 5m, 24h, 7d.",
-            show_default=False,
+            "POSTROOM_INBOX_PURGE_OLDER_THAN",
+            "Delete entries processed longer ago than this",
         ),
     ],
     consumer: Annotated[
         str | None, _consumer_option("Only this consumer's entries (default: all).")
     ] = None,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    as_json: Json = False,
     *,
+    mode: Mode,
     settings: Settings,
 ) -> None:
     """Delete inbox entries processed longer ago than --older-than, in batches of 5,000.
@@ -368,12 +291,9 @@ def purge(
     POSTROOM_INBOX_RETENTION, 7d by default, by themselves).
     """
     _delete(
-        settings=settings,
-        verb="delete",
-        params=_params(consumer, None, older_than, None),
-        words=_words(consumer, None, older_than, None),
-        dry_run=dry_run,
-        yes=yes,
-        as_json=as_json,
-        done="Deleted {changed} inbox entries.",
+        settings,
+        "delete",
+        _Filter(consumer, older_than=older_than),
+        mode,
+        "Deleted {changed} inbox entries.",
     )

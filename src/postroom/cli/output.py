@@ -14,13 +14,18 @@ import sys
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import psycopg
 import typer
+from psycopg.rows import dict_row
+from rich.console import RenderableType
 from rich.table import Table
 
 from postroom.cli.common import EXIT_FAILED, console, error_console, fail, user_errors
+from postroom.cli.options import DryRun as DryRun
+from postroom.cli.options import Json as Json
+from postroom.cli.options import Yes as Yes
 from postroom.config import Settings, parse_duration
 from postroom.database import readable_errors
 from postroom.errors import ConfigurationError
@@ -28,32 +33,6 @@ from postroom.urls import psycopg_conninfo
 
 #: Exit code of bad usage (as click uses for bad options).
 EXIT_USAGE = 2
-
-Json = Annotated[
-    bool,
-    typer.Option(
-        "--json",
-        envvar="POSTROOM_JSON",
-        help="Print one JSON document (for scripts) instead of tables.",
-    ),
-]
-DryRun = Annotated[
-    bool,
-    typer.Option(
-        "--dry-run",
-        envvar="POSTROOM_DRY_RUN",
-        help="Show what would change and change nothing.",
-    ),
-]
-Yes = Annotated[
-    bool,
-    typer.Option(
-        "--yes",
-        "-y",
-        envvar="POSTROOM_YES",
-        help="Change without asking (needed when not run from a terminal).",
-    ),
-]
 
 
 @contextlib.contextmanager
@@ -72,6 +51,26 @@ def connect(settings: Settings) -> Iterator[psycopg.Connection[tuple[Any, ...]]]
         )
         with connection:
             yield connection
+
+
+def now(connection: psycopg.Connection[Any]) -> datetime:
+    """The database's current time (what row ages are measured against)."""
+    return cast(datetime, scalar(connection, "SELECT now()", {}))
+
+
+def scalar(connection: psycopg.Connection[Any], statement: str, params: Mapping[str, Any]) -> Any:
+    """The first column of the statement's first row (None without a row)."""
+    row = connection.execute(statement, params).fetchone()
+    return None if row is None else row[0]
+
+
+def query(
+    connection: psycopg.Connection[Any], statement: str, params: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The statement's rows, each a dict by column name."""
+    with connection.cursor(row_factory=dict_row) as cursor:
+        cursor.execute(statement, params)
+        return cursor.fetchall()
 
 
 def duration(text: str | None, option: str) -> float | None:
@@ -242,3 +241,61 @@ def nothing_matches(what: str, filters: Mapping[str, Any], *, as_json: bool, **f
 def failed(message: str) -> NoReturn:
     """Exit 3 with ``message`` (an operation that could not be done)."""
     fail(message, EXIT_FAILED)
+
+
+def show_fields(fields: Sequence[tuple[str, Any]]) -> None:
+    """Print ``(label, value)`` pairs as two aligned columns (for one item's every field)."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for label, value in fields:
+        grid.add_row(label, cell(value))
+    console.print(grid)
+
+
+def show_headers_and_payload(headers: Mapping[str, Any], payload: bytes, content_type: str) -> str:
+    """Print message headers and the payload (pretty JSON, text, or the first bytes in hex);
+    returns the payload's kind (``json``, ``text`` or ``binary``)."""
+    if headers:
+        console.print(table("Headers", ["name", "value"], sorted(headers.items())))
+    else:
+        say("Headers: none")
+    kind, view = payload_view(payload, content_type)
+    say(f"\nPayload ({kind}):")
+    if kind == "json":
+        say(json.dumps(view, indent=2, ensure_ascii=False))
+    elif kind == "text":
+        say(str(view))
+    else:
+        shown = "first 512 bytes" if len(payload) > 512 else f"{len(payload)} bytes"
+        say(f"{view}\n({shown}, hex)")
+    return kind
+
+
+def show_listing(
+    rendered: RenderableType,
+    items: list[dict[str, Any]],
+    matched: int,
+    newest_first: bool,
+    as_json: bool,
+    *,
+    what: tuple[str, str],
+    filters: Mapping[str, Any],
+    head: Mapping[str, Any] | None = None,
+) -> None:
+    """Print a listing of ``what`` (the family and its noun, e.g. ``("outbox", "rows")``):
+    ``{...head, matched, shown, order, <noun>: items}`` with ``--json``; otherwise its table
+    and how much of the match it shows, or that nothing matched."""
+    shown = len(items)
+    order = "newest first" if newest_first else "oldest first"
+    family, noun = what
+    if as_json:
+        print_json(
+            {**(head or {}), "matched": matched, "shown": shown, "order": order, noun: items}
+        )
+    elif not shown:
+        say(f"No {family} {noun} match ({describe(filters)}).")
+    else:
+        console.print(rendered)
+        more = "; raise --limit to see more" if matched > shown else ""
+        say(f"{shown} of {matched} matching {noun}, {order}{more}.")

@@ -67,50 +67,46 @@ _ROW_COLUMNS: Final = (
 )
 
 
+def _outbox(tables: Tables, columns: str, where: str, then: str = "") -> str:
+    """``SELECT columns FROM <outbox> AS o WHERE where then``."""
+    return f"SELECT {columns} FROM {quoted_table(tables.outbox)} AS o WHERE {where} {then}"
+
+
 @functools.cache
 def outbox_rows_sql(tables: Tables, guard: str = ANY_ROW, newest_first: bool = False) -> str:
     """Up to %(limit)s rows matching the filter and ``guard``, in position order."""
     order = "DESC" if newest_first else "ASC"
-    return (
-        f"SELECT {_ROW_COLUMNS} FROM {quoted_table(tables.outbox)} AS o "
-        f"WHERE {OUTBOX_FILTER} AND {guard} ORDER BY o.position {order} LIMIT %(limit)s"
-    )
+    then = f"ORDER BY o.position {order} LIMIT %(limit)s"
+    return _outbox(tables, _ROW_COLUMNS, f"{OUTBOX_FILTER} AND {guard}", then)
 
 
 @functools.cache
 def outbox_count_sql(tables: Tables, guard: str = ANY_ROW) -> str:
     """How many rows match the filter and ``guard``."""
-    return (
-        f"SELECT count(*) FROM {quoted_table(tables.outbox)} AS o WHERE {OUTBOX_FILTER} AND {guard}"
-    )
+    return _outbox(tables, "count(*)", f"{OUTBOX_FILTER} AND {guard}")
 
 
 @functools.cache
 def outbox_row_sql(tables: Tables) -> str:
     """Every column of the row with id %(id)s (none if there is no such row)."""
-    return (
-        f"SELECT {_ROW_COLUMNS}, o.payload, o.headers "
-        f"FROM {quoted_table(tables.outbox)} AS o WHERE o.id = %(id)s"
-    )
+    return _outbox(tables, f"{_ROW_COLUMNS}, o.payload, o.headers", "o.id = %(id)s")
 
 
 @functools.cache
 def outbox_states_of_sql(tables: Tables) -> str:
     """The state of each of the ids %(ids)s that are in the outbox."""
-    return (
-        f"SELECT o.id, o.status FROM {quoted_table(tables.outbox)} AS o WHERE o.id = ANY(%(ids)s)"
-    )
+    return _outbox(tables, "o.id, o.status", "o.id = ANY(%(ids)s)")
 
 
 def _batch(tables: Tables, guard: str) -> str:
     # A cursor over positions (after the last batch, up to the newest row when the change
     # was confirmed): a row the relay has meanwhile published again, or failed again, is
     # never taken a second time by the same command.
-    return (
-        f"SELECT o.position FROM {quoted_table(tables.outbox)} AS o "
-        f"WHERE {OUTBOX_FILTER} AND {guard} "
-        "AND o.position > %(after)s AND o.position <= %(upto)s "
-        "ORDER BY o.position LIMIT %(limit)s FOR UPDATE"
+    return _outbox(
+        tables,
+        "o.position",
+        f"{OUTBOX_FILTER} AND {guard} AND o.position > %(after)s AND o.position <= %(upto)s",
+        "ORDER BY o.position LIMIT %(limit)s FOR UPDATE",
     )
 
 
@@ -164,10 +160,7 @@ def replay_batch_sql(tables: Tables) -> str:
 @functools.cache
 def oldest_published_sql(tables: Tables) -> str:
     """When the oldest published row still kept was written (NULL if none is kept)."""
-    return (
-        f"SELECT min(o.created_at) FROM {quoted_table(tables.outbox)} AS o "
-        f"WHERE o.status = '{PUBLISHED}'"
-    )
+    return _outbox(tables, "min(o.created_at)", f"o.status = '{PUBLISHED}'")
 
 
 #: Rows ``purge`` may delete: published or dead (%(states)s), finished more than
@@ -183,28 +176,22 @@ AND (%(topics)s::text[] IS NULL OR o.topic = ANY(%(topics)s::text[]))
 @functools.cache
 def purge_count_sql(tables: Tables) -> str:
     """How many rows :func:`purge_batch_sql` would delete."""
-    return f"SELECT count(*) FROM {quoted_table(tables.outbox)} AS o WHERE {_PURGEABLE}"
+    return _outbox(tables, "count(*)", _PURGEABLE)
 
 
 @functools.cache
 def purge_rows_sql(tables: Tables) -> str:
     """Up to %(limit)s of the rows :func:`purge_batch_sql` would delete, oldest first."""
-    return (
-        f"SELECT {_ROW_COLUMNS} FROM {quoted_table(tables.outbox)} AS o "
-        f"WHERE {_PURGEABLE} ORDER BY o.position LIMIT %(limit)s"
-    )
+    return _outbox(tables, _ROW_COLUMNS, _PURGEABLE, "ORDER BY o.position LIMIT %(limit)s")
 
 
 @functools.cache
 def purge_batch_sql(tables: Tables) -> str:
     """Delete up to %(limit)s published or dead rows finished long enough ago."""
-    outbox = quoted_table(tables.outbox)
-    return f"""
-DELETE FROM {outbox} WHERE position IN (
-    SELECT o.position FROM {outbox} AS o WHERE {_PURGEABLE}
-    ORDER BY o.position LIMIT %(limit)s FOR UPDATE
-)
-"""
+    batch = _outbox(
+        tables, "o.position", _PURGEABLE, "ORDER BY o.position LIMIT %(limit)s FOR UPDATE"
+    )
+    return f"DELETE FROM {quoted_table(tables.outbox)} WHERE position IN ({batch})"
 
 
 @functools.cache
@@ -277,40 +264,39 @@ AND (%(newer_than)s::float8 IS NULL
 """
 
 
+def _inbox(tables: Tables, columns: str, then: str = "") -> str:
+    """``SELECT columns FROM <inbox> AS i WHERE <the filter> then``."""
+    return f"SELECT {columns} FROM {quoted_table(tables.inbox)} AS i WHERE {INBOX_FILTER} {then}"
+
+
 @functools.cache
 def inbox_summary_sql(tables: Tables) -> str:
     """Per consumer: entries, and when the oldest and newest were processed."""
-    return (
-        "SELECT i.consumer, count(*), min(i.processed_at), max(i.processed_at) "
-        f"FROM {quoted_table(tables.inbox)} AS i WHERE {INBOX_FILTER} "
-        "GROUP BY i.consumer ORDER BY i.consumer"
-    )
+    columns = "i.consumer, count(*), min(i.processed_at), max(i.processed_at)"
+    return _inbox(tables, columns, "GROUP BY i.consumer ORDER BY i.consumer")
 
 
 @functools.cache
 def inbox_rows_sql(tables: Tables, newest_first: bool = True) -> str:
     """Up to %(limit)s inbox entries matching the filter, by processing time."""
     order = "DESC" if newest_first else "ASC"
-    return (
-        f"SELECT i.consumer, i.message_id, i.processed_at FROM {quoted_table(tables.inbox)} AS i "
-        f"WHERE {INBOX_FILTER} ORDER BY i.processed_at {order}, i.message_id LIMIT %(limit)s"
-    )
+    then = f"ORDER BY i.processed_at {order}, i.message_id LIMIT %(limit)s"
+    return _inbox(tables, "i.consumer, i.message_id, i.processed_at", then)
 
 
 @functools.cache
 def inbox_count_sql(tables: Tables) -> str:
     """How many inbox entries match the filter."""
-    return f"SELECT count(*) FROM {quoted_table(tables.inbox)} AS i WHERE {INBOX_FILTER}"
+    return _inbox(tables, "count(*)")
 
 
 @functools.cache
 def inbox_delete_batch_sql(tables: Tables) -> str:
     """Delete up to %(limit)s inbox entries matching the filter (oldest first)."""
-    inbox = quoted_table(tables.inbox)
-    return f"""
-DELETE FROM {inbox} AS t USING (
-    SELECT i.consumer, i.message_id FROM {inbox} AS i WHERE {INBOX_FILTER}
-    ORDER BY i.processed_at LIMIT %(limit)s FOR UPDATE
-) AS b
-WHERE t.consumer = b.consumer AND t.message_id = b.message_id
-"""
+    batch = _inbox(
+        tables, "i.consumer, i.message_id", "ORDER BY i.processed_at LIMIT %(limit)s FOR UPDATE"
+    )
+    return (
+        f"DELETE FROM {quoted_table(tables.inbox)} AS t USING ({batch}) AS b "
+        "WHERE t.consumer = b.consumer AND t.message_id = b.message_id"
+    )
