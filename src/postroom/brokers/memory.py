@@ -1,4 +1,5 @@
-"""An in-process broker: a real Publisher for users' tests, with switches for failures."""
+"""An in-process broker for users' tests: a real Publisher, Subscriber and DeadLetters, with
+switches for failures."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import ClassVar, Final
 
-from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
+from postroom.brokers.base import CONFIRMED, HEADER_TOPIC, Outcome, PublishResult
+from postroom.brokers.dead_letters import DeadLetter, Found, Listing, Requeued, first_match
 from postroom.errors import BrokerUnavailableError
 from postroom.message import ENVELOPE_HEADERS, Message
 
@@ -42,6 +44,7 @@ class MemoryBroker:
     ) -> None:
         self._lock = threading.Lock()
         self._messages: list[Message] = []
+        self._requeued: set[int] = set()
         self._unroutable: set[str] = set(unroutable)
         self._failures: dict[uuid.UUID, _Failure] = {}
         self._outage: str | None = None
@@ -81,6 +84,7 @@ class MemoryBroker:
         """Forget every stored message (routing rules, failures and outages stay)."""
         with self._lock:
             self._messages.clear()
+            self._requeued.clear()
 
     def make_unroutable(self, *topics: str) -> None:
         """Reject messages to these topics from now on, as RabbitMQ returns unroutable ones."""
@@ -347,3 +351,89 @@ class MemorySubscriber:
 
         timer = loop.call_later(delay, put)
         self._timers.add(timer)
+
+
+class MemoryDeadLetters:
+    """The dead letters of one consumer on a :class:`MemoryBroker` (its topic
+    ``<consumer>.dead-letter``); requeue stores a copy on the message's original topic,
+    marked for this consumer only, and removes the dead letter."""
+
+    order_note = "Listing changes nothing: dead letters are listed in the order they came."
+
+    def __init__(self, broker: MemoryBroker, consumer: str) -> None:
+        from postroom.brokers.base import HEADER_FOR_CONSUMER, dead_letter_name
+
+        self.broker = broker
+        self.consumer = consumer
+        self.topic = dead_letter_name(consumer)
+        self.where = f"in-memory topic {self.topic!r}"
+        self.target = (
+            f"each message's original topic, marked for {consumer!r} only "
+            f"({HEADER_FOR_CONSUMER} header)"
+        )
+
+    async def browse(self, limit: int | None) -> Listing:
+        """The first ``limit`` dead letters (all with None), without payloads."""
+        letters = [letter.without_payload() for letter in self._letters()]
+        shown = letters if limit is None else letters[:limit]
+        return Listing(shown, len(letters), missing=not letters)
+
+    async def find(self, name: str) -> Found:
+        """The first dead letter called ``name`` (its id or ``#N``)."""
+        return first_match(self._letters(), name)
+
+    async def requeue(self, selected: Sequence[DeadLetter]) -> Requeued:
+        """Store a copy of each selected dead letter (by id) on its original topic for this
+        consumer, then stop listing the dead letter (the broker's log keeps it)."""
+        from postroom.brokers.base import HEADER_FOR_CONSUMER
+        from postroom.brokers.dead_letters import DEAD_LETTER_HEADERS
+
+        wanted = {letter.id for letter in selected}
+        report = Requeued()
+        found: set[str] = set()
+        for index, letter in self._indexed():
+            if letter.id not in wanted or letter.id in found:
+                continue
+            found.add(letter.id)
+            if letter.topic is None:
+                report.failures.append((letter.without_payload(), "it has no topic header"))
+                continue
+            headers = {
+                k: v
+                for k, v in letter.headers.items()
+                if k not in DEAD_LETTER_HEADERS and k != HEADER_TOPIC
+            }
+            headers[HEADER_FOR_CONSUMER] = self.consumer
+            with self.broker._lock:
+                original = self.broker._messages[index]
+                self.broker._messages.append(
+                    dataclasses.replace(original, topic=letter.topic, headers=headers)
+                )
+                self.broker._requeued.add(index)
+            report.requeued.append(letter.without_payload())
+        report.vanished = [letter for letter in selected if letter.id not in found]
+        return report
+
+    def _letters(self) -> Iterator[DeadLetter]:
+        return (letter for _, letter in self._indexed())
+
+    def _indexed(self) -> Iterator[tuple[int, DeadLetter]]:
+        with self.broker._lock:
+            listed = [
+                (index, message)
+                for index, message in enumerate(self.broker._messages)
+                if message.topic == self.topic and index not in self.broker._requeued
+            ]
+        for number, (index, message) in enumerate(listed):
+            yield index, self._letter(message, number)
+
+    def _letter(self, message: Message, index: int) -> DeadLetter:
+        return DeadLetter(
+            id=str(message.id),
+            position=f"#{index + 1}",
+            body=message.body,
+            headers=dict(message.headers),
+            content_type=message.content_type,
+            key=message.key,
+            broker_timestamp=message.created_at,
+        )
