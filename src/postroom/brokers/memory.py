@@ -45,6 +45,7 @@ class MemoryBroker:
         self._lock = threading.Lock()
         self._messages: list[Message] = []
         self._requeued: set[int] = set()
+        self._settled: dict[str, set[int]] = {}
         self._unroutable: set[str] = set(unroutable)
         self._failures: dict[uuid.UUID, _Failure] = {}
         self._outage: str | None = None
@@ -85,6 +86,7 @@ class MemoryBroker:
         with self._lock:
             self._messages.clear()
             self._requeued.clear()
+            self._settled.clear()
 
     def make_unroutable(self, *topics: str) -> None:
         """Reject messages to these topics from now on, as RabbitMQ returns unroutable ones."""
@@ -227,10 +229,21 @@ class MemoryDelivery:
     """One message handed out by a :class:`MemorySubscriber`."""
 
     lane: object = None
+    epoch: int | None = None
     redeliverable = True
+    revoked = False
+    """Never: a queue has no lanes to lose."""
 
-    def __init__(self, subscriber: MemorySubscriber, message: Message, attempt: int) -> None:
+    def __init__(
+        self,
+        subscriber: MemorySubscriber,
+        message: Message,
+        attempt: int,
+        index: int | None = None,
+    ) -> None:
         self._subscriber = subscriber
+        self.index = index
+        """Its place in the broker's store (None for messages given to ``deliver()``)."""
         self.message = message
         """The message as it was published."""
         self.topic = message.topic
@@ -247,17 +260,18 @@ class MemoryDelivery:
         """Mark it acknowledged."""
         self.settled = "acked"
         self._subscriber.acked.append(self.message)
+        self._subscriber._settle(self)
 
     async def release(self) -> bool:
         """Give it back unsettled: it is handed out again at once, as the same attempt."""
         self.settled = "released"
-        self._subscriber._redeliver(self.message, self.attempt, 0.0)
+        self._subscriber._redeliver(self.message, self.attempt, 0.0, self.index)
         return True
 
     async def retry_later(self, delay: float, error: str) -> None:
         """Deliver it again after ``delay`` seconds as the next attempt."""
         self.settled = "retried"
-        self._subscriber._redeliver(self.message, self.attempt + 1, delay)
+        self._subscriber._redeliver(self.message, self.attempt + 1, delay, self.index)
 
     async def dead_letter(self, error: str, attempts: int) -> None:
         """Store a copy on ``<consumer>.dead-letter`` with the error headers, then ack."""
@@ -272,6 +286,7 @@ class MemoryDelivery:
             self._subscriber.broker._messages.append(copy)
         self.settled = "dead_lettered"
         self._subscriber.dead_lettered.append(copy)
+        self._subscriber._settle(self)
 
 
 #: Wire headers a Message regenerates from its fields (not kept in a dead-letter copy's headers).
@@ -280,7 +295,8 @@ HEADER_ID_NAMES: Final = ENVELOPE_HEADERS
 
 class MemorySubscriber:
     """A Subscriber on a :class:`MemoryBroker`: it hands out the messages published to the
-    subscribed topics (from the first one stored), plus any given to :meth:`deliver`.
+    subscribed topics (from the first one stored, except those its consumer already
+    acknowledged or dead-lettered), plus any given to :meth:`deliver`.
 
     Retries come back after their delay; dead-lettered copies are stored on the broker
     under ``<consumer>.dead-letter`` and listed in :attr:`dead_lettered`.
@@ -335,19 +351,29 @@ class MemorySubscriber:
 
     def _take_published(self) -> None:
         with self.broker._lock:
-            fresh = self.broker._messages[self._cursor :]
+            start = self._cursor
+            fresh = self.broker._messages[start:]
             self._cursor = len(self.broker._messages)
-        for message in fresh:
-            if message.topic in self.topics:
-                self._queue.put_nowait(MemoryDelivery(self, _copy(message), 1))
+            settled = set(self.broker._settled.get(self.consumer or "", ()))
+        for index, message in enumerate(fresh, start):
+            if message.topic in self.topics and index not in settled:
+                self._queue.put_nowait(MemoryDelivery(self, _copy(message), 1, index))
 
-    def _redeliver(self, message: Message, attempt: int, delay: float) -> None:
+    def _settle(self, delivery: MemoryDelivery) -> None:
+        """Remember that this consumer settled it: a later subscriber of it skips it."""
+        if delivery.index is not None and self.consumer is not None:
+            with self.broker._lock:
+                self.broker._settled.setdefault(self.consumer, set()).add(delivery.index)
+
+    def _redeliver(
+        self, message: Message, attempt: int, delay: float, index: int | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
 
         def put() -> None:
             self._timers.discard(timer)
             if not self._closed.is_set():
-                self._queue.put_nowait(MemoryDelivery(self, message, attempt))
+                self._queue.put_nowait(MemoryDelivery(self, message, attempt, index))
 
         timer = loop.call_later(delay, put)
         self._timers.add(timer)

@@ -39,7 +39,7 @@ class KafkaDelivery:
         self.offset: int = record.offset()
         self.topic: str = record.topic()
         self.lane: object = (self.topic, self.partition)
-        self.epoch = epoch
+        self.epoch: int | None = epoch
         raw_key = record.key()
         self.key: str | None = (
             raw_key.decode(errors="replace") if isinstance(raw_key, bytes) else raw_key

@@ -51,7 +51,10 @@ class RabbitMQDelivery:
     """One message from a RabbitMQ queue; settled on the channel it came from."""
 
     lane: object = None
+    epoch: int | None = None
     redeliverable = True
+    revoked = False
+    """Never: a queue has no lanes to lose."""
 
     def __init__(self, subscriber: RabbitMQSubscriber, incoming: Any) -> None:
         from postroom.brokers.base import HEADER_TOPIC, attempts_made
