@@ -75,11 +75,13 @@ _PRODUCER_ONLY: Final = frozenset(
 )
 #: Payload bytes of requeued copies held at once before they are produced.
 _REQUEUE_PAGE_BYTES: Final = 16 * 1024 * 1024
-#: librdkafka's fetch sizes while reading (a larger record still comes, one at a time).
+#: librdkafka's local queue and fetch sizes while reading: a larger record still comes, one
+#: at a time, and a full queue is fetched again after 10 ms (not librdkafka's 1 s).
 _READ_BOUNDS: Final = {
     "queued.max.messages.kbytes": 1024,
     "fetch.max.bytes": 1024 * 1024,
     "max.partition.fetch.bytes": 1024 * 1024,
+    "fetch.queue.backoff.ms": 10,
 }
 
 T = TypeVar("T")
@@ -243,11 +245,10 @@ class KafkaDeadLetters:
         deadline = time.monotonic() + BROKER_TIMEOUT
         quiet_until: float | None = None
         while time.monotonic() < deadline:
-            records = kafka.consume(num_messages=PAGE_SIZE, timeout=0.2)
+            # One record at a time: a batch would hold its records' payloads all at once.
+            records = kafka.consume(num_messages=1, timeout=0.2)
             got = bool(records)
-            records.reverse()
-            while records:
-                record = records.pop()  # dropped from the batch as it goes
+            for record in records:
                 error = record.error()
                 if error is None:
                     at_end.discard(record.partition())
@@ -256,6 +257,7 @@ class KafkaDeadLetters:
                     at_end.add(record.partition())
                 else:
                     raise KafkaException(error)
+            del records
             if at_end.issuperset(partitions):
                 # End offsets can under-report right after a produce: look once more.
                 if quiet_until is None:
