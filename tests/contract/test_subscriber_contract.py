@@ -25,7 +25,8 @@ QUIET = 1.5
 class Taken:
     """A started subscriber whose deliveries are pumped into a queue the test reads."""
 
-    def __init__(self, subscriber: Subscriber) -> None:
+    def __init__(self, broker: Harness, subscriber: Subscriber) -> None:
+        self.broker = broker
         self.subscriber = subscriber
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._pump = asyncio.create_task(self._run())
@@ -44,6 +45,11 @@ class Taken:
             with contextlib.suppress(TimeoutError):
                 taken.append(await asyncio.wait_for(self.queue.get(), left))
         return taken
+
+    async def receive(self, messages: Sequence[Message]) -> list[Delivery]:
+        """Publish ``messages`` and take as many deliveries."""
+        await publish(self.broker, messages)
+        return await self.take(len(messages))
 
     async def more(self, seconds: float = QUIET) -> list[Delivery]:
         """Whatever else comes within ``seconds``."""
@@ -65,7 +71,7 @@ async def subscribed(broker: Harness, consumer: str, topics: Sequence[str]) -> A
     broker.forget_consumer(consumer)
     subscriber = broker.make_subscriber()
     await subscriber.start(consumer, topics)
-    taken = Taken(subscriber)
+    taken = Taken(broker, subscriber)
     try:
         yield taken
     finally:
@@ -93,8 +99,7 @@ async def test_deliveries_carry_the_message_and_an_acked_one_does_not_come_again
     consumer = unique("contract-ack")
     sent = [Message.create(topic, {"n": n}, key=f"k{n}") for n in range(5)]
     async with subscribed(broker, consumer, [topic]) as first:
-        await publish(broker, sent)
-        got = await first.take(len(sent))
+        got = await first.receive(sent)
         assert sorted(ids(got)) == sorted(str(m.id) for m in sent)
         by_id = {str(m.id): m for m in sent}
         for delivery in got:
@@ -106,8 +111,7 @@ async def test_deliveries_carry_the_message_and_an_acked_one_does_not_come_again
         assert await first.more() == []
     marker = Message.create(topic, {"marker": True}, key="k0")
     async with subscribed(broker, consumer, [topic]) as second:
-        await publish(broker, [marker])
-        (arrived,) = await second.take(1)
+        (arrived,) = await second.receive([marker])
         later = await second.more()
         assert ids([arrived, *later]) == [str(marker.id)], "an acknowledged message came again"
         await arrived.ack()
@@ -118,8 +122,7 @@ async def test_a_released_delivery_comes_again_as_the_same_message(broker: Harne
     consumer = unique("contract-release")
     message = Message.create(topic, {"order": 1}, key="order-1")
     async with subscribed(broker, consumer, [topic]) as taken:
-        await publish(broker, [message])
-        (first,) = await taken.take(1)
+        (first,) = await taken.receive([message])
         assert await first.release() is True
         (again,) = await taken.take(1)
         assert ids([first, again]) == [str(message.id)] * 2
@@ -135,8 +138,7 @@ async def test_messages_of_a_key_share_a_lane_and_keep_their_order(broker: Harne
     keys = ["alpha", "beta", "gamma"]
     sent = [Message.create(topic, {"n": n}, key=keys[n % 3]) for n in range(30)]
     async with subscribed(broker, consumer, [topic]) as taken:
-        await publish(broker, sent)
-        got = await taken.take(len(sent))
+        got = await taken.receive(sent)
         for delivery in got:
             await delivery.ack()
     for key in keys:
@@ -150,8 +152,7 @@ async def test_only_a_delivery_whose_lane_moved_away_reports_revoked(broker: Har
     consumer = unique("contract-revoke")
     sent = [Message.create(topic, {"n": n}, key=f"key-{n}") for n in range(24)]
     async with subscribed(broker, consumer, [topic]) as first:
-        await publish(broker, sent)
-        held = await first.take(len(sent))
+        held = await first.receive(sent)
         assert not any(d.revoked for d in held), "revoked before anything changed"
         async with subscribed(broker, consumer, [topic]) as second:
             if broker.name != "kafka":
@@ -177,8 +178,7 @@ async def test_retry_later_comes_back_as_the_next_attempt_where_the_broker_can(
     consumer = unique("contract-retry")
     message = Message.create(topic, {"retry": True}, key="r")
     async with subscribed(broker, consumer, [topic]) as taken:
-        await publish(broker, [message])
-        (first,) = await taken.take(1)
+        (first,) = await taken.receive([message])
         if not first.redeliverable:
             # Kafka retries in place to keep the partition's order.
             assert broker.name == "kafka"
@@ -202,8 +202,7 @@ async def test_a_dead_letter_is_found_with_its_reason_and_not_delivered_again(
     consumer = unique("contract-dead")
     message = Message.create(topic, {"poison": 1}, key="p")
     async with subscribed(broker, consumer, [topic]) as taken:
-        await publish(broker, [message])
-        (delivery,) = await taken.take(1)
+        (delivery,) = await taken.receive([message])
         await delivery.dead_letter("the handler said no", 3)
         assert await taken.more() == []
     found = await broker.dead_letters(consumer).find(str(message.id))

@@ -189,19 +189,6 @@ def digest(body: bytes, headers: dict[str, str]) -> str:
     return "sha-" + data.hexdigest()[:16]
 
 
-def header_text(value: Any) -> str | None:
-    """A broker header value as text (None for values without one)."""
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).decode(errors="replace")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool | int | float):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return None
-
-
 def first_match(letters: Iterable[DeadLetter], name: str) -> Found:
     """Scan ``letters`` (a stream), keeping only the first called ``name`` and a count."""
     found = Found(None)

@@ -45,7 +45,12 @@ from postroom.brokers.dead_letters import (
     first_match,
 )
 from postroom.brokers.kafka.producer import KafkaPublisher
-from postroom.brokers.kafka.settings import _CONSUMER_ONLY_SETTINGS, parse_kafka_url
+from postroom.brokers.kafka.settings import (
+    _CONSUMER_ONLY_SETTINGS,
+    parse_kafka_url,
+    record_headers,
+    record_key,
+)
 from postroom.errors import BrokerUnavailableError
 from postroom.message import (
     HEADER_CONTENT_TYPE,
@@ -271,13 +276,8 @@ class KafkaDeadLetters:
         )
 
     def _letter(self, record: Any) -> DeadLetter:
-        headers = {
-            name: (value.decode(errors="replace") if isinstance(value, bytes) else str(value))
-            for name, value in (record.headers() or [])
-            if value is not None
-        }
-        raw_key = record.key()
-        key = raw_key.decode(errors="replace") if isinstance(raw_key, bytes) else raw_key
+        headers = record_headers(record)
+        key = record_key(record)
         kind, millis = record.timestamp()
         position = f"{record.partition()}:{record.offset()}"
         return DeadLetter(

@@ -211,3 +211,18 @@ _SUBSCRIBER_OWNED: Final = frozenset(
 )
 
 Partition = tuple[str, int]
+
+
+def record_key(record: Any) -> str | None:
+    """A consumed record's key as text (None without one)."""
+    raw = record.key()
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+
+
+def record_headers(record: Any) -> dict[str, str]:
+    """A consumed record's headers as text (headers without a value left out)."""
+    return {
+        name: (value.decode(errors="replace") if isinstance(value, bytes) else str(value))
+        for name, value in (record.headers() or [])
+        if value is not None
+    }

@@ -21,6 +21,8 @@ from postroom.brokers.kafka.settings import (
     _LibrdkafkaLog,
     _log,
     parse_kafka_url,
+    record_headers,
+    record_key,
 )
 from postroom.errors import BrokerUnavailableError, ConfigurationError
 from postroom.message import Message
@@ -40,16 +42,9 @@ class KafkaDelivery:
         self.topic: str = record.topic()
         self.lane: object = (self.topic, self.partition)
         self.epoch: int | None = epoch
-        raw_key = record.key()
-        self.key: str | None = (
-            raw_key.decode(errors="replace") if isinstance(raw_key, bytes) else raw_key
-        )
+        self.key: str | None = record_key(record)
         self.body: bytes = record.value() or b""
-        self.headers: dict[str, str] = {
-            name: (value.decode(errors="replace") if isinstance(value, bytes) else str(value))
-            for name, value in (record.headers() or [])
-            if value is not None
-        }
+        self.headers: dict[str, str] = record_headers(record)
         self.broker_message_id: str | None = None
         self.content_type: str | None = None
         self.attempt = attempts_made(self.headers) + 1

@@ -34,9 +34,9 @@ from postroom.brokers.dead_letters import (
     Listing,
     Requeued,
     digest,
-    header_text,
 )
 from postroom.brokers.rabbitmq.publisher import _address
+from postroom.brokers.rabbitmq.subscriber import _header_text
 from postroom.errors import BrokerUnavailableError
 from postroom.message import HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, OCTET_STREAM
 
@@ -208,7 +208,7 @@ class RabbitMQDeadLetters:
         headers = {
             str(name): text
             for name, value in (message.headers or {}).items()
-            if (text := header_text(value)) is not None
+            if (text := _header_text(value, dates=True)) is not None
         }
         message_id = message.message_id or headers.get(HEADER_ID)
         stamp = message.timestamp

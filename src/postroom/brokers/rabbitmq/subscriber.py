@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,13 +38,16 @@ def retry_tier_ms(delay: float) -> int:
     return max(16, 1 << (ms - 1).bit_length())
 
 
-def _header_text(value: Any) -> str | None:
+def _header_text(value: Any, *, dates: bool = False) -> str | None:
+    """A header value as text; None for other types (dates too, unless ``dates``)."""
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode(errors="replace")
     if isinstance(value, str):
         return value
     if isinstance(value, bool | int | float):
         return str(value)
+    if dates and isinstance(value, datetime):
+        return value.isoformat()
     return None
 
 
