@@ -100,6 +100,8 @@ async def test_deliveries_carry_the_message_and_an_acked_one_does_not_come_again
     sent = [Message.create(topic, {"n": n}, key=f"k{n}") for n in range(5)]
     async with subscribed(broker, consumer, [topic]) as first:
         got = await first.receive(sent)
+        assert isinstance(first.subscriber, Subscriber)
+        assert all(isinstance(delivery, Delivery) for delivery in got)
         assert sorted(ids(got)) == sorted(str(m.id) for m in sent)
         by_id = {str(m.id): m for m in sent}
         for delivery in got:
