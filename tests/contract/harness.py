@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from postroom.brokers import Publisher, publisher_from_url
+from postroom.brokers import (
+    DeadLetters,
+    Publisher,
+    Subscriber,
+    dead_letters_from_url,
+    publisher_from_url,
+    subscriber_from_url,
+)
 from postroom.brokers.memory import MemoryBroker
 from postroom.message import HEADER_KEY, Message
 
@@ -25,6 +32,10 @@ AMQP_URL = os.environ.get("POSTROOM_TEST_AMQP_URL") or "amqp://guest:guest@127.0
 KAFKA_URL = os.environ.get("POSTROOM_TEST_KAFKA_URL") or "kafka://127.0.0.1:9092"
 #: A payload over Kafka's default message.max.bytes (1,000,000) but within postroom's 1 MiB.
 KAFKA_OVERSIZED = 1_040_000
+#: The delay subscriber contract tests give retry_later().
+RETRY_DELAY = 0.05
+#: Consumer-group timings that make a group join take seconds on Tansu, not ~25 s.
+KAFKA_GROUP_SETTINGS = "session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=7000"
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,18 @@ class Harness(Protocol):
 
     async def read_back(self, topic: str, count: int, wait_seconds: float = 15.0) -> list[Received]:
         """The first ``count`` messages on ``topic``, in broker order (waits for them)."""
+        ...
+
+    def make_subscriber(self, prefetch: int = 64) -> Subscriber:
+        """A new, unstarted subscriber receiving what this harness's publishers send."""
+        ...
+
+    def dead_letters(self, consumer: str) -> DeadLetters:
+        """The dead letters of ``consumer`` on this broker."""
+        ...
+
+    def forget_consumer(self, consumer: str) -> None:
+        """Remove what subscribers of ``consumer`` create, when the harness closes."""
         ...
 
     async def close(self) -> None:
@@ -135,6 +158,15 @@ class MemoryHarness:
             )
             for m in found[:count]
         ]
+
+    def make_subscriber(self, prefetch: int = 64) -> Subscriber:
+        return subscriber_from_url(f"memory://{self.broker_name}", prefetch=prefetch)
+
+    def dead_letters(self, consumer: str) -> DeadLetters:
+        return dead_letters_from_url(f"memory://{self.broker_name}", consumer)
+
+    def forget_consumer(self, consumer: str) -> None:
+        return None
 
     async def close(self) -> None:
         MemoryBroker.forget(self.broker_name)
@@ -220,6 +252,20 @@ class RabbitMQHarness:
                 )
             )
         return received
+
+    def make_subscriber(self, prefetch: int = 64) -> Subscriber:
+        from postroom.brokers.rabbitmq import RabbitMQSubscriber
+
+        return RabbitMQSubscriber(self.url, exchange=self.exchange, prefetch=prefetch)
+
+    def dead_letters(self, consumer: str) -> DeadLetters:
+        return dead_letters_from_url(self.url, consumer)
+
+    def forget_consumer(self, consumer: str) -> None:
+        from postroom.brokers.rabbitmq import retry_queue_name
+
+        retry = retry_queue_name(consumer, RETRY_DELAY)
+        self._queues.extend([consumer, f"{consumer}.dead-letter", retry])
 
     async def drain(self, topic: str) -> list[Received]:
         """Whatever is left on ``topic``'s queue, without waiting for more."""
@@ -344,6 +390,16 @@ class KafkaHarness:
             return received[:count]
         finally:
             consumer.close()
+
+    def make_subscriber(self, prefetch: int = 64) -> Subscriber:
+        joiner = "&" if "?" in self.url else "?"
+        return subscriber_from_url(f"{self.url}{joiner}{KAFKA_GROUP_SETTINGS}", prefetch=prefetch)
+
+    def dead_letters(self, consumer: str) -> DeadLetters:
+        return dead_letters_from_url(self.url, consumer)
+
+    def forget_consumer(self, consumer: str) -> None:
+        return None
 
     async def close(self) -> None:
         return None

@@ -38,9 +38,11 @@ from tests.integration.test_consumer import (
 
 
 class LaneDelivery:
-    """A Kafka-like delivery: one lane, retried in place, no release(); settlements logged."""
+    """A Kafka-like delivery: one lane, retried in place, cannot be released; settlements logged."""
 
     redeliverable = False
+    revoked = False
+    epoch = None
     broker_message_id = None
     key = None
     content_type = "application/json"
@@ -59,6 +61,9 @@ class LaneDelivery:
 
     async def ack(self) -> None:
         self.log.append(("ack", self.lane, self.offset))
+
+    async def release(self) -> bool:
+        return False
 
     async def retry_later(self, delay: float, error: str) -> None:
         raise NotImplementedError

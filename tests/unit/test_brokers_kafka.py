@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from confluent_kafka import KafkaError
 
@@ -69,3 +71,55 @@ async def test_oversized_message_is_rejected_even_without_a_broker() -> None:
     results = await publisher.publish([Message.create("orders", b"x" * 1_040_000)])
     await publisher.close()
     assert results[0].outcome is Outcome.REJECTED
+
+
+def test_requeue_commits_only_past_records_requeued_without_a_gap() -> None:
+    from postroom.brokers import CONFIRMED, DeadLetter, PublishResult, Requeued
+    from postroom.brokers.kafka import KafkaDeadLetters
+    from postroom.brokers.kafka.dead_letters import _Scan
+
+    def letter(partition: int, offset: int) -> DeadLetter:
+        return DeadLetter(
+            id=f"m{partition}{offset}",
+            position=f"{partition}:{offset}",
+            body=b"x" * 10,
+            headers={"postroom-topic": "orders"},
+            content_type="application/octet-stream",
+            partition=partition,
+            offset=offset,
+        )
+
+    class Committed:
+        def __init__(self) -> None:
+            self.offsets: list[tuple[str, int, int]] = []
+
+        def commit(self, *, offsets: list[Any], asynchronous: bool) -> None:
+            assert asynchronous is False
+            self.offsets = [(tp.topic, tp.partition, tp.offset) for tp in offsets]
+
+    stream = [letter(0, 0), letter(1, 0), letter(0, 1), letter(0, 2), letter(1, 1), letter(0, 3)]
+    chosen = [x for x in stream if x.position != "0:1"] + [letter(2, 5)]
+    published: list[str] = []
+
+    def publish(page: list[DeadLetter]) -> list[PublishResult]:
+        published.extend(x.position for x in page)
+        assert all(x.body for x in page)
+        return [
+            PublishResult(Outcome.REJECTED, "too big") if x.position == "1:1" else CONFIRMED
+            for x in page
+        ]
+
+    kafka = Committed()
+    dead_letters = KafkaDeadLetters("kafka://127.0.0.1:9092", "billing")
+    report = Requeued()
+    dead_letters._requeue_stream(_Scan({0: 0, 1: 0}, iter(stream), kafka), chosen, publish, report)
+
+    assert published == ["0:0", "1:0", "0:2", "1:1", "0:3"]
+    assert [x.position for x in report.requeued] == ["0:0", "1:0", "0:2", "0:3"]
+    assert all(x.body == b"" and x.payload_bytes == 10 for x in report.requeued)
+    assert [(x.position, why) for x, why in report.failures] == [("1:1", "too big")]
+    assert [x.position for x in report.still_listed] == ["0:2", "0:3"]
+    assert [x.position for x in report.holding_back] == ["0:1"]
+    assert [x.position for x in report.vanished] == ["2:5"]
+    topic = "billing.dead-letter"
+    assert kafka.offsets == [(topic, 0, 1), (topic, 1, 1)]

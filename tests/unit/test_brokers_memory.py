@@ -142,3 +142,63 @@ async def test_publish_connects_by_itself_and_close_disconnects() -> None:
     assert publisher.connected
     await publisher.close()
     assert not publisher.connected
+
+
+async def test_dead_letters_are_browsed_found_and_requeued_for_their_consumer_only() -> None:
+    from postroom.brokers import DeadLetters, dead_letters_from_url
+    from postroom.brokers.memory import MemoryDeadLetters, MemorySubscriber
+
+    MemoryBroker.forget("dead-letters")
+    broker = MemoryBroker.named("dead-letters")
+    subscriber = MemorySubscriber(broker)
+    await subscriber.start("billing", ["orders"])
+    sent = messages("orders", 3)
+    await broker.publisher().publish(sent)
+    for message in sent[:2]:
+        await subscriber.deliver(message).dead_letter("no such customer", 5)
+
+    letters = dead_letters_from_url("memory://dead-letters", "billing")
+    assert isinstance(letters, MemoryDeadLetters)
+    assert isinstance(letters, DeadLetters)
+    listing = await letters.browse(1)
+    assert (listing.total, [x.id for x in listing.letters]) == (2, [str(sent[0].id)])
+    assert listing.letters[0].body == b""
+    assert listing.letters[0].payload_bytes == len(sent[0].body)
+    found = await letters.find(str(sent[1].id))
+    assert found.letter is not None
+    assert (found.copies, found.letter.body) == (1, sent[1].body)
+    assert (found.letter.error, found.letter.attempts) == ("no such customer", 5)
+    assert (await letters.find("nothing")).letter is None
+
+    report = await letters.requeue([found.letter])
+    assert [x.id for x in report.requeued] == [str(sent[1].id)]
+    assert [x.id for x in (await letters.browse(None)).letters] == [str(sent[0].id)]
+    copy = broker.messages("orders")[-1]
+    assert copy.id == sent[1].id
+    assert copy.headers == {"postroom-for-consumer": "billing"}
+    MemoryBroker.forget("dead-letters")
+
+
+async def test_a_fresh_subscriber_skips_what_its_consumer_settled() -> None:
+    from postroom.brokers.memory import MemorySubscriber
+
+    broker = MemoryBroker()
+    sent = messages("orders", 3)
+    await broker.publisher().publish(sent)
+    first = MemorySubscriber(broker)
+    await first.start("billing", ["orders"])
+    stream = first.deliveries()
+    got = [await anext(stream) for _ in sent]
+    await got[0].ack()
+    await got[1].dead_letter("no", 1)
+    await first.close()
+
+    again = MemorySubscriber(broker)
+    await again.start("billing", ["orders"])
+    other = MemorySubscriber(broker)
+    await other.start("shipping", ["orders"])
+    assert (await anext(again.deliveries())).message.id == sent[2].id
+    shipping = other.deliveries()
+    assert [(await anext(shipping)).message.id for _ in sent] == [m.id for m in sent]
+    await again.close()
+    await other.close()

@@ -22,10 +22,16 @@ class RecordingDelivery:
     attempt: int = 1
     lane: object = None
     redeliverable: bool = False
+    epoch: int | None = None
+    revoked: bool = False
     settled: list[str] = field(default_factory=list)
 
     async def ack(self) -> None:
         self.settled.append("ack")
+
+    async def release(self) -> bool:
+        self.settled.append("release")
+        return True
 
     async def retry_later(self, delay: float, error: str) -> None:
         self.settled.append("retry")

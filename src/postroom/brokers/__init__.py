@@ -1,6 +1,8 @@
-"""Brokers: the Publisher protocol and one implementation per broker (memory, RabbitMQ, Kafka).
+"""Brokers: the Publisher, Subscriber and DeadLetters protocols and one implementation of
+each per broker (memory, RabbitMQ, Kafka).
 
-:func:`publisher_from_url` picks the implementation from a URL's scheme. The RabbitMQ and
+:func:`publisher_from_url`, :func:`subscriber_from_url` and :func:`dead_letters_from_url`
+pick the implementation from a URL's scheme. The RabbitMQ and
 Kafka modules import their client library, so they are only imported when asked for.
 """
 
@@ -9,7 +11,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
-from postroom.brokers.base import CONFIRMED, Outcome, Publisher, PublishResult, Subscriber
+from postroom.brokers.base import (
+    CONFIRMED,
+    Delivery,
+    Outcome,
+    Publisher,
+    PublishResult,
+    Subscriber,
+)
+from postroom.brokers.dead_letters import DeadLetter, DeadLetters, Found, Listing, Requeued
 from postroom.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -18,9 +28,17 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIRMED",
     "URL_FORMS",
+    "DeadLetter",
+    "DeadLetters",
+    "Delivery",
+    "Found",
+    "Listing",
     "Outcome",
     "PublishResult",
     "Publisher",
+    "Requeued",
+    "Subscriber",
+    "dead_letters_from_url",
     "publisher_from_url",
     "subscriber_from_url",
 ]
@@ -74,6 +92,24 @@ def subscriber_from_url(url: str, *, prefetch: int) -> Subscriber:
 
         return MemorySubscriber(_memory_broker(url))
     raise _unsupported(scheme, "consume from")
+
+
+def dead_letters_from_url(url: str, consumer: str) -> DeadLetters:
+    """The dead letters of ``consumer`` at ``url`` (same schemes as :func:`publisher_from_url`)."""
+    scheme = _scheme(url)
+    if scheme in {"amqp", "amqps"}:
+        from postroom.brokers.rabbitmq import RabbitMQDeadLetters
+
+        return RabbitMQDeadLetters(url, consumer)
+    if scheme == "kafka":
+        from postroom.brokers.kafka import KafkaDeadLetters
+
+        return KafkaDeadLetters(url, consumer)
+    if scheme == "memory":
+        from postroom.brokers.memory import MemoryDeadLetters
+
+        return MemoryDeadLetters(_memory_broker(url), consumer)
+    raise _unsupported(scheme, "read dead letters from")
 
 
 def _scheme(url: str) -> str:

@@ -69,9 +69,11 @@ class Delivery(Protocol):
 
     ``lane`` names what must be handled in order: deliveries with the same lane are handed
     out in broker order and handled one after another (a Kafka partition); ``None`` means
-    no order is promised (a RabbitMQ queue). ``attempt`` is the number of this attempt,
-    1 for the first. A delivery that is ``redeliverable`` can be handed back to the broker
-    to come again after a delay (:meth:`retry_later`); others are retried in place.
+    no order is promised (a RabbitMQ queue). ``epoch`` names the lane's assignment the
+    delivery came with (Kafka: it changes when the partition is assigned, revoked or
+    rewound); ``None`` for brokers without assignments. ``attempt`` is the number of this
+    attempt, 1 for the first. A delivery that is ``redeliverable`` can be handed back to the
+    broker to come again after a delay (:meth:`retry_later`); others are retried in place.
     """
 
     topic: str
@@ -82,10 +84,23 @@ class Delivery(Protocol):
     content_type: str | None
     attempt: int
     lane: object
+    epoch: int | None
     redeliverable: bool
+
+    @property
+    def revoked(self) -> bool:
+        """True once this consumer lost the lane it came from (Kafka: partition revoked or
+        reassigned, or rewound past it); always False for brokers without lanes."""
+        ...
 
     async def ack(self) -> None:
         """Acknowledge (RabbitMQ ack, Kafka offset commit); call only after the commit."""
+        ...
+
+    async def release(self) -> bool:
+        """Hand it back unsettled, to be delivered again as the same attempt (RabbitMQ:
+        nack with requeue; Kafka: seek its partition back to it). False if that failed:
+        then nothing after it in its lane may be acknowledged."""
         ...
 
     async def retry_later(self, delay: float, error: str) -> None:

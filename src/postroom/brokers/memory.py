@@ -1,4 +1,5 @@
-"""An in-process broker: a real Publisher for users' tests, with switches for failures."""
+"""An in-process broker for users' tests: a real Publisher, Subscriber and DeadLetters, with
+switches for failures."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import ClassVar, Final
 
-from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
+from postroom.brokers.base import CONFIRMED, HEADER_TOPIC, Outcome, PublishResult
+from postroom.brokers.dead_letters import DeadLetter, Found, Listing, Requeued, first_match
 from postroom.errors import BrokerUnavailableError
 from postroom.message import ENVELOPE_HEADERS, Message
 
@@ -42,6 +44,8 @@ class MemoryBroker:
     ) -> None:
         self._lock = threading.Lock()
         self._messages: list[Message] = []
+        self._requeued: set[int] = set()
+        self._settled: dict[str, set[int]] = {}
         self._unroutable: set[str] = set(unroutable)
         self._failures: dict[uuid.UUID, _Failure] = {}
         self._outage: str | None = None
@@ -81,6 +85,8 @@ class MemoryBroker:
         """Forget every stored message (routing rules, failures and outages stay)."""
         with self._lock:
             self._messages.clear()
+            self._requeued.clear()
+            self._settled.clear()
 
     def make_unroutable(self, *topics: str) -> None:
         """Reject messages to these topics from now on, as RabbitMQ returns unroutable ones."""
@@ -223,10 +229,21 @@ class MemoryDelivery:
     """One message handed out by a :class:`MemorySubscriber`."""
 
     lane: object = None
+    epoch: int | None = None
     redeliverable = True
+    revoked = False
+    """Never: a queue has no lanes to lose."""
 
-    def __init__(self, subscriber: MemorySubscriber, message: Message, attempt: int) -> None:
+    def __init__(
+        self,
+        subscriber: MemorySubscriber,
+        message: Message,
+        attempt: int,
+        index: int | None = None,
+    ) -> None:
         self._subscriber = subscriber
+        self.index = index
+        """Its place in the broker's store (None for messages given to ``deliver()``)."""
         self.message = message
         """The message as it was published."""
         self.topic = message.topic
@@ -243,17 +260,18 @@ class MemoryDelivery:
         """Mark it acknowledged."""
         self.settled = "acked"
         self._subscriber.acked.append(self.message)
+        self._subscriber._settle(self)
 
     async def release(self) -> bool:
         """Give it back unsettled: it is handed out again at once, as the same attempt."""
         self.settled = "released"
-        self._subscriber._redeliver(self.message, self.attempt, 0.0)
+        self._subscriber._redeliver(self.message, self.attempt, 0.0, self.index)
         return True
 
     async def retry_later(self, delay: float, error: str) -> None:
         """Deliver it again after ``delay`` seconds as the next attempt."""
         self.settled = "retried"
-        self._subscriber._redeliver(self.message, self.attempt + 1, delay)
+        self._subscriber._redeliver(self.message, self.attempt + 1, delay, self.index)
 
     async def dead_letter(self, error: str, attempts: int) -> None:
         """Store a copy on ``<consumer>.dead-letter`` with the error headers, then ack."""
@@ -268,6 +286,7 @@ class MemoryDelivery:
             self._subscriber.broker._messages.append(copy)
         self.settled = "dead_lettered"
         self._subscriber.dead_lettered.append(copy)
+        self._subscriber._settle(self)
 
 
 #: Wire headers a Message regenerates from its fields (not kept in a dead-letter copy's headers).
@@ -276,7 +295,8 @@ HEADER_ID_NAMES: Final = ENVELOPE_HEADERS
 
 class MemorySubscriber:
     """A Subscriber on a :class:`MemoryBroker`: it hands out the messages published to the
-    subscribed topics (from the first one stored), plus any given to :meth:`deliver`.
+    subscribed topics (from the first one stored, except those its consumer already
+    acknowledged or dead-lettered), plus any given to :meth:`deliver`.
 
     Retries come back after their delay; dead-lettered copies are stored on the broker
     under ``<consumer>.dead-letter`` and listed in :attr:`dead_lettered`.
@@ -331,19 +351,115 @@ class MemorySubscriber:
 
     def _take_published(self) -> None:
         with self.broker._lock:
-            fresh = self.broker._messages[self._cursor :]
+            start = self._cursor
+            fresh = self.broker._messages[start:]
             self._cursor = len(self.broker._messages)
-        for message in fresh:
-            if message.topic in self.topics:
-                self._queue.put_nowait(MemoryDelivery(self, _copy(message), 1))
+            settled = set(self.broker._settled.get(self.consumer or "", ()))
+        for index, message in enumerate(fresh, start):
+            if message.topic in self.topics and index not in settled:
+                self._queue.put_nowait(MemoryDelivery(self, _copy(message), 1, index))
 
-    def _redeliver(self, message: Message, attempt: int, delay: float) -> None:
+    def _settle(self, delivery: MemoryDelivery) -> None:
+        """Remember that this consumer settled it: a later subscriber of it skips it."""
+        if delivery.index is not None and self.consumer is not None:
+            with self.broker._lock:
+                self.broker._settled.setdefault(self.consumer, set()).add(delivery.index)
+
+    def _redeliver(
+        self, message: Message, attempt: int, delay: float, index: int | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
 
         def put() -> None:
             self._timers.discard(timer)
             if not self._closed.is_set():
-                self._queue.put_nowait(MemoryDelivery(self, message, attempt))
+                self._queue.put_nowait(MemoryDelivery(self, message, attempt, index))
 
         timer = loop.call_later(delay, put)
         self._timers.add(timer)
+
+
+class MemoryDeadLetters:
+    """The dead letters of one consumer on a :class:`MemoryBroker` (its topic
+    ``<consumer>.dead-letter``); requeue stores a copy on the message's original topic,
+    marked for this consumer only, and removes the dead letter."""
+
+    order_note = "Listing changes nothing: dead letters are listed in the order they came."
+
+    def __init__(self, broker: MemoryBroker, consumer: str) -> None:
+        from postroom.brokers.base import HEADER_FOR_CONSUMER, dead_letter_name
+
+        self.broker = broker
+        self.consumer = consumer
+        self.topic = dead_letter_name(consumer)
+        self.where = f"in-memory topic {self.topic!r}"
+        self.target = (
+            f"each message's original topic, marked for {consumer!r} only "
+            f"({HEADER_FOR_CONSUMER} header)"
+        )
+
+    async def browse(self, limit: int | None) -> Listing:
+        """The first ``limit`` dead letters (all with None), without payloads."""
+        letters = [letter.without_payload() for letter in self._letters()]
+        shown = letters if limit is None else letters[:limit]
+        return Listing(shown, len(letters), missing=not letters)
+
+    async def find(self, name: str) -> Found:
+        """The first dead letter called ``name`` (its id or ``#N``)."""
+        return first_match(self._letters(), name)
+
+    async def requeue(self, selected: Sequence[DeadLetter]) -> Requeued:
+        """Store a copy of each selected dead letter (by id) on its original topic for this
+        consumer, then stop listing the dead letter (the broker's log keeps it)."""
+        from postroom.brokers.base import HEADER_FOR_CONSUMER
+        from postroom.brokers.dead_letters import DEAD_LETTER_HEADERS
+
+        wanted = {letter.id for letter in selected}
+        report = Requeued()
+        found: set[str] = set()
+        for index, letter in self._indexed():
+            if letter.id not in wanted or letter.id in found:
+                continue
+            found.add(letter.id)
+            if letter.topic is None:
+                report.failures.append((letter.without_payload(), "it has no topic header"))
+                continue
+            headers = {
+                k: v
+                for k, v in letter.headers.items()
+                if k not in DEAD_LETTER_HEADERS and k != HEADER_TOPIC
+            }
+            headers[HEADER_FOR_CONSUMER] = self.consumer
+            with self.broker._lock:
+                original = self.broker._messages[index]
+                self.broker._messages.append(
+                    dataclasses.replace(original, topic=letter.topic, headers=headers)
+                )
+                self.broker._requeued.add(index)
+            report.requeued.append(letter.without_payload())
+        report.vanished = [letter for letter in selected if letter.id not in found]
+        return report
+
+    def _letters(self) -> Iterator[DeadLetter]:
+        return (letter for _, letter in self._indexed())
+
+    def _indexed(self) -> Iterator[tuple[int, DeadLetter]]:
+        with self.broker._lock:
+            listed = [
+                (index, message)
+                for index, message in enumerate(self.broker._messages)
+                if message.topic == self.topic and index not in self.broker._requeued
+            ]
+        for number, (index, message) in enumerate(listed):
+            yield index, self._letter(message, number)
+
+    def _letter(self, message: Message, index: int) -> DeadLetter:
+        return DeadLetter(
+            id=str(message.id),
+            position=f"#{index + 1}",
+            body=message.body,
+            headers=dict(message.headers),
+            content_type=message.content_type,
+            key=message.key,
+            broker_timestamp=message.created_at,
+        )

@@ -185,7 +185,7 @@ class Processor:
                     error=str(exc),
                     retry_in=round(delay, 2),
                 )
-                if not await self._wait(delay) or _revoked(delivery):
+                if not await self._wait(delay) or delivery.revoked:
                     return Result(Disposition.ABANDONED, str(exc), attempt - 1, message_id)
                 continue
             except Exception as exc:
@@ -212,7 +212,7 @@ class Processor:
                     except DeliveryLostError:
                         return Result(Disposition.ABANDONED, error, attempt, message_id)
                     return Result(Disposition.RETRYING, error, attempt, message_id)
-                if not await self._wait(delay) or _revoked(delivery):
+                if not await self._wait(delay) or delivery.revoked:
                     # Stopping, or the partition went to another member, which takes over.
                     return Result(Disposition.ABANDONED, error, attempt, message_id)
                 attempt += 1
@@ -329,7 +329,7 @@ class Processor:
     ) -> Result:
         failures = 0
         while True:
-            if _revoked(delivery):
+            if delivery.revoked:
                 # The partition went to another member: it handles the record again.
                 return Result(Disposition.ABANDONED, error, attempts, message_id)
             try:
@@ -381,8 +381,3 @@ class Processor:
         except TimeoutError:
             return True
         return False
-
-
-def _revoked(delivery: Delivery) -> bool:
-    """True for a Kafka delivery whose partition this consumer no longer owns."""
-    return bool(getattr(delivery, "revoked", False))

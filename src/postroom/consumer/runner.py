@@ -238,7 +238,7 @@ class ConsumerService:
                     if queue.empty() and time.monotonic() - idle_since > LANE_IDLE:
                         return
                     continue
-                if getattr(delivery, "revoked", False) or self._is_broken(delivery):
+                if delivery.revoked or self._is_broken(delivery):
                     continue
                 result = await self._handle(delivery)
                 if not _settled(result):
@@ -279,17 +279,15 @@ class ConsumerService:
             delay = self.processor._reconnect.delay(self._unsettled_streak)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
-        release = getattr(delivery, "release", None)
         released = False
-        if release is not None:
-            try:
-                released = await release()
-            except Exception as exc:
-                log.warning("consumer.release_failed", consumer=self.consumer.name, error=str(exc))
+        try:
+            released = await delivery.release()
+        except Exception as exc:
+            log.warning("consumer.release_failed", consumer=self.consumer.name, error=str(exc))
         if not released and delivery.lane is not None:
             # It cannot be fetched again yet: drop the lane's later records (of this
             # assignment) so none is acknowledged past it.
-            self._broken[delivery.lane] = getattr(delivery, "epoch", None)
+            self._broken[delivery.lane] = delivery.epoch
             log.warning(
                 "consumer.lane_stopped",
                 consumer=self.consumer.name,
@@ -300,7 +298,7 @@ class ConsumerService:
     def _is_broken(self, delivery: Delivery) -> bool:
         if delivery.lane not in self._broken:
             return False
-        epoch = getattr(delivery, "epoch", None)
+        epoch = delivery.epoch
         if epoch is not None and epoch != self._broken[delivery.lane]:
             del self._broken[delivery.lane]  # a new assignment: fetched again
             return False

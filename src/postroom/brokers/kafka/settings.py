@@ -1,0 +1,228 @@
+"""Kafka settings: the ``kafka://`` URL, the settings postroom owns, and what errors mean."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlsplit
+
+from confluent_kafka import KafkaError
+
+from postroom.brokers.base import Outcome, PublishResult
+from postroom.errors import ConfigurationError
+from postroom.log import get_logger
+from postroom.message import Message
+from postroom.urls import redact_url
+
+#: Port assumed for a broker given without one in a ``kafka://`` URL.
+DEFAULT_PORT: Final = 9092
+#: ``message.timeout.ms``: how long librdkafka retries a message before giving up.
+DEFAULT_MESSAGE_TIMEOUT_MS: Final = 30_000
+#: Seconds connect() waits for the cluster's metadata.
+DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+#: Extra seconds to wait for delivery reports after ``message.timeout.ms``.
+DELIVERY_GRACE: Final = 5.0
+_POLL_SECONDS: Final = 0.1
+_METADATA_SLICE_SECONDS: Final = 0.5
+
+#: Settings postroom sets itself: the delivery guarantees and the callbacks it relies on.
+_OWNED_SETTINGS: Final = frozenset(
+    {"error_cb", "logger", "on_delivery", "delivery.report.only.error"}
+)
+
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TIMED_OUT_QUEUE,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._RESOLVE,
+        KafkaError._UNKNOWN_BROKER,
+        KafkaError._AUTHENTICATION,
+        KafkaError._SSL,
+        KafkaError._DESTROY,
+        KafkaError._PURGE_QUEUE,
+        KafkaError._PURGE_INFLIGHT,
+        KafkaError._QUEUE_FULL,
+        KafkaError._FATAL,
+        KafkaError._FENCED,
+        KafkaError._STATE,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.BROKER_NOT_AVAILABLE,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.REPLICA_NOT_AVAILABLE,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        KafkaError.KAFKA_STORAGE_ERROR,
+        KafkaError.THROTTLING_QUOTA_EXCEEDED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        # The idempotent producer's own state, e.g. a broker that lost it on restart.
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.PRODUCER_FENCED,
+    }
+)
+_REJECTED_CODES: Final = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_TIMESTAMP,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._INVALID_ARG,
+        KafkaError._BAD_MSG,
+    }
+)
+
+_log = get_logger("brokers.kafka")
+
+
+def parse_kafka_url(url: str) -> tuple[str, dict[str, str]]:
+    """Split ``kafka://host:port,host2:port?setting=value`` into bootstrap servers and settings.
+
+    A missing port means 9092. Query parameters are librdkafka settings (e.g.
+    ``?security.protocol=SSL``). Credentials belong in settings, not in the URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "kafka":
+        raise ConfigurationError(
+            f"a Kafka URL must start with kafka:// (this one has scheme {parts.scheme!r}), "
+            "e.g. kafka://host:9092,host2:9092"
+        )
+    if "@" in parts.netloc:
+        raise ConfigurationError(
+            "Kafka URLs take no user or password; pass sasl.username and sasl.password "
+            "in the publisher's config"
+        )
+    servers = [_server(item.strip(), url) for item in parts.netloc.split(",") if item.strip()]
+    if not servers:
+        raise ConfigurationError("Kafka URL names no broker; use kafka://host:9092[,host2:9092]")
+    if parts.path not in {"", "/"}:
+        raise ConfigurationError(
+            f"Kafka URL {redact_url(url)!r} has a path; use kafka://host:9092[,host2:9092]"
+        )
+    return ",".join(servers), dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
+def _server(item: str, url: str) -> str:
+    host, port = item, ""
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        host = f"[{host}]"
+        port = rest.removeprefix(":")
+    elif ":" in item:
+        host, _, port = item.rpartition(":")
+    if not port:
+        port = str(DEFAULT_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(
+            f"Kafka URL {redact_url(url)!r} has an invalid broker address {item!r}; use host:port"
+        )
+    return f"{host}:{port}"
+
+
+def classify_error(error: KafkaError, message: Message) -> PublishResult:
+    """The result for a message whose produce() call or delivery report carried ``error``."""
+    code = error.code()
+    if code == KafkaError.MSG_SIZE_TOO_LARGE:
+        return PublishResult(
+            Outcome.REJECTED,
+            f"message is too large for Kafka (body {len(message.body)} bytes, over the "
+            "producer's message.max.bytes or the topic's max.message.bytes): "
+            f"{_describe(error)}; send a reference to the data instead",
+        )
+    unavailable = code in _UNAVAILABLE_CODES or (
+        code not in _REJECTED_CODES and (error.fatal() or error.retriable())
+    )
+    if unavailable:
+        return PublishResult(
+            Outcome.UNAVAILABLE, f"Kafka did not take the message: {_describe(error)}"
+        )
+    if code in {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC}:
+        return PublishResult(
+            Outcome.REJECTED,
+            f"topic {message.topic!r} does not exist and the cluster does not create topics "
+            f"on first use ({_describe(error)}); create the topic",
+        )
+    return PublishResult(Outcome.REJECTED, f"Kafka refused the message: {_describe(error)}")
+
+
+def _unavailable_after_failure(reason: str) -> PublishResult:
+    return PublishResult(
+        Outcome.UNAVAILABLE,
+        f"the Kafka producer failed ({reason}); a new producer is started for the next publish",
+    )
+
+
+def _describe(error: KafkaError) -> str:
+    return f"{error.name()}: {error.str()}"
+
+
+class _LibrdkafkaLog:
+    """Receives librdkafka's log lines (served by the poll thread) and sends them to structlog."""
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        # librdkafka logs every failed reconnect as an error; outages are reported per
+        # message and by error_cb, so its lines are capped at warning.
+        _log.log(min(level, logging.WARNING), "librdkafka", detail=fmt % args if args else fmt)
+
+
+#: librdkafka settings that only consumers understand (kept out of the dead-letter producer).
+_CONSUMER_ONLY_SETTINGS: Final = frozenset(
+    {
+        "group.id",
+        "group.instance.id",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+        "auto.offset.reset",
+        "enable.auto.commit",
+        "auto.commit.interval.ms",
+        "enable.auto.offset.store",
+        "isolation.level",
+        "partition.assignment.strategy",
+        "group.protocol",
+        "fetch.min.bytes",
+        "fetch.max.bytes",
+        "fetch.wait.max.ms",
+        "max.partition.fetch.bytes",
+        "queued.min.messages",
+        "queued.max.messages.kbytes",
+        "enable.partition.eof",
+        "check.crcs",
+    }
+)
+#: Settings the subscriber sets itself: commits happen only after the handler's commit.
+_SUBSCRIBER_OWNED: Final = frozenset(
+    {"group.id", "enable.auto.commit", "enable.auto.offset.store", "on_commit"}
+)
+
+Partition = tuple[str, int]
+
+
+def record_key(record: Any) -> str | None:
+    """A consumed record's key as text (None without one)."""
+    raw = record.key()
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+
+
+def record_headers(record: Any) -> dict[str, str]:
+    """A consumed record's headers as text (headers without a value left out)."""
+    return {
+        name: (value.decode(errors="replace") if isinstance(value, bytes) else str(value))
+        for name, value in (record.headers() or [])
+        if value is not None
+    }

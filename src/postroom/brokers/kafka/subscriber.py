@@ -1,0 +1,350 @@
+"""Kafka subscriber: a consumer-group member whose offsets are committed only by ack()."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka import KafkaError, KafkaException
+
+from postroom.brokers.kafka.producer import KafkaPublisher
+from postroom.brokers.kafka.settings import (
+    _CONSUMER_ONLY_SETTINGS,
+    _SUBSCRIBER_OWNED,
+    DEFAULT_CONNECT_TIMEOUT,
+    Partition,
+    _describe,
+    _LibrdkafkaLog,
+    _log,
+    parse_kafka_url,
+    record_headers,
+    record_key,
+)
+from postroom.errors import BrokerUnavailableError, ConfigurationError
+from postroom.message import Message
+
+
+class KafkaDelivery:
+    """One record of a partition; its ack commits the offset after it (in partition order)."""
+
+    redeliverable = False
+
+    def __init__(self, subscriber: KafkaSubscriber, record: Any, epoch: int) -> None:
+        from postroom.brokers.base import attempts_made
+
+        self._subscriber = subscriber
+        self.partition: int = record.partition()
+        self.offset: int = record.offset()
+        self.topic: str = record.topic()
+        self.lane: object = (self.topic, self.partition)
+        self.epoch: int | None = epoch
+        self.key: str | None = record_key(record)
+        self.body: bytes = record.value() or b""
+        self.headers: dict[str, str] = record_headers(record)
+        self.broker_message_id: str | None = None
+        self.content_type: str | None = None
+        self.attempt = attempts_made(self.headers) + 1
+
+    @property
+    def revoked(self) -> bool:
+        """True once this consumer lost the partition the record came from."""
+        return not self._subscriber._owns(self)
+
+    async def ack(self) -> None:
+        """Commit the offset after this record (skipped if the partition was revoked)."""
+        await self._subscriber._commit(self)
+
+    async def release(self) -> bool:
+        """Give it back unsettled: seek its partition back to it, so it and every later
+        record come again (the ones in hand become stale). False if that failed."""
+        return self._subscriber._rewind(self)
+
+    async def retry_later(self, delay: float, error: str) -> None:
+        """Not supported: a partition is retried in place to keep its order."""
+        raise NotImplementedError("Kafka deliveries are retried in place")
+
+    async def dead_letter(self, error: str, attempts: int) -> None:
+        """Produce a copy (acks=all, confirmed) to ``<consumer>.dead-letter``, then commit."""
+        await self._subscriber._dead_letter(self, error, attempts)
+        await self.ack()
+
+
+class KafkaSubscriber:
+    """A consumer-group member: group ``<consumer>``, offsets committed only by ack().
+
+    Every call on the librdkafka consumer is made from the event loop's thread, and none
+    blocks it: a task polls with a zero timeout (pausing briefly when nothing came), and
+    commits are asynchronous. (The Python client does not let one thread commit while
+    another is inside ``consume()``.) ``enable.auto.commit`` is off; each ack commits
+    ``offset + 1`` of its record, and acks of a partition come in order (the runner handles
+    a partition one record at a time), so a committed offset never passes an unhandled
+    record. A partition with ``prefetch`` records in hand is paused, and resumed from the
+    first record it did not hand out. Nothing is committed for a partition after it was
+    revoked or lost. New groups start at the earliest offset.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        config: Mapping[str, Any] | None = None,
+        prefetch: int = 32,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        idle_poll_interval: float = 0.01,
+    ) -> None:
+        settings = dict(config or {})
+        owned = sorted(_SUBSCRIBER_OWNED & settings.keys())
+        if owned:
+            raise ConfigurationError(
+                f"the Kafka subscriber sets {', '.join(owned)} itself; remove them "
+                "(the group id is the consumer's name)"
+            )
+        self.bootstrap_servers = bootstrap_servers
+        self.prefetch = max(1, prefetch)
+        self.connect_timeout = connect_timeout
+        self.idle_poll_interval = idle_poll_interval
+        self._settings = settings
+        self.group = ""
+        self._dead_letter_topic = ""
+        self._consumer: Any = None
+        self._publisher: KafkaPublisher | None = None
+        self._queue: asyncio.Queue[KafkaDelivery] = asyncio.Queue()
+        self._epochs: dict[Partition, int] = {}
+        self._assigned: set[Partition] = set()
+        self._outstanding: dict[Partition, int] = {}
+        self._paused: dict[Partition, int] = {}
+        self._next_offset: dict[Partition, int] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> KafkaSubscriber:
+        """A subscriber for ``kafka://host:port[?setting=value]``."""
+        servers, settings = parse_kafka_url(url)
+        config = {**settings, **options.pop("config", {})}
+        return cls(servers, config=config, **options)
+
+    def __repr__(self) -> str:
+        return f"KafkaSubscriber({self.bootstrap_servers!r}, group={self.group!r})"
+
+    async def start(self, consumer: str, topics: Sequence[str]) -> None:
+        """Join group ``consumer`` subscribed to ``topics``; raise if Kafka does not answer."""
+        from postroom.brokers.base import dead_letter_name
+
+        self.group = consumer
+        config = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "auto.offset.reset": "earliest",
+            **self._settings,
+            "group.id": consumer,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "logger": _LibrdkafkaLog(),
+        }
+        try:
+            kafka_consumer = confluent_kafka.Consumer(config)
+        except KafkaException as exc:
+            raise ConfigurationError(
+                f"the Kafka consumer rejected its configuration: {_describe(exc.args[0])}"
+            ) from None
+        try:
+            await asyncio.to_thread(kafka_consumer.list_topics, timeout=self.connect_timeout)
+        except KafkaException as exc:
+            await asyncio.to_thread(kafka_consumer.close)
+            raise BrokerUnavailableError(
+                f"cannot reach Kafka at {self.bootstrap_servers}: {_describe(exc.args[0])}; "
+                "check that the brokers run and the broker URL (POSTROOM_BROKER_URL) is right"
+            ) from None
+        producer_config = {
+            k: v for k, v in self._settings.items() if k not in _CONSUMER_ONLY_SETTINGS
+        }
+        self._publisher = KafkaPublisher(self.bootstrap_servers, config=producer_config)
+        self._dead_letter_topic = dead_letter_name(consumer)
+        kafka_consumer.subscribe(
+            list(topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        self._consumer = kafka_consumer
+        self._closed.clear()
+        self._poller = asyncio.create_task(self._poll_forever(), name="postroom-kafka-poll")
+        _log.info("subscribed", brokers=self.bootstrap_servers, group=consumer, topics=topics)
+
+    async def deliveries(self) -> AsyncIterator[KafkaDelivery]:
+        """The records, in order per partition, until close()."""
+        while not self._closed.is_set():
+            try:
+                delivery = await asyncio.wait_for(self._queue.get(), 0.5)
+            except TimeoutError:
+                continue
+            if self._owns(delivery):
+                yield delivery
+
+    async def close(self) -> None:
+        """Stop polling and leave the group (nothing more is committed), close the producer."""
+        self._closed.set()
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(KafkaException, RuntimeError):
+                await asyncio.to_thread(consumer.close)
+        self._assigned.clear()
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await publisher.close()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            consumer = self._consumer
+            if consumer is None:
+                return
+            try:
+                records = consumer.consume(num_messages=500, timeout=0)
+            except (KafkaException, RuntimeError) as exc:
+                _log.warning("Kafka consume failed", error=str(exc))
+                records = []
+            for record in records:
+                error = record.error()
+                if error is None:
+                    self._accept(record)
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    _log.warning("Kafka consumer error", error=_describe(error))
+            await asyncio.sleep(0 if records else self.idle_poll_interval)
+
+    def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._assigned.add(key)
+            self._epochs[key] = self._epochs.get(key, 0) + 1
+            self._reset(key)
+        _log.info("partitions assigned", group=self.group, partitions=_names(partitions))
+
+    def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._assigned.discard(key)
+            self._epochs[key] = self._epochs.get(key, 0) + 1
+            self._reset(key)
+        _log.info("partitions revoked", group=self.group, partitions=_names(partitions))
+
+    def _reset(self, key: Partition) -> None:
+        self._outstanding.pop(key, None)
+        self._paused.pop(key, None)
+        self._next_offset.pop(key, None)
+
+    def _accept(self, record: Any) -> None:
+        key = (record.topic(), record.partition())
+        offset = record.offset()
+        if key not in self._assigned or key in self._paused:
+            return
+        if offset < self._next_offset.get(key, -1):
+            return  # fetched again after a pause; already handed out
+        if self._outstanding.get(key, 0) >= self.prefetch:
+            self._pause(key, offset)
+            return
+        self._next_offset[key] = offset + 1
+        self._outstanding[key] = self._outstanding.get(key, 0) + 1
+        self._queue.put_nowait(KafkaDelivery(self, record, self._epochs.get(key, 0)))
+
+    def _pause(self, key: Partition, offset: int) -> None:
+        self._paused[key] = offset
+        with contextlib.suppress(KafkaException, RuntimeError):
+            self._consumer.pause([confluent_kafka.TopicPartition(key[0], key[1])])
+
+    def _settled(self, key: Partition) -> None:
+        left = max(0, self._outstanding.get(key, 0) - 1)
+        self._outstanding[key] = left
+        resume_at = self._paused.get(key)
+        if resume_at is not None and left <= self.prefetch // 2:
+            del self._paused[key]
+            try:
+                self._consumer.seek(confluent_kafka.TopicPartition(key[0], key[1], resume_at))
+                self._consumer.resume([confluent_kafka.TopicPartition(key[0], key[1])])
+            except (KafkaException, RuntimeError) as exc:
+                _log.warning("Kafka resume failed", partition=key, error=str(exc))
+
+    def _rewind(self, delivery: KafkaDelivery) -> bool:
+        key = (delivery.topic, delivery.partition)
+        consumer = self._consumer
+        if consumer is None or not self._owns(delivery):
+            return True  # not ours any more: its new owner reads from the committed offset
+        try:
+            consumer.seek(
+                confluent_kafka.TopicPartition(delivery.topic, delivery.partition, delivery.offset)
+            )
+        except (KafkaException, RuntimeError) as exc:
+            _log.warning("Kafka seek back failed", partition=key, error=str(exc))
+            return False
+        # The records handed out after it are now stale (never acked); fetch them again.
+        self._epochs[key] = self._epochs.get(key, 0) + 1
+        self._reset(key)
+        with contextlib.suppress(KafkaException, RuntimeError):
+            consumer.resume([confluent_kafka.TopicPartition(delivery.topic, delivery.partition)])
+        _log.info("partition rewound", partition=key, offset=delivery.offset)
+        return True
+
+    def _owns(self, delivery: KafkaDelivery) -> bool:
+        key = (delivery.topic, delivery.partition)
+        return key in self._assigned and self._epochs.get(key) == delivery.epoch
+
+    async def _commit(self, delivery: KafkaDelivery) -> None:
+        key = (delivery.topic, delivery.partition)
+        consumer = self._consumer
+        if consumer is None or not self._owns(delivery):
+            _log.info("commit skipped: partition revoked", partition=key, offset=delivery.offset)
+            return
+        self._settled(key)
+        tp = confluent_kafka.TopicPartition(delivery.topic, delivery.partition, delivery.offset + 1)
+        try:
+            consumer.commit(offsets=[tp], asynchronous=True)
+        except KafkaException as exc:
+            raise BrokerUnavailableError(
+                f"Kafka did not take the offset commit: {_describe(exc.args[0])}"
+            ) from None
+
+    async def _dead_letter(self, delivery: KafkaDelivery, error: str, attempts: int) -> None:
+        import uuid as _uuid
+
+        from postroom._uuid7 import uuid7
+        from postroom.brokers.base import HEADER_OFFSET, HEADER_PARTITION, dead_letter_headers
+        from postroom.message import ENVELOPE_HEADERS, HEADER_CONTENT_TYPE, HEADER_ID, OCTET_STREAM
+
+        headers = dead_letter_headers(delivery, self.group, error, attempts)
+        headers[HEADER_PARTITION] = str(delivery.partition)
+        headers[HEADER_OFFSET] = str(delivery.offset)
+        try:
+            message_id = _uuid.UUID(headers.get(HEADER_ID, ""))
+        except ValueError:
+            message_id = uuid7()
+        content_type = headers.pop(HEADER_CONTENT_TYPE, None) or OCTET_STREAM
+        for name in ENVELOPE_HEADERS:
+            headers.pop(name, None)
+        now = datetime.now(UTC)
+        copy = Message(
+            id=message_id,
+            topic=self._dead_letter_topic,
+            body=delivery.body,
+            content_type=content_type,
+            created_at=now,
+            available_at=now,
+            key=delivery.key,
+            headers=headers,
+        )
+        assert self._publisher is not None
+        (result,) = await self._publisher.publish([copy])
+        if not result.confirmed:
+            raise BrokerUnavailableError(
+                f"the dead-letter copy was not confirmed by Kafka: {result.error}"
+            )
+
+
+def _names(partitions: list[Any]) -> list[str]:
+    return [f"{tp.topic}[{tp.partition}]" for tp in partitions]

@@ -1,0 +1,299 @@
+"""RabbitMQ subscriber: a durable queue per consumer, with retry and dead-letter queues."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import aio_pika
+import aiormq
+
+from postroom.brokers.rabbitmq.publisher import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_EXCHANGE,
+    _address,
+    _log,
+)
+from postroom.errors import BrokerUnavailableError, ConfigurationError, DeliveryLostError
+from postroom.urls import redact_url
+
+
+def retry_queue_name(queue: str, delay: float) -> str:
+    """The retry queue for ``delay``: ``<queue>.retry.<ms>ms``, ms a power of two (>= 16).
+
+    A message waits in it for its own delay (per-message expiration, capped by the queue's
+    TTL), then RabbitMQ dead-letters it back to ``queue``. Delays in one queue differ by at
+    most half, so one waiting at the head never holds another back by more than that.
+    """
+    return f"{queue}.retry.{retry_tier_ms(delay)}ms"
+
+
+def retry_tier_ms(delay: float) -> int:
+    """The power-of-two number of milliseconds (at least 16) that holds ``delay``."""
+    ms = max(1, round(delay * 1000))
+    return max(16, 1 << (ms - 1).bit_length())
+
+
+def _header_text(value: Any, *, dates: bool = False) -> str | None:
+    """A header value as text; None for other types (dates too, unless ``dates``)."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode(errors="replace")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return str(value)
+    if dates and isinstance(value, datetime):
+        return value.isoformat()
+    return None
+
+
+class RabbitMQDelivery:
+    """One message from a RabbitMQ queue; settled on the channel it came from."""
+
+    lane: object = None
+    epoch: int | None = None
+    redeliverable = True
+    revoked = False
+    """Never: a queue has no lanes to lose."""
+
+    def __init__(self, subscriber: RabbitMQSubscriber, incoming: Any) -> None:
+        from postroom.brokers.base import HEADER_TOPIC, attempts_made
+
+        self._subscriber = subscriber
+        self._incoming = incoming
+        headers = {
+            str(name): text
+            for name, value in (incoming.headers or {}).items()
+            if (text := _header_text(value)) is not None
+        }
+        self.topic: str = headers.pop(HEADER_TOPIC, "") or incoming.routing_key or ""
+        self.headers = headers
+        self.body: bytes = incoming.body
+        self.key: str | None = None
+        self.broker_message_id: str | None = incoming.message_id
+        self.content_type: str | None = incoming.content_type
+        self.attempt = attempts_made(headers) + 1
+
+    async def ack(self) -> None:
+        """basic.ack on the channel the message came from."""
+        await self._incoming.ack()
+
+    async def release(self) -> bool:
+        """Give it back unsettled: basic.nack with requeue, so RabbitMQ delivers it again."""
+        if self._channel_lost():
+            return True  # RabbitMQ requeued it when its channel closed
+        with contextlib.suppress(aio_pika.exceptions.MessageProcessError):  # already settled
+            await self._incoming.nack(requeue=True)
+        return True
+
+    async def retry_later(self, delay: float, error: str) -> None:
+        """Publish a copy (confirmed) to the retry queue for ``delay``, then ack this one."""
+        from postroom.brokers.base import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_TOPIC
+
+        self._check_channel()
+        headers = dict(self.headers)
+        headers[HEADER_TOPIC] = self.topic
+        headers[HEADER_ATTEMPTS] = str(self.attempt)
+        headers[HEADER_ERROR] = error[:2000]
+        queue = await self._subscriber._retry_queue(delay)
+
+        async def declare() -> None:
+            self._subscriber._retry_queues.discard(queue)
+            await self._subscriber._retry_queue(delay)
+
+        await self._subscriber._publish(self, queue, headers, declare, expiration=delay)
+        await self._ack_after_copy("retry")
+
+    async def dead_letter(self, error: str, attempts: int) -> None:
+        """Publish a copy (confirmed) to ``<queue>.dead-letter`` with the error, then ack.
+
+        Raises DeliveryLostError, without publishing, if the channel the message came on is
+        already closed (RabbitMQ delivers it again). Once the copy is confirmed, a failing
+        ack is only logged: the copy must not be published twice.
+        """
+        from postroom.brokers.base import dead_letter_headers, dead_letter_name
+
+        self._check_channel()
+        name = self._subscriber.queue_name
+        headers = dead_letter_headers(self, name, error, attempts)
+        queue = dead_letter_name(name)
+
+        async def declare() -> None:
+            await self._subscriber._channel.declare_queue(queue, durable=True)
+
+        await self._subscriber._publish(self, queue, headers, declare)
+        await self._ack_after_copy("dead-letter")
+
+    def _channel_lost(self) -> bool:
+        try:
+            return bool(self._incoming.channel.is_closed)
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return True
+
+    def _check_channel(self) -> None:
+        if self._channel_lost():
+            raise DeliveryLostError(
+                "the channel this message came on is closed (the connection was reopened); "
+                "RabbitMQ delivers it again"
+            )
+
+    async def _ack_after_copy(self, what: str) -> None:
+        try:
+            await self._incoming.ack()
+        except Exception as exc:
+            # The copy is stored; RabbitMQ redelivers the original (its channel is gone),
+            # which the inbox or the retry policy takes care of.
+            _log.warning(
+                f"ack after the {what} copy failed",
+                queue=self._subscriber.queue_name,
+                error=self._subscriber._describe(exc),
+            )
+
+
+class RabbitMQSubscriber:
+    """Consumes a durable queue named after the consumer, bound to its topics.
+
+    Declares the durable topic exchange the relay publishes to, the queue ``<name>`` bound
+    to each handled topic, ``<name>.dead-letter``, and (on first use) retry queues
+    ``<name>.retry.<ms>ms`` that dead-letter back to ``<name>`` when a message's delay is
+    over. Copies to retry and dead-letter queues are published with confirms before the
+    original is acknowledged. ``prefetch`` bounds the unacknowledged messages.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        exchange: str = DEFAULT_EXCHANGE,
+        prefetch: int = 32,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in {"amqp", "amqps"}:
+            raise ConfigurationError(
+                "a RabbitMQ URL must start with amqp:// or amqps://, "
+                "e.g. amqp://user:password@host:5672/vhost"
+            )
+        self._url = url
+        self._password = parts.password or ""
+        self.exchange = exchange
+        self.prefetch = prefetch
+        self.connect_timeout = connect_timeout
+        self.address = _address(parts)
+        self.queue_name = ""
+        self._connection: Any = None
+        self._channel: Any = None
+        self._queue: asyncio.Queue[RabbitMQDelivery] = asyncio.Queue()
+        self._retry_queues: set[str] = set()
+        self._closed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"RabbitMQSubscriber({redact_url(self._url)!r}, queue={self.queue_name!r})"
+
+    async def start(self, consumer: str, topics: Sequence[str]) -> None:
+        """Connect (robustly: it reconnects by itself), declare and bind, start consuming."""
+        from postroom.brokers.base import dead_letter_name
+
+        self.queue_name = consumer
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self._url,
+                timeout=self.connect_timeout,
+                client_properties={"connection_name": f"postroom consumer {consumer}"},
+            )
+            # on_return_raises: a retry or dead-letter copy RabbitMQ returns as unroutable
+            # is a failure, so the original is not acknowledged.
+            self._channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            await self._channel.set_qos(prefetch_count=self.prefetch)
+            exchange = await self._channel.declare_exchange(
+                self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            queue = await self._channel.declare_queue(consumer, durable=True)
+            for topic in topics:
+                await queue.bind(exchange, routing_key=topic)
+            await self._channel.declare_queue(dead_letter_name(consumer), durable=True)
+            await queue.consume(self._on_message)
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
+            await self.close()
+            raise BrokerUnavailableError(
+                f"cannot subscribe at RabbitMQ {self.address}: {self._describe(exc)}; check that "
+                "RabbitMQ is running and the broker URL (POSTROOM_BROKER_URL) is right"
+            ) from None
+        self._closed.clear()
+        _log.info("subscribed", broker=self.address, queue=consumer, topics=list(topics))
+
+    async def _on_message(self, incoming: Any) -> None:
+        await self._queue.put(RabbitMQDelivery(self, incoming))
+
+    async def deliveries(self) -> AsyncIterator[RabbitMQDelivery]:
+        """The deliveries, until close()."""
+        while not self._closed.is_set():
+            try:
+                delivery = await asyncio.wait_for(self._queue.get(), 0.5)
+            except TimeoutError:
+                continue
+            yield delivery
+
+    async def close(self) -> None:
+        """Close the connection; unacknowledged messages return to the queue."""
+        self._closed.set()
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), self.connect_timeout)
+
+    async def _retry_queue(self, delay: float) -> str:
+        name = retry_queue_name(self.queue_name, delay)
+        if name not in self._retry_queues:
+            await self._channel.declare_queue(
+                name,
+                durable=True,
+                arguments={
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": self.queue_name,
+                    "x-message-ttl": retry_tier_ms(delay),
+                },
+            )
+            self._retry_queues.add(name)
+        return name
+
+    async def _publish(
+        self,
+        delivery: RabbitMQDelivery,
+        queue: str,
+        headers: dict[str, str],
+        declare: Callable[[], Awaitable[None]],
+        *,
+        expiration: float | None = None,
+    ) -> None:
+        incoming = delivery._incoming
+        message = aio_pika.Message(
+            delivery.body,
+            headers=dict(headers),
+            content_type=incoming.content_type,
+            message_id=incoming.message_id,
+            timestamp=incoming.timestamp,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            expiration=max(0.001, expiration) if expiration is not None else None,
+        )
+        exchange = self._channel.default_exchange
+        try:
+            await exchange.publish(message, routing_key=queue, mandatory=True)
+        except aiormq.exceptions.PublishError:
+            # Returned as unroutable: the queue is gone (deleted while we run). Declare it
+            # again and publish once more; a second return raises.
+            _log.warning("queue missing, declaring it again", queue=queue)
+            await declare()
+            await exchange.publish(message, routing_key=queue, mandatory=True)
+
+    def _describe(self, exc: BaseException) -> str:
+        text = str(exc) or repr(exc)
+        if self._password:
+            text = text.replace(self._password, "***")
+        return f"{type(exc).__name__}: {text}"
