@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from postroom.outbox import Outbox
 from postroom.schema import PARTITION_COUNT, Tables
 from postroom.schema.sql import quoted_table
+from tests.support.network import address
 from tests.support.processes import RelayFleet, ServiceProcess, TansuBroker
 from tests.support.proxy import FaultProxy
 from tests.support.readback import (
@@ -32,7 +33,7 @@ from tests.support.readback import (
     RabbitMQReadback,
     check_deliveries,
 )
-from tests.support.services import address
+from tests.support.waiting import wait_until
 from tests.support.writing import PacedWriter, Written, commit, make_message
 
 pytestmark = pytest.mark.timeout(150)
@@ -92,12 +93,19 @@ def unpublished(engine: Engine, tables: Tables) -> int:
 async def wait_all_published(
     engine: Engine, tables: Tables, within: float, fleet: RelayFleet
 ) -> None:
-    deadline = time.monotonic() + within
-    while (left := await asyncio.to_thread(unpublished, engine, tables)) > 0:
-        assert time.monotonic() < deadline, (
-            f"{left} outbox rows still not published after {within:g} s\n{fleet.tails()}"
-        )
-        await asyncio.sleep(0.1)
+    left: list[int] = []
+
+    async def all_published() -> bool:
+        left.append(await asyncio.to_thread(unpublished, engine, tables))
+        return left[-1] == 0
+
+    await wait_until(
+        all_published,
+        within=within,
+        interval=0.1,
+        what="every outbox row published",
+        detail=lambda: f"{left[-1]} outbox rows still not published\n{fleet.tails()}",
+    )
 
 
 def assert_published_once_without_attempts(
@@ -181,10 +189,13 @@ async def test_ten_thousand_keyed_messages_arrive_exactly_with_three_relays_and_
         # Kill one relay (SIGKILL: no mark, no release) once ~30% arrived.
         victim, survivors = fleet[0], fleet[1:]
         marks = {relay.relay_id: relay.mark() for relay in survivors}
-        deadline = time.monotonic() + 60
-        while readback.count < total * 3 // 10:
-            assert time.monotonic() < deadline, f"only {readback.count} arrived\n{relays.tails()}"
-            await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: readback.count >= total * 3 // 10,
+            within=60,
+            interval=0.01,
+            what="30% of the messages",
+            detail=lambda: f"only {readback.count} arrived\n{relays.tails()}",
+        )
         victim.kill()
         killed_at = scalar(engine, "SELECT now()")
         killed.set()
@@ -239,13 +250,20 @@ async def wait_balanced(engine: Engine, tables: Tables, fleet: Sequence[ServiceP
     """Wait until every relay of ``fleet`` owns a fair share of the partitions."""
     wanted = {relay.relay_id for relay in fleet}
     sql = f"SELECT owner, count(*) FROM {quoted_table(tables.partitions)} GROUP BY owner"
-    deadline = time.monotonic() + 20
-    while True:
-        shares = dict(await asyncio.to_thread(_fetch, engine, sql))
-        if set(shares) == wanted and max(shares.values()) <= -(-PARTITION_COUNT // len(fleet)):
-            return
-        assert time.monotonic() < deadline, f"partitions never balanced: {shares}"
-        await asyncio.sleep(0.1)
+    shares: dict[str, int] = {}
+
+    async def balanced() -> bool:
+        shares.clear()
+        shares.update(await asyncio.to_thread(_fetch, engine, sql))
+        return set(shares) == wanted and max(shares.values()) <= -(-PARTITION_COUNT // len(fleet))
+
+    await wait_until(
+        balanced,
+        within=20,
+        interval=0.1,
+        what="partitions balanced",
+        detail=lambda: f"partitions never balanced: {shares}",
+    )
 
 
 def _fetch(engine: Engine, sql: str, **params: Any) -> list[Any]:
@@ -288,10 +306,13 @@ async def test_stalled_relay_is_fenced_and_changes_nothing_another_relay_took_ov
         written = writer.written
 
         # Freeze it while its publishes are in the proxy: it cannot have marked them.
-        deadline = time.monotonic() + 20
-        while proxy.in_transit_to_upstream <= 0:
-            assert time.monotonic() < deadline, f"the relay never published\n{stale.tail()}"
-            await asyncio.sleep(0.002)
+        await wait_until(
+            lambda: proxy.in_transit_to_upstream > 0,
+            within=20,
+            interval=0.002,
+            what="the relay publishing",
+            detail=stale.tail,
+        )
         stale.pause()
         await asyncio.sleep(0.3)  # a statement it already sent completes server-side
         lease_end = scalar(
@@ -575,9 +596,15 @@ async def test_relay_survives_its_database_connections_being_killed(
 async def wait_backends(engine: Engine, relay: ServiceProcess, *, at_least: int) -> None:
     """Wait until ``relay`` has ``at_least`` connections to PostgreSQL."""
     sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
-    deadline = time.monotonic() + 15
-    while (
-        count := await asyncio.to_thread(scalar, engine, sql, name=relay.application_name)
-    ) < at_least:
-        assert time.monotonic() < deadline, f"relay has {count} connections\n{relay.tail()}"
-        await asyncio.sleep(0.05)
+    counts: list[int] = []
+
+    async def enough() -> bool:
+        counts.append(await asyncio.to_thread(scalar, engine, sql, name=relay.application_name))
+        return counts[-1] >= at_least
+
+    await wait_until(
+        enough,
+        within=15,
+        what=f"{at_least} connections",
+        detail=lambda: f"relay has {counts[-1]} connections\n{relay.tail()}",
+    )

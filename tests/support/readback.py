@@ -35,7 +35,7 @@ from postroom.message import (
     Message,
 )
 from tests.support.services import QuietLog
-from tests.support.waiting import wait_until, wait_until_sync
+from tests.support.waiting import Options, wait_until, wait_until_sync
 
 EXCHANGE = "postroom"
 
@@ -100,49 +100,44 @@ class _Collector:
     def _describe(self) -> str:
         return type(self).__name__
 
-    def _missing(self, wanted: set[str]) -> Callable[[], str]:
+    def _options(self, within: float, what: str, detail: Callable[[], str]) -> Options:
+        what = f"{self._describe()}: {what}"
+        return {
+            "within": within,
+            "interval": 0.02,
+            "what": what,
+            "watch": self._check,
+            "detail": detail,
+        }
+
+    def _all_of(self, ids: Iterable[str], within: float) -> tuple[Callable[[], bool], Options]:
+        """The check that every id of ``ids`` arrived, and how to wait for it."""
+        wanted = {str(i) for i in ids}
+
         def detail() -> str:
             missing = sorted(wanted - self.ids())
             return f"{len(missing)} of {len(wanted)} messages missing (e.g. {missing[:3]})"
 
-        return detail
+        return (lambda: wanted <= self.ids()), self._options(within, "every id", detail)
 
     async def wait_for(self, count: int, within: float) -> list[Delivered]:
         """Wait until ``count`` deliveries arrived; return them all. Fails on timeout."""
-        await wait_until(
-            lambda: self.count >= count,
-            within=within,
-            interval=0.02,
-            what=f"{self._describe()}: {count} messages",
-            watch=self._check,
-            detail=lambda: f"{self.count} of {count} arrived",
+        options = self._options(
+            within, f"{count} messages", lambda: f"{self.count} of {count} arrived"
         )
+        await wait_until(lambda: self.count >= count, **options)
         return self.received
 
     async def wait_for_ids(self, ids: Iterable[str], within: float) -> list[Delivered]:
         """Wait until every id in ``ids`` arrived at least once. Fails on timeout."""
-        wanted = {str(i) for i in ids}
-        await wait_until(
-            lambda: wanted <= self.ids(),
-            within=within,
-            interval=0.02,
-            what=f"{self._describe()}: every id",
-            watch=self._check,
-            detail=self._missing(wanted),
-        )
+        arrived, options = self._all_of(ids, within)
+        await wait_until(arrived, **options)
         return self.received
 
     def wait_for_ids_sync(self, ids: Iterable[str], within: float) -> list[Delivered]:
         """:meth:`wait_for_ids` for sync tests (the consumer must run on another thread)."""
-        wanted = {str(i) for i in ids}
-        wait_until_sync(
-            lambda: wanted <= self.ids(),
-            within=within,
-            interval=0.02,
-            what=f"{self._describe()}: every id",
-            watch=self._check,
-            detail=self._missing(wanted),
-        )
+        arrived, options = self._all_of(ids, within)
+        wait_until_sync(arrived, **options)
         return self.received
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -14,19 +13,7 @@ from postroom.config import Settings
 from postroom.consumer.decoding import FOREIGN_ID_NAMESPACE, IdSource, to_message
 from postroom.consumer.runner import check_settings, retry_window
 from postroom.errors import ConfigurationError, HandlerRegistrationError, UndecodableMessageError
-
-
-@dataclass
-class FakeDelivery:
-    topic: str = "orders"
-    body: bytes = b'{"a":1}'
-    headers: dict[str, str] = field(default_factory=dict)
-    key: str | None = None
-    broker_message_id: str | None = None
-    content_type: str | None = None
-    attempt: int = 1
-    lane: object = None
-    redeliverable: bool = True
+from tests.support.deliveries import FakeDelivery
 
 
 def test_id_sources_read_where_they_say() -> None:
