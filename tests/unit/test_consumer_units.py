@@ -27,7 +27,7 @@ def test_id_sources_read_where_they_say() -> None:
     with pytest.raises(ConfigurationError, match="header:<name>"):
         IdSource.parse("nope")
     with pytest.raises(UndecodableMessageError, match="no id in the postroom-id header"):
-        IdSource.parse("postroom").read(FakeDelivery())  # type: ignore[arg-type]
+        IdSource.parse("postroom").read(FakeDelivery())
 
 
 def test_foreign_ids_get_a_stable_uuid_and_headers_lose_postroom_ones() -> None:
