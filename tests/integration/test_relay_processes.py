@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,33 @@ def relays(database_url: str, tables: Tables, tmp_path: Path) -> Iterator[RelayF
 def prefix() -> str:
     """A topic prefix no other test uses (topics are ``<prefix>.<name>``)."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class Scene:
+    """What every test here works with: relay processes on its own tables, and a topic prefix."""
+
+    relays: RelayFleet
+    tables: Tables
+    engine: Engine
+    outbox: Outbox
+    prefix: str
+    record_property: Any
+
+    def parts(self) -> tuple[RelayFleet, Tables, Engine, Outbox, str]:
+        return self.relays, self.tables, self.engine, self.outbox, self.prefix
+
+
+@pytest.fixture
+def scene(
+    relays: RelayFleet,
+    tables: Tables,
+    engine: Engine,
+    outbox: Outbox,
+    prefix: str,
+    record_property: Any,
+) -> Scene:
+    return Scene(relays, tables, engine, outbox, prefix, record_property)
 
 
 @pytest.fixture
@@ -132,15 +160,9 @@ def report(record_property: Any, name: str, delivered: Sequence[Delivered], summ
 
 @pytest.mark.parametrize("broker", ["rabbitmq", "kafka"])
 async def test_ten_thousand_keyed_messages_arrive_exactly_with_three_relays_and_one_killed(
-    broker: str,
-    request: pytest.FixtureRequest,
-    record_property: Any,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    outbox: Outbox,
-    prefix: str,
+    broker: str, request: pytest.FixtureRequest, scene: Scene
 ) -> None:
+    relays, tables, engine, outbox, prefix = scene.parts()
     keys = [f"customer-{i:03d}" for i in range(200)]
     topic_of = {key: f"{prefix}.{'orders' if i % 2 else 'payments'}" for i, key in enumerate(keys)}
     topics = sorted(set(topic_of.values()))
@@ -230,7 +252,7 @@ async def test_ten_thousand_keyed_messages_arrive_exactly_with_three_relays_and_
     result = check_deliveries(
         written.messages, delivered, sequence=written.seq, kafka=broker == "kafka"
     )
-    report(record_property, broker, delivered, result.summary())
+    report(scene.record_property, broker, delivered, result.summary())
     result.assert_exact()
     assert result.distinct == total
 
@@ -282,15 +304,9 @@ async def _close(readback: RabbitMQReadback | KafkaReadback) -> None:
 
 
 async def test_stalled_relay_is_fenced_and_changes_nothing_another_relay_took_over(
-    record_property: Any,
-    rabbitmq: str,
-    proxy: FaultProxy,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    outbox: Outbox,
-    prefix: str,
+    rabbitmq: str, proxy: FaultProxy, scene: Scene
 ) -> None:
+    relays, tables, engine, outbox, prefix = scene.parts()
     topic = f"{prefix}.fenced"
     async with RabbitMQReadback(rabbitmq, f"{prefix}.#") as readback:
         # The stale relay publishes through a slow path: each round of a batch waits ~2 s
@@ -364,7 +380,7 @@ async def test_stalled_relay_is_fenced_and_changes_nothing_another_relay_took_ov
         delivered = readback.received
 
     result = check_deliveries(written.messages, delivered, sequence=written.seq)
-    report(record_property, "fencing", delivered, result.summary())
+    report(scene.record_property, "fencing", delivered, result.summary())
     result.assert_exact()
     # The frozen batch had reached RabbitMQ through the proxy and was published again by
     # the relay that took over: at-least-once, never at-most-once.
@@ -378,15 +394,9 @@ async def test_stalled_relay_is_fenced_and_changes_nothing_another_relay_took_ov
 
 
 async def test_rabbitmq_outage_loses_nothing_burns_no_attempt_and_heals_itself(
-    record_property: Any,
-    rabbitmq: str,
-    proxy: FaultProxy,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    outbox: Outbox,
-    prefix: str,
+    rabbitmq: str, proxy: FaultProxy, scene: Scene
 ) -> None:
+    relays, tables, engine, outbox, prefix = scene.parts()
     topic = f"{prefix}.outage"
     async with RabbitMQReadback(rabbitmq, f"{prefix}.#") as readback:
         relay = relays.start(broker_url=proxy.url_for(rabbitmq), lease=5)
@@ -416,7 +426,7 @@ async def test_rabbitmq_outage_loses_nothing_burns_no_attempt_and_heals_itself(
     assert relay.alive, relay.tail()
     assert relay.pid == pid, "the relay must heal without a restart"
     result = check_deliveries(written.messages, delivered, sequence=written.seq)
-    report(record_property, "rabbitmq_outage", delivered, result.summary())
+    report(scene.record_property, "rabbitmq_outage", delivered, result.summary())
     result.assert_exact()
     assert_published_once_without_attempts(engine, tables, written)
     assert relay.terminate() == 0
@@ -424,15 +434,9 @@ async def test_rabbitmq_outage_loses_nothing_burns_no_attempt_and_heals_itself(
 
 @pytest.mark.slow  # ~35 s: Tansu forgets producer ids, so the relay waits out message.timeout.ms
 async def test_kafka_broker_killed_and_restarted_loses_nothing_and_burns_no_attempt(
-    record_property: Any,
-    tansu: str,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    outbox: Outbox,
-    prefix: str,
-    tmp_path: Path,
+    tansu: str, scene: Scene, tmp_path: Path
 ) -> None:
+    relays, tables, engine, outbox, prefix = scene.parts()
     before, during, after = (f"{prefix}.{phase}" for phase in ("before", "during", "after"))
     with TansuBroker(tansu, log_path=tmp_path / "tansu.log") as broker:
         relay = relays.start(broker_url=broker.url, lease=5)
@@ -479,7 +483,7 @@ async def test_kafka_broker_killed_and_restarted_loses_nothing_and_burns_no_atte
     result = check_deliveries(
         written.of([during, after]), delivered, sequence=written.seq, kafka=True
     )
-    report(record_property, "kafka_outage", delivered, result.summary())
+    report(scene.record_property, "kafka_outage", delivered, result.summary())
     result.assert_exact()
     assert_published_once_without_attempts(engine, tables, written)
     assert relay.terminate() == 0
@@ -489,13 +493,9 @@ async def test_kafka_broker_killed_and_restarted_loses_nothing_and_burns_no_atte
 
 
 async def test_idle_relay_publishes_a_commit_at_once_on_notify_and_by_polling_without(
-    record_property: Any,
-    rabbitmq: str,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    prefix: str,
+    rabbitmq: str, scene: Scene
 ) -> None:
+    relays, tables, engine, _, prefix = scene.parts()
     poll = 5.0
     topic = f"{prefix}.idle"
     notifying, silent = Outbox(tables), Outbox(tables, notify=False)
@@ -517,8 +517,8 @@ async def test_idle_relay_publishes_a_commit_at_once_on_notify_and_by_polling_wi
         with_notify = [await latency(notifying, n) for n in range(3)]
         without_notify = await latency(silent, 3)
 
-    record_property("latency_with_notify", with_notify)
-    record_property("latency_without_notify", without_notify)
+    scene.record_property("latency_with_notify", with_notify)
+    scene.record_property("latency_without_notify", without_notify)
     print(f"\n[idle] with NOTIFY {with_notify}, without {without_notify:.3f}")
     assert max(with_notify) < 1.0, f"NOTIFY did not wake the idle relay: {with_notify}"
     assert without_notify < poll + 2.0, f"polling did not find the row: {without_notify:.2f} s"
@@ -528,14 +528,9 @@ async def test_idle_relay_publishes_a_commit_at_once_on_notify_and_by_polling_wi
 
 
 async def test_relay_survives_its_database_connections_being_killed(
-    record_property: Any,
-    rabbitmq: str,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    outbox: Outbox,
-    prefix: str,
+    rabbitmq: str, scene: Scene
 ) -> None:
+    relays, tables, engine, outbox, prefix = scene.parts()
     topic = f"{prefix}.pgkill"
     terminate = text(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -575,7 +570,7 @@ async def test_relay_survives_its_database_connections_being_killed(
         f"the relay never noticed its connections dying: {sorted(noticed)}"
     )
     result = check_deliveries(written.messages, delivered, sequence=written.seq)
-    report(record_property, "pg_kill", delivered, result.summary())
+    report(scene.record_property, "pg_kill", delivered, result.summary())
     result.assert_exact()
     assert_published_once_without_attempts(engine, tables, written)
 
