@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,7 @@ from sqlalchemy.orm import Session
 from postroom.brokers import publisher_from_url
 from postroom.message import Message
 from postroom.schema.sql import quoted_table
-from tests.faults.conftest import RunFactory
-from tests.faults.harness import LEASE, PROFILE, Endpoints, Run
+from tests.faults.harness import LEASE, PROFILE, Direct, Endpoints, Run, RunFactory
 from tests.support.network import address, free_port, replace_address
 from tests.support.processes import ServiceProcess, TansuBroker
 from tests.support.proxy import FaultProxy
@@ -33,8 +31,6 @@ from tests.support.writing import make_message
 BROKERS = ["rabbitmq", "kafka"]
 
 pytestmark = [pytest.mark.timeout(PROFILE.timeout), pytest.mark.parametrize("broker", BROKERS)]
-
-Direct = Callable[[str], Endpoints]
 
 
 # ----------------------------------------------------------------------------- 1. relay kills
