@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from postroom.schema.tables import Tables, partition_for
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.cli import postroom_command
 from tests.support.network import free_port as free_port
+from tests.support.processes import ServiceProcess
 from tests.support.readback import create_topics
 from tests.support.services import AMQP_URL as AMQP_URL
 from tests.support.services import KAFKA_BOOTSTRAP as KAFKA_BOOTSTRAP
@@ -262,18 +262,17 @@ class RelayProcess:
     """One ``postroom relay`` subprocess (the CLI, as deployed), its log in a temporary file.
 
     Settings are the CLI's defaults apart from a short lease (3 s, so relays share
-    partitions quickly).
+    partitions quickly). The process is the test suite's :class:`ServiceProcess`.
     """
 
     def __init__(self, schema: str, broker_url: str, *, metrics_port: int = 0):
         self.metrics_port = metrics_port
-        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
-            prefix="bench-relay-", suffix=".log", delete=False
-        )
+        self.log_dir = Path(tempfile.mkdtemp(prefix="bench-relay-"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
         env["PGAPPNAME"] = "postroom-bench-relay"
-        self.process = subprocess.Popen(
-            [
+        self.process = ServiceProcess(
+            relay_id="bench-relay",
+            command=[
                 *postroom_command(),
                 "relay",
                 "--database-url",
@@ -290,18 +289,17 @@ class RelayProcess:
                 "3s",
             ],
             env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+            log_path=self.log_dir / "relay.log",
+            application_name=env["PGAPPNAME"],
+        ).start()
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def check(self) -> None:
-        if self.process.poll() is not None:
-            tail = Path(self.log.name).read_text()[-2000:]
+        if not self.process.alive:
+            tail = self.process.log_path.read_text()[-2000:]
             raise RuntimeError(f"relay exited with {self.process.returncode}:\n{tail}")
 
     def rss_mb(self) -> tuple[float, float]:
@@ -323,15 +321,9 @@ class RelayProcess:
         return 0
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        with contextlib.suppress(AssertionError):  # not gone 30 s after SIGTERM: killed
+            self.process.terminate(30)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 async def wait_for_shares(schema: BenchSchema, processes: list[RelayProcess]) -> None:
