@@ -6,13 +6,10 @@ never see each other's rows or another user's tables on the shared database.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import signal
-import socket
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,12 +30,21 @@ from postroom.schema import build_tables, migrate
 from postroom.schema.sql import quote_identifier, quoted_table
 from postroom.schema.tables import Tables, partition_for
 
+# The test suite's helpers (tests/support) serve the benchmarks too: the repository's root
+# is not on the path of `python bench/run.py`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.cli import postroom_command
+from tests.support.network import free_port as free_port
+from tests.support.processes import ServiceProcess
+from tests.support.readback import create_topics
+from tests.support.services import AMQP_URL as AMQP_URL
+from tests.support.services import KAFKA_BOOTSTRAP as KAFKA_BOOTSTRAP
+from tests.support.services import KAFKA_URL as KAFKA_URL
+from tests.support.waiting import wait_until as wait_until
+
 DATABASE_URL = os.environ.get(
     "POSTROOM_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-AMQP_URL = os.environ.get("POSTROOM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-KAFKA_URL = os.environ.get("POSTROOM_TEST_KAFKA_URL", "kafka://127.0.0.1:9092")
-KAFKA_BOOTSTRAP = KAFKA_URL.removeprefix("kafka://").split("?", 1)[0]
 BROKER_URLS = {"rabbitmq": AMQP_URL, "kafka": KAFKA_URL}
 #: Distinct message keys: a 500-row batch holds each key at most once (one publish round).
 KEYS = 1000
@@ -192,25 +198,9 @@ async def alternating(
     return best[0], best[1]
 
 
-async def wait_until(check: Callable[[], bool], seconds: float, what: str = "benchmark") -> None:
-    """Poll ``check`` every 5 ms; TimeoutError after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not finish within {seconds:g} s")
-        await asyncio.sleep(0.005)
-
-
 def create_kafka_topic(topic: str, partitions: int = 8) -> None:
     """Create ``topic`` up front (a consumer only sees new topics at a metadata refresh)."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": KAFKA_BOOTSTRAP})
-    futures = admin.create_topics(
-        [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
-    )
-    for future in futures.values():
-        future.result(30)
+    create_topics(KAFKA_BOOTSTRAP, [topic], partitions=partitions)
 
 
 def delete_kafka_topics(*topics: str) -> None:
@@ -268,33 +258,21 @@ def result_row(
 # ------------------------------------------------------------------- relay processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def postroom_command() -> list[str]:
-    script = Path(sys.executable).parent / "postroom"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "postroom"]
-
-
 class RelayProcess:
     """One ``postroom relay`` subprocess (the CLI, as deployed), its log in a temporary file.
 
     Settings are the CLI's defaults apart from a short lease (3 s, so relays share
-    partitions quickly).
+    partitions quickly). The process is the test suite's :class:`ServiceProcess`.
     """
 
     def __init__(self, schema: str, broker_url: str, *, metrics_port: int = 0):
         self.metrics_port = metrics_port
-        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
-            prefix="bench-relay-", suffix=".log", delete=False
-        )
+        self.log_dir = Path(tempfile.mkdtemp(prefix="bench-relay-"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
         env["PGAPPNAME"] = "postroom-bench-relay"
-        self.process = subprocess.Popen(
-            [
+        self.process = ServiceProcess(
+            relay_id="bench-relay",
+            command=[
                 *postroom_command(),
                 "relay",
                 "--database-url",
@@ -311,18 +289,17 @@ class RelayProcess:
                 "3s",
             ],
             env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+            log_path=self.log_dir / "relay.log",
+            application_name=env["PGAPPNAME"],
+        ).start()
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def check(self) -> None:
-        if self.process.poll() is not None:
-            tail = Path(self.log.name).read_text()[-2000:]
+        if not self.process.alive:
+            tail = self.process.log_path.read_text()[-2000:]
             raise RuntimeError(f"relay exited with {self.process.returncode}:\n{tail}")
 
     def rss_mb(self) -> tuple[float, float]:
@@ -344,27 +321,32 @@ class RelayProcess:
         return 0
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        with contextlib.suppress(AssertionError):  # not gone 30 s after SIGTERM: killed
+            self.process.terminate(30)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 async def wait_for_shares(schema: BenchSchema, processes: list[RelayProcess]) -> None:
     """Wait until the relays hold the 64 partitions, shared out evenly."""
-    deadline = time.monotonic() + 90
     share = 64 // len(processes)
-    while True:
-        for p in processes:
-            p.check()
-        owners = schema.owners()
-        if len(owners) == len(processes) and min(owners) >= share and sum(owners) == 64:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"relays did not share the partitions: {owners}")
-        await asyncio.sleep(0.2)
+    owners: list[int] = []
+
+    def shared() -> bool:
+        owners[:] = schema.owners()
+        return len(owners) == len(processes) and min(owners) >= share and sum(owners) == 64
+
+    await wait_until(
+        shared,
+        within=90,
+        interval=0.2,
+        what="relays sharing the partitions",
+        watch=lambda: check_all(processes),
+        detail=lambda: f"relays did not share the partitions: {owners}",
+        error=TimeoutError,
+    )
+
+
+def check_all(processes: list[RelayProcess]) -> None:
+    """Fail if any of the relays exited."""
+    for p in processes:
+        p.check()

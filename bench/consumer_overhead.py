@@ -138,7 +138,13 @@ async def consume(broker: str, count: int, *, inbox: bool) -> dict[str, Any]:
         handled = service.metrics.handled.labels(topic)
         task = asyncio.create_task(service.run())
         try:
-            await wait_until(lambda: handled._value.get() >= count, 900, "consumer drain")
+            await wait_until(
+                lambda: handled._value.get() >= count,
+                within=900,
+                what="consumer drain",
+                interval=0.005,
+                error=TimeoutError,
+            )
             elapsed = time.perf_counter() - first[0]
         finally:
             service.stop()

@@ -108,7 +108,7 @@ def count_statements() -> Iterator[collections.Counter[str]]:
             yield tx
 
     psycopg.AsyncCursor.execute = counted_execute  # type: ignore[method-assign]
-    psycopg.AsyncConnection.transaction = counted_transaction  # type: ignore[method-assign,assignment]
+    psycopg.AsyncConnection.transaction = counted_transaction  # type: ignore[method-assign]
     try:
         yield counts
     finally:

@@ -39,6 +39,7 @@ from common import (
     result_row,
     unique,
     wait_for_shares,
+    wait_until,
 )
 
 SENT_AT = "bench-sent-at"
@@ -74,11 +75,14 @@ class Receiver:
         self.latencies.append(time.time() - sent)
 
     async def wait_for(self, count: int, seconds: float = 30.0) -> None:
-        for _ in range(int(seconds * 100)):
-            if len(self.latencies) >= count:
-                return
-            await asyncio.sleep(0.01)
-        raise TimeoutError(f"only {len(self.latencies)} of {count} messages arrived")
+        await wait_until(
+            lambda: len(self.latencies) >= count,
+            within=seconds,
+            interval=0.01,
+            what=f"{count} messages",
+            detail=lambda: f"only {len(self.latencies)} of {count} messages arrived",
+            error=TimeoutError,
+        )
 
 
 # ------------------------------------------------------------------ load generator process

@@ -55,7 +55,7 @@ async def raw_rabbitmq(exchange: Any, messages: list[Message]) -> float:
                         m.body,
                         message_id=str(m.id),
                         content_type=m.content_type,
-                        headers=m.wire_headers(),
+                        headers=dict[str, Any](m.wire_headers()),
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     ),
                     routing_key=m.topic,
@@ -153,10 +153,20 @@ async def relay_drain(
             probe.start(schema)
         task = asyncio.create_task(relay.run())
         try:
-            await wait_until(lambda: relay.leases.owned != frozenset(), 30, "relay start")
+            await wait_until(
+                lambda: relay.leases.owned != frozenset(),
+                within=30,
+                what="relay start",
+                interval=0.005,
+                error=TimeoutError,
+            )
             started = time.perf_counter()
             await wait_until(
-                lambda: relay.metrics.published._value.get() >= count, 900, "relay drain"
+                lambda: relay.metrics.published._value.get() >= count,
+                within=900,
+                what="relay drain",
+                interval=0.005,
+                error=TimeoutError,
             )
             elapsed = time.perf_counter() - started
         finally:

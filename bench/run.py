@@ -241,11 +241,9 @@ def main() -> int:
     path = save(rows, "latest", meta=meta)
     (RESULTS / "latest.md").write_text(format_table(rows, markdown=True) + "\n")
     print(f"\nresults: {path} (and latest.md); {meta['total_seconds']} s in all")
-    try:
-        import charts
-    except ImportError:
-        charts = None
-    if charts is None or not charts.available():
+    import charts
+
+    if not charts.available():
         print(
             "charts: skipped, matplotlib is not installed; "
             "install the bench group: .venv/bin/pip install --group bench"

@@ -27,6 +27,7 @@ from common import (
     RelayProcess,
     alternating,
     bench_schema,
+    check_all,
     create_kafka_topic,
     delete_kafka_topics,
     free_port,
@@ -34,6 +35,7 @@ from common import (
     result_row,
     unique,
     wait_for_shares,
+    wait_until,
 )
 from relay_throughput import relay_drain
 
@@ -95,12 +97,14 @@ async def drain_with_relays(relays: int, count: int) -> dict[str, Any]:
                 # The backlog and the NOTIFY that wakes the relays, in one transaction.
                 await asyncio.to_thread(schema.bulk_insert, count, topic, notify=True)
                 committed = time.perf_counter()
-                while schema.has_pending():
-                    for p in processes:
-                        p.check()
-                    if time.perf_counter() - started > 900:
-                        raise TimeoutError("the relays did not drain the backlog")
-                    await asyncio.sleep(0.05)
+                await wait_until(
+                    lambda: not schema.has_pending(),
+                    within=900 - (time.perf_counter() - started),
+                    interval=0.05,
+                    what="the relays draining the backlog",
+                    watch=lambda: check_all(processes),
+                    error=TimeoutError,
+                )
                 elapsed = time.perf_counter() - committed
             finally:
                 for p in processes:

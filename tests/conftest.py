@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -17,16 +15,12 @@ from postroom.database import create_async_engine, create_engine
 from postroom.outbox import Outbox
 from postroom.schema import Tables, build_tables, migrate
 from postroom.urls import normalize_database_url, psycopg_conninfo
+from tests.support.database import drop_schema, unique_schema
+from tests.support.services import require_service
 
-pytest_plugins = ["tests.support.services"]
+__all__ = ["require_service"]  # tests/contract/conftest.py imports it from here
 
-
-def require_service(name: str, reason: str) -> None:
-    """Fail (under CI) or skip (on a developer machine) when a service is missing."""
-    message = f"{name} is not available: {reason}; run `make services`"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+pytest_plugins = ["tests.support.fixtures"]
 
 
 @pytest.fixture(scope="session")
@@ -63,11 +57,6 @@ async def async_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
-def unique_schema() -> str:
-    """A schema name no other test uses."""
-    return f"pr_test_{uuid.uuid4().hex[:12]}"
-
-
 @pytest.fixture
 def tables(database_url: str, engine: Engine) -> Iterator[Tables]:
     """postroom's tables, created by the shipped migrations in a schema of this test's own."""
@@ -76,12 +65,6 @@ def tables(database_url: str, engine: Engine) -> Iterator[Tables]:
     migrate.upgrade(database_url, tables)
     yield tables
     drop_schema(engine, schema)
-
-
-def drop_schema(engine: Engine, schema: str) -> None:
-    """Remove a test's schema and everything in it."""
-    with engine.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ names another file).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,17 @@ from tests.faults.harness import (
     PROFILE,
     REPO_ROOT,
     SEED,
+    Direct,
     Endpoints,
     Run,
+    RunFactory,
     report_table,
     write_report,
 )
 
-RunFactory = Callable[..., Run]
-
 
 @pytest.fixture
-def endpoints(request: pytest.FixtureRequest) -> Callable[[str], Endpoints]:
+def endpoints(request: pytest.FixtureRequest) -> Direct:
     """The machine's brokers, straight (no proxy), by name: ``endpoints("kafka")``."""
 
     def direct(broker: str) -> Endpoints:

@@ -33,7 +33,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -551,3 +551,9 @@ class Run:
 def _note(problems: list[str], what: str, items: list[str]) -> None:
     if items:
         problems.append(f"{len(items)} {what}: {items[:5]}")
+
+
+#: The ``make_run`` fixture: ``make_run(scenario, endpoints, **options)`` builds a :class:`Run`.
+RunFactory = Callable[..., Run]
+#: The ``endpoints`` fixture: ``endpoints(broker)``, a broker's :class:`Endpoints` (no proxy).
+Direct = Callable[[str], Endpoints]

@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from tests.faults.conftest import RunFactory
-from tests.faults.harness import Endpoints
+from tests.faults.harness import Endpoints, RunFactory
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,18 +21,16 @@ from sqlalchemy.orm import Session
 from postroom.brokers import publisher_from_url
 from postroom.message import Message
 from postroom.schema.sql import quoted_table
-from tests.faults.conftest import RunFactory
-from tests.faults.harness import LEASE, PROFILE, Endpoints, Run
+from tests.faults.harness import LEASE, PROFILE, Direct, Endpoints, Run, RunFactory
+from tests.support.network import address, free_port, replace_address
 from tests.support.processes import ServiceProcess, TansuBroker
-from tests.support.proxy import FaultProxy, free_port, replace_address
-from tests.support.services import address
+from tests.support.proxy import FaultProxy
+from tests.support.waiting import wait_until
 from tests.support.writing import make_message
 
 BROKERS = ["rabbitmq", "kafka"]
 
 pytestmark = [pytest.mark.timeout(PROFILE.timeout), pytest.mark.parametrize("broker", BROKERS)]
-
-Direct = Callable[[str], Endpoints]
 
 
 # ----------------------------------------------------------------------------- 1. relay kills
@@ -195,12 +191,16 @@ async def test_consumer_killed_mid_handler(
 
 async def _wait_mid_handler(run: Run, consumer: ServiceProcess, *, within: float) -> bool:
     """Wait until ``consumer`` has a transaction open (a handler between write and commit)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(run.backends, [consumer], "idle in transaction"):
-            return True
-        await asyncio.sleep(0.005)
-    return False
+    try:
+        await wait_until(
+            lambda: asyncio.to_thread(run.backends, [consumer], "idle in transaction"),
+            within=within,
+            interval=0.005,
+            error=TimeoutError,
+        )
+    except TimeoutError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- 6. storms
@@ -295,10 +295,14 @@ def _position(run: Run, session: Session, message: Message) -> int:
 async def _wait_published_after(run: Run, position: int, rows: int, *, within: float) -> None:
     outbox = quoted_table(run.tables.outbox)
     sql = f"SELECT count(*) FROM {outbox} WHERE position > :p AND status = 'published'"
-    deadline = time.monotonic() + within
-    while await asyncio.to_thread(run.scalar, sql, p=position) < rows:
-        assert time.monotonic() < deadline, (
-            f"fewer than {rows} rows after position {position} published in {within:g} s\n"
-            + run.fleet.tails(20)
-        )
-        await asyncio.sleep(0.1)
+
+    async def published() -> bool:
+        return bool(await asyncio.to_thread(run.scalar, sql, p=position) >= rows)
+
+    await wait_until(
+        published,
+        within=within,
+        interval=0.1,
+        what=f"{rows} rows after position {position} published",
+        detail=lambda: run.fleet.tails(20),
+    )

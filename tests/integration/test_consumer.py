@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -21,183 +19,25 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import postroom
-from postroom.brokers.base import Subscriber
 from postroom.brokers.memory import MemoryBroker, MemorySubscriber
-from postroom.config import Settings
 from postroom.consumer import ConsumerService
 from postroom.message import Message
 from postroom.schema import Tables
-from tests.conftest import require_service
-from tests.contract.harness import AMQP_URL, KAFKA_URL, KafkaHarness, amqp_address
+from tests.support.consuming import KAFKA_GROUP_SETTINGS as KAFKA_GROUP_SETTINGS
+from tests.support.consuming import Rig, running, settings_for, unique
+from tests.support.consuming import Running as Running
+from tests.support.database import count
+from tests.support.readback import read_kafka
+from tests.support.services import KAFKA_BOOTSTRAP, kafka_available, rabbitmq_available
+from tests.support.waiting import wait_until
 
-#: Consumer-group timings Tansu joins quickly with (see DESIGN.md).
-KAFKA_GROUP_SETTINGS = "session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=7000"
+# KAFKA_GROUP_SETTINGS and Running are re-exported for test_cli_dead_letter.py until it
+# imports them from tests.support.consuming.
 BROKERS = ["memory", "rabbitmq", "kafka"]
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def rabbitmq_available() -> None:
-    host, port = amqp_address(AMQP_URL)
-    try:
-        with socket.create_connection((host, port), timeout=5):
-            pass
-    except OSError as exc:
-        require_service("RabbitMQ", f"nothing answers at {host}:{port} ({exc})")
-
-
-def kafka_available() -> None:
-    from confluent_kafka.admin import AdminClient
-
-    from postroom.brokers.kafka import parse_kafka_url
-
-    bootstrap, _ = parse_kafka_url(KAFKA_URL)
-    try:
-        AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=5)
-    except Exception as exc:
-        require_service("Kafka", f"nothing answers at {bootstrap} ({exc})")
-
-
-class Rig:
-    """One broker: topics, a subscriber for a consumer, publishing, dead-letter read-back."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.memory = MemoryBroker()
-        self.cleanup: list[Callable[[], Any]] = []
-
-    async def topics(self, *prefixes: str, consumer: str) -> list[str]:
-        names = [unique(p) for p in prefixes]
-        if self.kind == "kafka":
-            await self._create_kafka_topics([*names, f"{consumer}.dead-letter"])
-        return names
-
-    async def _create_kafka_topics(self, names: list[str]) -> None:
-        from confluent_kafka.admin import AdminClient, NewTopic
-
-        from postroom.brokers.kafka import parse_kafka_url
-
-        bootstrap, _ = parse_kafka_url(KAFKA_URL)
-        admin = AdminClient({"bootstrap.servers": bootstrap})
-        futures = admin.create_topics(
-            [NewTopic(n, num_partitions=4, replication_factor=1) for n in names],
-            operation_timeout=10,
-        )
-        for future in futures.values():
-            await asyncio.to_thread(future.result, 10)
-
-    def subscriber(self, settings: Settings) -> Subscriber:
-        if self.kind == "memory":
-            return MemorySubscriber(self.memory)
-        if self.kind == "rabbitmq":
-            from postroom.brokers.rabbitmq import RabbitMQSubscriber
-
-            return RabbitMQSubscriber(AMQP_URL, prefetch=settings.consumer_prefetch)
-        from postroom.brokers.kafka import KafkaSubscriber
-
-        return KafkaSubscriber.from_url(
-            f"{KAFKA_URL}?{KAFKA_GROUP_SETTINGS}", prefetch=settings.consumer_prefetch
-        )
-
-    async def publish(self, messages: list[Message]) -> None:
-        if self.kind == "memory":
-            results = await self.memory.publisher().publish(messages)
-        else:
-            from postroom.brokers import publisher_from_url
-
-            publisher = publisher_from_url(AMQP_URL if self.kind == "rabbitmq" else KAFKA_URL)
-            try:
-                results = await publisher.publish(messages)
-            finally:
-                await publisher.close()
-        assert all(r.confirmed for r in results), results
-
-    async def publish_raw(
-        self, topic: str, body: bytes, headers: dict[str, str], content_type: str | None
-    ) -> None:
-        """A message from another producer: exactly these headers, no postroom envelope."""
-        if self.kind == "memory":
-            raise AssertionError("memory takes Message objects")
-        if self.kind == "rabbitmq":
-            import aio_pika
-
-            connection = await aio_pika.connect(AMQP_URL)
-            try:
-                channel = await connection.channel(publisher_confirms=True)
-                exchange = await channel.get_exchange("postroom")
-                await exchange.publish(
-                    aio_pika.Message(body, headers=dict(headers), content_type=content_type),
-                    routing_key=topic,
-                )
-            finally:
-                await connection.close()
-            return
-        from confluent_kafka import Producer
-
-        from postroom.brokers.kafka import parse_kafka_url
-
-        bootstrap, _ = parse_kafka_url(KAFKA_URL)
-        producer = Producer({"bootstrap.servers": bootstrap})
-        all_headers = dict(headers)
-        if content_type:
-            all_headers["content-type"] = content_type
-        producer.produce(topic, value=body, headers=list(all_headers.items()))
-        assert await asyncio.to_thread(producer.flush, 10) == 0
-
-    async def dead_letters(self, consumer: str, count: int) -> list[tuple[bytes, dict[str, str]]]:
-        """The first ``count`` messages on the consumer's dead-letter queue/topic."""
-        name = f"{consumer}.dead-letter"
-        if self.kind == "memory":
-            found = self.memory.messages(name)
-            assert len(found) >= count
-            return [(m.body, m.wire_headers()) for m in found[:count]]
-        if self.kind == "kafka":
-            received = await KafkaHarness(KAFKA_URL).read_back(name, count)
-            return [(r.body, r.headers) for r in received]
-        import aio_pika
-
-        connection = await aio_pika.connect(AMQP_URL)
-        try:
-            channel = await connection.channel()
-            queue = await channel.declare_queue(name, durable=True, passive=True)
-            out: list[tuple[bytes, dict[str, str]]] = []
-            deadline = time.monotonic() + 10
-            while len(out) < count and time.monotonic() < deadline:
-                message = await queue.get(fail=False)
-                if message is None:
-                    await asyncio.sleep(0.05)
-                    continue
-                await message.ack()
-                headers = {
-                    k: (v.decode() if isinstance(v, bytes) else str(v))
-                    for k, v in (message.headers or {}).items()
-                }
-                out.append((message.body, headers))
-            assert len(out) >= count, f"{len(out)} of {count} dead letters in {name}"
-            return out
-        finally:
-            await connection.close()
-
-    async def close(self, consumer: str) -> None:
-        if self.kind != "rabbitmq":
-            return
-        import aio_pika
-
-        connection = await aio_pika.connect(AMQP_URL)
-        try:
-            channel = await connection.channel()
-            for name in [consumer, f"{consumer}.dead-letter"] + [
-                f"{consumer}.retry.{1 << n}ms" for n in range(4, 20)
-            ]:
-                await channel.queue_delete(name)
-        finally:
-            await connection.close()
-
-
 @pytest.fixture(params=BROKERS)
-async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+async def rig(request: pytest.FixtureRequest) -> Rig:
     if request.param == "rabbitmq":
         rabbitmq_available()
     elif request.param == "kafka":
@@ -214,52 +54,6 @@ def effects(engine: Engine, tables: Tables) -> str:
             text(f"CREATE TABLE {name} (seq bigserial, message_id text, topic text, note text)")
         )
     return name
-
-
-def settings_for(database_url: str, tables: Tables, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "schema": tables.schema,
-        "metrics_port": 0,
-        "consumer_backoff_initial": 0.05,
-        "consumer_backoff_max": 0.2,
-        "consumer_max_attempts": 3,
-        "consumer_prefetch": 16,
-        "consumer_concurrency": 4,
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
-class Running:
-    """A ConsumerService running in a task of the test's event loop."""
-
-    def __init__(self, service: ConsumerService) -> None:
-        self.service = service
-        self.task = asyncio.create_task(service.run())
-
-    async def started(self) -> None:
-        waiter = asyncio.create_task(self.service.started.wait())
-        done, _ = await asyncio.wait({waiter, self.task}, timeout=30, return_when="FIRST_COMPLETED")
-        if self.task in done:
-            self.task.result()
-        assert waiter in done, "the consumer did not subscribe within 30 s"
-
-    async def stop(self) -> None:
-        self.service.stop()
-        await asyncio.wait_for(self.task, 40)
-
-
-async def wait_until(check: Callable[[], bool], within: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or check}"
-        await asyncio.sleep(0.05)
-
-
-def count(engine: Engine, sql: str, **params: Any) -> int:
-    with engine.connect() as connection:
-        return int(connection.execute(text(sql), params).scalar_one())
 
 
 # ----------------------------------------------------------------------------- (1)
@@ -281,16 +75,11 @@ async def test_five_deliveries_change_the_business_table_once(
         )
 
     service = ConsumerService(consumer, rig.subscriber(settings), settings)
-    running = Running(service)
-    try:
-        await running.started()
+    async with rig.running(service, name):
         message = Message.create(topic, {"order": 1}, key="order-1")
         await rig.publish([message] * 5)
         duplicates = service.metrics.duplicates.labels(topic)
         await wait_until(lambda: duplicates._value.get() >= 4, what="four duplicates counted")
-    finally:
-        await running.stop()
-        await rig.close(name)
     assert count(engine, f"SELECT count(*) FROM {effects}") == 1
     inbox = f'"{tables.schema}".inbox'
     rows = count(engine, f"SELECT count(*) FROM {inbox} WHERE consumer = :c", c=name)
@@ -330,9 +119,7 @@ async def test_always_failing_handler_is_retried_with_growing_delays_then_dead_l
         good_done_at.append(time.monotonic())
 
     service = ConsumerService(consumer, rig.subscriber(settings), settings)
-    running = Running(service)
-    try:
-        await running.started()
+    async with rig.running(service, name):
         bad = Message.create(bad_topic, {"order": "poison"})
         await rig.publish([bad])
         await wait_until(lambda: len(attempts) >= 1, what="first attempt")
@@ -342,9 +129,6 @@ async def test_always_failing_handler_is_retried_with_growing_delays_then_dead_l
         await wait_until(lambda: len(good_done_at) == 3, what="good messages handled")
         letters = await rig.dead_letters(name, 1)
         await asyncio.sleep(0.5)  # no further attempt after the dead letter
-    finally:
-        await running.stop()
-        await rig.close(name)
     assert len(attempts) == 4
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     nominal = [0.2, 0.4, 0.8]
@@ -385,9 +169,7 @@ async def test_messages_without_id_or_with_bad_json_are_dead_lettered_with_the_r
         handled.append(message.payload)
 
     service = ConsumerService(consumer, rig.subscriber(settings), settings)
-    running = Running(service)
-    try:
-        await running.started()
+    async with rig.running(service, name):
         await rig.publish_raw(topic, b'{"no": "id"}', {}, "application/json")
         good_id = str(uuid.uuid4())
         bad_json = b'{"broken": '
@@ -398,9 +180,6 @@ async def test_messages_without_id_or_with_bad_json_are_dead_lettered_with_the_r
         dead = service.metrics.dead_lettered.labels(topic)
         await wait_until(lambda: dead._value.get() >= 2 and len(handled) == 1, what="outcomes")
         letters = await rig.dead_letters(name, 2)
-    finally:
-        await running.stop()
-        await rig.close(name)
     assert handled == [{"ok": 1}]
     reasons = sorted(headers["postroom-error"] for _, headers in letters)
     assert any("has no id" in r for r in reasons), reasons
@@ -420,8 +199,6 @@ async def test_kafka_keeps_partition_order_and_never_commits_past_an_unhandled_r
     kafka_available()
     from confluent_kafka import Consumer as KafkaConsumer
     from confluent_kafka import TopicPartition
-
-    from postroom.brokers.kafka import parse_kafka_url
 
     rig = Rig("kafka")
     name = unique("ordered")
@@ -455,15 +232,14 @@ async def test_kafka_keeps_partition_order_and_never_commits_past_an_unhandled_r
         )
 
     await rig.publish(messages)
-    placed = await KafkaHarness(KAFKA_URL).read_back(topic, len(messages))
+    placed = await read_kafka(KAFKA_BOOTSTRAP, topic, len(messages))
     where = {r.id: (r.extra["partition"], r.extra["offset"]) for r in placed}
     poison_partition, poison_offset = where[str(poison.id)]
-    ends = {}
+    ends: dict[int, int] = {}
     for partition, offset in where.values():
         ends[partition] = max(ends.get(partition, 0), offset + 1)
 
-    bootstrap, _ = parse_kafka_url(KAFKA_URL)
-    watcher = KafkaConsumer({"bootstrap.servers": bootstrap, "group.id": name})
+    watcher = KafkaConsumer({"bootstrap.servers": KAFKA_BOOTSTRAP, "group.id": name})
 
     def committed() -> dict[int, int]:
         parts = watcher.committed([TopicPartition(topic, p) for p in ends], timeout=5)
@@ -471,9 +247,7 @@ async def test_kafka_keeps_partition_order_and_never_commits_past_an_unhandled_r
 
     samples: list[dict[int, int]] = []
     service = ConsumerService(consumer, rig.subscriber(settings), settings)
-    running = Running(service)
-    try:
-        await running.started()
+    async with running(service, cleanup=lambda: asyncio.to_thread(watcher.close)):
         await wait_until(lambda: len(poison_runs) >= 1, what="the poison's first run")
         while len(poison_runs) < 3:
             samples.append(await asyncio.to_thread(committed))
@@ -484,13 +258,13 @@ async def test_kafka_keeps_partition_order_and_never_commits_past_an_unhandled_r
         async def all_committed() -> bool:
             return await asyncio.to_thread(committed) == ends
 
-        deadline = time.monotonic() + 15
-        while not await all_committed():
-            assert time.monotonic() < deadline, (await asyncio.to_thread(committed), ends)
-            await asyncio.sleep(0.2)
-    finally:
-        await running.stop()
-        watcher.close()
+        await wait_until(
+            all_committed,
+            within=15,
+            interval=0.2,
+            what="every partition committed to its end",
+            detail=lambda: repr((committed(), ends)),
+        )
     # While the poison was failing, its partition's committed offset stayed at or before it.
     assert samples
     for sample in samples:
@@ -548,10 +322,10 @@ async def test_inbox_retention_purges_old_rows_of_this_consumer_and_warns_when_t
     consumer.handler("anything")(lambda message, session: None)
     service = ConsumerService(consumer, MemorySubscriber(MemoryBroker()), settings)
     with capture_logs() as logs:
-        running = Running(service)
-        await running.started()
-        await wait_until(lambda: service.metrics.inbox_purged._value.get() >= 50, what="the purge")
-        await running.stop()
+        async with running(service):
+            await wait_until(
+                lambda: service.metrics.inbox_purged._value.get() >= 50, what="the purge"
+            )
     kept = count(engine, f"SELECT count(*) FROM {inbox} WHERE consumer = 'keeper'")
     others = count(engine, f"SELECT count(*) FROM {inbox} WHERE consumer = 'other'")
     assert (kept, others) == (1, 50)

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import textwrap
-import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -18,10 +13,11 @@ from sqlalchemy.engine import Engine
 from postroom.brokers.rabbitmq import RabbitMQPublisher
 from postroom.message import Message
 from postroom.schema import Tables
-from tests.contract.harness import AMQP_URL
-from tests.integration.test_consumer import rabbitmq_available
-from tests.support.processes import _die_with_parent, postroom_command
+from tests.support.database import count
+from tests.support.processes import RelayFleet, ServiceProcess
 from tests.support.readback import delete_consumer_queues
+from tests.support.services import AMQP_URL, rabbitmq_available
+from tests.support.waiting import wait_until_sync
 
 HANDLERS = textwrap.dedent(
     """
@@ -51,23 +47,6 @@ HANDLERS = textwrap.dedent(
 )
 
 
-def count(engine: Engine, sql: str, **params: Any) -> int:
-    with engine.connect() as connection:
-        return int(connection.execute(text(sql), params).scalar_one())
-
-
-def wait_for(
-    check: Any, within: float, what: str, process: subprocess.Popen[bytes], log: Path
-) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(
-                f"{what} did not happen\n" + log.read_text(errors="replace")[-4000:]
-            )
-        time.sleep(0.05)
-
-
 async def test_consumer_killed_before_commit_processes_the_message_once_after_restart(
     database_url: str, tables: Tables, engine: Engine, tmp_path: Path
 ) -> None:
@@ -80,76 +59,47 @@ async def test_consumer_killed_before_commit_processes_the_message_once_after_re
         connection.execute(text(f"CREATE TABLE {effects} (message_id text)"))
     (tmp_path / "kill_handlers.py").write_text(HANDLERS)
     mark = tmp_path / "mark"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
-    env.update(
-        PYTHONPATH=str(tmp_path),
-        PYTHONUNBUFFERED="1",
-        TEST_CONSUMER=name,
-        TEST_TOPIC=topic,
-        TEST_EFFECTS=effects,
-        TEST_MARK=str(mark),
-    )
-    command = [
-        *postroom_command(),
-        "consume",
-        "kill_handlers:consumer",
-        "--database-url",
-        database_url,
-        "--schema",
-        str(tables.schema),
-        "--broker-url",
-        AMQP_URL,
-        "--metrics-port",
-        "0",
-        "--log-format",
-        "json",
-    ]
+    env = {"TEST_CONSUMER": name, "TEST_TOPIC": topic, "TEST_EFFECTS": effects}
+    env["TEST_MARK"] = str(mark)
 
-    def start(log: Path) -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            return subprocess.Popen(
-                command,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent(),
-                cwd=tmp_path,
-            )
+    fleet = RelayFleet(database_url, schema=str(tables.schema), log_dir=tmp_path / "logs")
 
-    log = tmp_path / "consumer.log"
-    first = start(log)
-    second: subprocess.Popen[bytes] | None = None
+    def start() -> ServiceProcess:
+        return fleet.start_consumer(
+            "kill_handlers:consumer", broker_url=AMQP_URL, env=env, pythonpath=str(tmp_path)
+        )
+
     publisher = RabbitMQPublisher(AMQP_URL)
     try:
-        wait_for(lambda: '"consumer.ready"' in log.read_text(), 30, "subscribe", first, log)
+        first = start()
+        first.wait_ready(30)
         message = Message.create(topic, {"order": 42})
         assert (await publisher.publish([message]))[0].confirmed
-        wait_for(mark.exists, 30, "the handler's write", first, log)
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
+        wait_until_sync(mark.exists, within=30, what="the handler's write", watch=first.check_alive)
+        first.kill()
         # Nothing of the killed run committed: no effect, no inbox row.
         assert count(engine, f"SELECT count(*) FROM {effects}") == 0
         assert count(engine, f"SELECT count(*) FROM {inbox} WHERE consumer = :c", c=name) == 0
 
-        second = start(log)
+        second = start()
         done = f"SELECT count(*) FROM {effects}"
-        wait_for(lambda: count(engine, done) == 1, 30, "the redelivered message", second, log)
+        wait_until_sync(
+            lambda: count(engine, done) == 1,
+            within=30,
+            what="the redelivered message",
+            watch=second.check_alive,
+        )
         # A duplicate delivery after the restart changes nothing.
         assert (await publisher.publish([message]))[0].confirmed
-        wait_for(lambda: '"consumer.duplicate"' in log.read_text(), 15, "duplicate", second, log)
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(30) == 0, log.read_text()[-3000:]
+        second.wait_for("consumer.duplicate", within=15)
+        assert second.terminate(30) == 0, second.tail(60)
     finally:
         await publisher.close()
-        for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait(10)
+        fleet.stop_all()
         await delete_consumer_queues(AMQP_URL, name)
     assert count(engine, f"SELECT count(*) FROM {effects}") == 1
     assert count(engine, f"SELECT count(*) FROM {inbox} WHERE consumer = :c", c=name) == 1
-    assert '"consumer.stopped"' in log.read_text()
+    assert second.events("consumer.stopped")
 
 
 pytestmark = pytest.mark.timeout(120)

@@ -7,9 +7,9 @@ Lanes are driven by a scripted subscriber where the broker adds nothing but wait
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
@@ -26,15 +26,23 @@ from postroom.consumer.processing import Disposition, Processor
 from postroom.database import create_async_engine, create_engine
 from postroom.message import Message
 from postroom.schema import Tables
-from tests.contract.harness import AMQP_URL, KAFKA_URL
-from tests.integration.test_consumer import (
+from tests.support.consuming import (
     KAFKA_GROUP_SETTINGS,
     Running,
-    kafka_available,
-    rabbitmq_available,
+    publish,
+    running,
     settings_for,
     unique,
 )
+from tests.support.readback import create_topics, delete_consumer_queues
+from tests.support.services import (
+    AMQP_URL,
+    KAFKA_BOOTSTRAP,
+    KAFKA_URL,
+    kafka_available,
+    rabbitmq_available,
+)
+from tests.support.waiting import wait_until
 
 
 class LaneDelivery:
@@ -94,18 +102,6 @@ class ScriptedSubscriber:
         self.closed.set()
 
 
-async def wait_until(condition: Any, seconds: float) -> bool:
-    """Wait until ``condition()`` holds; fail the test (not just return False) if it never does."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.05)
-    if not condition():
-        raise AssertionError(f"condition not met within {seconds}s")
-    return True
-
-
 # Bug 4: the concurrency slot is held only while a handler runs, not during backoff.
 async def test_a_failing_partition_waiting_for_its_retry_does_not_block_the_others(
     database_url: str, tables: Tables
@@ -128,12 +124,8 @@ async def test_a_failing_partition_waiting_for_its_retry_does_not_block_the_othe
         consumer_backoff_initial=5.0,
         consumer_backoff_max=5.0,
     )
-    running = Running(ConsumerService(consumer, ScriptedSubscriber(script), settings))
-    await running.started()
-    try:
-        assert await wait_until(lambda: handled == [1, 2, 3], 2.0), handled
-    finally:
-        await running.stop()
+    async with running(ConsumerService(consumer, ScriptedSubscriber(script), settings)):
+        await wait_until(lambda: handled == [1, 2, 3], within=2.0, detail=lambda: repr(handled))
     assert [entry for entry in log if entry[1] == ("t", 1)] == [
         ("ack", ("t", 1), n) for n in (1, 2, 3)
     ]
@@ -160,14 +152,10 @@ async def test_handler_raising_cancelled_error_fails_the_attempt_and_keeps_the_l
     lane = ("t", 0)
     script: list[Any] = [LaneDelivery(log, lane, n) for n in range(3)]
     script += [None, LaneDelivery(log, lane, 3)]
-    running = Running(
+    async with running(
         ConsumerService(consumer, ScriptedSubscriber(script), settings_for(database_url, tables))
-    )
-    await running.started()
-    try:
-        assert await wait_until(lambda: len(log) == 4, 5.0), log
-    finally:
-        await running.stop()
+    ):
+        await wait_until(lambda: len(log) == 4, within=5.0, detail=lambda: repr(log))
     assert runs == [0, 0, 1, 2, 3]
     assert log == [("ack", lane, n) for n in range(4)]
 
@@ -195,13 +183,9 @@ async def test_lane_without_release_never_acknowledges_past_an_unsettled_deliver
         return await original(delivery)
 
     service.processor.process = process  # type: ignore[method-assign]
-    running = Running(service)
-    await running.started()
-    try:
-        assert await wait_until(lambda: ("ack", ("t", 1), 9) in log, 3.0), log
+    async with running(service):
+        await wait_until(lambda: ("ack", ("t", 1), 9) in log, within=3.0, detail=lambda: repr(log))
         await asyncio.sleep(1.0)
-    finally:
-        await running.stop()
     assert [entry for entry in log if entry[1] == ("t", 0)] == []
 
 
@@ -380,29 +364,27 @@ async def _rabbit_queue_count(name: str) -> int | None:
         await connection.close()
 
 
-async def _rabbit_cleanup(name: str) -> None:
-    import aio_pika
+def _always_failing(prefix: str) -> tuple[str, str, postroom.Consumer]:
+    """A consumer named ``prefix-...`` whose handler for a fresh topic always fails."""
+    name, topic = unique(prefix), unique("topic")
+    consumer = postroom.Consumer(name)
 
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        for queue in [name, f"{name}.dead-letter"] + [
-            f"{name}.retry.{1 << n}ms" for n in range(4, 12)
-        ]:
-            await channel.queue_delete(queue)
-    finally:
-        await connection.close()
+    @consumer.handler(topic)
+    async def handle(message: Message, session: AsyncSession) -> None:
+        raise RuntimeError("always fails")
+
+    return name, topic, consumer
 
 
-async def _publish(url: str, messages: list[Message]) -> None:
-    from postroom.brokers import publisher_from_url
+def _rabbitmq_service(consumer: postroom.Consumer, settings: postroom.Settings) -> ConsumerService:
+    from postroom.brokers.rabbitmq import RabbitMQSubscriber
 
-    publisher = publisher_from_url(url)
-    try:
-        results = await publisher.publish(messages)
-    finally:
-        await publisher.close()
-    assert all(r.confirmed for r in results), results
+    return ConsumerService(consumer, RabbitMQSubscriber(AMQP_URL, prefetch=4), settings)
+
+
+def _running_on_rabbitmq(service: ConsumerService) -> AbstractAsyncContextManager[Running]:
+    """:func:`running`, removing the consumer's queues afterwards."""
+    return running(service, cleanup=lambda: delete_consumer_queues(AMQP_URL, service.consumer.name))
 
 
 # Bug 6: an unroutable dead-letter copy is a failure; the missing queue is declared again.
@@ -412,34 +394,20 @@ async def test_rabbitmq_dead_letter_queue_deleted_while_running_is_declared_agai
     rabbitmq_available()
     import aio_pika
 
-    from postroom.brokers.rabbitmq import RabbitMQSubscriber
-
-    name, topic = unique("rmq-ret"), unique("topic")
-    consumer = postroom.Consumer(name)
-
-    @consumer.handler(topic)
-    async def handle(message: Message, session: AsyncSession) -> None:
-        raise RuntimeError("always fails")
-
+    name, topic, consumer = _always_failing("rmq-ret")
     settings = settings_for(database_url, tables, consumer_max_attempts=1)
-    running = Running(ConsumerService(consumer, RabbitMQSubscriber(AMQP_URL, prefetch=4), settings))
-    try:
-        await running.started()
+    async with _running_on_rabbitmq(_rabbitmq_service(consumer, settings)) as run:
         connection = await aio_pika.connect(AMQP_URL)
         channel = await connection.channel()
         await channel.queue_delete(f"{name}.dead-letter")  # an operator removes it
         await connection.close()
-        await _publish(AMQP_URL, [Message.create(topic, {"x": 1})])
-        assert await wait_until(
-            lambda: running.service.metrics.dead_lettered.labels(topic)._value.get() == 1, 5
+        await publish(AMQP_URL, [Message.create(topic, {"x": 1})])
+        await wait_until(
+            lambda: run.service.metrics.dead_lettered.labels(topic)._value.get() == 1, within=5
         )
-        await running.stop()
+        await run.stop()
         assert await _rabbit_queue_count(f"{name}.dead-letter") == 1
         assert await _rabbit_queue_count(name) == 0
-    finally:
-        if not running.task.done():
-            await running.stop()
-        await _rabbit_cleanup(name)
 
 
 # Bug 5: once the dead-letter copy is confirmed, a failing ack never publishes another.
@@ -450,35 +418,20 @@ async def test_rabbitmq_failed_ack_after_dead_letter_copy_publishes_no_second_co
     import aio_pika
     import aiormq
 
-    from postroom.brokers.rabbitmq import RabbitMQSubscriber
-
-    name, topic = unique("rmq-dlq"), unique("topic")
-    consumer = postroom.Consumer(name)
-
-    @consumer.handler(topic)
-    async def handle(message: Message, session: AsyncSession) -> None:
-        raise RuntimeError("always fails")
+    name, topic, consumer = _always_failing("rmq-dlq")
 
     async def ack_on_a_dead_channel(self: Any, multiple: bool = False) -> None:
         raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
 
     monkeypatch.setattr(aio_pika.IncomingMessage, "ack", ack_on_a_dead_channel)
     settings = settings_for(database_url, tables, consumer_max_attempts=1)
-    running = Running(ConsumerService(consumer, RabbitMQSubscriber(AMQP_URL, prefetch=4), settings))
-    try:
-        await running.started()
-        await _publish(AMQP_URL, [Message.create(topic, {"x": 1})])
+    async with _running_on_rabbitmq(_rabbitmq_service(consumer, settings)) as run:
+        await publish(AMQP_URL, [Message.create(topic, {"x": 1})])
         dead_letters = f"{name}.dead-letter"
-        for _ in range(50):
-            if await _rabbit_queue_count(dead_letters):
-                break
-            await asyncio.sleep(0.1)
+        await wait_until(lambda: _rabbit_queue_count(dead_letters), within=5, interval=0.1)
         await asyncio.sleep(2.0)  # the old code published a copy per reconnect backoff round
         assert await _rabbit_queue_count(dead_letters) == 1
-        assert running.service.metrics.dead_lettered.labels(topic)._value.get() == 1
-    finally:
-        await running.stop()
-        await _rabbit_cleanup(name)
+        assert run.service.metrics.dead_lettered.labels(topic)._value.get() == 1
 
 
 # Bug 8: an unsettled RabbitMQ delivery is requeued at once (basic.nack), not left unacked.
@@ -486,8 +439,6 @@ async def test_rabbitmq_unsettled_delivery_is_requeued_and_handled(
     database_url: str, tables: Tables
 ) -> None:
     rabbitmq_available()
-    from postroom.brokers.rabbitmq import RabbitMQSubscriber
-
     name, topic = unique("rmq-nack"), unique("topic")
     consumer = postroom.Consumer(name)
     handled: list[int] = []
@@ -496,9 +447,7 @@ async def test_rabbitmq_unsettled_delivery_is_requeued_and_handled(
     async def handle(message: Message, session: AsyncSession) -> None:
         handled.append(message.payload["x"])
 
-    service = ConsumerService(
-        consumer, RabbitMQSubscriber(AMQP_URL, prefetch=4), settings_for(database_url, tables)
-    )
+    service = _rabbitmq_service(consumer, settings_for(database_url, tables))
     original = service.processor.process
     calls = [0]
 
@@ -509,14 +458,9 @@ async def test_rabbitmq_unsettled_delivery_is_requeued_and_handled(
         return await original(delivery)
 
     service.processor.process = process  # type: ignore[method-assign]
-    running = Running(service)
-    try:
-        await running.started()
-        await _publish(AMQP_URL, [Message.create(topic, {"x": 1})])
-        assert await wait_until(lambda: handled == [1], 5), (calls, handled)
-    finally:
-        await running.stop()
-        await _rabbit_cleanup(name)
+    async with _running_on_rabbitmq(service):
+        await publish(AMQP_URL, [Message.create(topic, {"x": 1})])
+        await wait_until(lambda: handled == [1], within=5, detail=lambda: repr((calls, handled)))
 
 
 # Bug 1 on Kafka: an unsettled record rewinds its partition; nothing is committed past it.
@@ -524,22 +468,13 @@ async def test_kafka_partition_is_rewound_to_an_unsettled_record(
     database_url: str, tables: Tables
 ) -> None:
     kafka_available()
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    from postroom.brokers.kafka import KafkaSubscriber, parse_kafka_url
+    from postroom.brokers.kafka import KafkaSubscriber
 
     name, topic = unique("kafka-rewind"), unique("topic")
-    bootstrap, _ = parse_kafka_url(KAFKA_URL)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics(
-        [
-            NewTopic(t, num_partitions=1, replication_factor=1)
-            for t in (topic, f"{name}.dead-letter")
-        ]
+    await asyncio.to_thread(
+        create_topics, KAFKA_BOOTSTRAP, [topic, f"{name}.dead-letter"], partitions=1
     )
-    for future in futures.values():
-        await asyncio.to_thread(future.result, 10)
-    await _publish(KAFKA_URL, [Message.create(topic, {"n": n}, key="k") for n in range(3)])
+    await publish(KAFKA_URL, [Message.create(topic, {"n": n}, key="k") for n in range(3)])
 
     consumer = postroom.Consumer(name)
     handled: list[int] = []
@@ -560,10 +495,6 @@ async def test_kafka_partition_is_rewound_to_an_unsettled_record(
         return await original(delivery)
 
     service.processor.process = process  # type: ignore[method-assign]
-    running = Running(service)
-    try:
-        await running.started()
-        assert await wait_until(lambda: len(handled) >= 3, 20), handled
-    finally:
-        await running.stop()
+    async with running(service):
+        await wait_until(lambda: len(handled) >= 3, within=20, detail=lambda: repr(handled))
     assert handled == [0, 1, 2]

@@ -19,7 +19,7 @@ from postroom.schema import Tables
 def settings_for(database_url: str, tables: Tables, **overrides: Any) -> Settings:
     return Settings(
         database_url=database_url,
-        schema=tables.schema,
+        schema=tables.schema or "",
         consumer_max_attempts=3,
         **overrides,
     )

@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -96,8 +96,9 @@ ASYNC_TARGETS = ["async_session", "async_connection", "psycopg_async"]
 @pytest.fixture
 def in_transaction(
     request: pytest.FixtureRequest, engine: Engine, conninfo: str, async_engine: AsyncEngine
-) -> Callable[..., Any]:
-    """Run work(target) in a transaction of the parametrized target kind, then commit or not."""
+) -> Callable[..., Awaitable[None]]:
+    """Run work(target) (a sync kind) or work_async(target) (an async kind) in a transaction
+    of the parametrized target kind, then commit or not."""
     kind = request.param
     runners: dict[str, Callable[..., Any]] = {
         "session": lambda w, c: run_sync_session(engine, w, c),
@@ -107,7 +108,14 @@ def in_transaction(
         "async_connection": lambda w, c: run_async_connection(async_engine, w, c),
         "psycopg_async": lambda w, c: run_psycopg_async(conninfo, w, c),
     }
-    return runners[kind]
+
+    async def run(work: Callable[..., None], work_async: Callable[..., Any], commit: bool) -> None:
+        if kind in SYNC_TARGETS:
+            runners[kind](work, commit)
+        else:
+            await runners[kind](work_async, commit)
+
+    return run
 
 
 def make_batch(outbox: Outbox) -> list[Message]:
@@ -122,10 +130,10 @@ def make_batch(outbox: Outbox) -> list[Message]:
     ] + [outbox.message("files.stored", b"\x00\x01\x02"), outbox.message("late", 1, delay=60)]
 
 
-@pytest.mark.parametrize("in_transaction", SYNC_TARGETS, indirect=True)
+@pytest.mark.parametrize("in_transaction", SYNC_TARGETS + ASYNC_TARGETS, indirect=True)
 @pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
-def test_sync_targets_write_exactly_the_rows_of_committed_transactions(
-    in_transaction: Callable[..., None],
+async def test_every_target_writes_exactly_the_rows_of_committed_transactions(
+    in_transaction: Callable[..., Awaitable[None]],
     commit: bool,
     outbox: Outbox,
     engine: Engine,
@@ -138,33 +146,13 @@ def test_sync_targets_write_exactly_the_rows_of_committed_transactions(
         written.append(outbox.enqueue(target, "orders.created", {"single": True}, key="order-0"))
         written.extend(outbox.enqueue_many(target, batch))
 
-    in_transaction(work, commit)
-    rows = outbox_rows(engine, tables)
-    if commit:
-        assert_rows_match(rows, written)
-    else:
-        assert rows == []
-
-
-@pytest.mark.parametrize("in_transaction", ASYNC_TARGETS, indirect=True)
-@pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
-async def test_async_targets_write_exactly_the_rows_of_committed_transactions(
-    in_transaction: Callable[..., Any],
-    commit: bool,
-    outbox: Outbox,
-    engine: Engine,
-    tables: Tables,
-) -> None:
-    batch = make_batch(outbox)
-    written: list[Message] = []
-
-    async def work(target: Any) -> None:
+    async def work_async(target: Any) -> None:
         written.append(
             await outbox.enqueue_async(target, "orders.created", {"single": True}, key="order-0")
         )
         written.extend(await outbox.enqueue_many_async(target, batch))
 
-    await in_transaction(work, commit)
+    await in_transaction(work, work_async, commit)
     rows = outbox_rows(engine, tables)
     if commit:
         assert_rows_match(rows, written)

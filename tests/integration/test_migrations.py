@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,8 @@ from sqlalchemy import Column, Integer, MetaData, Table, text
 from sqlalchemy.engine import Connection, Engine
 
 from postroom.schema import Tables, build_tables, migrate
-from tests.conftest import drop_schema, unique_schema
+from tests.support.cli import run_postroom
+from tests.support.database import drop_schema, unique_schema
 
 
 def catalog(connection: Connection, schema: str) -> dict[str, Any]:
@@ -88,7 +87,7 @@ def test_migrations_build_exactly_what_the_tables_describe(engine: Engine, table
 
 def test_the_partial_indexes_serve_pending_rows(engine: Engine, tables: Tables) -> None:
     with engine.connect() as connection:
-        indexes = dict(
+        indexes: dict[str, str] = dict(
             connection.execute(
                 text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = :s"),
                 {"s": tables.schema},
@@ -97,16 +96,15 @@ def test_the_partial_indexes_serve_pending_rows(engine: Engine, tables: Tables) 
     assert "WHERE (status = 'pending'::text)" in indexes["outbox_pending_idx"]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real `postroom` command."""
-    return subprocess.run(
-        [sys.executable, "-m", "postroom", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=60,
-        check=False,
-    )
+def table_names(engine: Engine, schema: str) -> list[str]:
+    """The tables in ``schema``, sorted."""
+    with engine.connect() as connection:
+        return list(
+            connection.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname = :s ORDER BY 1"),
+                {"s": schema},
+            ).scalars()
+        )
 
 
 def test_cli_upgrade_is_idempotent_and_check_gates_the_deploy(
@@ -115,32 +113,27 @@ def test_cli_upgrade_is_idempotent_and_check_gates_the_deploy(
     schema = unique_schema()
     env = {"POSTROOM_DATABASE_URL": database_url, "POSTROOM_SCHEMA": schema}
     try:
-        before = run_cli("db", "check", env=env)
+        before = run_postroom("db", "check", env=env)
         assert before.returncode == 1
         assert "missing" in before.stderr
         assert "postroom db upgrade" in before.stderr
-        first = run_cli("db", "upgrade", env=env)
+        first = run_postroom("db", "upgrade", env=env)
         assert first.returncode == 0, first.stderr
         assert "upgraded from nothing to 0001" in first.stdout
-        second = run_cli("db", "upgrade", env=env)
+        second = run_postroom("db", "upgrade", env=env)
         assert second.returncode == 0, second.stderr
         assert "already at revision 0001" in second.stdout
-        after = run_cli("db", "check", env=env)
+        after = run_postroom("db", "check", env=env)
         assert after.returncode == 0, after.stderr
         assert "up to date" in after.stdout
         assert migrate.status(database_url, build_tables(schema)).up_to_date
-        with engine.connect() as connection:
-            names = connection.execute(
-                text("SELECT tablename FROM pg_tables WHERE schemaname = :s ORDER BY 1"),
-                {"s": schema},
-            ).scalars()
-            assert list(names) == [
-                "inbox",
-                "outbox",
-                "outbox_alembic_version",
-                "outbox_partitions",
-                "outbox_relays",
-            ]
+        assert table_names(engine, schema) == [
+            "inbox",
+            "outbox",
+            "outbox_alembic_version",
+            "outbox_partitions",
+            "outbox_relays",
+        ]
     finally:
         drop_schema(engine, schema)
 
@@ -149,13 +142,13 @@ def test_cli_check_fails_when_the_database_is_behind(database_url: str, engine: 
     schema = unique_schema()
     env = {"POSTROOM_DATABASE_URL": database_url, "POSTROOM_SCHEMA": schema}
     try:
-        assert run_cli("db", "upgrade", env=env).returncode == 0
+        assert run_postroom("db", "upgrade", env=env).returncode == 0
         with engine.begin() as connection:
             connection.execute(
                 text(f'UPDATE "{schema}".outbox_alembic_version SET version_num = :old'),
                 {"old": "0000"},
             )
-        behind = run_cli("db", "check", env=env)
+        behind = run_postroom("db", "check", env=env)
         assert behind.returncode == 1
         assert "at revision 0000" in behind.stderr
     finally:
@@ -167,7 +160,7 @@ def test_db_sql_applied_by_hand_gives_the_same_schema(
 ) -> None:
     schema = unique_schema()
     try:
-        ddl = run_cli("db", "sql", "--schema", schema)
+        ddl = run_postroom("db", "sql", "--schema", schema)
         assert ddl.returncode == 0, ddl.stderr
         assert f'CREATE SCHEMA IF NOT EXISTS "{schema}"' in ddl.stdout
         psql = subprocess.run(
@@ -182,7 +175,7 @@ def test_db_sql_applied_by_hand_gives_the_same_schema(
         with engine.connect() as connection:
             assert tables.schema is not None
             assert catalog(connection, schema) == catalog(connection, tables.schema)
-        check = run_cli("db", "check", "--schema", schema, "--database-url", database_url)
+        check = run_postroom("db", "check", "--schema", schema, "--database-url", database_url)
         assert check.returncode == 0, check.stderr
     finally:
         drop_schema(engine, schema)
@@ -193,39 +186,29 @@ def test_custom_table_names_and_downgrade(database_url: str, engine: Engine) -> 
     custom = build_tables(schema, "events_out", "events_in")
     try:
         migrate.upgrade(database_url, custom)
-        with engine.connect() as connection:
-            found = connection.execute(
-                text("SELECT tablename FROM pg_tables WHERE schemaname = :s ORDER BY 1"),
-                {"s": schema},
-            ).scalars()
-            assert list(found) == [
-                "events_in",
-                "events_out",
-                "events_out_alembic_version",
-                "events_out_partitions",
-                "events_out_relays",
-            ]
+        assert table_names(engine, schema) == [
+            "events_in",
+            "events_out",
+            "events_out_alembic_version",
+            "events_out_partitions",
+            "events_out_relays",
+        ]
         migrate.downgrade(database_url, custom, "base")
-        with engine.connect() as connection:
-            left = connection.execute(
-                text("SELECT tablename FROM pg_tables WHERE schemaname = :s ORDER BY 1"),
-                {"s": schema},
-            ).scalars()
-            assert list(left) == ["events_out_alembic_version"]
+        assert table_names(engine, schema) == ["events_out_alembic_version"]
         assert migrate.status(database_url, custom).current is None
     finally:
         drop_schema(engine, schema)
 
 
 def test_cli_errors_are_sentences(database_url: str) -> None:
-    unreachable = run_cli(
+    unreachable = run_postroom(
         "db", "check", "--database-url", "postgresql://nobody:s3cret@127.0.0.1:1/none"
     )
     assert unreachable.returncode == 3
     assert "cannot reach PostgreSQL at nobody@127.0.0.1:1/none" in unreachable.stderr
     assert "s3cret" not in unreachable.stderr + unreachable.stdout
     assert "Traceback" not in unreachable.stderr
-    bad_name = run_cli("db", "upgrade", "--schema", "Bad-Name", "--database-url", database_url)
+    bad_name = run_postroom("db", "upgrade", "--schema", "Bad-Name", "--database-url", database_url)
     assert bad_name.returncode == 3
     assert "not a valid name" in bad_name.stderr
 

@@ -10,7 +10,7 @@ import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -31,46 +31,20 @@ from postroom.relay.store import (
     REJECTED,
     BatchOutcomes,
     Claim,
+    ClaimedRow,
     Connection,
     OutboxStore,
     RowOutcome,
 )
 from postroom.schema import PARTITION_COUNT, Tables, relay_sql
+from tests.support.relaying import relay_settings, running_relay
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
 def settings(database_url: str, tables: Tables) -> Settings:
     """Relay settings with short leases and backoff, so tests run in seconds."""
-    return Settings(
-        database_url=database_url,
-        schema=tables.schema or "",
-        relay_lease=2.0,
-        relay_poll_interval=0.2,
-        relay_backoff_initial=0.2,
-        relay_backoff_max=0.5,
-        relay_max_attempts=3,
-        metrics_port=0,
-    )
-
-
-@contextlib.asynccontextmanager
-async def running(relay: Relay) -> AsyncIterator[Relay]:
-    """Run the relay in the background for the duration of the block."""
-    task = asyncio.create_task(relay.run())
-    try:
-        yield relay
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 15)
-
-
-async def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
-    """Wait until ``check()`` is true, or fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(0.05)
+    return relay_settings(database_url, tables)
 
 
 def rows(engine: Engine, tables: Tables) -> list[Any]:
@@ -90,7 +64,7 @@ def write(engine: Engine, outbox: Outbox, messages: list[tuple[str, Any, str | N
 
 
 def status_of(engine: Engine, tables: Tables, message_id: Any) -> str:
-    return next(r.status for r in rows(engine, tables) if r.id == message_id)
+    return str(next(r.status for r in rows(engine, tables) if r.id == message_id))
 
 
 def by_key(broker: MemoryBroker) -> dict[str | None, list[int]]:
@@ -105,9 +79,11 @@ async def test_publishes_every_row_as_written_and_marks_it(
 ) -> None:
     broker = MemoryBroker()
     written = write(engine, outbox, [("orders", i, f"k{i % 7}") for i in range(300)])
-    async with running(Relay(settings, broker.publisher())):
-        await eventually(lambda: len(broker.messages()) == 300)
-        await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
+    async with running_relay(Relay(settings, broker.publisher())):
+        await wait_until(lambda: len(broker.messages()) == 300, within=15)
+        await wait_until(
+            lambda: all(r.status == "published" for r in rows(engine, tables)), within=15
+        )
     delivered = {m.id: m for m in broker.messages()}
     for message in written:
         got = delivered[message.id]
@@ -128,8 +104,8 @@ async def test_hot_keys_stay_in_order_across_many_batches(
     for start in range(0, 2000, 250):
         write(engine, outbox, [("t", i, f"k{i % 3}") for i in range(start, start + 250)])
     relay = Relay(Settings(**{**settings.__dict__, "relay_batch_size": 64}), broker.publisher())
-    async with running(relay):
-        await eventually(lambda: len(broker.messages()) == 2000)
+    async with running_relay(relay):
+        await wait_until(lambda: len(broker.messages()) == 2000, within=15)
     for key, sequence in by_key(broker).items():
         assert sequence == sorted(sequence), key
 
@@ -140,8 +116,8 @@ async def test_delete_on_publish_when_retention_is_zero(
     broker = MemoryBroker()
     write(engine, outbox, [("t", i, None) for i in range(50)])
     relay = Relay(Settings(**{**settings.__dict__, "relay_retention": 0.0}), broker.publisher())
-    async with running(relay):
-        await eventually(lambda: rows(engine, tables) == [])
+    async with running_relay(relay):
+        await wait_until(lambda: rows(engine, tables) == [], within=15)
     assert len(broker.messages()) == 50
 
 
@@ -152,15 +128,15 @@ async def test_poison_row_retries_with_backoff_then_is_dead_lettered_while_other
     first = write(engine, outbox, [("nowhere", 0, "poisoned"), ("t", 1, "poisoned")])
     others = write(engine, outbox, [("t", i, f"k{i}") for i in range(20)])
     poison, waiting = first
-    async with running(Relay(settings, broker.publisher())):
-        await eventually(lambda: len(broker.messages()) == 20)
+    async with running_relay(Relay(settings, broker.publisher())):
+        await wait_until(lambda: len(broker.messages()) == 20, within=15)
         # The poisoned key's later row waits while the poison row is retried.
         state = {r.id: r for r in rows(engine, tables)}
         assert state[waiting.id].status == "pending"
         assert waiting.id not in {m.id for m in broker.messages()}
-        await eventually(lambda: status_of(engine, tables, poison.id) == "dead")
+        await wait_until(lambda: status_of(engine, tables, poison.id) == "dead", within=15)
         # Once the poison row is dead-lettered, the key flows again, in order.
-        await eventually(lambda: waiting.id in {m.id for m in broker.messages()})
+        await wait_until(lambda: waiting.id in {m.id for m in broker.messages()}, within=15)
     dead = {r.id: r for r in rows(engine, tables)}[poison.id]
     assert dead.attempts == settings.relay_max_attempts
     assert "unroutable" in dead.last_error
@@ -176,8 +152,8 @@ async def test_backoff_spaces_the_attempts(
     (message,) = write(engine, outbox, [("t", 1, "k")])
     broker.fail_message(message.id, error="refused", times=2)
     started = time.monotonic()
-    async with running(Relay(settings, broker.publisher())):
-        await eventually(lambda: len(broker.messages()) == 1)
+    async with running_relay(Relay(settings, broker.publisher())):
+        await wait_until(lambda: len(broker.messages()) == 1, within=15)
     elapsed = time.monotonic() - started
     (row,) = rows(engine, tables)
     assert row.status == "published"
@@ -192,20 +168,22 @@ async def test_broker_outage_burns_no_attempts_and_resumes_by_itself(
 ) -> None:
     broker = MemoryBroker()
     relay = Relay(settings, broker.publisher())
-    async with running(relay):
+    async with running_relay(relay):
         write(engine, outbox, [("t", i, f"k{i % 4}") for i in range(5)])
-        await eventually(lambda: len(broker.messages()) == 5)
+        await wait_until(lambda: len(broker.messages()) == 5, within=15)
         # The broker goes away while the relay is running: its publishes come back
         # UNAVAILABLE, which must not cost the rows an attempt.
         broker.start_outage()
         write(engine, outbox, [("t", i, f"k{i % 4}") for i in range(5, 45)])
-        await eventually(lambda: relay.metrics.unavailable._value.get() > 0)
-        await eventually(lambda: not relay.ready)
+        await wait_until(lambda: relay.metrics.unavailable._value.get() > 0, within=15)
+        await wait_until(lambda: not relay.ready, within=15)
         assert len(broker.messages()) == 5
         assert all(r.attempts == 0 for r in rows(engine, tables) if r.status == "pending")
         broker.end_outage()
-        await eventually(lambda: len(broker.messages()) == 45)
-        await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
+        await wait_until(lambda: len(broker.messages()) == 45, within=15)
+        await wait_until(
+            lambda: all(r.status == "published" for r in rows(engine, tables)), within=15
+        )
     assert all(r.attempts == 0 for r in rows(engine, tables))
 
 
@@ -217,11 +195,11 @@ async def test_delayed_messages_wait_until_due(
         later = outbox.enqueue(session, "t", "later", delay=timedelta(seconds=1.5))
         now = outbox.enqueue(session, "t", "now")
         session.commit()
-    async with running(Relay(settings, broker.publisher())):
-        await eventually(lambda: len(broker.messages()) == 1)
+    async with running_relay(Relay(settings, broker.publisher())):
+        await wait_until(lambda: len(broker.messages()) == 1, within=15)
         assert broker.messages()[0].id == now.id
         started = time.monotonic()
-        await eventually(lambda: len(broker.messages()) == 2)
+        await wait_until(lambda: len(broker.messages()) == 2, within=15)
     assert broker.messages()[1].id == later.id
     assert time.monotonic() - started > 0.5
 
@@ -247,11 +225,11 @@ async def test_relays_share_the_partitions_and_take_over_when_one_stops(
         Relay(Settings(**{**settings.__dict__, "relay_id": f"relay-{n}"}), broker.publisher())
         for n in range(3)
     ]
-    async with running(relays[0]), running(relays[1]):
-        async with running(relays[2]):
-            await eventually(lambda: owned_counts(engine, tables) == [21, 21, 22])
+    async with running_relay(relays[0]), running_relay(relays[1]):
+        async with running_relay(relays[2]):
+            await wait_until(lambda: owned_counts(engine, tables) == [21, 21, 22], within=15)
         # relay-2 released its partitions on a clean stop; the other two share them.
-        await eventually(lambda: owned_counts(engine, tables) == [32, 32])
+        await wait_until(lambda: owned_counts(engine, tables) == [32, 32], within=15)
     assert owners(engine, tables) == {None: PARTITION_COUNT}
     with engine.connect() as connection:
         assert connection.execute(select(tables.relays)).all() == []
@@ -340,11 +318,12 @@ def test_the_claim_walks_the_pending_index(
     with engine.begin() as connection:
         connection.execute(text(f'ANALYZE "{schema}".outbox'))
     with psycopg.connect(conninfo) as connection:
-        plan = connection.execute(
+        explained = connection.execute(
             "EXPLAIN (FORMAT JSON) " + relay_sql.claim_sql(tables),
             {"partitions": list(range(64)), "limit": 500, "in_flight": [1, 2, 3]},
-        ).fetchone()[0]
-    plan_text = json.dumps(plan)
+        ).fetchone()
+    assert explained is not None
+    plan_text = json.dumps(explained[0])
     assert "outbox_pending_idx" in plan_text
     assert '"Seq Scan"' not in plan_text
 
@@ -365,9 +344,9 @@ async def test_metrics_and_health_endpoints(
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
 
-    async with running(relay):
-        await eventually(lambda: len(broker.messages()) == 10)
-        await eventually(lambda: relay.ready)
+    async with running_relay(relay):
+        await wait_until(lambda: len(broker.messages()) == 10, within=15)
+        await wait_until(lambda: relay.ready, within=15)
         status, body = await asyncio.to_thread(get, "/metrics")
         assert status == 200
         assert "postroom_relay_published_total 10.0" in body
@@ -386,17 +365,17 @@ async def test_rows_of_a_long_transaction_committing_late_are_published_in_order
     late = [outbox.enqueue(long_running, "t", {"late": i}, key="late-key") for i in range(3)] + [
         outbox.enqueue(long_running, "t", {"late": 9}, key=None)
     ]
-    async with running(Relay(settings, broker.publisher())):
+    async with running_relay(Relay(settings, broker.publisher())):
         for round_ in range(5):
             write(engine, outbox, [("t", {"round": round_, "i": i}, f"k{i}") for i in range(20)])
-        await eventually(lambda: len(broker.messages()) == 100)
+        await wait_until(lambda: len(broker.messages()) == 100, within=15)
         assert {m.id for m in late}.isdisjoint(m.id for m in broker.messages())
         long_running.commit()
         long_running.close()
-        await eventually(lambda: len(broker.messages()) == 104)
+        await wait_until(lambda: len(broker.messages()) == 104, within=15)
         # Rows of that key written after the late commit follow them.
         after = write(engine, outbox, [("t", {"late": 3}, "late-key")])
-        await eventually(lambda: len(broker.messages()) == 105)
+        await wait_until(lambda: len(broker.messages()) == 105, within=15)
     late_key = [m for m in broker.messages() if m.key == "late-key"]
     assert [m.id for m in late_key] == [m.id for m in late[:3]] + [after[0].id]
     positions = {r.id: r.position for r in rows(engine, tables)}
@@ -426,8 +405,10 @@ async def test_a_failed_mark_does_not_strand_the_next_batch(
         return await real_mark(*args, **kwargs)
 
     relay._marks.mark = flaky_mark  # type: ignore[method-assign]
-    async with running(relay):
-        await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
+    async with running_relay(relay):
+        await wait_until(
+            lambda: all(r.status == "published" for r in rows(engine, tables)), within=15
+        )
         assert relay._batches.positions() == []
         assert relay._busy_partitions() == frozenset()
     assert {m.id for m in broker.messages()} == {r.id for r in rows(engine, tables)}
@@ -460,18 +441,19 @@ async def test_the_next_batch_is_read_ahead_only_under_a_backlog(
             overlapped.append(publishing[-1])
         return await claim(*args, **kwargs)
 
-    relay.publisher = type("Slow", (), {"publish": staticmethod(slow_publish)})()
-    relay.publisher.connect = publisher.connect  # type: ignore[attr-defined]
-    relay.publisher.close = publisher.close  # type: ignore[attr-defined]
+    slow: Any = type("Slow", (), {"publish": staticmethod(slow_publish)})()
+    slow.connect = publisher.connect
+    slow.close = publisher.close
+    relay.publisher = slow
     relay._store.claim = watched_claim  # type: ignore[method-assign]
     write(engine, outbox, [("t", i, f"k{i}") for i in range(10)])
-    async with running(relay):
-        await eventually(lambda: len(broker.messages()) == 11)
+    async with running_relay(relay):
+        await wait_until(lambda: len(broker.messages()) == 11, within=15)
         assert overlapped == []  # partial batches: no claim during a publish
         # The late row went out in the very next batch, not one batch later.
         assert [m.payload for m in broker.messages()][-1] == "late"
         write(engine, outbox, [("t", i, f"b{i}") for i in range(200)])
-        await eventually(lambda: len(broker.messages()) == 211)
+        await wait_until(lambda: len(broker.messages()) == 211, within=15)
     assert set(overlapped) == {50}  # read ahead, and only behind full batches
 
 
@@ -483,8 +465,10 @@ async def test_only_the_marks_skip_the_wal_flush_wait(
     broker = MemoryBroker()
     relay = Relay(settings, broker.publisher())
     write(engine, outbox, [("t", 1, "k")])
-    async with running(relay):
-        await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
+    async with running_relay(relay):
+        await wait_until(
+            lambda: all(r.status == "published" for r in rows(engine, tables)), within=15
+        )
         show = "SELECT current_setting('synchronous_commit')"
         assert await relay._mark_connection.fetch(show, {}) == [("off",)]
         assert await relay._work_connection.fetch(show, {}) == [("on",)]
@@ -507,9 +491,9 @@ async def test_the_heartbeat_outlives_an_unexpected_error(
         await real_heartbeat(*args, **kwargs)
 
     relay.leases.heartbeat = failing_once  # type: ignore[method-assign]
-    async with running(relay):
+    async with running_relay(relay):
         write(engine, outbox, [("t", i, None) for i in range(10)])
-        await eventually(lambda: len(broker.messages()) == 10)
+        await wait_until(lambda: len(broker.messages()) == 10, within=15)
         assert relay.healthy()
     assert failures == 1
 
@@ -523,29 +507,39 @@ async def test_a_new_relay_gets_its_share_while_a_backlog_drains(
     slow = Settings(**{**settings.__dict__, "relay_batch_size": 20, "relay_id": "relay-a"})
     first = Relay(slow, broker.publisher())
     second = Relay(Settings(**{**slow.__dict__, "relay_id": "relay-b"}), broker.publisher())
-    async with running(first):
-        await eventually(lambda: len(first.leases.owned) == PARTITION_COUNT)
-        async with running(second):
-            await eventually(lambda: len(second.leases.owned) == PARTITION_COUNT // 2)
+    async with running_relay(first):
+        await wait_until(lambda: len(first.leases.owned) == PARTITION_COUNT, within=15)
+        async with running_relay(second):
+            await wait_until(lambda: len(second.leases.owned) == PARTITION_COUNT // 2, within=15)
             pending = sum(r.status == "pending" for r in rows(engine, tables))
             assert pending > 0, "the backlog drained before the second relay got partitions"
-            await eventually(lambda: all(r.status == "published" for r in rows(engine, tables)))
+            await wait_until(
+                lambda: all(r.status == "published" for r in rows(engine, tables)), within=15
+            )
     for key, sequence in by_key(broker).items():
         deduplicated = list(dict.fromkeys(sequence))
         assert deduplicated == sorted(deduplicated), key
 
 
-async def test_a_mark_applied_twice_counts_one_failure(
+async def claimed_row(
     database_url: str, conninfo: str, engine: Engine, outbox: Outbox, tables: Tables
-) -> None:
+) -> tuple[OutboxStore, ClaimedRow, uuid.UUID]:
+    """One row written and claimed by relay-a: the store, the row, and its claim's token."""
     write(engine, outbox, [("t", 1, "k")])
     leases = PartitionLeases(Connection(conninfo, database_url), tables, "relay-a", 30)
     store = OutboxStore(Connection(conninfo, database_url), tables)
     await leases.heartbeat()
     claim = await store.claim(leases.tokens, limit=10)
     (row,) = claim.rows
+    return store, row, claim.tokens[row.partition]
+
+
+async def test_a_mark_applied_twice_counts_one_failure(
+    database_url: str, conninfo: str, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    store, row, token = await claimed_row(database_url, conninfo, engine, outbox, tables)
     rejected = BatchOutcomes.of(
-        [RowOutcome(row.position, claim.tokens[row.partition], 0, row.due_at, REJECTED, "no", 0.0)]
+        [RowOutcome(row.position, token, 0, row.due_at, REJECTED, "no", 0.0)]
     )
     first = await store.mark(rejected, max_attempts=2, delete_published=False)
     again = await store.mark(rejected, max_attempts=2, delete_published=False)
@@ -562,7 +556,7 @@ async def test_cancelling_the_relay_releases_its_partitions_and_connections(
     write(engine, outbox, [("t", i, None) for i in range(50)])
     relay = Relay(settings, broker.publisher())
     task = asyncio.create_task(relay.run())
-    await eventually(lambda: len(broker.messages()) == 50)
+    await wait_until(lambda: len(broker.messages()) == 50, within=15)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -575,15 +569,8 @@ async def test_a_retried_mark_cannot_undo_an_operators_replay(
     database_url: str, conninfo: str, engine: Engine, outbox: Outbox, tables: Tables
 ) -> None:
     """A mark re-run after a lost reply must not mark a row an operator replayed meanwhile."""
-    write(engine, outbox, [("t", 1, "k")])
-    leases = PartitionLeases(Connection(conninfo, database_url), tables, "relay-a", 30)
-    store = OutboxStore(Connection(conninfo, database_url), tables)
-    await leases.heartbeat()
-    claim = await store.claim(leases.tokens, limit=10)
-    (row,) = claim.rows
-    confirmed = BatchOutcomes.of(
-        [RowOutcome(row.position, claim.tokens[row.partition], 0, row.due_at, CONFIRMED)]
-    )
+    store, row, token = await claimed_row(database_url, conninfo, engine, outbox, tables)
+    confirmed = BatchOutcomes.of([RowOutcome(row.position, token, 0, row.due_at, CONFIRMED)])
     assert len(await store.mark(confirmed, max_attempts=3, delete_published=False)) == 1
     # `postroom outbox replay`: back to pending with the same id, due now.
     with engine.begin() as connection:

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from sqlalchemy.engine import Engine
 from postroom.outbox import Outbox
 from postroom.schema import PARTITION_COUNT, Tables
 from postroom.schema.sql import quoted_table
+from tests.support.network import address
 from tests.support.processes import RelayFleet, ServiceProcess, TansuBroker
 from tests.support.proxy import FaultProxy
 from tests.support.readback import (
@@ -32,7 +34,7 @@ from tests.support.readback import (
     RabbitMQReadback,
     check_deliveries,
 )
-from tests.support.services import address
+from tests.support.waiting import wait_until
 from tests.support.writing import PacedWriter, Written, commit, make_message
 
 pytestmark = pytest.mark.timeout(150)
@@ -53,6 +55,33 @@ def relays(database_url: str, tables: Tables, tmp_path: Path) -> Iterator[RelayF
 def prefix() -> str:
     """A topic prefix no other test uses (topics are ``<prefix>.<name>``)."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class Scene:
+    """What every test here works with: relay processes on its own tables, and a topic prefix."""
+
+    relays: RelayFleet
+    tables: Tables
+    engine: Engine
+    outbox: Outbox
+    prefix: str
+    record_property: Any
+
+    def parts(self) -> tuple[RelayFleet, Tables, Engine, Outbox, str]:
+        return self.relays, self.tables, self.engine, self.outbox, self.prefix
+
+
+@pytest.fixture
+def scene(
+    relays: RelayFleet,
+    tables: Tables,
+    engine: Engine,
+    outbox: Outbox,
+    prefix: str,
+    record_property: Any,
+) -> Scene:
+    return Scene(relays, tables, engine, outbox, prefix, record_property)
 
 
 @pytest.fixture
@@ -92,12 +121,19 @@ def unpublished(engine: Engine, tables: Tables) -> int:
 async def wait_all_published(
     engine: Engine, tables: Tables, within: float, fleet: RelayFleet
 ) -> None:
-    deadline = time.monotonic() + within
-    while (left := await asyncio.to_thread(unpublished, engine, tables)) > 0:
-        assert time.monotonic() < deadline, (
-            f"{left} outbox rows still not published after {within:g} s\n{fleet.tails()}"
-        )
-        await asyncio.sleep(0.1)
+    left: list[int] = []
+
+    async def all_published() -> bool:
+        left.append(await asyncio.to_thread(unpublished, engine, tables))
+        return left[-1] == 0
+
+    await wait_until(
+        all_published,
+        within=within,
+        interval=0.1,
+        what="every outbox row published",
+        detail=lambda: f"{left[-1]} outbox rows still not published\n{fleet.tails()}",
+    )
 
 
 def assert_published_once_without_attempts(
@@ -124,15 +160,9 @@ def report(record_property: Any, name: str, delivered: Sequence[Delivered], summ
 
 @pytest.mark.parametrize("broker", ["rabbitmq", "kafka"])
 async def test_ten_thousand_keyed_messages_arrive_exactly_with_three_relays_and_one_killed(
-    broker: str,
-    request: pytest.FixtureRequest,
-    record_property: Any,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    outbox: Outbox,
-    prefix: str,
+    broker: str, request: pytest.FixtureRequest, scene: Scene
 ) -> None:
+    relays, tables, engine, outbox, prefix = scene.parts()
     keys = [f"customer-{i:03d}" for i in range(200)]
     topic_of = {key: f"{prefix}.{'orders' if i % 2 else 'payments'}" for i, key in enumerate(keys)}
     topics = sorted(set(topic_of.values()))
@@ -181,10 +211,13 @@ async def test_ten_thousand_keyed_messages_arrive_exactly_with_three_relays_and_
         # Kill one relay (SIGKILL: no mark, no release) once ~30% arrived.
         victim, survivors = fleet[0], fleet[1:]
         marks = {relay.relay_id: relay.mark() for relay in survivors}
-        deadline = time.monotonic() + 60
-        while readback.count < total * 3 // 10:
-            assert time.monotonic() < deadline, f"only {readback.count} arrived\n{relays.tails()}"
-            await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: readback.count >= total * 3 // 10,
+            within=60,
+            interval=0.01,
+            what="30% of the messages",
+            detail=lambda: f"only {readback.count} arrived\n{relays.tails()}",
+        )
         victim.kill()
         killed_at = scalar(engine, "SELECT now()")
         killed.set()
@@ -219,7 +252,7 @@ async def test_ten_thousand_keyed_messages_arrive_exactly_with_three_relays_and_
     result = check_deliveries(
         written.messages, delivered, sequence=written.seq, kafka=broker == "kafka"
     )
-    report(record_property, broker, delivered, result.summary())
+    report(scene.record_property, broker, delivered, result.summary())
     result.assert_exact()
     assert result.distinct == total
 
@@ -239,13 +272,20 @@ async def wait_balanced(engine: Engine, tables: Tables, fleet: Sequence[ServiceP
     """Wait until every relay of ``fleet`` owns a fair share of the partitions."""
     wanted = {relay.relay_id for relay in fleet}
     sql = f"SELECT owner, count(*) FROM {quoted_table(tables.partitions)} GROUP BY owner"
-    deadline = time.monotonic() + 20
-    while True:
-        shares = dict(await asyncio.to_thread(_fetch, engine, sql))
-        if set(shares) == wanted and max(shares.values()) <= -(-PARTITION_COUNT // len(fleet)):
-            return
-        assert time.monotonic() < deadline, f"partitions never balanced: {shares}"
-        await asyncio.sleep(0.1)
+    shares: dict[str, int] = {}
+
+    async def balanced() -> bool:
+        shares.clear()
+        shares.update(await asyncio.to_thread(_fetch, engine, sql))
+        return set(shares) == wanted and max(shares.values()) <= -(-PARTITION_COUNT // len(fleet))
+
+    await wait_until(
+        balanced,
+        within=20,
+        interval=0.1,
+        what="partitions balanced",
+        detail=lambda: f"partitions never balanced: {shares}",
+    )
 
 
 def _fetch(engine: Engine, sql: str, **params: Any) -> list[Any]:
@@ -264,15 +304,9 @@ async def _close(readback: RabbitMQReadback | KafkaReadback) -> None:
 
 
 async def test_stalled_relay_is_fenced_and_changes_nothing_another_relay_took_over(
-    record_property: Any,
-    rabbitmq: str,
-    proxy: FaultProxy,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    outbox: Outbox,
-    prefix: str,
+    rabbitmq: str, proxy: FaultProxy, scene: Scene
 ) -> None:
+    relays, tables, engine, outbox, prefix = scene.parts()
     topic = f"{prefix}.fenced"
     async with RabbitMQReadback(rabbitmq, f"{prefix}.#") as readback:
         # The stale relay publishes through a slow path: each round of a batch waits ~2 s
@@ -288,10 +322,13 @@ async def test_stalled_relay_is_fenced_and_changes_nothing_another_relay_took_ov
         written = writer.written
 
         # Freeze it while its publishes are in the proxy: it cannot have marked them.
-        deadline = time.monotonic() + 20
-        while proxy.in_transit_to_upstream <= 0:
-            assert time.monotonic() < deadline, f"the relay never published\n{stale.tail()}"
-            await asyncio.sleep(0.002)
+        await wait_until(
+            lambda: proxy.in_transit_to_upstream > 0,
+            within=20,
+            interval=0.002,
+            what="the relay publishing",
+            detail=stale.tail,
+        )
         stale.pause()
         await asyncio.sleep(0.3)  # a statement it already sent completes server-side
         lease_end = scalar(
@@ -343,7 +380,7 @@ async def test_stalled_relay_is_fenced_and_changes_nothing_another_relay_took_ov
         delivered = readback.received
 
     result = check_deliveries(written.messages, delivered, sequence=written.seq)
-    report(record_property, "fencing", delivered, result.summary())
+    report(scene.record_property, "fencing", delivered, result.summary())
     result.assert_exact()
     # The frozen batch had reached RabbitMQ through the proxy and was published again by
     # the relay that took over: at-least-once, never at-most-once.
@@ -357,15 +394,9 @@ async def test_stalled_relay_is_fenced_and_changes_nothing_another_relay_took_ov
 
 
 async def test_rabbitmq_outage_loses_nothing_burns_no_attempt_and_heals_itself(
-    record_property: Any,
-    rabbitmq: str,
-    proxy: FaultProxy,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    outbox: Outbox,
-    prefix: str,
+    rabbitmq: str, proxy: FaultProxy, scene: Scene
 ) -> None:
+    relays, tables, engine, outbox, prefix = scene.parts()
     topic = f"{prefix}.outage"
     async with RabbitMQReadback(rabbitmq, f"{prefix}.#") as readback:
         relay = relays.start(broker_url=proxy.url_for(rabbitmq), lease=5)
@@ -395,7 +426,7 @@ async def test_rabbitmq_outage_loses_nothing_burns_no_attempt_and_heals_itself(
     assert relay.alive, relay.tail()
     assert relay.pid == pid, "the relay must heal without a restart"
     result = check_deliveries(written.messages, delivered, sequence=written.seq)
-    report(record_property, "rabbitmq_outage", delivered, result.summary())
+    report(scene.record_property, "rabbitmq_outage", delivered, result.summary())
     result.assert_exact()
     assert_published_once_without_attempts(engine, tables, written)
     assert relay.terminate() == 0
@@ -403,15 +434,9 @@ async def test_rabbitmq_outage_loses_nothing_burns_no_attempt_and_heals_itself(
 
 @pytest.mark.slow  # ~35 s: Tansu forgets producer ids, so the relay waits out message.timeout.ms
 async def test_kafka_broker_killed_and_restarted_loses_nothing_and_burns_no_attempt(
-    record_property: Any,
-    tansu: str,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    outbox: Outbox,
-    prefix: str,
-    tmp_path: Path,
+    tansu: str, scene: Scene, tmp_path: Path
 ) -> None:
+    relays, tables, engine, outbox, prefix = scene.parts()
     before, during, after = (f"{prefix}.{phase}" for phase in ("before", "during", "after"))
     with TansuBroker(tansu, log_path=tmp_path / "tansu.log") as broker:
         relay = relays.start(broker_url=broker.url, lease=5)
@@ -458,7 +483,7 @@ async def test_kafka_broker_killed_and_restarted_loses_nothing_and_burns_no_atte
     result = check_deliveries(
         written.of([during, after]), delivered, sequence=written.seq, kafka=True
     )
-    report(record_property, "kafka_outage", delivered, result.summary())
+    report(scene.record_property, "kafka_outage", delivered, result.summary())
     result.assert_exact()
     assert_published_once_without_attempts(engine, tables, written)
     assert relay.terminate() == 0
@@ -468,13 +493,9 @@ async def test_kafka_broker_killed_and_restarted_loses_nothing_and_burns_no_atte
 
 
 async def test_idle_relay_publishes_a_commit_at_once_on_notify_and_by_polling_without(
-    record_property: Any,
-    rabbitmq: str,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    prefix: str,
+    rabbitmq: str, scene: Scene
 ) -> None:
+    relays, tables, engine, _, prefix = scene.parts()
     poll = 5.0
     topic = f"{prefix}.idle"
     notifying, silent = Outbox(tables), Outbox(tables, notify=False)
@@ -496,8 +517,8 @@ async def test_idle_relay_publishes_a_commit_at_once_on_notify_and_by_polling_wi
         with_notify = [await latency(notifying, n) for n in range(3)]
         without_notify = await latency(silent, 3)
 
-    record_property("latency_with_notify", with_notify)
-    record_property("latency_without_notify", without_notify)
+    scene.record_property("latency_with_notify", with_notify)
+    scene.record_property("latency_without_notify", without_notify)
     print(f"\n[idle] with NOTIFY {with_notify}, without {without_notify:.3f}")
     assert max(with_notify) < 1.0, f"NOTIFY did not wake the idle relay: {with_notify}"
     assert without_notify < poll + 2.0, f"polling did not find the row: {without_notify:.2f} s"
@@ -507,14 +528,9 @@ async def test_idle_relay_publishes_a_commit_at_once_on_notify_and_by_polling_wi
 
 
 async def test_relay_survives_its_database_connections_being_killed(
-    record_property: Any,
-    rabbitmq: str,
-    relays: RelayFleet,
-    tables: Tables,
-    engine: Engine,
-    outbox: Outbox,
-    prefix: str,
+    rabbitmq: str, scene: Scene
 ) -> None:
+    relays, tables, engine, outbox, prefix = scene.parts()
     topic = f"{prefix}.pgkill"
     terminate = text(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -554,7 +570,7 @@ async def test_relay_survives_its_database_connections_being_killed(
         f"the relay never noticed its connections dying: {sorted(noticed)}"
     )
     result = check_deliveries(written.messages, delivered, sequence=written.seq)
-    report(record_property, "pg_kill", delivered, result.summary())
+    report(scene.record_property, "pg_kill", delivered, result.summary())
     result.assert_exact()
     assert_published_once_without_attempts(engine, tables, written)
 
@@ -575,9 +591,15 @@ async def test_relay_survives_its_database_connections_being_killed(
 async def wait_backends(engine: Engine, relay: ServiceProcess, *, at_least: int) -> None:
     """Wait until ``relay`` has ``at_least`` connections to PostgreSQL."""
     sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
-    deadline = time.monotonic() + 15
-    while (
-        count := await asyncio.to_thread(scalar, engine, sql, name=relay.application_name)
-    ) < at_least:
-        assert time.monotonic() < deadline, f"relay has {count} connections\n{relay.tail()}"
-        await asyncio.sleep(0.05)
+    counts: list[int] = []
+
+    async def enough() -> bool:
+        counts.append(await asyncio.to_thread(scalar, engine, sql, name=relay.application_name))
+        return counts[-1] >= at_least
+
+    await wait_until(
+        enough,
+        within=15,
+        what=f"{at_least} connections",
+        detail=lambda: f"relay has {counts[-1]} connections\n{relay.tail()}",
+    )

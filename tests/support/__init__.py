@@ -1,6 +1,23 @@
-"""Tools for tests that run postroom for real: a fault-injecting TCP proxy, relay processes,
-and plain-client read-back of what reached RabbitMQ and Kafka.
+"""The one home of the helpers the test suites (and the benchmarks) share.
 
-Nothing here imports postroom's broker modules: the read-back uses aio-pika and
-confluent-kafka directly, so a test sees what a user's consumer would see.
+- ``services``: the broker URLs (``POSTROOM_TEST_*``), checks that a service answers, and
+  ``require_service`` (fail under CI, skip elsewhere); ``fixtures``: the ``rabbitmq``,
+  ``kafka`` and ``tansu`` fixtures (a pytest plugin, loaded by tests/conftest.py).
+- ``network``: ``free_port``, a URL's ``address``, ``replace_address``, ``listens``.
+- ``waiting``: ``wait_until`` / ``wait_until_sync``, the one poll loop.
+- ``cli``: ``run_postroom`` / ``arun_postroom`` (the command as a subprocess), ``as_json``,
+  ``postroom_command``.
+- ``processes``: ``postroom relay`` / ``postroom consume`` processes (``RelayFleet``,
+  ``ServiceProcess``) and the private Kafka-compatible broker (``TansuBroker``).
+- ``proxy``: the fault-injecting TCP proxy (``FaultProxy``).
+- ``readback``: what reached RabbitMQ and Kafka, read with their own clients, and how it
+  compares with what was written; Kafka topic creation; removing a consumer's queues.
+- ``writing``: keyed messages written through the Outbox as a business would.
+- ``consuming``: a consumer in the test's event loop on any broker (``Rig``, ``running``).
+- ``relaying``: a relay in the test's event loop (``relay_settings``, ``running_relay``).
+- ``database``: test schemas of their own, ``count``.
+- ``deliveries``: ``FakeDelivery``, for the consumer's parts tested without a broker.
+
+Nothing here imports postroom's broker modules for reading back: the read-back uses aio-pika
+and confluent-kafka directly, so a test sees what a user's consumer would see.
 """

@@ -26,7 +26,6 @@ fails at once, with the log's tail, if the relay exits.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -37,11 +36,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from tests.support.cli import postroom_command
+from tests.support.network import free_port, listens
+from tests.support.waiting import Options, wait_until, wait_until_sync
 
 Event = dict[str, Any]
 Predicate = Callable[[Event], bool]
@@ -60,7 +62,7 @@ def _kill_leftovers() -> None:
 atexit.register(_kill_leftovers)
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn asking the kernel to SIGKILL the child when this thread dies (Linux)."""
     if not sys.platform.startswith("linux"):
         return None
@@ -76,12 +78,6 @@ def _die_with_parent() -> Callable[[], None] | None:
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
     return preexec
-
-
-def postroom_command() -> list[str]:
-    """How to run the ``postroom`` console script of the interpreter running the tests."""
-    script = shutil.which("postroom", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "postroom"]
 
 
 def duration(seconds: float) -> str:
@@ -124,7 +120,7 @@ class ServiceProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
         _running.add(self)
         return self
@@ -244,32 +240,32 @@ class ServiceProcess:
             )
         return None
 
-    def _timed_out(self, name: str, within: float) -> AssertionError:
-        return AssertionError(
-            f"{self.kind} {self.relay_id} did not log {name!r} within {within:g} s\n{self.tail()}"
-        )
+    def check_alive(self) -> None:
+        """Fail, with the log's tail, if the process has exited."""
+        if self.popen is not None and not self.alive:
+            raise AssertionError(
+                f"{self.kind} {self.relay_id} exited with status {self.returncode}\n{self.tail()}"
+            )
+
+    def _waiting(self, name: str, within: float) -> Options:
+        what = f"{self} logging {name!r}"
+        return {"within": within, "what": what, "interval": _POLL, "detail": self.tail}
 
     def wait_for(
         self, name: str, *, within: float = 30.0, where: Predicate | None = None, after: int = 0
     ) -> Event:
         """Block until the relay logs event ``name`` (matching ``where``); return it."""
-        deadline = time.monotonic() + within
-        while (found := self._look(name, where, after)) is None:
-            if time.monotonic() > deadline:
-                raise self._timed_out(name, within)
-            time.sleep(_POLL)
-        return found
+        return wait_until_sync(
+            lambda: self._look(name, where, after), **self._waiting(name, within)
+        )
 
     async def wait_for_async(
         self, name: str, *, within: float = 30.0, where: Predicate | None = None, after: int = 0
     ) -> Event:
         """:meth:`wait_for` for async tests: sleeps on the event loop between looks."""
-        deadline = time.monotonic() + within
-        while (found := self._look(name, where, after)) is None:
-            if time.monotonic() > deadline:
-                raise self._timed_out(name, within)
-            await asyncio.sleep(_POLL)
-        return found
+        return await wait_until(
+            lambda: self._look(name, where, after), **self._waiting(name, within)
+        )
 
     def _ready(self) -> tuple[str, Predicate | None]:
         if self.kind == "consumer":
@@ -454,15 +450,6 @@ def tansu_binary() -> str | None:
     return str(path) if path else None
 
 
-def free_port() -> int:
-    """A local TCP port nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class TansuBroker:
     """A Kafka-compatible Tansu broker of the test's own, in memory, on a fixed local port.
 
@@ -518,22 +505,28 @@ class TansuBroker:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
         finally:
             if self.log_path:
                 log.close()  # type: ignore[union-attr]
         _running.add(self)
         self.starts += 1
-        deadline = time.monotonic() + timeout
-        while not self._listens():
-            if self.popen.poll() is not None:
-                raise AssertionError(f"Tansu exited with status {self.popen.returncode}")
-            if time.monotonic() > deadline:
-                self.ensure_stopped()
-                raise AssertionError(f"Tansu did not listen on port {self.port} in {timeout} s")
-            time.sleep(0.05)
+        try:
+            wait_until_sync(
+                lambda: listens(self.port),
+                within=timeout,
+                what=f"Tansu listening on port {self.port}",
+                watch=self._check_running,
+            )
+        except AssertionError:
+            self.ensure_stopped()
+            raise
         return self
+
+    def _check_running(self) -> None:
+        if self.popen is not None and self.popen.poll() is not None:
+            raise AssertionError(f"Tansu exited with status {self.popen.returncode}")
 
     def kill(self) -> None:
         """SIGKILL it and wait until it is gone (and its port is closed)."""
@@ -547,15 +540,6 @@ class TansuBroker:
         """Kill it if it runs (never raises)."""
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             self.kill()
-
-    def _listens(self) -> bool:
-        import socket
-
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
 
     def __enter__(self) -> TansuBroker:
         return self.start()

@@ -38,27 +38,13 @@ import struct
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+
+from tests.support.network import free_port, replace_address
 
 T = TypeVar("T")
 
 _CHUNK = 65536
 _CONTROL_TIMEOUT = 10.0
-
-
-def free_port() -> int:
-    """A local TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def replace_address(url: str, host: str, port: int) -> str:
-    """``url`` pointed at ``host:port``, keeping its scheme, user, password, path and query."""
-    parts = urlsplit(url)
-    userinfo, at, _ = parts.netloc.rpartition("@")
-    netloc = f"{userinfo}{at}{host}:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class _Link:

@@ -34,6 +34,8 @@ from postroom.message import (
     HEADER_KEY,
     Message,
 )
+from tests.support.services import QuietLog
+from tests.support.waiting import Options, wait_until, wait_until_sync
 
 EXCHANGE = "postroom"
 
@@ -98,44 +100,44 @@ class _Collector:
     def _describe(self) -> str:
         return type(self).__name__
 
+    def _options(self, within: float, what: str, detail: Callable[[], str]) -> Options:
+        what = f"{self._describe()}: {what}"
+        return {
+            "within": within,
+            "interval": 0.02,
+            "what": what,
+            "watch": self._check,
+            "detail": detail,
+        }
+
+    def _all_of(self, ids: Iterable[str], within: float) -> tuple[Callable[[], bool], Options]:
+        """The check that every id of ``ids`` arrived, and how to wait for it."""
+        wanted = {str(i) for i in ids}
+
+        def detail() -> str:
+            missing = sorted(wanted - self.ids())
+            return f"{len(missing)} of {len(wanted)} messages missing (e.g. {missing[:3]})"
+
+        return (lambda: wanted <= self.ids()), self._options(within, "every id", detail)
+
     async def wait_for(self, count: int, within: float) -> list[Delivered]:
         """Wait until ``count`` deliveries arrived; return them all. Fails on timeout."""
-        deadline = time.monotonic() + within
-        while self.count < count:
-            self._check()
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{self._describe()}: {self.count} of {count} messages after {within:g} s"
-                )
-            await asyncio.sleep(0.02)
+        options = self._options(
+            within, f"{count} messages", lambda: f"{self.count} of {count} arrived"
+        )
+        await wait_until(lambda: self.count >= count, **options)
         return self.received
 
     async def wait_for_ids(self, ids: Iterable[str], within: float) -> list[Delivered]:
         """Wait until every id in ``ids`` arrived at least once. Fails on timeout."""
-        wanted = {str(i) for i in ids}
-        deadline = time.monotonic() + within
-        while missing := wanted - self.ids():
-            self._check()
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{self._describe()}: {len(missing)} of {len(wanted)} messages missing after "
-                    f"{within:g} s (e.g. {sorted(missing)[:3]})"
-                )
-            await asyncio.sleep(0.02)
+        arrived, options = self._all_of(ids, within)
+        await wait_until(arrived, **options)
         return self.received
 
     def wait_for_ids_sync(self, ids: Iterable[str], within: float) -> list[Delivered]:
         """:meth:`wait_for_ids` for sync tests (the consumer must run on another thread)."""
-        wanted = {str(i) for i in ids}
-        deadline = time.monotonic() + within
-        while missing := wanted - self.ids():
-            self._check()
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{self._describe()}: {len(missing)} of {len(wanted)} messages missing "
-                    f"after {within:g} s"
-                )
-            time.sleep(0.02)
+        arrived, options = self._all_of(ids, within)
+        wait_until_sync(arrived, **options)
         return self.received
 
 
@@ -230,19 +232,12 @@ async def delete_consumer_queues(amqp_url: str, consumer: str) -> None:
 # ----------------------------------------------------------------------------- Kafka
 
 
-class _QuietLog:
-    """librdkafka logger for the read-back: drops everything (outages make it noisy)."""
-
-    def log(self, *args: Any) -> None:
-        return None
-
-
 def create_topics(bootstrap: str, topics: Sequence[str], *, partitions: int = 4) -> None:
     """Create ``topics`` with ``partitions`` each; topics that already exist are fine."""
     from confluent_kafka import KafkaError
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _QuietLog()}
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": QuietLog()}
     admin = AdminClient(config)
     futures = admin.create_topics(
         [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics],
@@ -316,7 +311,7 @@ class KafkaReadback(_Collector):
                     "fetch.wait.max.ms": 100,
                     "topic.metadata.refresh.interval.ms": 1000,
                     "reconnect.backoff.max.ms": 500,
-                    "logger": _QuietLog(),
+                    "logger": QuietLog(),
                 }
             )
             assignment = self._partitions(consumer)
@@ -507,3 +502,15 @@ def check_deliveries(
         mismatches=mismatches,
         order_violations=violations,
     )
+
+
+async def read_kafka(
+    bootstrap: str, topic: str, count: int, within: float = 15.0
+) -> list[Delivered]:
+    """At least the first ``count`` messages on the existing ``topic``, read from the start."""
+    readback = KafkaReadback(bootstrap, [topic], create=False)
+    await asyncio.to_thread(readback.start)
+    try:
+        return await readback.wait_for(count, within)
+    finally:
+        await asyncio.to_thread(readback.close)

