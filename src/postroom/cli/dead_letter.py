@@ -12,7 +12,6 @@ the commands and their rendering.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -31,28 +30,25 @@ from postroom.brokers import (
 )
 from postroom.brokers.base import HEADER_CONSUMER, dead_letter_name
 from postroom.brokers.dead_letters import CLI_GROUP_SUFFIX
+from postroom.cli.changes import SAMPLE_ROWS, Done, Mode, Selection, Wording, run_change, with_mode
 from postroom.cli.common import (
     EXIT_FAILED,
     console,
-    error_console,
     fail,
     user_errors,
     with_settings,
 )
 from postroom.cli.output import (
     EXIT_USAGE,
-    DryRun,
     Json,
-    Yes,
     age,
-    cell,
-    confirm,
     failed,
-    nothing_matches,
     payload_view,
     print_json,
     say,
     seconds_between,
+    show_fields,
+    show_headers_and_payload,
     table,
     timestamp,
 )
@@ -73,8 +69,6 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-#: Dead letters shown (and put in ``--json``'s ``sample``) before a requeue.
-SAMPLE_ROWS = 20
 ConsumerName = Annotated[
     str,
     typer.Option(
@@ -226,8 +220,8 @@ def show(
             f"no dead letter {message_id!r} for consumer {consumer!r} in {broker.where}: "
             f"`postroom dead-letter ls --consumer {consumer}` lists them"
         )
-    kind, view = payload_view(letter.body, letter.content_type)
     if as_json:
+        kind, view = payload_view(letter.body, letter.content_type)
         document = letter.summary()
         document["headers"] = letter.headers
         document["payload_format"] = kind
@@ -238,42 +232,28 @@ def show(
         print_json(document)
         return
     now = datetime.now(UTC)
-    fields = Table.grid(padding=(0, 2))
-    fields.add_column(style="bold", no_wrap=True)
-    fields.add_column(overflow="fold")
-    for label, value in (
-        ("id", letter.id),
-        ("where", f"{broker.where}, {letter.position}"),
-        ("topic", letter.topic),
-        ("key", letter.key),
-        ("attempts", letter.attempts),
-        ("dead-lettered by", letter.headers.get(HEADER_CONSUMER)),
-        (
-            "dead-lettered",
-            f"{timestamp(letter.dead_lettered_at)} "
-            f"({age(seconds_between(now, letter.dead_lettered_at))} ago)"
-            if letter.dead_lettered_at
-            else None,
-        ),
-        ("content type", letter.content_type),
-        ("payload size", f"{letter.payload_bytes} bytes"),
-    ):
-        fields.add_row(label, cell(value))
-    console.print(fields)
+    show_fields(
+        [
+            ("id", letter.id),
+            ("where", f"{broker.where}, {letter.position}"),
+            ("topic", letter.topic),
+            ("key", letter.key),
+            ("attempts", letter.attempts),
+            ("dead-lettered by", letter.headers.get(HEADER_CONSUMER)),
+            (
+                "dead-lettered",
+                f"{timestamp(letter.dead_lettered_at)} "
+                f"({age(seconds_between(now, letter.dead_lettered_at))} ago)"
+                if letter.dead_lettered_at
+                else None,
+            ),
+            ("content type", letter.content_type),
+            ("payload size", f"{letter.payload_bytes} bytes"),
+        ]
+    )
     if found.copies > 1:
         say(f"({found.copies} dead letters have this id; this is the first.)")
-    if letter.headers:
-        console.print(table("Headers", ["name", "value"], sorted(letter.headers.items())))
-    else:
-        say("Headers: none")
-    say(f"\nPayload ({kind}):")
-    if kind == "json":
-        say(json.dumps(view, indent=2, ensure_ascii=False))
-    elif kind == "text":
-        say(str(view))
-    else:
-        shown = "first 512 bytes" if len(letter.body) > 512 else f"{len(letter.body)} bytes"
-        say(f"{view}\n({shown}, hex)")
+    show_headers_and_payload(letter.headers, letter.body, letter.content_type)
     say(f"\nError:\n{letter.error or '-'}")
     say(
         "\nFix the cause, then send it back: "
@@ -281,30 +261,9 @@ def show(
     )
 
 
-def _requeue_json(
-    report: Requeued | None, matched: list[DeadLetter], dry_run: bool
-) -> dict[str, Any]:
-    document: dict[str, Any] = {
-        "dry_run": dry_run,
-        "matched": len(matched),
-        "changed": 0 if report is None else len(report.requeued),
-        "sample": [letter.summary() for letter in matched[:SAMPLE_ROWS]],
-    }
-    if report is not None:
-        document.update(
-            {
-                "requeued": [letter.id for letter in report.requeued],
-                "failed": [{"id": x.id, "error": why} for x, why in report.failures],
-                "still_listed": [letter.summary() for letter in report.still_listed],
-                "holding_back": [letter.summary() for letter in report.holding_back],
-                "gone": [letter.id for letter in report.vanished],
-            }
-        )
-    return document
-
-
 @app.command()
 @with_settings("broker_url")
+@with_mode
 def requeue(
     consumer: ConsumerName,
     ids: Annotated[
@@ -323,10 +282,8 @@ def requeue(
             help="Without ids: requeue every dead letter of the consumer.",
         ),
     ] = False,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    as_json: Json = False,
     *,
+    mode: Mode,
     settings: Settings,
 ) -> None:
     """Send dead letters back to the consumer, then remove them from the dead letters.
@@ -357,51 +314,61 @@ def requeue(
         matched = [x for x in listing.letters if any(x.is_called(i) for i in ids)]
     else:
         matched = list(listing.letters)
-    if not matched:
-        if not as_json:
-            say(_nothing_there(broker, consumer, listing) + " Nothing to do.")
-            raise typer.Exit(0)
-        nothing_matches(
-            "dead letters", {"consumer": consumer}, as_json=True, dry_run=dry_run, changed=0
+
+    def apply() -> Done:
+        report: Requeued = _run(lambda: broker.requeue(matched))
+        return Done(
+            len(report.requeued),
+            lines=_requeued_lines(report, consumer, broker.target),
+            facts={
+                "requeued": [letter.id for letter in report.requeued],
+                "failed": [{"id": x.id, "error": why} for x, why in report.failures],
+                "still_listed": [letter.summary() for letter in report.still_listed],
+                "holding_back": [letter.summary() for letter in report.holding_back],
+                "gone": [letter.id for letter in report.vanished],
+            },
+            errors=[
+                f"not requeued: {letter.id} ({why}); it stays a dead letter"
+                for letter, why in report.failures
+            ],
+            exit_code=EXIT_FAILED if report.failures else 0,
         )
-    count = len(matched)
-    if not as_json:
-        shown = f"first {SAMPLE_ROWS} of {count}" if count > SAMPLE_ROWS else str(count)
-        console.print(_letters_table(f"Dead letters to requeue ({shown})", matched[:SAMPLE_ROWS]))
-    if dry_run:
-        if as_json:
-            print_json(_requeue_json(None, matched, True))
-        else:
-            say(f"Dry run: would requeue {count} dead letters to {broker.target}; nothing changed.")
-        return
-    confirm(f"Requeue {count} dead letters from {broker.where} to {broker.target}?", yes=yes)
-    report: Requeued = _run(lambda: broker.requeue(matched))
-    if as_json:
-        print_json(_requeue_json(report, matched, False))
-    else:
-        say(
-            f"Requeued {len(report.requeued)} dead letters to {broker.target}; the consumer "
-            "handles them again with a fresh set of attempts (its inbox skips any it "
-            "already handled)."
+
+    run_change(
+        Wording(
+            "dead letters",
+            "requeue",
+            {"consumer": consumer},
+            place=f"from {broker.where} to {broker.target}",
+            target=f" to {broker.target}",
+            nothing=_nothing_there(broker, consumer, listing),
+        ),
+        mode,
+        select=lambda: Selection(len(matched), matched[:SAMPLE_ROWS]),
+        preview=_letters_table,
+        item_json=DeadLetter.summary,
+        apply=apply,
+    )
+
+
+def _requeued_lines(report: Requeued, consumer: str, target: str) -> list[str]:
+    lines = [
+        f"Requeued {len(report.requeued)} dead letters to {target}; the consumer handles "
+        "them again with a fresh set of attempts (its inbox skips any it already handled)."
+    ]
+    if report.vanished:
+        lines.append(
+            f"{len(report.vanished)} dead letters were gone by the time of the requeue "
+            f"(someone else took them): {', '.join(x.id for x in report.vanished)}"
         )
-        for letter, why in report.failures:
-            error_console.print(
-                f"not requeued: {letter.id} ({why}); it stays a dead letter", highlight=False
-            )
-        if report.vanished:
-            say(
-                f"{len(report.vanished)} dead letters were gone by the time of the requeue "
-                f"(someone else took them): {', '.join(x.id for x in report.vanished)}"
-            )
-        if report.still_listed:
-            say(
-                f"Requeued but still listed: {', '.join(x.id for x in report.still_listed)}. "
-                "Kafka cannot delete records, and the group "
-                f"{consumer + CLI_GROUP_SUFFIX!r} only moves past requeued records without a "
-                "gap; these come after dead letters that were not requeued: "
-                f"{', '.join(f'{x.id} ({x.position})' for x in report.holding_back)}. "
-                "Requeue those (or --all) to clear the list; requeueing one twice is "
-                "harmless, the consumer's inbox skips what it already handled."
-            )
-    if report.failures:
-        raise typer.Exit(EXIT_FAILED)
+    if report.still_listed:
+        lines.append(
+            f"Requeued but still listed: {', '.join(x.id for x in report.still_listed)}. "
+            "Kafka cannot delete records, and the group "
+            f"{consumer + CLI_GROUP_SUFFIX!r} only moves past requeued records without a "
+            "gap; these come after dead letters that were not requeued: "
+            f"{', '.join(f'{x.id} ({x.position})' for x in report.holding_back)}. "
+            "Requeue those (or --all) to clear the list; requeueing one twice is "
+            "harmless, the consumer's inbox skips what it already handled."
+        )
+    return lines
