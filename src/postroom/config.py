@@ -17,7 +17,7 @@ from postroom.names import (
     DEFAULT_SCHEMA,
     validate_table_names,
 )
-from postroom.urls import normalize_database_url
+from postroom.urls import normalize_database_url, redact_settings
 
 ENV_PREFIX: Final = "POSTROOM_"
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -28,7 +28,7 @@ def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
     """Where postroom's tables and broker are. Each field reads ``POSTROOM_<FIELD>``."""
 
@@ -117,6 +117,16 @@ class Settings:
             raise ConfigurationError(
                 f"log_format must be json, console or auto, got {self.log_format!r}"
             )
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.shown().items())
+        return f"Settings({fields})"
+
+    def shown(self, *names: str) -> dict[str, Any]:
+        """The settings (``names`` only, if given) as a dict safe to log or print: URLs
+        without passwords or secret query values (see :func:`postroom.urls.redact_settings`)."""
+        values = dataclasses.asdict(self)
+        return redact_settings({k: values[k] for k in names} if names else values)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

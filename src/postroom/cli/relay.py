@@ -6,10 +6,10 @@ import asyncio
 
 from postroom.cli.common import configure_service_logging, user_errors, with_settings
 from postroom.config import Settings
+from postroom.database import readable_errors
 from postroom.lifecycle import run_until_signalled
 from postroom.log import get_logger
 from postroom.schema.tables import tables_for
-from postroom.urls import redact_url
 
 RELAY_FIELDS = (
     "broker_url",
@@ -44,12 +44,15 @@ async def _run(settings: Settings) -> None:
     from postroom.relay import Relay
     from postroom.schema import migrate
 
-    await asyncio.to_thread(
-        migrate.require_current, settings.database_url, tables_for(settings), "relay"
-    )
+    with readable_errors(settings.database_url):
+        await asyncio.to_thread(
+            migrate.require_current, settings.database_url, tables_for(settings), "relay"
+        )
     publisher = publisher_from_url(settings.broker_url)
     service = Relay(settings, publisher)
     get_logger("relay").info(
-        "relay.configured", broker=redact_url(settings.broker_url), relay=service.relay_id
+        "relay.configured",
+        relay=service.relay_id,
+        **settings.shown("broker_url", "database_url", "schema", "metrics_port"),
     )
     await run_until_signalled(service)
