@@ -29,6 +29,8 @@ CONSUME_FIELDS = (
     "consumer_id_source",
     "inbox_retention",
     "metrics_port",
+    "metrics_host",
+    "health_timeout",
     "log_format",
 )
 

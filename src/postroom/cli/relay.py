@@ -22,6 +22,8 @@ RELAY_FIELDS = (
     "relay_backoff_max",
     "relay_retention",
     "metrics_port",
+    "metrics_host",
+    "health_timeout",
     "log_format",
 )
 
@@ -32,7 +34,8 @@ def relay(*, settings: Settings) -> None:
 
     Run as many as you like: they share the outbox's partitions through leases and keep
     each key in order. SIGTERM or Ctrl-C finishes the batch in flight, releases the
-    partitions and exits. Serves /metrics, /healthz and /readyz on --metrics-port.
+    partitions and exits. Serves /metrics, /healthz and /readyz on --metrics-host
+    (127.0.0.1 by default) and --metrics-port.
     """
     configure_service_logging(settings)
     with user_errors():

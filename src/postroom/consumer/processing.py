@@ -146,6 +146,13 @@ class Processor:
         """Held around each handling attempt only (never while waiting for a retry)."""
         self._max_outages = max_outages
         """Consecutive 'database unavailable' rounds after which the error is raised."""
+        self._running: dict[object, float] = {}
+        """Handler runs in progress and when (monotonic) each began."""
+
+    def longest_run(self) -> float:
+        """Seconds the oldest handler run in progress has lasted (0 when none runs)."""
+        started = min(self._running.values(), default=None)
+        return 0.0 if started is None else time.monotonic() - started
 
     async def process(self, delivery: Delivery) -> Result:
         """Handle ``delivery`` under the retry policy and settle it with the broker."""
@@ -227,6 +234,8 @@ class Processor:
         async with self._slots if self._slots is not None else contextlib.nullcontext():
             started = time.perf_counter()
             self.metrics.in_flight.inc()
+            run = object()
+            self._running[run] = time.monotonic()
             try:
                 if spec.is_async:
                     new = await self._run_async(spec, argument, params)
@@ -247,6 +256,7 @@ class Processor:
                 ) from exc
             finally:
                 self.metrics.in_flight.dec()
+                del self._running[run]
         if not new:
             self.metrics.duplicates.labels(message.topic).inc()
             log.info("consumer.duplicate", **self._about(message.topic, message_id=message_id))
