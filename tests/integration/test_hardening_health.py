@@ -4,7 +4,9 @@ healthy past its health window; a consumer whose handler or receive loop is stuc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -37,19 +39,28 @@ def quiet_consumer(
     return ConsumerService(consumer, MemorySubscriber(broker, poll_interval=5.0), settings), broker
 
 
-async def test_an_idle_consumer_stays_healthy_past_its_health_window(
-    database_url: str, tables: Tables, unused_tcp_port: int
-) -> None:
-    service, _ = quiet_consumer(database_url, tables, unused_tcp_port, asyncio.Event())
+@contextlib.asynccontextmanager
+async def running(service: ConsumerService, release: asyncio.Event) -> AsyncIterator[None]:
+    """Run ``service`` until ready; at the end free its handlers and stop it."""
     task = asyncio.create_task(service.run())
     try:
         await eventually(lambda: service.ready)
+        yield
+    finally:
+        release.set()
+        service.stop()
+        await task
+
+
+async def test_an_idle_consumer_stays_healthy_past_its_health_window(
+    database_url: str, tables: Tables, unused_tcp_port: int
+) -> None:
+    release = asyncio.Event()
+    service, _ = quiet_consumer(database_url, tables, unused_tcp_port, release)
+    async with running(service, release):
         await asyncio.sleep(3 * WINDOW)  # no traffic at all, the subscriber waits 5 s a poll
         assert service.healthy()
         assert await asyncio.to_thread(get, unused_tcp_port, "/healthz") == (200, "ok\n")
-    finally:
-        service.stop()
-        await task
 
 
 async def test_a_handler_blocked_forever_turns_the_consumer_unhealthy(
@@ -57,19 +68,13 @@ async def test_a_handler_blocked_forever_turns_the_consumer_unhealthy(
 ) -> None:
     release = asyncio.Event()
     service, broker = quiet_consumer(database_url, tables, unused_tcp_port, release)
-    task = asyncio.create_task(service.run())
-    try:
-        await eventually(lambda: service.ready)
+    async with running(service, release):
         await broker.publisher().publish([postroom.Message.create("t", {"n": 1})])
         await eventually(lambda: service.processor.longest_run() > 0)
         await eventually(lambda: not service.healthy(), within=3 * WINDOW + 6)
         assert await asyncio.to_thread(get, unused_tcp_port, "/healthz") == (503, "not ready\n")
         release.set()
         await eventually(service.healthy, within=3 * WINDOW + 6)
-    finally:
-        release.set()
-        service.stop()
-        await task
 
 
 async def test_a_receive_loop_that_cannot_go_on_turns_the_consumer_unhealthy(
@@ -86,9 +91,7 @@ async def test_a_receive_loop_that_cannot_go_on_turns_the_consumer_unhealthy(
         consumer_concurrency=1,
         consumer_prefetch=1,
     )
-    task = asyncio.create_task(service.run())
-    try:
-        await eventually(lambda: service.ready)
+    async with running(service, release):
         message = postroom.Message.create
         await broker.publisher().publish([message("t", {"n": 1}), message("t", {"n": 2})])
         await eventually(lambda: service.processor.longest_run() > 0)
@@ -96,7 +99,3 @@ async def test_a_receive_loop_that_cannot_go_on_turns_the_consumer_unhealthy(
         assert not service.healthy()
         release.set()
         await eventually(service._lifecycle.turning, within=3 * WINDOW + 6)
-    finally:
-        release.set()
-        service.stop()
-        await task
