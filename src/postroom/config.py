@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -11,13 +14,14 @@ from typing import Any, Final
 
 from postroom.errors import ConfigurationError
 from postroom.message import DEFAULT_MAX_PAYLOAD_BYTES
+from postroom.metrics import DEFAULT_METRICS_HOST
 from postroom.names import (
     DEFAULT_INBOX_TABLE,
     DEFAULT_OUTBOX_TABLE,
     DEFAULT_SCHEMA,
     validate_table_names,
 )
-from postroom.urls import normalize_database_url
+from postroom.urls import normalize_database_url, redact_settings
 
 ENV_PREFIX: Final = "POSTROOM_"
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -28,7 +32,7 @@ def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
     """Where postroom's tables and broker are. Each field reads ``POSTROOM_<FIELD>``."""
 
@@ -66,6 +70,16 @@ class Settings:
     )
     metrics_port: int = _setting(
         9400, "Port of the /metrics, /healthz and /readyz endpoints; 0 turns them off."
+    )
+    metrics_host: str = _setting(
+        DEFAULT_METRICS_HOST,
+        "Address the metrics endpoint listens on: 127.0.0.1 (this machine only), 0.0.0.0 or "
+        ":: (every interface, e.g. in a Kubernetes pod), or one interface's address.",
+    )
+    health_timeout: float = _setting(
+        120.0,
+        "/healthz turns 503 when the service's loop has not turned for this long (the "
+        "consumer: or one handler run has lasted this long); keep it above your slowest handler.",
     )
     log_format: str = _setting("auto", "Log format: json, console, or auto (json unless a tty).")
     consumer_prefetch: int = _setting(
@@ -113,10 +127,26 @@ class Settings:
                 raise ConfigurationError(f"{name} must not be negative (set {env_var(name)})")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigurationError(f"metrics_port must be 0-65535, got {self.metrics_port}")
+        validate_host(self.metrics_host)
+        if not 0 < self.health_timeout < math.inf:
+            raise ConfigurationError(
+                f"health_timeout must be a positive duration, got {self.health_timeout} "
+                f"(set {env_var('health_timeout')})"
+            )
         if self.log_format not in {"auto", "json", "console"}:
             raise ConfigurationError(
                 f"log_format must be json, console or auto, got {self.log_format!r}"
             )
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.shown().items())
+        return f"Settings({fields})"
+
+    def shown(self, *names: str) -> dict[str, Any]:
+        """The settings (``names`` only, if given) as a dict safe to log or print: URLs
+        without passwords or secret query values (see :func:`postroom.urls.redact_settings`)."""
+        values = dataclasses.asdict(self)
+        return redact_settings({k: values[k] for k in names} if names else values)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -133,6 +163,25 @@ class Settings:
     def help_for(self, name: str) -> str:
         """The help text of one field, for CLI options."""
         return str(next(f for f in dataclasses.fields(self) if f.name == name).metadata["help"])
+
+
+_HOSTNAME: Final = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def validate_host(host: object) -> None:
+    """Raise ConfigurationError unless ``host`` is an IP address or a host name."""
+    if isinstance(host, str):
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(host)
+            return
+        if _HOSTNAME.fullmatch(host) and not host.rsplit(".", 1)[-1].isdigit():
+            return
+    raise ConfigurationError(
+        f"metrics_host {host!r} is not an IP address or host name; use 127.0.0.1 (this "
+        f"machine only) or 0.0.0.0 (every interface) (set {env_var('metrics_host')})"
+    )
 
 
 def env_var(field_name: str) -> str:

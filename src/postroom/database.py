@@ -12,8 +12,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
-from postroom.errors import DatabaseError, SchemaMissingError
-from postroom.urls import describe_url, normalize_database_url
+from postroom.errors import ConfigurationError, DatabaseError, SchemaMissingError
+from postroom.urls import describe_url, normalize_database_url, scrub
 
 
 def create_engine(database_url: str, *, pool_size: int = 5) -> Engine:
@@ -41,6 +41,10 @@ def readable_errors(database_url: str) -> Iterator[None]:
         raise translate(exc, database_url) from exc
 
 
+#: How psycopg begins the error of a connection string it cannot use.
+_BAD_DSN = ("invalid connection option", "invalid dsn", 'missing "="', "invalid integer value")
+
+
 def translate(exc: BaseException, database_url: str, *, always: bool = False) -> Exception:
     """The postroom error that explains ``exc``, or ``exc`` itself if it is not one we know.
 
@@ -49,11 +53,18 @@ def translate(exc: BaseException, database_url: str, *, always: bool = False) ->
     """
     original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
     where = describe_url(database_url)
-    first_line = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    said = scrub(str(original).strip(), database_url)
+    first_line = said.splitlines()[0] if said else ""
     if isinstance(original, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
         return SchemaMissingError(
             f"postroom's tables are missing in {where} ({first_line}); "
             "create them with `postroom db upgrade`"
+        )
+    if isinstance(original, psycopg.ProgrammingError) and first_line.startswith(_BAD_DSN):
+        return ConfigurationError(
+            f"the database URL for {where} is not usable ({first_line}); fix "
+            "POSTROOM_DATABASE_URL (or --database-url): "
+            "postgresql://user:password@host:5432/dbname[?libpq-option=value]"
         )
     if isinstance(original, psycopg.OperationalError):
         return DatabaseError(

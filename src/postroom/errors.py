@@ -12,16 +12,44 @@ class InvalidMessageError(PostroomError, ValueError):
 
 
 class PayloadTooLargeError(InvalidMessageError):
-    """The encoded payload is larger than the configured limit."""
+    """The encoded payload plus its headers is larger than the configured limit."""
 
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(
-            f"payload is {size} bytes, over the limit of {limit} bytes; send a reference "
-            "(for example an object-store key) instead of the data, or raise "
+            f"payload and headers are {size} bytes, over the limit of {limit} bytes; send a "
+            "reference (for example an object-store key) instead of the data, or raise "
             "max_payload_bytes (POSTROOM_MAX_PAYLOAD_BYTES) if your broker accepts larger messages"
         )
         self.size = size
         self.limit = limit
+
+
+class PayloadTooDeepError(InvalidMessageError):
+    """The payload nests lists and objects deeper than postroom accepts."""
+
+
+class UnencodableTextError(InvalidMessageError):
+    """A text part of the message (payload, key, topic, header, content type) is not UTF-8."""
+
+
+class InvalidDelayError(InvalidMessageError):
+    """The delay is not a finite duration between zero and the maximum."""
+
+
+class InvalidContentTypeError(InvalidMessageError):
+    """The content type is not a short printable media type."""
+
+
+class InvalidHeaderError(InvalidMessageError):
+    """A header name or value, or the number of headers, is not usable."""
+
+
+class InvalidKeyError(InvalidMessageError):
+    """The ordering key is not a short string PostgreSQL and the brokers can carry."""
+
+
+class InvalidTopicError(InvalidMessageError):
+    """The topic is not a name that both Kafka and RabbitMQ accept."""
 
 
 class ConfigurationError(PostroomError, ValueError):

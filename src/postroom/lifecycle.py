@@ -19,7 +19,7 @@ from typing import Any, Final, Protocol
 from prometheus_client import CollectorRegistry
 
 from postroom.log import get_logger
-from postroom.metrics import serve_http
+from postroom.metrics import DEFAULT_METRICS_HOST, serve_http
 
 #: Rows deleted per statement, and statements per round, by a retention purge.
 PURGE_BATCH: Final = 5000
@@ -55,6 +55,8 @@ class Lifecycle:
         registry: CollectorRegistry,
         *,
         metrics_port: int,
+        metrics_host: str = DEFAULT_METRICS_HOST,
+        health_timeout: float = 120.0,
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
         identity: dict[str, Any],
@@ -63,6 +65,8 @@ class Lifecycle:
         self.component = component
         self.registry = registry
         self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self.health_timeout = health_timeout
         self.healthy = healthy
         self.ready = ready
         self.identity = identity
@@ -82,6 +86,14 @@ class Lifecycle:
     def quiet_for(self) -> float:
         """Seconds since the work loop last went round (or since the service was made)."""
         return time.monotonic() - self._last_progress
+
+    def turning(self) -> bool:
+        """True while the work loop went round within ``health_timeout`` seconds.
+
+        A service's loop marks :meth:`progressed` on every round, also when a round brings
+        no work, so a quiet service stays healthy and only a stuck loop turns unhealthy.
+        """
+        return self.quiet_for() < self.health_timeout
 
     def stop(self) -> None:
         """Ask the service to stop (logged once)."""
@@ -117,7 +129,11 @@ class Lifecycle:
         server = None
         if self.metrics_port:
             server = await serve_http(
-                self.metrics_port, self.registry, healthy=self.healthy, ready=self.ready
+                self.metrics_port,
+                self.registry,
+                healthy=self.healthy,
+                ready=self.ready,
+                host=self.metrics_host,
             )
         tasks = [asyncio.create_task(run(), name=name) for name, run in background]
         for task in tasks:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -11,7 +12,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypedDict
 
 from postroom._uuid7 import uuid7
-from postroom.errors import InvalidMessageError, PayloadTooLargeError
+from postroom.errors import (
+    InvalidContentTypeError,
+    InvalidDelayError,
+    InvalidHeaderError,
+    InvalidKeyError,
+    InvalidMessageError,
+    InvalidTopicError,
+    PayloadTooDeepError,
+    PayloadTooLargeError,
+    UnencodableTextError,
+)
 
 JSON: Final = "application/json"
 OCTET_STREAM: Final = "application/octet-stream"
@@ -19,8 +30,20 @@ DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 
 #: Topic names must be valid Kafka topic names and RabbitMQ routing keys alike.
 TOPIC_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
+MAX_TOPIC_CHARS: Final = 249
 MAX_KEY_BYTES: Final = 1024
 MAX_HEADER_NAME_BYTES: Final = 255
+#: Most user headers on one message; their bytes also count toward ``max_payload_bytes``.
+MAX_HEADERS: Final = 100
+MAX_CONTENT_TYPE_CHARS: Final = 255
+#: Deepest nesting of lists and objects in a JSON payload.
+MAX_PAYLOAD_DEPTH: Final = 100
+#: Longest ``delay`` enqueue() accepts.
+MAX_DELAY: Final = timedelta(days=365)
+
+_CONTENT_TYPE: Final = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(;[\x20-\x7e]*)?")
+_JSON_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS: Final = re.compile(r"[\[\]{}]")
 
 #: Header names postroom puts on the wire; user headers may not start with this prefix.
 RESERVED_HEADER_PREFIX: Final = "postroom-"
@@ -76,15 +99,18 @@ class Message:
     ) -> Message:
         """Validate the parts of a new message and encode its payload.
 
-        Raises :class:`~postroom.errors.InvalidMessageError` (or its subclass
-        :class:`~postroom.errors.PayloadTooLargeError`) with what to change.
+        Raises a subclass of :class:`~postroom.errors.InvalidMessageError` (e.g.
+        :class:`~postroom.errors.PayloadTooLargeError`) with what to change; see the README's
+        "Limits" section for every bound.
         """
         validate_topic(topic)
         validate_key(key)
         checked_headers = validate_headers(headers)
+        checked_delay = validate_delay(delay)
         body, checked_type = encode_payload(payload, content_type)
-        if len(body) > max_payload_bytes:
-            raise PayloadTooLargeError(len(body), max_payload_bytes)
+        size = message_size(body, checked_headers)
+        if size > max_payload_bytes:
+            raise PayloadTooLargeError(size, max_payload_bytes)
         now = datetime.now(UTC)
         return cls(
             id=_parse_message_id(message_id) if message_id is not None else uuid7(),
@@ -94,7 +120,7 @@ class Message:
             content_type=checked_type,
             headers=checked_headers,
             created_at=now,
-            available_at=now + _delay_as_timedelta(delay),
+            available_at=now + checked_delay,
         )
 
     @property
@@ -119,78 +145,173 @@ class Message:
 
 
 def validate_topic(topic: object) -> None:
-    """Raise InvalidMessageError unless ``topic`` is a usable topic name."""
+    """Raise InvalidTopicError unless ``topic`` is a usable topic name."""
     if not isinstance(topic, str):
-        raise InvalidMessageError(f"topic must be a str, got {type(topic).__name__}")
+        raise InvalidTopicError(f"topic must be a str, got {type(topic).__name__}")
     if not topic:
-        raise InvalidMessageError(
+        raise InvalidTopicError(
             "topic is empty; give the name of the stream, e.g. 'orders.created'"
         )
-    if len(topic) > 249:
-        raise InvalidMessageError(
-            f"topic is {len(topic)} characters long; the limit is 249 (Kafka's topic limit)"
+    if len(topic) > MAX_TOPIC_CHARS:
+        raise InvalidTopicError(
+            f"topic is {len(topic)} characters long; the limit is {MAX_TOPIC_CHARS} "
+            "(Kafka's topic limit)"
         )
     if not TOPIC_PATTERN.fullmatch(topic) or topic in {".", ".."}:
-        raise InvalidMessageError(
-            f"topic {topic!r} may only contain letters, digits, '.', '_' and '-' "
+        raise InvalidTopicError(
+            f"topic {_shown(topic)} may only contain letters, digits, '.', '_' and '-' "
             "(so it is a valid Kafka topic and RabbitMQ routing key)"
         )
 
 
 def validate_key(key: object) -> None:
-    """Raise InvalidMessageError unless ``key`` is None or a usable ordering key."""
+    """Raise InvalidKeyError unless ``key`` is None or a usable ordering key."""
     if key is None:
         return
     if not isinstance(key, str):
-        raise InvalidMessageError(
+        raise InvalidKeyError(
             f"key must be a str or None, got {type(key).__name__}; convert it with str()"
         )
     if not key:
-        raise InvalidMessageError("key is an empty string; pass key=None for no key")
+        raise InvalidKeyError("key is an empty string; pass key=None for no key")
     if "\x00" in key:
-        raise InvalidMessageError("key contains a NUL character, which PostgreSQL cannot store")
-    if len(key.encode()) > MAX_KEY_BYTES:
-        raise InvalidMessageError(f"key is longer than {MAX_KEY_BYTES} bytes; use a shorter id")
+        raise InvalidKeyError("key contains a NUL character, which PostgreSQL cannot store")
+    if len(_utf8(key, "key")) > MAX_KEY_BYTES:
+        raise InvalidKeyError(f"key is longer than {MAX_KEY_BYTES} bytes; use a shorter id")
 
 
 def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """Return a copy of ``headers`` after checking every name and value is a usable str."""
+    """Return a copy of ``headers`` after checking every name and value is a usable str.
+
+    At most :data:`MAX_HEADERS` headers; their size counts toward the message size limit
+    (see :func:`message_size`).
+    """
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
-        raise InvalidMessageError(
+        raise InvalidHeaderError(
             f"headers must be a mapping of str to str, got {type(headers).__name__}"
+        )
+    if len(headers) > MAX_HEADERS:
+        raise InvalidHeaderError(
+            f"there are {len(headers)} headers, over the limit of {MAX_HEADERS}; "
+            "put the extra data in the payload"
         )
     checked: dict[str, str] = {}
     for name, value in headers.items():
         if not isinstance(name, str) or not name:
-            raise InvalidMessageError(f"header name {name!r} must be a non-empty str")
+            raise InvalidHeaderError(f"header name {_shown(name)} must be a non-empty str")
         if not isinstance(value, str):
-            raise InvalidMessageError(
-                f"header {name!r} has a {type(value).__name__} value; header values must be str"
+            raise InvalidHeaderError(
+                f"header {_shown(name)} has a {type(value).__name__} value; "
+                "header values must be str"
             )
         if name.lower().startswith(RESERVED_HEADER_PREFIX):
-            raise InvalidMessageError(
-                f"header {name!r} uses the reserved prefix {RESERVED_HEADER_PREFIX!r}; rename it"
-            )
-        if len(name.encode()) > MAX_HEADER_NAME_BYTES:
-            raise InvalidMessageError(
-                f"header name {name[:40]!r}... is over {MAX_HEADER_NAME_BYTES} bytes"
+            raise InvalidHeaderError(
+                f"header {_shown(name)} uses the reserved prefix {RESERVED_HEADER_PREFIX!r}; "
+                "rename it"
             )
         if "\x00" in name or "\x00" in value:
-            raise InvalidMessageError(
-                f"header {name!r} contains a NUL character, which PostgreSQL cannot store"
+            raise InvalidHeaderError(
+                f"header {_shown(name)} contains a NUL character, which PostgreSQL cannot "
+                "store; remove it"
             )
+        if len(_utf8(name, "a header name")) > MAX_HEADER_NAME_BYTES:
+            raise InvalidHeaderError(
+                f"header name {_shown(name)} is over {MAX_HEADER_NAME_BYTES} bytes; "
+                "use a shorter name"
+            )
+        _utf8(value, f"header {_shown(name)}")
         checked[name] = value
     return checked
+
+
+def validate_content_type(content_type: object) -> None:
+    """Raise InvalidContentTypeError unless ``content_type`` is a short printable media type."""
+    if not isinstance(content_type, str):
+        raise InvalidContentTypeError(
+            f"content_type must be a str, got {type(content_type).__name__}"
+        )
+    if len(content_type) > MAX_CONTENT_TYPE_CHARS:
+        raise InvalidContentTypeError(
+            f"content_type is {len(content_type)} characters long, over the limit of "
+            f"{MAX_CONTENT_TYPE_CHARS}; use a media type such as 'application/xml'"
+        )
+    if not _CONTENT_TYPE.fullmatch(content_type):
+        raise InvalidContentTypeError(
+            f"content_type {_shown(content_type)} is not a media type (type/subtype with "
+            "optional parameters, printable ASCII only); e.g. 'application/xml'"
+        )
+
+
+def validate_delay(delay: object) -> timedelta:
+    """The delay as a timedelta; raise InvalidDelayError unless it is a finite duration
+    from zero to :data:`MAX_DELAY`."""
+    if delay is None:
+        return timedelta(0)
+    if isinstance(delay, timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, int | float) and not isinstance(delay, bool):
+        seconds = float(delay)
+    else:
+        raise InvalidDelayError(
+            f"delay must be a timedelta or a number of seconds, got {type(delay).__name__}"
+        )
+    if math.isnan(seconds):
+        raise InvalidDelayError("delay is NaN; pass a number of seconds or a timedelta")
+    if seconds < 0:
+        raise InvalidDelayError("delay is negative; pass 0 or a positive duration")
+    if seconds > MAX_DELAY.total_seconds():
+        raise InvalidDelayError(
+            f"delay is over the maximum of {MAX_DELAY.days} days; schedule such messages "
+            "yourself (e.g. a job that enqueues them when due)"
+        )
+    return delay if isinstance(delay, timedelta) else timedelta(seconds=seconds)
+
+
+def message_size(body: bytes, headers: Mapping[str, str]) -> int:
+    """What counts toward ``max_payload_bytes``: the body plus every header name and value
+    (UTF-8 bytes)."""
+    return len(body) + sum(
+        len(name.encode()) + len(value.encode()) for name, value in headers.items()
+    )
+
+
+def check_message(message: Message, max_payload_bytes: int) -> None:
+    """Raise an InvalidMessageError subclass unless ``message`` can be written as it is.
+
+    Checks what :meth:`Message.create` checks of the finished envelope, so messages built
+    with the constructor are held to the same rules before they reach the database.
+    """
+    if not isinstance(message.id, uuid.UUID):
+        raise InvalidMessageError(
+            f"message id must be a uuid.UUID, got {type(message.id).__name__}; "
+            "build messages with Message.create"
+        )
+    validate_topic(message.topic)
+    validate_key(message.key)
+    validate_headers(message.headers)
+    validate_content_type(message.content_type)
+    if not isinstance(message.body, bytes):
+        raise InvalidMessageError(
+            f"body must be bytes, got {type(message.body).__name__}; "
+            "build messages with Message.create"
+        )
+    validate_delay(message.available_at - message.created_at)
+    size = message_size(message.body, message.headers)
+    if size > max_payload_bytes:
+        raise PayloadTooLargeError(size, max_payload_bytes)
 
 
 def encode_payload(payload: Any, content_type: str | None = None) -> tuple[bytes, str]:
     """Encode ``payload`` for the wire; return the bytes and their content type.
 
     ``bytes`` are sent as they are (``application/octet-stream`` unless ``content_type``
-    says otherwise); anything else must be JSON-serializable and is sent as compact JSON.
+    says otherwise); anything else must be JSON-serializable, nested at most
+    :data:`MAX_PAYLOAD_DEPTH` deep, and is sent as compact JSON.
     """
+    if content_type is not None:
+        validate_content_type(content_type)
     if isinstance(payload, bytes | bytearray | memoryview):
         return bytes(payload), content_type or OCTET_STREAM
     if content_type is not None and not _is_json_type(content_type):
@@ -200,12 +321,54 @@ def encode_payload(payload: Any, content_type: str | None = None) -> tuple[bytes
         )
     try:
         text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except RecursionError:
+        raise _too_deep() from None
     except (TypeError, ValueError) as exc:
         raise InvalidMessageError(
             f"payload is not JSON-serializable ({exc}); pass JSON-compatible values "
             "(dict, list, str, int, float, bool, None) or bytes with a content_type"
         ) from None
-    return text.encode(), content_type or JSON
+    if _json_depth(text) > MAX_PAYLOAD_DEPTH:
+        raise _too_deep()
+    return _utf8(text, "the payload"), content_type or JSON
+
+
+def _too_deep() -> PayloadTooDeepError:
+    return PayloadTooDeepError(
+        f"payload nests lists and objects more than {MAX_PAYLOAD_DEPTH} levels deep; "
+        "flatten it (consumers in other languages and Python's own decoder refuse deeper JSON)"
+    )
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in JSON ``text`` (strings skipped)."""
+    if "[" not in text and "{" not in text:
+        return 0
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub("", text)):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8; UnencodableTextError (a lone surrogate) names ``what``."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise UnencodableTextError(
+            f"{what} contains {exc.object[exc.start : exc.end]!a}, a lone surrogate that "
+            "UTF-8 cannot encode; decode your input with errors='replace' or remove it"
+        ) from None
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message: ASCII only, at most 60 characters of it."""
+    text = ascii(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def decode_payload(body: bytes, content_type: str) -> Any:
@@ -231,19 +394,3 @@ def _parse_message_id(message_id: uuid.UUID | str) -> uuid.UUID:
     raise InvalidMessageError(
         f"message_id {message_id!r} is not a UUID; leave it out to get a time-ordered UUIDv7"
     )
-
-
-def _delay_as_timedelta(delay: timedelta | float | None) -> timedelta:
-    if delay is None:
-        return timedelta(0)
-    if isinstance(delay, timedelta):
-        result = delay
-    elif isinstance(delay, int | float) and not isinstance(delay, bool):
-        result = timedelta(seconds=delay)
-    else:
-        raise InvalidMessageError(
-            f"delay must be a timedelta or a number of seconds, got {type(delay).__name__}"
-        )
-    if result < timedelta(0):
-        raise InvalidMessageError("delay is negative; pass 0 or a positive duration")
-    return result

@@ -8,6 +8,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily, Metric
@@ -15,6 +16,10 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from postroom.errors import ConfigurationError
+from postroom.log import get_logger
+
+#: Where the endpoint listens unless told otherwise: this machine only.
+DEFAULT_METRICS_HOST: Final = "127.0.0.1"
 
 #: Latency buckets in seconds, from a millisecond to a minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -155,41 +160,116 @@ class RelayMetrics(Metrics):
         )
 
 
+#: Longest request line or header line the endpoint reads, and most header lines.
+MAX_REQUEST_LINE: Final = 8192
+MAX_HEADER_LINES: Final = 100
+#: Seconds a client has to send its request.
+REQUEST_TIMEOUT: Final = 5.0
+#: What the endpoint still reads of a bad request before it closes the connection.
+DISCARD_BYTES: Final = 1024 * 1024
+DISCARD_SECONDS: Final = 1.0
+
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+log = get_logger("metrics")
+
+
+class _BadRequest(Exception):
+    """The client sent something that is not a small HTTP/1.x GET request."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+async def _read_path(reader: asyncio.StreamReader) -> bytes:
+    """The path of an HTTP GET/HEAD request; _BadRequest for anything else."""
+    try:
+        line = await reader.readuntil(b"\n")
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            raise _BadRequest(400, "not an HTTP/1.x request line")
+        if parts[0] not in (b"GET", b"HEAD"):
+            raise _BadRequest(405, "only GET and HEAD are served")
+        for _ in range(MAX_HEADER_LINES):
+            if (await reader.readuntil(b"\n")).strip() == b"":
+                return parts[1].split(b"?", 1)[0]
+    except (asyncio.LimitOverrunError, ValueError):
+        raise _BadRequest(400, "request line or header too long") from None
+    raise _BadRequest(400, "too many header lines")
+
+
+async def _discard(reader: asyncio.StreamReader) -> None:
+    """Read what the client is still sending (bounded), so closing does not reset the
+    connection before it has read the answer."""
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        async with asyncio.timeout(DISCARD_SECONDS):
+            for _ in range(DISCARD_BYTES // 65536):
+                if not await reader.read(65536):
+                    break
+
+
+def _response(status: int, content_type: str, body: bytes) -> bytes:
+    header = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return header.encode() + body
+
+
 async def serve_http(
     port: int,
     registry: CollectorRegistry,
     *,
     healthy: Callable[[], bool],
     ready: Callable[[], bool],
-    host: str = "0.0.0.0",  # noqa: S104 - metrics are scraped from outside the pod
+    host: str = DEFAULT_METRICS_HOST,
 ) -> asyncio.Server:
-    """Serve /metrics, /healthz and /readyz on ``port`` until the server is closed."""
+    """Serve /metrics, /healthz and /readyz on ``host``:``port`` until the server is closed.
+
+    Requests that are not small HTTP/1.x GETs get 400 (or 405) and a debug log line, never
+    a traceback; unknown paths get 404.
+    """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            path = request.split(b" ", 2)[1].split(b"?", 1)[0] if b" " in request else b""
-            if path == b"/metrics":
-                status, content_type, body = 200, CONTENT_TYPE_LATEST, generate_latest(registry)
-            elif path in (b"/healthz", b"/readyz"):
-                ok = healthy() if path == b"/healthz" else ready()
-                status, content_type = (200 if ok else 503), "text/plain; charset=utf-8"
-                body = b"ok\n" if ok else b"not ready\n"
+        text = "text/plain; charset=utf-8"
+        try:
+            try:
+                path = await asyncio.wait_for(_read_path(reader), REQUEST_TIMEOUT)
+            except _BadRequest as bad:
+                log.debug("metrics.bad_request", status=bad.status, reason=str(bad))
+                writer.write(_response(bad.status, text, f"{bad}\n".encode()))
+                await writer.drain()
+                await _discard(reader)
             else:
-                status, content_type, body = 404, "text/plain; charset=utf-8", b"not found\n"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            head = (
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
+                if path == b"/metrics":
+                    status, content_type, body = 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+                elif path in (b"/healthz", b"/readyz"):
+                    ok = healthy() if path == b"/healthz" else ready()
+                    status, content_type = (200 if ok else 503), text
+                    body = b"ok\n" if ok else b"not ready\n"
+                else:
+                    status, content_type, body = 404, text, b"not found\n"
+                writer.write(_response(status, content_type, body))
             await writer.drain()
-        writer.close()
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass  # the client went away or was too slow: nothing to answer
+        except Exception as exc:  # a bad client must never take the endpoint down
+            log.warning("metrics.request_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            writer.close()
 
     try:
-        return await asyncio.start_server(handle, host, port)
+        return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_LINE)
     except OSError as exc:
         raise ConfigurationError(
-            f"cannot serve metrics on port {port} ({exc.strerror}); choose another with "
-            "--metrics-port / POSTROOM_METRICS_PORT, or 0 to turn the endpoint off"
+            f"cannot serve metrics on {host} port {port} ({exc.strerror}); choose another "
+            "port with --metrics-port / POSTROOM_METRICS_PORT (0 turns the endpoint off) or "
+            "another address with --metrics-host / POSTROOM_METRICS_HOST"
         ) from exc

@@ -18,11 +18,10 @@ from postroom.config import Settings
 from postroom.errors import (
     InvalidMessageError,
     NotInTransactionError,
-    PayloadTooLargeError,
     SchemaMissingError,
     UnsupportedTargetError,
 )
-from postroom.message import DEFAULT_MAX_PAYLOAD_BYTES, Message, MessageOptions
+from postroom.message import DEFAULT_MAX_PAYLOAD_BYTES, Message, MessageOptions, check_message
 from postroom.schema.sql import insert_outbox_sql
 from postroom.schema.tables import Tables, build_tables, partition_for, tables_for
 
@@ -135,8 +134,7 @@ class Outbox:
                     f"enqueue_many takes Message objects, got {type(message).__name__}; "
                     "build them with outbox.message(...) or Message.create(...)"
                 )
-            if len(message.body) > self.max_payload_bytes:
-                raise PayloadTooLargeError(len(message.body), self.max_payload_bytes)
+            check_message(message, self.max_payload_bytes)
         return batch
 
     def _params(self, batch: Sequence[Message]) -> dict[str, Any]:

@@ -6,7 +6,10 @@ engines and broker adapters can all use it without importing each other.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -18,9 +21,9 @@ def normalize_database_url(url: str) -> str:
     """Check a PostgreSQL URL and make it use the psycopg driver."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError, TypeError):
         raise ConfigurationError(
-            f"database URL {redact_url(url)!r} is not a URL; "
+            f"database URL {redact_url(url)!r} is not a URL (or its port is not a number); "
             "use postgresql://user:password@host:5432/dbname"
         ) from None
     backend = parsed.drivername.split("+", 1)[0]
@@ -39,17 +42,79 @@ def normalize_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+#: Query parameter and setting names whose values are secrets (searched, case-insensitive).
+SECRET_NAME: Final = re.compile(r"pass|pwd|secret|key|token|credential|^sasl\.", re.IGNORECASE)
+HIDDEN: Final = "***"
+UNPARSEABLE: Final = "<unparseable URL, not shown>"
+
+
+def looks_secret(name: str) -> bool:
+    """True if a setting or query parameter called ``name`` holds a secret."""
+    return SECRET_NAME.search(name) is not None
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe for logs and output."""
+    """The URL with its password and secret query values replaced by ``***``.
+
+    Safe for logs and output: a query value is hidden when its name looks like a secret
+    (``password``, ``secret``, ``key``, ``token``, ``sasl.*``, ``ssl.key*``, any case), and a
+    text that does not parse as ``scheme://host...`` is never echoed at all.
+    """
+    if not isinstance(url, str):
+        return UNPARSEABLE
     try:
         parts = urlsplit(url)
     except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0] + ":***"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[1]}"))
+        return UNPARSEABLE
+    if not parts.scheme or not url.startswith(f"{parts.scheme}://") or not parts.netloc:
+        return UNPARSEABLE
+    netloc = parts.netloc
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:{HIDDEN}@{hosts}"
+    query = "&".join(_redact_pair(pair) for pair in parts.query.split("&")) if parts.query else ""
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=""))
+
+
+def _redact_pair(pair: str) -> str:
+    name, equals, _ = pair.partition("=")
+    return f"{name}={HIDDEN}" if equals and looks_secret(unquote_plus(name)) else pair
+
+
+def scrub(text: str, *urls: str) -> str:
+    """``text`` with the passwords and secret query values of ``urls`` replaced by ``***``
+    (for error texts of drivers that may quote what they were given)."""
+    for url in urls:
+        for secret in _secrets_of(url):
+            text = text.replace(secret, HIDDEN)
+    return text
+
+
+def _secrets_of(url: str) -> list[str]:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return []
+    found = [password, unquote_plus(password)] if password else []
+    for pair in parts.query.split("&"):
+        name, equals, value = pair.partition("=")
+        if equals and value and looks_secret(unquote_plus(name)):
+            found += [value, unquote_plus(value)]
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+def redact_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``values`` safe to log: URLs through :func:`redact_url`, secrets hidden."""
+    shown: dict[str, Any] = {}
+    for name, value in values.items():
+        if looks_secret(name):
+            shown[name] = HIDDEN
+        elif isinstance(value, str) and (name.endswith("url") or "://" in value):
+            shown[name] = redact_url(value)
+        else:
+            shown[name] = value
+    return shown
 
 
 def psycopg_conninfo(database_url: str) -> str:

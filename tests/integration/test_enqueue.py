@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import uuid
@@ -373,3 +374,97 @@ def test_missing_tables_name_the_command_that_creates_them(engine: Engine) -> No
     absent = Outbox(build_tables("pr_test_absent_schema"))
     with Session(engine) as session, pytest.raises(SchemaMissingError, match="db upgrade"):
         absent.enqueue(session, "t", 1)
+
+
+def _deep(depth: int) -> object:
+    value: object = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+HOSTILE_CALLS: list[tuple[str, dict[str, Any]]] = [
+    ("100k-deep payload", {"payload": _deep(100_000)}),
+    ("surrogate in payload", {"payload": {"a": "\ud800"}}),
+    ("surrogate in key", {"key": "\udc00"}),
+    ("surrogate in topic", {"topic": "t\ud800"}),
+    ("surrogate in header", {"headers": {"h": "\ud800"}}),
+    ("NUL in header", {"headers": {"h": "a\x00"}}),
+    ("too many headers", {"headers": {f"h{i}": "v" for i in range(1000)}}),
+    ("oversized header", {"headers": {"h": "v" * (1024 * 1024)}}),
+    ("infinite delay", {"delay": float("inf")}),
+    ("NaN delay", {"delay": float("nan")}),
+    ("huge delay", {"delay": 1e300}),
+    ("NUL content type", {"payload": b"x", "content_type": "application/xml\x00"}),
+    ("long content type", {"payload": b"x", "content_type": "a/" + "b" * 100_000}),
+    ("NUL key", {"key": "a\x00"}),
+    ("long key", {"key": "k" * 100_000}),
+    ("NUL message id", {"message_id": "\x00"}),
+]
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in HOSTILE_CALLS], ids=[c[0] for c in HOSTILE_CALLS])
+def test_hostile_input_leaves_the_sync_transaction_usable(
+    kwargs: dict[str, Any], engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    arguments = {"topic": "orders.created", "payload": {"ok": 1}} | kwargs
+    _create_orders(engine, tables)
+    with Session(engine) as session:
+        with pytest.raises(InvalidMessageError):
+            outbox.enqueue(session, arguments.pop("topic"), arguments.pop("payload"), **arguments)
+        session.execute(text(f'INSERT INTO "{tables.schema}".orders VALUES (1)'))
+        outbox.enqueue(session, "good.after", {"ok": 2})
+        session.commit()
+    _assert_committed(engine, tables)
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in HOSTILE_CALLS], ids=[c[0] for c in HOSTILE_CALLS])
+async def test_hostile_input_leaves_the_async_transaction_usable(
+    kwargs: dict[str, Any],
+    engine: Engine,
+    async_engine: AsyncEngine,
+    outbox: Outbox,
+    tables: Tables,
+) -> None:
+    arguments = {"topic": "orders.created", "payload": {"ok": 1}} | kwargs
+    _create_orders(engine, tables)
+    async with AsyncSession(async_engine) as session:
+        with pytest.raises(InvalidMessageError):
+            await outbox.enqueue_async(
+                session, arguments.pop("topic"), arguments.pop("payload"), **arguments
+            )
+        await session.execute(text(f'INSERT INTO "{tables.schema}".orders VALUES (1)'))
+        await outbox.enqueue_async(session, "good.after", {"ok": 2})
+        await session.commit()
+    _assert_committed(engine, tables)
+
+
+def test_hand_built_hostile_messages_are_refused_before_the_database(
+    engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    good = outbox.message("t", {"ok": 1})
+    _create_orders(engine, tables)
+    with Session(engine) as session:
+        for bad in (
+            dataclasses.replace(good, content_type="application/json\x00"),
+            dataclasses.replace(good, headers={"h": "\ud800"}),
+            dataclasses.replace(good, body=b"x" * (1024 * 1024 + 1)),
+        ):
+            with pytest.raises(InvalidMessageError):
+                outbox.enqueue_many(session, [good, bad])
+        session.execute(text(f'INSERT INTO "{tables.schema}".orders VALUES (1)'))
+        outbox.enqueue(session, "good.after", {"ok": 2})
+        session.commit()
+    _assert_committed(engine, tables)
+
+
+def _create_orders(engine: Engine, tables: Tables) -> None:
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE TABLE "{tables.schema}".orders (id int primary key)'))
+
+
+def _assert_committed(engine: Engine, tables: Tables) -> None:
+    with engine.connect() as connection:
+        orders = connection.execute(text(f'SELECT id FROM "{tables.schema}".orders')).scalars()
+        assert list(orders) == [1]
+    assert [row.topic for row in outbox_rows(engine, tables)] == ["good.after"]

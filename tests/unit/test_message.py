@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 
 from postroom import InvalidMessageError, Message, PayloadTooLargeError
 from postroom._uuid7 import uuid7
-from postroom.message import HEADER_ID, decode_payload
+from postroom.errors import (
+    InvalidContentTypeError,
+    InvalidDelayError,
+    InvalidHeaderError,
+    InvalidKeyError,
+    InvalidTopicError,
+    PayloadTooDeepError,
+    UnencodableTextError,
+)
+from postroom.message import (
+    HEADER_ID,
+    MAX_DELAY,
+    MAX_PAYLOAD_DEPTH,
+    check_message,
+    decode_payload,
+)
 
 
 def test_uuid7_has_version_7_and_rfc_variant() -> None:
@@ -114,3 +130,112 @@ def test_payload_over_the_limit_is_refused_and_names_the_setting() -> None:
     with pytest.raises(PayloadTooLargeError):
         Message.create("t", big_json)
     assert len(json.dumps(big_json)) > 1024 * 1024
+
+
+def _nested(depth: int) -> object:
+    value: object = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+HOSTILE: list[tuple[str, dict[str, object], type[InvalidMessageError], str]] = [
+    ("100k-deep payload", {"payload": _nested(100_000)}, PayloadTooDeepError, "levels deep"),
+    ("101-deep payload", {"payload": _nested(101)}, PayloadTooDeepError, "flatten"),
+    ("surrogate in payload", {"payload": {"a": "\ud800"}}, UnencodableTextError, "surrogate"),
+    (
+        "surrogate in a key of the payload",
+        {"payload": {"\udfff": 1}},
+        UnencodableTextError,
+        "payload",
+    ),
+    ("surrogate in key", {"key": "k\udc00"}, UnencodableTextError, "key contains"),
+    ("surrogate in topic", {"topic": "t\ud800"}, InvalidTopicError, "may only contain"),
+    ("NUL in topic", {"topic": "t\x00"}, InvalidTopicError, "may only contain"),
+    ("surrogate in header value", {"headers": {"h": "\ud800"}}, UnencodableTextError, "'h'"),
+    ("surrogate in header name", {"headers": {"\ud800": "v"}}, UnencodableTextError, "name"),
+    ("NUL in header name", {"headers": {"a\x00": "v"}}, InvalidHeaderError, "NUL"),
+    ("header value not str", {"headers": {"h": b"v"}}, InvalidHeaderError, "must be str"),
+    (
+        "too many headers",
+        {"headers": {f"h{i}": "v" for i in range(101)}},
+        InvalidHeaderError,
+        "101",
+    ),
+    ("infinite delay", {"delay": float("inf")}, InvalidDelayError, "365 days"),
+    ("NaN delay", {"delay": float("nan")}, InvalidDelayError, "NaN"),
+    ("huge delay", {"delay": 1e300}, InvalidDelayError, "365 days"),
+    ("huge timedelta", {"delay": timedelta(days=999_999_999)}, InvalidDelayError, "maximum"),
+    ("negative timedelta", {"delay": timedelta(seconds=-1)}, InvalidDelayError, "negative"),
+    ("bool delay", {"delay": True}, InvalidDelayError, "delay must be"),
+    (
+        "NUL content type",
+        {"content_type": "application/json\x00"},
+        InvalidContentTypeError,
+        "media type",
+    ),
+    (
+        "long content type",
+        {"payload": b"x", "content_type": "a/" + "b" * 300},
+        InvalidContentTypeError,
+        "255",
+    ),
+    ("content type not str", {"content_type": 5}, InvalidContentTypeError, "must be a str"),
+    (
+        "content type no slash",
+        {"payload": b"x", "content_type": "xml"},
+        InvalidContentTypeError,
+        "media type",
+    ),
+    (
+        "newline in content type",
+        {"content_type": "application/json\r\nX: y"},
+        InvalidContentTypeError,
+        "media type",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"), [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE]
+)
+def test_hostile_values_raise_a_typed_error_with_what_to_do(
+    kwargs: dict[str, object], error: type[InvalidMessageError], match: str
+) -> None:
+    arguments: dict[str, object] = {"topic": "t", "payload": {"ok": True}} | kwargs
+    topic = arguments.pop("topic")
+    payload = arguments.pop("payload")
+    with pytest.raises(error, match=match) as caught:
+        Message.create(topic, payload, **arguments)  # type: ignore[arg-type]
+    assert isinstance(caught.value, InvalidMessageError)
+    assert "\ud800" not in str(caught.value)
+    assert "\x00" not in str(caught.value)
+
+
+def test_the_deepest_accepted_payload_and_the_longest_delay() -> None:
+    assert Message.create("t", _nested(MAX_PAYLOAD_DEPTH)).payload == _nested(MAX_PAYLOAD_DEPTH)
+    assert Message.create("t", {"s": "[[[[" * 200}).payload == {"s": "[[[[" * 200}
+    assert Message.create("t", 1, delay=MAX_DELAY).delay_seconds == MAX_DELAY.total_seconds()
+    assert Message.create("t", b"x", content_type="text/plain; charset=utf-8").body == b"x"
+
+
+def test_headers_count_toward_the_message_size_limit() -> None:
+    headers = {"h": "v" * 60}
+    assert Message.create("t", b"x" * 39, headers=headers, max_payload_bytes=100).body
+    with pytest.raises(PayloadTooLargeError, match="payload and headers") as caught:
+        Message.create("t", b"x" * 40, headers=headers, max_payload_bytes=100)
+    assert caught.value.size == 101
+
+
+def test_check_message_holds_hand_built_messages_to_the_same_rules() -> None:
+    good = Message.create("t", {"a": 1})
+    check_message(good, 100)
+    for bad, error in [
+        (replace(good, content_type="application/json\x00"), InvalidContentTypeError),
+        (replace(good, headers={"h": "\ud800"}), UnencodableTextError),
+        (replace(good, available_at=good.created_at + timedelta(days=400)), InvalidDelayError),
+        (replace(good, key="\x00"), InvalidKeyError),
+        (replace(good, body=b"x" * 101), PayloadTooLargeError),
+    ]:
+        with pytest.raises(error):
+            check_message(bad, 100)

@@ -13,11 +13,11 @@ import typer
 from postroom.cli.common import configure_service_logging, user_errors, with_settings
 from postroom.config import Settings
 from postroom.consumer import Consumer
+from postroom.database import readable_errors
 from postroom.errors import ConfigurationError
 from postroom.lifecycle import run_until_signalled
 from postroom.log import get_logger
 from postroom.schema.tables import tables_for
-from postroom.urls import redact_url
 
 CONSUME_FIELDS = (
     "broker_url",
@@ -29,6 +29,8 @@ CONSUME_FIELDS = (
     "consumer_id_source",
     "inbox_retention",
     "metrics_port",
+    "metrics_host",
+    "health_timeout",
     "log_format",
 )
 
@@ -95,9 +97,10 @@ async def _run(consumer: Consumer, settings: Settings) -> None:
     from postroom.consumer import ConsumerService
     from postroom.schema import migrate
 
-    await asyncio.to_thread(
-        migrate.require_current, settings.database_url, tables_for(settings), "consumer"
-    )
+    with readable_errors(settings.database_url):
+        await asyncio.to_thread(
+            migrate.require_current, settings.database_url, tables_for(settings), "consumer"
+        )
     service = ConsumerService(
         consumer,
         subscriber_from_url(settings.broker_url, prefetch=settings.consumer_prefetch),
@@ -106,6 +109,6 @@ async def _run(consumer: Consumer, settings: Settings) -> None:
     get_logger("consumer").info(
         "consumer.configured",
         consumer=consumer.name,
-        broker=redact_url(settings.broker_url),
+        **settings.shown("broker_url", "database_url", "schema", "metrics_port"),
     )
     await run_until_signalled(service)

@@ -6,10 +6,10 @@ import asyncio
 
 from postroom.cli.common import configure_service_logging, user_errors, with_settings
 from postroom.config import Settings
+from postroom.database import readable_errors
 from postroom.lifecycle import run_until_signalled
 from postroom.log import get_logger
 from postroom.schema.tables import tables_for
-from postroom.urls import redact_url
 
 RELAY_FIELDS = (
     "broker_url",
@@ -22,6 +22,8 @@ RELAY_FIELDS = (
     "relay_backoff_max",
     "relay_retention",
     "metrics_port",
+    "metrics_host",
+    "health_timeout",
     "log_format",
 )
 
@@ -32,7 +34,8 @@ def relay(*, settings: Settings) -> None:
 
     Run as many as you like: they share the outbox's partitions through leases and keep
     each key in order. SIGTERM or Ctrl-C finishes the batch in flight, releases the
-    partitions and exits. Serves /metrics, /healthz and /readyz on --metrics-port.
+    partitions and exits. Serves /metrics, /healthz and /readyz on --metrics-host
+    (127.0.0.1 by default) and --metrics-port.
     """
     configure_service_logging(settings)
     with user_errors():
@@ -44,12 +47,15 @@ async def _run(settings: Settings) -> None:
     from postroom.relay import Relay
     from postroom.schema import migrate
 
-    await asyncio.to_thread(
-        migrate.require_current, settings.database_url, tables_for(settings), "relay"
-    )
+    with readable_errors(settings.database_url):
+        await asyncio.to_thread(
+            migrate.require_current, settings.database_url, tables_for(settings), "relay"
+        )
     publisher = publisher_from_url(settings.broker_url)
     service = Relay(settings, publisher)
     get_logger("relay").info(
-        "relay.configured", broker=redact_url(settings.broker_url), relay=service.relay_id
+        "relay.configured",
+        relay=service.relay_id,
+        **settings.shown("broker_url", "database_url", "schema", "metrics_port"),
     )
     await run_until_signalled(service)

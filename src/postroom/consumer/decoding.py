@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from postroom.brokers.base import Delivery
+from postroom.brokers.base import HEADER_FOR_CONSUMER, Delivery
+from postroom.consumer.registry import MAX_NAME_CHARS
 from postroom.errors import ConfigurationError, UndecodableMessageError
 from postroom.message import (
     HEADER_CONTENT_TYPE,
@@ -16,6 +19,7 @@ from postroom.message import (
     HEADER_KEY,
     OCTET_STREAM,
     RESERVED_HEADER_PREFIX,
+    TOPIC_PATTERN,
     Message,
     decode_payload,
 )
@@ -24,6 +28,9 @@ from postroom.message import (
 FOREIGN_ID_NAMESPACE: Final = uuid.UUID("6f1d1c3e-5b7a-4f0e-9a51-7e0c2b1d9a10")
 _CLOUDEVENTS_HEADERS: Final = ("ce_id", "ce-id", "cloudEvents:id", "cloudEvents_id")
 MAX_ID_CHARS: Final = 1000
+_UUID_SHAPED: Final = re.compile(
+    r"(?i)(?:urn:uuid:)?\{?(?P<hex>[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12})\}?"
+)
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,36 @@ class IdSource:
                 f"the message id in {where} is {len(found)} characters long (limit "
                 f"{MAX_ID_CHARS}); use a shorter id"
             )
-        return found.strip()
+        return normalize_id(found.strip())
+
+
+def normalize_id(message_id: str) -> str:
+    """A UUID-shaped id in its canonical form (lower case, hyphenated), else unchanged.
+
+    Upper case, braces, ``urn:uuid:`` and unhyphenated spellings of one UUID are one
+    message to the inbox, so a producer's spelling cannot make a handler run twice.
+    """
+    shaped = _UUID_SHAPED.fullmatch(message_id)
+    return message_id if shaped is None else str(uuid.UUID(shaped["hex"]))
+
+
+def is_requeue_copy(headers: Mapping[str, str]) -> bool:
+    """True if a delivery carrying ``postroom-for-consumer`` is postroom's own requeue copy.
+
+    ``postroom dead-letter requeue`` (Kafka) publishes the copy through postroom's publisher,
+    so it carries postroom's envelope: a ``postroom-id`` that is a UUID, beside a
+    ``postroom-for-consumer`` that is a valid consumer name. postroom's ``enqueue`` refuses
+    user headers starting with ``postroom-``, so no postroom producer sets the header; a
+    message without the envelope comes from another producer and the header is ignored.
+    """
+    name = headers.get(HEADER_FOR_CONSUMER, "")
+    if len(name) > MAX_NAME_CHARS or not TOPIC_PATTERN.fullmatch(name):
+        return False
+    try:
+        uuid.UUID(headers.get(HEADER_ID, ""))
+    except ValueError:
+        return False
+    return True
 
 
 def to_message(delivery: Delivery, message_id: str) -> Message:

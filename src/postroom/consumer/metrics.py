@@ -6,9 +6,16 @@ from prometheus_client import CollectorRegistry
 
 from postroom.metrics import Metrics
 
+#: The ``topic`` label of deliveries on topics the consumer has no handler for: labels
+#: come from the consumer's registered topics only, so hostile topics cannot grow /metrics.
+OTHER_TOPIC = "other"
+
 
 class ConsumerMetrics(Metrics):
-    """Counters per outcome and the handler latency of one consumer."""
+    """Counters per outcome and the handler latency of one consumer.
+
+    The ``topic`` label is one of the consumer's registered topics or :data:`OTHER_TOPIC`.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__(registry)

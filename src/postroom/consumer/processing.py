@@ -27,8 +27,15 @@ from sqlalchemy.orm import Session
 from postroom.backoff import Backoff
 from postroom.brokers.base import HEADER_FOR_CONSUMER, Delivery
 from postroom.config import Settings
-from postroom.consumer.decoding import IdSource, describe_error, to_message, to_model
-from postroom.consumer.metrics import ConsumerMetrics
+from postroom.consumer.decoding import (
+    IdSource,
+    describe_error,
+    is_requeue_copy,
+    to_message,
+    to_model,
+)
+from postroom.consumer.metrics import OTHER_TOPIC, ConsumerMetrics
+from postroom.consumer.registry import MAX_NAME_CHARS
 from postroom.errors import DeliveryLostError, HandlerCancelledError, UndecodableMessageError
 from postroom.log import get_logger
 from postroom.message import Message
@@ -146,16 +153,35 @@ class Processor:
         """Held around each handling attempt only (never while waiting for a retry)."""
         self._max_outages = max_outages
         """Consecutive 'database unavailable' rounds after which the error is raised."""
+        self._running: dict[object, float] = {}
+        """Handler runs in progress and when (monotonic) each began."""
+
+    def longest_run(self) -> float:
+        """Seconds the oldest handler run in progress has lasted (0 when none runs)."""
+        started = min(self._running.values(), default=None)
+        return 0.0 if started is None else time.monotonic() - started
 
     async def process(self, delivery: Delivery) -> Result:
         """Handle ``delivery`` under the retry policy and settle it with the broker."""
         meant_for = delivery.headers.get(HEADER_FOR_CONSUMER)
         if meant_for is not None and meant_for != self.consumer.name:
-            # A dead letter of another consumer, requeued to the topic both read.
-            self.metrics.skipped.labels(delivery.topic).inc()
-            log.debug("consumer.skipped", **self._about(delivery.topic), for_consumer=meant_for)
-            await self._ack(delivery)
-            return Result(Disposition.SKIPPED)
+            if is_requeue_copy(delivery.headers):
+                # A dead letter of another consumer, requeued to the topic both read.
+                self.metrics.skipped.labels(self._label(delivery.topic)).inc()
+                log.debug("consumer.skipped", **self._about(delivery.topic), for_consumer=meant_for)
+                await self._ack(delivery)
+                return Result(Disposition.SKIPPED)
+            # Not a copy postroom made: the header means nothing; handle the message.
+            log.warning(
+                "consumer.foreign_for_consumer_header",
+                **self._about(delivery.topic),
+                for_consumer=meant_for[:MAX_NAME_CHARS],
+                advice=(
+                    f"the {HEADER_FOR_CONSUMER} header is only honoured on postroom's own "
+                    "requeue copies; this message is handled as any other: find the "
+                    "producer that sets it"
+                ),
+            )
         attempt = max(1, delivery.attempt)
         outages = 0
         message_id: str | None = None
@@ -190,7 +216,7 @@ class Processor:
                 continue
             except Exception as exc:
                 error = describe_error(exc)
-                self.metrics.failures.labels(delivery.topic).inc()
+                self.metrics.failures.labels(self._label(delivery.topic)).inc()
                 final = attempt >= self.max_attempts
                 delay = 0.0 if final else self.backoff.delay(attempt)
                 log.warning(
@@ -227,6 +253,8 @@ class Processor:
         async with self._slots if self._slots is not None else contextlib.nullcontext():
             started = time.perf_counter()
             self.metrics.in_flight.inc()
+            run = object()
+            self._running[run] = time.monotonic()
             try:
                 if spec.is_async:
                     new = await self._run_async(spec, argument, params)
@@ -247,19 +275,25 @@ class Processor:
                 ) from exc
             finally:
                 self.metrics.in_flight.dec()
+                del self._running[run]
         if not new:
-            self.metrics.duplicates.labels(message.topic).inc()
+            self.metrics.duplicates.labels(self._label(message.topic)).inc()
             log.info("consumer.duplicate", **self._about(message.topic, message_id=message_id))
             return Disposition.DUPLICATE
         seconds = time.perf_counter() - started
-        self.metrics.latency.labels(message.topic).observe(seconds)
-        self.metrics.handled.labels(message.topic).inc()
+        self.metrics.latency.labels(self._label(message.topic)).observe(seconds)
+        self.metrics.handled.labels(self._label(message.topic)).inc()
         log.debug(
             "consumer.handled",
             **self._about(message.topic, message_id=message_id),
             seconds=round(seconds, 4),
         )
         return Disposition.HANDLED
+
+    def _label(self, topic: str) -> str:
+        """The metric label of ``topic``: itself if the consumer handles it, else ``other``
+        (labels come from a closed set, whatever topics arrive)."""
+        return topic if self.consumer.handler_for(topic) is not None else OTHER_TOPIC
 
     def _about(self, topic: str, **fields: Any) -> dict[str, Any]:
         """The fields that name a message in this consumer's log events, with ``fields``."""
@@ -351,7 +385,7 @@ class Processor:
                 )
                 if not await self._wait(delay):
                     return Result(Disposition.ABANDONED, error, attempts, message_id)
-        self.metrics.dead_lettered.labels(delivery.topic).inc()
+        self.metrics.dead_lettered.labels(self._label(delivery.topic)).inc()
         log.warning(
             "consumer.dead_lettered",
             **self._about(delivery.topic, message_id=message_id),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
@@ -30,6 +31,8 @@ log = get_logger("consumer")
 
 #: Seconds an ordered lane (a Kafka partition) without deliveries keeps its worker.
 LANE_IDLE = 30.0
+#: Longest wait of the receive loop for a delivery before it marks progress anyway.
+RECEIVE_TURN = 1.0
 #: Seconds a stopping consumer waits for handlers in flight.
 STOP_GRACE = 30.0
 
@@ -82,6 +85,8 @@ class ConsumerService:
             "consumer",
             self.metrics.registry,
             metrics_port=self.settings.metrics_port,
+            metrics_host=self.settings.metrics_host,
+            health_timeout=self.settings.health_timeout,
             healthy=self.healthy,
             ready=lambda: self.ready,
             identity={"consumer": consumer.name},
@@ -131,8 +136,11 @@ class ConsumerService:
         return self._subscribed and not self._stopping.is_set()
 
     def healthy(self) -> bool:
-        """False when the receive loop has not run for a long time."""
-        return self._lifecycle.quiet_for() < 120.0
+        """False when the receive loop has not turned, or one handler run has lasted,
+        ``health_timeout`` seconds. A consumer without traffic stays healthy: its receive
+        loop turns every :data:`RECEIVE_TURN` seconds whether or not a message came."""
+        limit = self.settings.health_timeout
+        return self._lifecycle.turning() and self.processor.longest_run() < limit
 
     async def run(self) -> None:
         """Subscribe and handle deliveries until :meth:`stop` (or cancellation)."""
@@ -201,19 +209,43 @@ class ConsumerService:
         return False
 
     async def _receive(self) -> None:
-        async for delivery in self.subscriber.deliveries():
-            self._lifecycle.progressed()
-            if self._stopping.is_set():
-                return
-            if delivery.lane is None:
-                await self._unordered.acquire()
-                self._spawn(self._one(delivery))
-            else:
-                queue = self._lanes.get(delivery.lane)
-                if queue is None:
-                    queue = self._lanes[delivery.lane] = asyncio.Queue()
-                    self._spawn(self._lane(delivery.lane, queue))
-                queue.put_nowait(delivery)
+        async with contextlib.aclosing(self._turning(self.subscriber.deliveries())) as turning:
+            async for delivery in turning:
+                if self._stopping.is_set():
+                    return
+                if delivery.lane is None:
+                    await self._unordered.acquire()
+                    self._spawn(self._one(delivery))
+                else:
+                    queue = self._lanes.get(delivery.lane)
+                    if queue is None:
+                        queue = self._lanes[delivery.lane] = asyncio.Queue()
+                        self._spawn(self._lane(delivery.lane, queue))
+                    queue.put_nowait(delivery)
+
+    async def _turning(self, deliveries: AsyncIterator[Delivery]) -> AsyncGenerator[Delivery, None]:
+        """``deliveries``, marking progress at least every RECEIVE_TURN seconds while
+        waiting for the next one (so health measures the loop, not the traffic)."""
+        iterator = aiter(deliveries)
+        waiting: asyncio.Future[Delivery] | None = None
+        try:
+            while True:
+                if waiting is None:
+                    waiting = asyncio.ensure_future(anext(iterator))
+                done, _ = await asyncio.wait({waiting}, timeout=RECEIVE_TURN)
+                self._lifecycle.progressed()
+                if not done:
+                    continue
+                arrived, waiting = waiting, None
+                try:
+                    delivery = arrived.result()
+                except StopAsyncIteration:
+                    return
+                yield delivery
+        finally:
+            if waiting is not None:
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)

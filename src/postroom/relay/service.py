@@ -93,6 +93,8 @@ class Relay:
             "relay",
             self.metrics.registry,
             metrics_port=settings.metrics_port,
+            metrics_host=settings.metrics_host,
+            health_timeout=max(settings.health_timeout, 4 * settings.relay_lease),
             healthy=self.healthy,
             ready=lambda: self.ready,
             identity={"relay": self.relay_id},
@@ -116,8 +118,8 @@ class Relay:
 
     def healthy(self) -> bool:
         """False when the work loop is stuck, or heartbeats have failed for several leases."""
-        patience = max(60.0, 4 * self.settings.relay_lease)
-        if self._lifecycle.quiet_for() > patience:
+        patience = self._lifecycle.health_timeout
+        if not self._lifecycle.turning():
             return False
         return time.monotonic() - max(self.leases.last_renewed, self._lifecycle.created) < patience
 
