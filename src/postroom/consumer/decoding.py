@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from postroom.brokers.base import HEADER_FOR_CONSUMER, Delivery
-from postroom.consumer.registry import MAX_NAME_CHARS
 from postroom.errors import ConfigurationError, UndecodableMessageError
 from postroom.message import (
     HEADER_CONTENT_TYPE,
@@ -31,6 +30,9 @@ MAX_ID_CHARS: Final = 1000
 _UUID_SHAPED: Final = re.compile(
     r"(?i)(?:urn:uuid:)?\{?(?P<hex>[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12})\}?"
 )
+
+#: Longest consumer name: it prefixes queue and topic names such as ``<name>.dead-letter``.
+MAX_NAME_CHARS = 200
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from postroom.backoff import Backoff
 from postroom.brokers.base import HEADER_FOR_CONSUMER, Delivery
 from postroom.config import Settings
 from postroom.consumer.decoding import (
+    MAX_NAME_CHARS,
     IdSource,
     describe_error,
     is_requeue_copy,
@@ -35,7 +36,6 @@ from postroom.consumer.decoding import (
     to_model,
 )
 from postroom.consumer.metrics import OTHER_TOPIC, ConsumerMetrics
-from postroom.consumer.registry import MAX_NAME_CHARS
 from postroom.errors import DeliveryLostError, HandlerCancelledError, UndecodableMessageError
 from postroom.log import get_logger
 from postroom.message import Message

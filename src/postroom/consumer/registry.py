@@ -10,14 +10,12 @@ from typing import Any, TypeVar
 
 from postroom.brokers.base import Subscriber
 from postroom.config import Settings
+from postroom.consumer.decoding import MAX_NAME_CHARS
 from postroom.errors import HandlerRegistrationError
 from postroom.message import TOPIC_PATTERN, Message, validate_topic
 from postroom.outbox import Outbox
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: Longest consumer name: it prefixes queue and topic names such as ``<name>.dead-letter``.
-MAX_NAME_CHARS = 200
 
 
 @dataclass(frozen=True)
