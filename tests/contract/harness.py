@@ -2,6 +2,8 @@
 
 Each harness reads back what reached the broker with the broker's own client (aio-pika,
 confluent-kafka), never through postroom, and knows how to make a poison message.
+:func:`make_batch` writes the messages the publisher suites send and
+:func:`assert_arrived_as_written` checks what a harness read back against them.
 """
 
 from __future__ import annotations
