@@ -18,8 +18,6 @@ from postroom.urls import normalize_database_url, psycopg_conninfo
 from tests.support.database import drop_schema, unique_schema
 from tests.support.services import require_service
 
-__all__ = ["require_service"]  # tests/contract/conftest.py imports it from here
-
 pytest_plugins = ["tests.support.fixtures"]
 
 

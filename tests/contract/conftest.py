@@ -2,67 +2,28 @@
 
 from __future__ import annotations
 
-import socket
+import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
 from postroom.brokers import Publisher
 from postroom.brokers.memory import MemoryBroker
-from tests.conftest import require_service
 from tests.contract.harness import (
-    AMQP_URL,
-    KAFKA_URL,
     Harness,
     KafkaHarness,
     MemoryHarness,
     Outage,
-    PrivateTansu,
     RabbitMQHarness,
-    TcpProxy,
-    amqp_address,
-    amqp_address_replaced,
+    called,
+    in_thread,
 )
+from tests.support.network import address
+from tests.support.processes import TansuBroker
+from tests.support.proxy import FaultProxy
+from tests.support.services import AMQP_URL
 
 BROKERS = ["memory", "rabbitmq", "kafka"]
-
-
-@pytest.fixture(scope="session")
-def rabbitmq_available() -> None:
-    """Fail (CI) or skip unless an AMQP broker answers at POSTROOM_TEST_AMQP_URL."""
-    host, port = amqp_address(AMQP_URL)
-    try:
-        with socket.create_connection((host, port), timeout=5) as sock:
-            sock.sendall(b"AMQP\x00\x00\x09\x01")
-            answer = sock.recv(1)
-    except OSError as exc:
-        require_service("RabbitMQ", f"nothing answers at {host}:{port} ({exc})")
-    else:
-        if answer != b"\x01":
-            require_service("RabbitMQ", f"{host}:{port} does not speak AMQP 0-9-1")
-
-
-@pytest.fixture(scope="session")
-def kafka_available() -> None:
-    """Fail (CI) or skip unless Kafka answers at POSTROOM_TEST_KAFKA_URL."""
-    from confluent_kafka.admin import AdminClient
-
-    from postroom.brokers.kafka import parse_kafka_url
-
-    bootstrap, _ = parse_kafka_url(KAFKA_URL)
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _Quiet()})
-    try:
-        admin.list_topics(timeout=5)
-    except Exception as exc:
-        require_service("Kafka", f"nothing answers at {bootstrap} ({exc})")
-
-
-class _Quiet:
-    """A librdkafka logger that drops everything (availability probes fail noisily)."""
-
-    def log(self, *args: Any) -> None:
-        return None
 
 
 @pytest.fixture(params=BROKERS)
@@ -70,10 +31,10 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     """The broker under test (ids memory / rabbitmq / kafka)."""
     harness: Harness
     if request.param == "rabbitmq":
-        request.getfixturevalue("rabbitmq_available")
+        request.getfixturevalue("rabbitmq")
         harness = RabbitMQHarness()
     elif request.param == "kafka":
-        request.getfixturevalue("kafka_available")
+        request.getfixturevalue("kafka")
         harness = KafkaHarness()
     else:
         harness = MemoryHarness()
@@ -96,35 +57,32 @@ async def outage(request: pytest.FixtureRequest) -> AsyncIterator[Outage]:
     if request.param == "memory":
         memory = MemoryHarness()
         broker: MemoryBroker = memory.broker
-
-        async def start_outage() -> None:
-            broker.start_outage()
-
-        async def end_outage() -> None:
-            broker.end_outage()
-
-        yield Outage(memory, start_outage, end_outage, keeps_messages=True)
+        yield Outage(
+            memory, called(broker.start_outage), called(broker.end_outage), keeps_messages=True
+        )
         await memory.close()
     elif request.param == "rabbitmq":
-        request.getfixturevalue("rabbitmq_available")
-        host, port = amqp_address(AMQP_URL)
-        proxy = TcpProxy(host, port)
-        await proxy.start()
-        through_proxy = amqp_address_replaced(AMQP_URL, "127.0.0.1", proxy.port)
-        rabbit = RabbitMQHarness(
-            AMQP_URL, publish_url=through_proxy, connect_timeout=3, confirm_timeout=5
-        )
-        yield Outage(rabbit, proxy.cut, proxy.start, keeps_messages=True)
-        await proxy.cut()
-        await rabbit.close()
+        request.getfixturevalue("rabbitmq")
+        with FaultProxy(*address(AMQP_URL, 5672)) as proxy:
+            rabbit = RabbitMQHarness(
+                AMQP_URL, publish_url=proxy.url_for(AMQP_URL), connect_timeout=3, confirm_timeout=5
+            )
+            yield Outage(rabbit, called(proxy.cut), called(proxy.restore), keeps_messages=True)
+            proxy.cut()
+            await rabbit.close()
     else:
-        broker_process = PrivateTansu(request.getfixturevalue("tansu"))
-        await broker_process.start()
+        broker_process = TansuBroker(request.getfixturevalue("tansu"))
+        await asyncio.to_thread(broker_process.start)
         kafka = KafkaHarness(
             broker_process.url,
             message_timeout_ms=1500,
             connect_timeout=3,
             config={"reconnect.backoff.ms": 50, "reconnect.backoff.max.ms": 250},
         )
-        yield Outage(kafka, broker_process.stop, broker_process.start, keeps_messages=False)
-        await broker_process.stop()
+        yield Outage(
+            kafka,
+            called(broker_process.kill),
+            in_thread(broker_process.start),
+            keeps_messages=False,
+        )
+        broker_process.kill()

@@ -2,20 +2,18 @@
 
 Each harness reads back what reached the broker with the broker's own client (aio-pika,
 confluent-kafka), never through postroom, and knows how to make a poison message.
+:func:`make_batch` writes the messages the publisher suites send and
+:func:`assert_arrived_as_written` checks what a harness read back against them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import time
-import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from postroom.brokers import (
     DeadLetters,
@@ -26,29 +24,18 @@ from postroom.brokers import (
     subscriber_from_url,
 )
 from postroom.brokers.memory import MemoryBroker
-from postroom.message import HEADER_KEY, Message
+from postroom.message import HEADER_ID, Message
+from tests.support.consuming import KAFKA_GROUP_SETTINGS, unique
+from tests.support.network import free_port
+from tests.support.readback import Delivered, amqp_delivered, create_topics, read_kafka
+from tests.support.services import AMQP_URL, KAFKA_URL
 
-AMQP_URL = os.environ.get("POSTROOM_TEST_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
-KAFKA_URL = os.environ.get("POSTROOM_TEST_KAFKA_URL") or "kafka://127.0.0.1:9092"
 #: A payload over Kafka's default message.max.bytes (1,000,000) but within postroom's 1 MiB.
 KAFKA_OVERSIZED = 1_040_000
 #: The delay subscriber contract tests give retry_later().
 RETRY_DELAY = 0.05
-#: Consumer-group timings that make a group join take seconds on Tansu, not ~25 s.
-KAFKA_GROUP_SETTINGS = "session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=7000"
-
-
-@dataclass(frozen=True)
-class Received:
-    """One message as the broker's own client saw it."""
-
-    id: str
-    topic: str
-    key: str | None
-    body: bytes
-    content_type: str
-    headers: dict[str, str]
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+#: Keys of :func:`make_batch`'s messages, ``None`` (no key) among them.
+KEYS = ["customer-1", "customer-2", "ключ-3", "k4", None]
 
 
 class Harness(Protocol):
@@ -72,7 +59,9 @@ class Harness(Protocol):
         """A message this broker refuses (to be REJECTED), related to ``topic``."""
         ...
 
-    async def read_back(self, topic: str, count: int, wait_seconds: float = 15.0) -> list[Received]:
+    async def read_back(
+        self, topic: str, count: int, wait_seconds: float = 15.0
+    ) -> list[Delivered]:
         """The first ``count`` messages on ``topic``, in broker order (waits for them)."""
         ...
 
@@ -104,16 +93,63 @@ class Outage:
     """False when the broker forgets everything on restart (Tansu's memory storage)."""
 
 
-def free_port() -> int:
-    """A local TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def called(action: Callable[[], object]) -> Callable[[], Awaitable[None]]:
+    """``action`` (a plain call) as the coroutine function an :class:`Outage` awaits."""
+
+    async def call() -> None:
+        action()
+
+    return call
 
 
-def unique(prefix: str) -> str:
-    """A name no other test uses."""
-    return f"{prefix}.{uuid.uuid4().hex[:16]}"
+def in_thread(action: Callable[[], object]) -> Callable[[], Awaitable[None]]:
+    """``action`` (a blocking call) run in a thread, as an :class:`Outage` awaits it."""
+
+    async def call() -> None:
+        await asyncio.to_thread(action)
+
+    return call
+
+
+def make_batch(topic: str, count: int, *, tag: str = "") -> list[Message]:
+    """Messages with keys (and none), JSON and bytes payloads, and user headers."""
+    batch = []
+    for i in range(count):
+        key = KEYS[i % len(KEYS)]
+        headers = {"trace-id": f"trace-{tag}{i}", "tenant": "café ✓"} if i % 2 == 0 else {}
+        if i % 3 == 0:
+            batch.append(
+                Message.create(
+                    topic,
+                    f"raw {tag}{i} ".encode() + bytes([0, 255, i % 256]),
+                    key=key,
+                    headers=headers,
+                    content_type="application/x-test" if i % 6 == 0 else None,
+                )
+            )
+        else:
+            payload = {"seq": i, "tag": tag, "text": "zürich ✓", "nested": [1, 2.5, None, True]}
+            batch.append(Message.create(topic, payload, key=key, headers=headers))
+    return batch
+
+
+def assert_arrived_as_written(sent: Sequence[Message], received: Sequence[Delivered]) -> None:
+    """Every message arrived once, unchanged, and messages of a key arrived in order."""
+    by_id = {r.id: r for r in received}
+    assert len(by_id) == len(received) == len(sent), "a message is missing or duplicated"
+    for message in sent:
+        got = by_id[str(message.id)]
+        assert got.topic == message.topic
+        assert got.body == message.body
+        assert got.content_type == message.content_type
+        assert got.key == message.key
+        assert got.headers[HEADER_ID] == str(message.id)
+        for name, value in message.headers.items():
+            assert got.headers[name] == value
+    for key in {m.key for m in sent if m.key is not None}:
+        assert [r.id for r in received if r.key == key] == [
+            str(m.id) for m in sent if m.key == key
+        ], f"messages of key {key!r} arrived out of order"
 
 
 # ----------------------------------------------------------------------------- memory
@@ -144,17 +180,20 @@ class MemoryHarness:
         self.broker.make_unroutable(unroutable)
         return Message.create(unroutable, {"poison": True})
 
-    async def read_back(self, topic: str, count: int, wait_seconds: float = 15.0) -> list[Received]:
+    async def read_back(
+        self, topic: str, count: int, wait_seconds: float = 15.0
+    ) -> list[Delivered]:
         found = self.broker.messages(topic)
         assert len(found) >= count, f"{len(found)} of {count} messages on {topic}"
         return [
-            Received(
+            Delivered(
                 id=str(m.id),
                 topic=m.topic,
                 key=m.key,
                 body=m.body,
                 content_type=m.content_type,
                 headers=m.wire_headers(),
+                arrived=time.monotonic(),
             )
             for m in found[:count]
         ]
@@ -224,10 +263,12 @@ class RabbitMQHarness:
     async def poison(self, topic: str) -> Message:
         return Message.create(unique("nowhere"), {"poison": True})
 
-    async def read_back(self, topic: str, count: int, wait_seconds: float = 15.0) -> list[Received]:
+    async def read_back(
+        self, topic: str, count: int, wait_seconds: float = 15.0
+    ) -> list[Delivered]:
         channel = await self._ensure_channel()
         queue = await channel.get_queue(f"test-{topic}", ensure=False)
-        received: list[Received] = []
+        received: list[Delivered] = []
         deadline = time.monotonic() + wait_seconds
         while len(received) < count:
             message = await queue.get(no_ack=True, fail=False)
@@ -235,22 +276,7 @@ class RabbitMQHarness:
                 assert time.monotonic() < deadline, f"{len(received)} of {count} on {topic}"
                 await asyncio.sleep(0.05)
                 continue
-            headers = {name: _text(value) for name, value in (message.headers or {}).items()}
-            received.append(
-                Received(
-                    id=str(message.message_id),
-                    topic=str(message.routing_key),
-                    key=headers.get(HEADER_KEY),
-                    body=message.body,
-                    content_type=str(message.content_type),
-                    headers=headers,
-                    extra={
-                        "delivery_mode": int(message.delivery_mode),
-                        "timestamp": message.timestamp,
-                        "exchange": message.exchange,
-                    },
-                )
-            )
+            received.append(amqp_delivered(message, timestamp=message.timestamp))
         return received
 
     def make_subscriber(self, prefetch: int = 64) -> Subscriber:
@@ -267,7 +293,7 @@ class RabbitMQHarness:
         retry = retry_queue_name(consumer, RETRY_DELAY)
         self._queues.extend([consumer, f"{consumer}.dead-letter", retry])
 
-    async def drain(self, topic: str) -> list[Received]:
+    async def drain(self, topic: str) -> list[Delivered]:
         """Whatever is left on ``topic``'s queue, without waiting for more."""
         channel = await self._ensure_channel()
         queue = await channel.get_queue(f"test-{topic}", ensure=False)
@@ -286,24 +312,6 @@ class RabbitMQHarness:
         with contextlib.suppress(Exception):
             await self._channel.exchange_delete(self.exchange)
         await self._connection.close()
-
-
-def amqp_address(url: str) -> tuple[str, int]:
-    """Host and port of an AMQP URL."""
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or 5672
-
-
-def amqp_address_replaced(url: str, host: str, port: int) -> str:
-    """``url`` pointed at ``host:port``, keeping its user, password and vhost."""
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # ----------------------------------------------------------------------------- Kafka
@@ -331,65 +339,17 @@ class KafkaHarness:
         )
 
     async def new_topic(self) -> str:
-        from confluent_kafka.admin import AdminClient, NewTopic
-
         topic = unique("orders")
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        futures = admin.create_topics(
-            [NewTopic(topic, num_partitions=self.partitions, replication_factor=1)],
-            operation_timeout=10,
-        )
-        await asyncio.to_thread(futures[topic].result, 10)
+        await asyncio.to_thread(create_topics, self.bootstrap, [topic], partitions=self.partitions)
         return topic
 
     async def poison(self, topic: str) -> Message:
         return Message.create(topic, b"\x00" * KAFKA_OVERSIZED, key="poison")
 
-    async def read_back(self, topic: str, count: int, wait_seconds: float = 15.0) -> list[Received]:
-        return await asyncio.to_thread(self._consume, topic, count, wait_seconds)
-
-    def _consume(self, topic: str, count: int, timeout: float) -> list[Received]:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": unique("contract-reader"),
-                "enable.auto.commit": False,
-                "topic.metadata.refresh.interval.ms": 1000,
-            }
-        )
-        try:
-            deadline = time.monotonic() + timeout
-            metadata = consumer.list_topics(topic, timeout=10)
-            partitions = sorted(metadata.topics[topic].partitions)
-            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-            received: list[Received] = []
-            while len(received) < count and time.monotonic() < deadline:
-                for record in consumer.consume(num_messages=500, timeout=0.5):
-                    if record.error() is not None:
-                        continue
-                    headers = {name: _text(value) for name, value in record.headers() or []}
-                    key = record.key()
-                    received.append(
-                        Received(
-                            id=headers.get("postroom-id", ""),
-                            topic=record.topic(),
-                            key=key.decode() if key is not None else None,
-                            body=record.value() or b"",
-                            content_type=headers.get("postroom-content-type", ""),
-                            headers=headers,
-                            extra={
-                                "partition": record.partition(),
-                                "offset": record.offset(),
-                                "timestamp": record.timestamp(),
-                            },
-                        )
-                    )
-            assert len(received) >= count, f"{len(received)} of {count} messages on {topic}"
-            return received[:count]
-        finally:
-            consumer.close()
+    async def read_back(
+        self, topic: str, count: int, wait_seconds: float = 15.0
+    ) -> list[Delivered]:
+        return (await read_kafka(self.bootstrap, topic, count, wait_seconds))[:count]
 
     def make_subscriber(self, prefetch: int = 64) -> Subscriber:
         joiner = "&" if "?" in self.url else "?"
@@ -403,126 +363,3 @@ class KafkaHarness:
 
     async def close(self) -> None:
         return None
-
-
-# ----------------------------------------------------------------------------- fault tools
-
-
-class TcpProxy:
-    """A local TCP proxy that can be cut (every connection dropped, new ones refused)."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-
-    async def start(self) -> None:
-        """Listen on ``self.port`` (the same port after a cut)."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        """Drop every connection at once and refuse new ones until :meth:`start`."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def freeze(self) -> None:
-        """Stop forwarding bytes (connections stay open, like a network black hole)."""
-        self._flowing.clear()
-
-    def thaw(self) -> None:
-        """Forward bytes again."""
-        self._flowing.set()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.update((writer, up_writer))
-        pipes = [
-            asyncio.ensure_future(self._pipe(reader, up_writer)),
-            asyncio.ensure_future(self._pipe(up_reader, writer)),
-        ]
-        self._tasks.update(pipes)
-        try:
-            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pipe in pipes:
-                pipe.cancel()
-                self._tasks.discard(pipe)
-            for end in (writer, up_writer):
-                end.transport.abort()
-                self._writers.discard(end)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            await self._flowing.wait()
-            writer.write(data)
-            await writer.drain()
-
-
-class PrivateTansu:
-    """A Tansu broker of this test's own on a free port, to stop and start at will."""
-
-    def __init__(self, binary: str) -> None:
-        self.binary = binary
-        self.port = free_port()
-        self._process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        """Its ``kafka://`` URL."""
-        return f"kafka://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        """Start it (in-memory storage: a restart forgets every topic) and wait until it listens."""
-        listener = f"tcp://127.0.0.1:{self.port}"
-        self._process = await asyncio.create_subprocess_exec(
-            self.binary,
-            "broker",
-            "--listener-url",
-            listener,
-            "--advertised-listener-url",
-            listener,
-            "--storage-engine",
-            "memory://tansu/",
-            "--silent",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        await wait_until(self._listens, seconds=10, what=f"Tansu on port {self.port}")
-
-    async def stop(self) -> None:
-        """Kill it (SIGKILL: no goodbye to clients)."""
-        if self._process is not None:
-            self._process.kill()
-            await self._process.wait()
-            self._process = None
-
-    async def _listens(self) -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        except OSError:
-            return False
-        writer.close()
-        return True
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], *, seconds: float, what: str) -> None:
-    """Poll ``check`` until it is true; fail the test after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        await asyncio.sleep(0.02)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,23 +11,24 @@ from postroom.brokers import CONFIRMED, Outcome
 from postroom.brokers.kafka import KafkaPublisher
 from postroom.errors import BrokerUnavailableError
 from postroom.message import Message
-from tests.contract.harness import KafkaHarness, PrivateTansu, free_port
-from tests.contract.test_publisher_contract import assert_arrived_as_written, make_batch
+from tests.contract.harness import KafkaHarness, assert_arrived_as_written, make_batch
+from tests.support.network import free_port
+from tests.support.processes import TansuBroker
 
 
 @pytest.fixture
-def kafka(kafka_available: None) -> KafkaHarness:
-    """The shared Kafka broker."""
+def kafka(kafka: str) -> KafkaHarness:
+    """The shared Kafka broker (once the session's ``kafka`` fixture found it answering)."""
     return KafkaHarness()
 
 
 @pytest.fixture
-async def private_kafka(tansu: str) -> AsyncIterator[PrivateTansu]:
+async def private_kafka(tansu: str) -> AsyncIterator[TansuBroker]:
     """A Tansu broker of this test's own, to kill and restart."""
-    broker = PrivateTansu(tansu)
-    await broker.start()
+    broker = TansuBroker(tansu)
+    await asyncio.to_thread(broker.start)
     yield broker
-    await broker.stop()
+    broker.kill()
 
 
 async def test_records_carry_key_timestamp_and_headers(kafka: KafkaHarness) -> None:
@@ -100,7 +102,7 @@ async def test_connect_error_names_the_brokers() -> None:
         await publisher.connect()
 
 
-async def test_broker_restart_recovers_with_a_new_producer(private_kafka: PrivateTansu) -> None:
+async def test_broker_restart_recovers_with_a_new_producer(private_kafka: TansuBroker) -> None:
     """Tansu forgets producer ids on restart: the idempotent producer fails fatally
     (UNKNOWN_PRODUCER_ID); that must be UNAVAILABLE, and the next publish must work."""
     harness = KafkaHarness(
@@ -113,8 +115,8 @@ async def test_broker_restart_recovers_with_a_new_producer(private_kafka: Privat
     topic = await harness.new_topic()
     assert await publisher.publish(make_batch(topic, 5, tag="a")) == [CONFIRMED] * 5
 
-    await private_kafka.stop()
-    await private_kafka.start()
+    private_kafka.kill()
+    await asyncio.to_thread(private_kafka.start)
 
     after = make_batch(topic, 5, tag="b")
     attempts = []

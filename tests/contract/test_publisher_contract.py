@@ -4,57 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 
 import pytest
 
 from postroom.brokers import CONFIRMED, Outcome, Publisher, PublishResult
 from postroom.errors import BrokerUnavailableError
-from postroom.message import HEADER_ID, Message
-from tests.contract.harness import Harness, Outage, Received
-
-KEYS = ["customer-1", "customer-2", "ключ-3", "k4", None]
-
-
-def make_batch(topic: str, count: int, *, tag: str = "") -> list[Message]:
-    """Messages with keys (and none), JSON and bytes payloads, and user headers."""
-    batch = []
-    for i in range(count):
-        key = KEYS[i % len(KEYS)]
-        headers = {"trace-id": f"trace-{tag}{i}", "tenant": "café ✓"} if i % 2 == 0 else {}
-        if i % 3 == 0:
-            batch.append(
-                Message.create(
-                    topic,
-                    f"raw {tag}{i} ".encode() + bytes([0, 255, i % 256]),
-                    key=key,
-                    headers=headers,
-                    content_type="application/x-test" if i % 6 == 0 else None,
-                )
-            )
-        else:
-            payload = {"seq": i, "tag": tag, "text": "zürich ✓", "nested": [1, 2.5, None, True]}
-            batch.append(Message.create(topic, payload, key=key, headers=headers))
-    return batch
-
-
-def assert_arrived_as_written(sent: Sequence[Message], received: Sequence[Received]) -> None:
-    """Every message arrived once, unchanged, and messages of a key arrived in order."""
-    by_id = {r.id: r for r in received}
-    assert len(by_id) == len(received) == len(sent), "a message is missing or duplicated"
-    for message in sent:
-        got = by_id[str(message.id)]
-        assert got.topic == message.topic
-        assert got.body == message.body
-        assert got.content_type == message.content_type
-        assert got.key == message.key
-        assert got.headers[HEADER_ID] == str(message.id)
-        for name, value in message.headers.items():
-            assert got.headers[name] == value
-    for key in {m.key for m in sent if m.key is not None}:
-        assert [r.id for r in received if r.key == key] == [
-            str(m.id) for m in sent if m.key == key
-        ], f"messages of key {key!r} arrived out of order"
+from postroom.message import Message
+from tests.contract.harness import Harness, Outage, assert_arrived_as_written, make_batch
 
 
 async def test_batch_arrives_exactly_as_written(broker: Harness, publisher: Publisher) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
 import pytest
@@ -13,18 +13,18 @@ from postroom.brokers.rabbitmq import RabbitMQPublisher
 from postroom.errors import BrokerUnavailableError
 from postroom.message import Message
 from tests.contract.harness import (
-    AMQP_URL,
     RabbitMQHarness,
-    TcpProxy,
-    amqp_address,
-    amqp_address_replaced,
-    unique,
+    assert_arrived_as_written,
+    make_batch,
 )
-from tests.contract.test_publisher_contract import assert_arrived_as_written, make_batch
+from tests.support.consuming import unique
+from tests.support.network import address, replace_address
+from tests.support.proxy import FaultProxy
+from tests.support.services import AMQP_URL
 
 
 @pytest.fixture
-async def rabbit(rabbitmq_available: None) -> AsyncIterator[RabbitMQHarness]:
+async def rabbit(rabbitmq: str) -> AsyncIterator[RabbitMQHarness]:
     """RabbitMQ with an exchange and queues of this test's own."""
     harness = RabbitMQHarness()
     yield harness
@@ -32,13 +32,10 @@ async def rabbit(rabbitmq_available: None) -> AsyncIterator[RabbitMQHarness]:
 
 
 @pytest.fixture
-async def proxy(rabbitmq_available: None) -> AsyncIterator[TcpProxy]:
+def proxy(rabbitmq: str) -> Iterator[FaultProxy]:
     """A cuttable TCP proxy in front of RabbitMQ."""
-    proxy = TcpProxy(*amqp_address(AMQP_URL))
-    await proxy.start()
-    yield proxy
-    proxy.thaw()
-    await proxy.cut()
+    with FaultProxy(*address(AMQP_URL, 5672)) as proxy:
+        yield proxy
 
 
 async def test_messages_are_persistent_with_amqp_properties(rabbit: RabbitMQHarness) -> None:
@@ -88,10 +85,10 @@ async def test_oversized_message_is_rejected_unsent(rabbit: RabbitMQHarness) -> 
 
 
 async def test_connect_error_names_the_address_but_not_the_password(
-    rabbitmq_available: None,
+    rabbitmq: str,
 ) -> None:
-    host, port = amqp_address(AMQP_URL)
-    wrong = amqp_address_replaced("amqp://guest:wrong-s3cret@x/", host, port)
+    host, port = address(AMQP_URL, 5672)
+    wrong = replace_address("amqp://guest:wrong-s3cret@x/", host, port)
     publisher = RabbitMQPublisher(wrong, connect_timeout=5)
 
     with pytest.raises(BrokerUnavailableError) as raised:
@@ -116,12 +113,12 @@ async def test_exchange_of_another_type_is_reported(rabbit: RabbitMQHarness) -> 
 
 
 async def test_connection_cut_mid_batch_loses_no_confirmed_message(
-    rabbit: RabbitMQHarness, proxy: TcpProxy
+    rabbit: RabbitMQHarness, proxy: FaultProxy
 ) -> None:
     topic = await rabbit.new_topic()
     batch = make_batch(topic, 3000)
     publisher = RabbitMQPublisher(
-        amqp_address_replaced(AMQP_URL, "127.0.0.1", proxy.port),
+        proxy.url_for(AMQP_URL),
         exchange=rabbit.exchange,
         connect_timeout=3,
     )
@@ -129,7 +126,7 @@ async def test_connection_cut_mid_batch_loses_no_confirmed_message(
 
     publishing = asyncio.ensure_future(publisher.publish(batch))
     await asyncio.sleep(0.05)
-    await proxy.cut()
+    proxy.cut()
     results = await publishing
 
     outcomes = {r.outcome for r in results}
@@ -137,7 +134,7 @@ async def test_connection_cut_mid_batch_loses_no_confirmed_message(
     assert Outcome.UNAVAILABLE in outcomes, "the cut came too late to test anything"
     confirmed = {str(m.id) for m, r in zip(batch, results, strict=True) if r.confirmed}
 
-    await proxy.start()
+    proxy.restore()
     retry = [m for m, r in zip(batch, results, strict=True) if not r.confirmed]
     assert all(r.confirmed for r in await publisher.publish(retry))
     await publisher.close()
@@ -152,24 +149,24 @@ async def test_connection_cut_mid_batch_loses_no_confirmed_message(
 
 
 async def test_missing_confirms_time_out_as_unavailable(
-    rabbit: RabbitMQHarness, proxy: TcpProxy
+    rabbit: RabbitMQHarness, proxy: FaultProxy
 ) -> None:
     topic = await rabbit.new_topic()
     publisher = RabbitMQPublisher(
-        amqp_address_replaced(AMQP_URL, "127.0.0.1", proxy.port),
+        proxy.url_for(AMQP_URL),
         exchange=rabbit.exchange,
         confirm_timeout=0.5,
         connect_timeout=3,
     )
     await publisher.connect()
 
-    proxy.freeze()
+    proxy.black_hole()
     frozen = make_batch(topic, 5, tag="f")
     results = await publisher.publish(frozen)
     assert [r.outcome for r in results] == [Outcome.UNAVAILABLE] * 5
     assert "no publisher confirm" in (results[0].error or "")
 
-    proxy.thaw()
+    proxy.restore()
     later = make_batch(topic, 5, tag="l")
     assert await publisher.publish(later) == [CONFIRMED] * 5
     await publisher.close()
@@ -178,6 +175,7 @@ async def test_missing_confirms_time_out_as_unavailable(
 async def test_bind_queue_routes_a_topic_pattern_to_a_queue(rabbit: RabbitMQHarness) -> None:
     queue = unique("test-bound")
     publisher = rabbit.make_publisher()
+    assert isinstance(publisher, RabbitMQPublisher)
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
     try:

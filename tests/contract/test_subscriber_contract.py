@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 
 from postroom.brokers import Delivery, Subscriber
 from postroom.message import HEADER_ID, HEADER_KEY, Message
-from tests.contract.harness import RETRY_DELAY, Harness, unique
+from tests.contract.harness import RETRY_DELAY, Harness
+from tests.support.consuming import unique
 
 #: Seconds to wait for a delivery that must come (a Kafka group join takes a few).
 ARRIVAL = 30.0

@@ -9,11 +9,7 @@ requeued copy (it is marked for the first consumer only).
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import subprocess
-import sys
-from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -24,46 +20,19 @@ import postroom
 from postroom.consumer import ConsumerService
 from postroom.message import Message
 from postroom.schema import Tables
-from tests.contract.harness import AMQP_URL, KAFKA_URL
-from tests.integration.test_consumer import (
-    KAFKA_GROUP_SETTINGS,
-    Rig,
-    Running,
-    count,
-    kafka_available,
-    rabbitmq_available,
-    settings_for,
-    unique,
-    wait_until,
-)
+from tests.support.cli import arun_postroom, as_json
+from tests.support.consuming import KAFKA_GROUP_SETTINGS, Rig, Running, settings_for, unique
+from tests.support.database import count
+from tests.support.services import AMQP_URL, KAFKA_URL, kafka_available, rabbitmq_available
+from tests.support.waiting import wait_until
 
 ERROR = "the payment service said no"
 
 
-def cli(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m postroom dead-letter ARGS`` against ``broker_url``."""
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("POSTROOM_")
-    }
-    environment.update({"COLUMNS": "250", "POSTROOM_BROKER_URL": broker_url})
-    return subprocess.run(
-        [sys.executable, "-m", "postroom", "dead-letter", *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-        check=False,
-    )
-
-
 async def acli(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(cli, broker_url, *args)
-
-
-def as_json(result: subprocess.CompletedProcess[str]) -> Any:
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    """Run ``python -m postroom dead-letter ARGS`` against ``broker_url`` (and nothing else)."""
+    env = {"COLUMNS": "250", "POSTROOM_BROKER_URL": broker_url}
+    return await arun_postroom("dead-letter", *args, env=env, clean=True)
 
 
 @pytest.mark.parametrize("kind", ["rabbitmq", "kafka"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from typing import Any
@@ -18,8 +17,16 @@ from typing import Any
 import pytest
 
 from postroom.message import Message
-from tests.contract.harness import AMQP_URL, KAFKA_URL, unique
-from tests.integration.test_consumer import kafka_available, rabbitmq_available
+from tests.support.cli import environment
+from tests.support.consuming import unique
+from tests.support.readback import create_topics
+from tests.support.services import (
+    AMQP_URL,
+    KAFKA_BOOTSTRAP,
+    KAFKA_URL,
+    kafka_available,
+    rabbitmq_available,
+)
 
 BIG = 5 * 1024 * 1024
 BIG_LETTERS = 30
@@ -36,14 +43,13 @@ print(json.dumps({"code": done.returncode, "out": done.stdout, "err": done.stder
 
 def measured(broker_url: str, *args: str) -> dict[str, Any]:
     """Run ``postroom dead-letter ARGS`` in a wrapper process; its result and peak RSS."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
-    environment.update({"COLUMNS": "250", "POSTROOM_BROKER_URL": broker_url})
+    env = {"COLUMNS": "250", "POSTROOM_BROKER_URL": broker_url}
     command = [sys.executable, "-m", "postroom", "dead-letter", *args]
     done = subprocess.run(
         [sys.executable, "-c", WRAPPER, *command],
         capture_output=True,
         text=True,
-        env=environment,
+        env=environment(env, clean=True),
         timeout=120,
         check=True,
     )
@@ -82,7 +88,7 @@ async def put_on_rabbitmq(consumer: str, messages: list[Message]) -> None:
             await channel.default_exchange.publish(
                 aio_pika.Message(
                     message.body,
-                    headers=dead_letter_headers(message, consumer),
+                    headers={**dead_letter_headers(message, consumer)},
                     content_type=message.content_type,
                     message_id=str(message.id),
                 ),
@@ -105,16 +111,11 @@ async def delete_rabbitmq_queue(name: str) -> None:
 
 def put_on_kafka(consumer: str, messages: list[Message]) -> None:
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
 
-    from postroom.brokers.kafka import parse_kafka_url
-
-    bootstrap, _ = parse_kafka_url(KAFKA_URL)
     topic = f"{consumer}.dead-letter"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(10)
+    create_topics(KAFKA_BOOTSTRAP, [topic], partitions=1)
     producer = Producer(
-        {"bootstrap.servers": bootstrap, "message.max.bytes": 6 * 1024 * 1024, "acks": "all"}
+        {"bootstrap.servers": KAFKA_BOOTSTRAP, "message.max.bytes": 6 * 1024 * 1024, "acks": "all"}
     )
     for message in messages:
         producer.produce(

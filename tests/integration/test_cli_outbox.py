@@ -3,15 +3,8 @@ PostgreSQL, with a real relay in-process publishing to the in-memory broker."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import os
 import subprocess
-import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -25,72 +18,39 @@ from postroom.message import Message
 from postroom.outbox import Outbox
 from postroom.relay import Relay
 from postroom.schema import Tables
+from tests.support.cli import arun_postroom, as_json, run_postroom
+from tests.support.relaying import relay_settings, running_relay
+from tests.support.waiting import wait_until
+
+
+def environment(tables: Tables, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The command's environment: a wide terminal and the test's schema, updated by ``env``."""
+    return {"COLUMNS": "200", "POSTROOM_SCHEMA": tables.schema or "", **(env or {})}
 
 
 def cli(
-    tables: Tables, *args: str, env: dict[str, str] | None = None, database_url: str = ""
+    tables: Tables, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m postroom ARGS --schema <test schema>`` and capture its output."""
-    environment = {
-        **os.environ,
-        "COLUMNS": "200",
-        "POSTROOM_SCHEMA": tables.schema or "",
-        **(env or {}),
-    }
-    if database_url:
-        environment["POSTROOM_DATABASE_URL"] = database_url
-    return subprocess.run(
-        [sys.executable, "-m", "postroom", *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-        check=False,
-    )
+    """Run ``python -m postroom ARGS`` on the test schema and capture its output."""
+    return run_postroom(*args, env=environment(tables, env))
 
 
-async def acli(tables: Tables, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+async def acli(tables: Tables, *args: str) -> subprocess.CompletedProcess[str]:
     """:func:`cli` in a thread, so an in-process relay keeps running meanwhile."""
-    return await asyncio.to_thread(cli, tables, *args, **kwargs)
-
-
-def as_json(result: subprocess.CompletedProcess[str]) -> Any:
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return await arun_postroom(*args, env=environment(tables))
 
 
 @pytest.fixture
 def settings(database_url: str, tables: Tables) -> Settings:
     """Relay settings: short leases, one attempt before a row is dead-lettered."""
-    return Settings(
-        database_url=database_url,
-        schema=tables.schema or "",
-        relay_lease=2.0,
+    return relay_settings(
+        database_url,
+        tables,
         relay_poll_interval=0.1,
         relay_backoff_initial=0.1,
         relay_backoff_max=0.2,
         relay_max_attempts=1,
-        metrics_port=0,
     )
-
-
-@contextlib.asynccontextmanager
-async def running(relay: Relay) -> AsyncIterator[Relay]:
-    task = asyncio.create_task(relay.run())
-    try:
-        yield relay
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 15)
-
-
-async def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(0.05)
 
 
 def write(engine: Engine, outbox: Outbox, *messages: Message) -> list[Message]:
@@ -122,9 +82,9 @@ async def test_dead_row_is_found_inspected_retried_and_published(
         outbox.message("orders.lost", {"order": 7, "total": "12.50"}, key="o-7"),
         outbox.message("orders.ok", {"order": 8}, key="o-8"),
     )
-    async with running(Relay(settings, broker.publisher())):
-        await eventually(lambda: row(engine, tables, lost.id).status == "dead")
-        await eventually(lambda: row(engine, tables, fine.id).status == "published")
+    async with running_relay(Relay(settings, broker.publisher())):
+        await wait_until(lambda: row(engine, tables, lost.id).status == "dead", within=15)
+        await wait_until(lambda: row(engine, tables, fine.id).status == "published", within=15)
 
     found = as_json(await acli(tables, "outbox", "ls", "--state", "dead", "--json"))
     assert found["matched"] == 1
@@ -158,8 +118,8 @@ async def test_dead_row_is_found_inspected_retried_and_published(
     after = row(engine, tables, lost.id)
     assert (after.status, after.attempts, after.dead_lettered_at) == ("pending", 0, None)
 
-    async with running(Relay(settings, broker.publisher())):
-        await eventually(lambda: row(engine, tables, lost.id).status == "published")
+    async with running_relay(Relay(settings, broker.publisher())):
+        await wait_until(lambda: row(engine, tables, lost.id).status == "published", within=15)
     assert [m.id for m in broker.messages("orders.lost")] == [lost.id]
 
     again = await acli(tables, "outbox", "retry", "--topic", "orders.lost", "--yes")
@@ -182,9 +142,9 @@ async def test_replay_redelivers_with_the_same_id_and_the_inbox_skips_it(
 
     broker = MemoryBroker()
     (sent,) = write(engine, outbox, outbox.message("orders.created", {"order": 1}, key="o-1"))
-    async with running(Relay(settings, broker.publisher())):
-        await eventually(lambda: len(broker.messages()) == 1)
-        await eventually(lambda: row(engine, tables, sent.id).status == "published")
+    async with running_relay(Relay(settings, broker.publisher())):
+        await wait_until(lambda: len(broker.messages()) == 1, within=15)
+        await wait_until(lambda: row(engine, tables, sent.id).status == "published", within=15)
         first = await deliver(consumer, broker.messages()[0], database_url=database_url)
         assert first.disposition is Disposition.HANDLED
 
@@ -192,8 +152,8 @@ async def test_replay_redelivers_with_the_same_id_and_the_inbox_skips_it(
         assert replayed.returncode == 0, replayed.stderr
         assert "Replaying 1 messages" in replayed.stdout
         assert "consumers with an inbox skip the ones they already handled" in replayed.stdout
-        await eventually(lambda: len(broker.messages()) == 2)
-        await eventually(lambda: row(engine, tables, sent.id).status == "published")
+        await wait_until(lambda: len(broker.messages()) == 2, within=15)
+        await wait_until(lambda: row(engine, tables, sent.id).status == "published", within=15)
 
     copy = broker.messages()[1]
     assert copy.id == sent.id
@@ -347,7 +307,7 @@ def test_errors_are_sentences(tables: Tables) -> None:
         tables,
         "outbox",
         "status",
-        database_url="postgresql://postgres:s3cret-pw@127.0.0.1:1/test",
+        env={"POSTROOM_DATABASE_URL": "postgresql://postgres:s3cret-pw@127.0.0.1:1/test"},
     )
     assert unreachable.returncode == 3
     assert "cannot reach PostgreSQL" in unreachable.stderr
@@ -459,11 +419,20 @@ def test_an_empty_consumer_name_never_widens_inbox_commands(
             ],
         )
     for command in (["forget", "-c", "", "m1"], ["purge", "-c", "", "--older-than", "0s"]):
-        result = cli(tables, "inbox", *command, "--yes", database_url=database_url)
+        result = cli(
+            tables, "inbox", *command, "--yes", env={"POSTROOM_DATABASE_URL": database_url}
+        )
         assert result.returncode == 2, result.stdout + result.stderr
         assert "--consumer is empty" in result.stderr
     with engine.connect() as connection:
         assert len(connection.execute(tables.inbox.select()).all()) == 2
+
+
+def one_row(cursor: Any) -> tuple[Any, ...]:
+    """The row a statement that always answers with one row answered with."""
+    row = cursor.fetchone()
+    assert row is not None, "the statement answered with no row"
+    return tuple(row)
 
 
 def test_a_change_never_takes_a_row_twice_in_one_run(
@@ -486,10 +455,10 @@ def test_a_change_never_takes_a_row_twice_in_one_run(
     params: dict[str, Any] = dict.fromkeys(operations_sql.OUTBOX_FILTER_PARAMETERS)
     params.update({"limit": 2, "channel": "unused", "after": 0})
     with psycopg.connect(conninfo, autocommit=True) as connection:
-        params["upto"] = connection.execute(operations_sql.max_position_sql(tables)).fetchone()[0]
+        (params["upto"],) = one_row(connection.execute(operations_sql.max_position_sql(tables)))
         replayed = []
         while True:
-            count, last, _ = connection.execute(statement, params).fetchone()
+            count, last, _ = one_row(connection.execute(statement, params))
             if count == 0:
                 break
             replayed.append(count)

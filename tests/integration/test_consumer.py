@@ -23,16 +23,12 @@ from postroom.brokers.memory import MemoryBroker, MemorySubscriber
 from postroom.consumer import ConsumerService
 from postroom.message import Message
 from postroom.schema import Tables
-from tests.support.consuming import KAFKA_GROUP_SETTINGS as KAFKA_GROUP_SETTINGS
 from tests.support.consuming import Rig, running, settings_for, unique
-from tests.support.consuming import Running as Running
 from tests.support.database import count
 from tests.support.readback import read_kafka
 from tests.support.services import KAFKA_BOOTSTRAP, kafka_available, rabbitmq_available
 from tests.support.waiting import wait_until
 
-# KAFKA_GROUP_SETTINGS and Running are re-exported for test_cli_dead_letter.py until it
-# imports them from tests.support.consuming.
 BROKERS = ["memory", "rabbitmq", "kafka"]
 
 

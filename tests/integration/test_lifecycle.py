@@ -30,7 +30,7 @@ from postroom.relay.store import Connection, OutboxStore
 from postroom.schema import Tables
 from postroom.schema.inbox_sql import purge_inbox_sql
 from postroom.urls import psycopg_conninfo
-from tests.integration.test_consumer import settings_for as consumer_settings
+from tests.support.consuming import settings_for as consumer_settings
 
 
 def get(port: int, path: str) -> tuple[int, str]:

@@ -57,11 +57,31 @@ class Delivered:
     arrived: float
     """``time.monotonic()`` when the read-back received it."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
-    """Broker specifics: AMQP ``delivery_mode``, Kafka ``partition`` and ``offset``."""
+    """Broker specifics: AMQP ``delivery_mode`` and ``exchange``; Kafka ``partition``, ``offset``
+    and ``timestamp``."""
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def amqp_delivered(message: Any, **extra: Any) -> Delivered:
+    """An aio-pika message as a :class:`Delivered` (``extra`` adds broker specifics)."""
+    headers = {name: _text(value) for name, value in (message.headers or {}).items()}
+    return Delivered(
+        id=_text(message.message_id) if message.message_id is not None else "",
+        topic=_text(message.routing_key),
+        key=headers.get(HEADER_KEY),
+        body=bytes(message.body),
+        content_type=_text(message.content_type or ""),
+        headers=headers,
+        arrived=time.monotonic(),
+        extra={
+            "delivery_mode": int(message.delivery_mode or 0),
+            "exchange": message.exchange,
+            **extra,
+        },
+    )
 
 
 class _Collector:
@@ -183,22 +203,7 @@ class RabbitMQReadback(_Collector):
         return self
 
     async def _on_message(self, message: Any) -> None:
-        headers = {name: _text(value) for name, value in (message.headers or {}).items()}
-        self._add(
-            Delivered(
-                id=_text(message.message_id) if message.message_id is not None else "",
-                topic=_text(message.routing_key),
-                key=headers.get(HEADER_KEY),
-                body=bytes(message.body),
-                content_type=_text(message.content_type or ""),
-                headers=headers,
-                arrived=time.monotonic(),
-                extra={
-                    "delivery_mode": int(message.delivery_mode or 0),
-                    "exchange": message.exchange,
-                },
-            )
-        )
+        self._add(amqp_delivered(message))
 
     async def close(self) -> None:
         """Close the connection (the exclusive queue goes with it)."""
@@ -359,7 +364,11 @@ class KafkaReadback(_Collector):
             content_type=headers.get(HEADER_CONTENT_TYPE, ""),
             headers=headers,
             arrived=time.monotonic(),
-            extra={"partition": record.partition(), "offset": record.offset()},
+            extra={
+                "partition": record.partition(),
+                "offset": record.offset(),
+                "timestamp": record.timestamp(),
+            },
         )
 
     def close(self) -> None:

@@ -168,7 +168,9 @@ def test_subscribers_share_the_publishers_url_rules() -> None:
 
     subscriber = subscriber_from_url("memory://orders", prefetch=4)
     assert isinstance(subscriber, MemorySubscriber)
-    assert subscriber_from_url("memory://orders", prefetch=4).broker is MemoryBroker.named("orders")
+    another = subscriber_from_url("memory://orders", prefetch=4)
+    assert isinstance(another, MemorySubscriber)
+    assert another.broker is MemoryBroker.named("orders")
     with pytest.raises(ConfigurationError, match="cannot consume from") as caught:
         subscriber_from_url("redis://u:secret@h/0", prefetch=4)
     assert "secret" not in str(caught.value)
