@@ -25,8 +25,9 @@ from postroom.consumer import ConsumerService
 from postroom.message import HEADER_ID, Message
 from postroom.schema import Tables
 from postroom.schema.sql import quoted_table
-from tests.integration.test_consumer import settings_for
-from tests.integration.test_lifecycle import eventually, get
+from tests.support.consuming import settings_for
+from tests.support.network import http_get
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,13 +63,15 @@ async def running(
     subscriber = MemorySubscriber(MemoryBroker())
     service = ConsumerService(consumer, subscriber, settings)
     task = asyncio.create_task(service.run())
-    await eventually(lambda: service.ready)
+    await wait_until(lambda: service.ready, within=15)
     yield Running(service, subscriber, handled, unused_tcp_port)
     service.stop()
     await task
 
 
-def raw(topic: str, message_id: uuid.UUID | None = None, **headers: str) -> Message:
+def raw(
+    topic: str, message_id: uuid.UUID | None = None, headers: dict[str, str] | None = None
+) -> Message:
     """A message as any producer could send it (no validation)."""
     now = datetime.now(UTC)
     return Message(
@@ -78,7 +81,7 @@ def raw(topic: str, message_id: uuid.UUID | None = None, **headers: str) -> Mess
         content_type="application/json",
         created_at=now,
         available_at=now,
-        headers=headers,
+        headers=dict(headers or {}),
     )
 
 
@@ -88,13 +91,13 @@ def junk(rng: random.Random, size: int) -> str:
 
 async def all_settled(deliveries: list[MemoryDelivery], within: float = 60.0) -> None:
     check: Callable[[], bool] = lambda: all(d.settled for d in deliveries)  # noqa: E731
-    await eventually(check, within=within)
+    await wait_until(check, within=within)
 
 
 async def test_random_topics_and_headers_do_not_grow_the_metrics(running: Running) -> None:
     warm = [running.deliver(raw("orders")), running.deliver(raw("unknown.topic"))]
     await all_settled(warm)
-    status, before = await asyncio.to_thread(get, running.port, "/metrics")
+    status, before = await asyncio.to_thread(http_get, running.port, "/metrics")
     assert status == 200
     rng = random.Random(13)
     deliveries = []
@@ -104,9 +107,9 @@ async def test_random_topics_and_headers_do_not_grow_the_metrics(running: Runnin
         headers[HEADER_FOR_CONSUMER] = (
             junk(rng, 12) if n % 7 == 0 else running.service.consumer.name
         )
-        deliveries.append(running.deliver(raw(topic, **headers)))
+        deliveries.append(running.deliver(raw(topic, headers=headers)))
     await all_settled(deliveries, within=90)
-    _, after = await asyncio.to_thread(get, running.port, "/metrics")
+    _, after = await asyncio.to_thread(http_get, running.port, "/metrics")
     assert len(after) < len(before) + 2048, f"/metrics grew from {len(before)} to {len(after)}"
     assert 'topic="other"' in after
     assert len(running.handled) >= 200

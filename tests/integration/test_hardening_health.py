@@ -15,8 +15,9 @@ import postroom
 from postroom.brokers.memory import MemoryBroker, MemorySubscriber
 from postroom.consumer import ConsumerService
 from postroom.schema import Tables
-from tests.integration.test_consumer import settings_for
-from tests.integration.test_lifecycle import eventually, get
+from tests.support.consuming import settings_for
+from tests.support.network import http_get
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,7 +45,7 @@ async def running(service: ConsumerService, release: asyncio.Event) -> AsyncIter
     """Run ``service`` until ready; at the end free its handlers and stop it."""
     task = asyncio.create_task(service.run())
     try:
-        await eventually(lambda: service.ready)
+        await wait_until(lambda: service.ready, within=15)
         yield
     finally:
         release.set()
@@ -60,7 +61,7 @@ async def test_an_idle_consumer_stays_healthy_past_its_health_window(
     async with running(service, release):
         await asyncio.sleep(3 * WINDOW)  # no traffic at all, the subscriber waits 5 s a poll
         assert service.healthy()
-        assert await asyncio.to_thread(get, unused_tcp_port, "/healthz") == (200, "ok\n")
+        assert await asyncio.to_thread(http_get, unused_tcp_port, "/healthz") == (200, "ok\n")
 
 
 async def test_a_handler_blocked_forever_turns_the_consumer_unhealthy(
@@ -70,11 +71,14 @@ async def test_a_handler_blocked_forever_turns_the_consumer_unhealthy(
     service, broker = quiet_consumer(database_url, tables, unused_tcp_port, release)
     async with running(service, release):
         await broker.publisher().publish([postroom.Message.create("t", {"n": 1})])
-        await eventually(lambda: service.processor.longest_run() > 0)
-        await eventually(lambda: not service.healthy(), within=3 * WINDOW + 6)
-        assert await asyncio.to_thread(get, unused_tcp_port, "/healthz") == (503, "not ready\n")
+        await wait_until(lambda: service.processor.longest_run() > 0, within=15)
+        await wait_until(lambda: not service.healthy(), within=3 * WINDOW + 6)
+        assert await asyncio.to_thread(http_get, unused_tcp_port, "/healthz") == (
+            503,
+            "not ready\n",
+        )
         release.set()
-        await eventually(service.healthy, within=3 * WINDOW + 6)
+        await wait_until(service.healthy, within=3 * WINDOW + 6)
 
 
 async def test_a_receive_loop_that_cannot_go_on_turns_the_consumer_unhealthy(
@@ -94,8 +98,8 @@ async def test_a_receive_loop_that_cannot_go_on_turns_the_consumer_unhealthy(
     async with running(service, release):
         message = postroom.Message.create
         await broker.publisher().publish([message("t", {"n": 1}), message("t", {"n": 2})])
-        await eventually(lambda: service.processor.longest_run() > 0)
-        await eventually(lambda: not service._lifecycle.turning(), within=3 * WINDOW + 6)
+        await wait_until(lambda: service.processor.longest_run() > 0, within=15)
+        await wait_until(lambda: not service._lifecycle.turning(), within=3 * WINDOW + 6)
         assert not service.healthy()
         release.set()
-        await eventually(service._lifecycle.turning, within=3 * WINDOW + 6)
+        await wait_until(service._lifecycle.turning, within=3 * WINDOW + 6)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from postroom.schema import Tables
-from tests.support.processes import postroom_command
+from tests.support.cli import postroom_command
 
 pytestmark = pytest.mark.timeout(120)
 

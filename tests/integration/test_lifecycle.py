@@ -7,9 +7,6 @@ import asyncio
 import os
 import signal
 import socket
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -31,17 +28,8 @@ from postroom.schema import Tables
 from postroom.schema.inbox_sql import purge_inbox_sql
 from postroom.urls import psycopg_conninfo
 from tests.support.consuming import settings_for as consumer_settings
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    """Status and body of ``GET path`` on the service's endpoint (no connection: 0)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except urllib.error.URLError:
-        return 0, ""
+from tests.support.network import http_get
+from tests.support.waiting import wait_until
 
 
 def execute(engine: Engine, *statements: str) -> None:
@@ -49,13 +37,6 @@ def execute(engine: Engine, *statements: str) -> None:
     with engine.begin() as connection:
         for statement in statements:
             connection.execute(text(statement))
-
-
-async def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 def settings_for(database_url: str, tables: Tables, **overrides: Any) -> Settings:
@@ -92,15 +73,15 @@ async def test_each_service_answers_its_probes_and_closes_them_on_stop(
     port = unused_tcp_port
     service = SERVICES[kind](settings_for(database_url, tables, metrics_port=port))
     task = asyncio.create_task(service.run())
-    await eventually(lambda: service.ready)
-    assert await asyncio.to_thread(get, port, "/readyz") == (200, "ok\n")
-    assert await asyncio.to_thread(get, port, "/healthz") == (200, "ok\n")
-    status, body = await asyncio.to_thread(get, port, "/metrics")
+    await wait_until(lambda: service.ready, within=15)
+    assert await asyncio.to_thread(http_get, port, "/readyz") == (200, "ok\n")
+    assert await asyncio.to_thread(http_get, port, "/healthz") == (200, "ok\n")
+    status, body = await asyncio.to_thread(http_get, port, "/metrics")
     assert status == 200
     assert f"postroom_{kind}_" in body
     service.stop()
     await asyncio.wait_for(task, 15)
-    assert await asyncio.to_thread(get, port, "/readyz") == (0, "")
+    assert await asyncio.to_thread(http_get, port, "/readyz") == (0, "")
 
 
 @pytest.mark.parametrize("kind", sorted(SERVICES))
@@ -109,7 +90,7 @@ async def test_each_service_stops_cleanly_on_sigterm(
 ) -> None:
     service = SERVICES[kind](settings_for(database_url, tables))
     task = asyncio.create_task(run_until_signalled(service))
-    await eventually(lambda: service.ready)
+    await wait_until(lambda: service.ready, within=15)
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(task, 15)  # returned, without an error
     assert not service.ready

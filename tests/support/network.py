@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import urllib.error
+import urllib.request
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -34,3 +36,14 @@ def listens(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of ``GET path`` on 127.0.0.1:``port`` (nothing listening: 0)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except urllib.error.URLError:
+        return 0, ""
