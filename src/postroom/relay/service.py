@@ -25,6 +25,7 @@ from postroom.relay.ordering import publish_in_key_order
 from postroom.relay.store import (
     CONFIRMED,
     HELD,
+    REFUSED,
     REJECTED,
     UNAVAILABLE,
     BatchOutcomes,
@@ -276,6 +277,7 @@ class Relay:
             self.leases.claimable(),
             limit=self.settings.relay_batch_size,
             in_flight=self._batches.positions(),
+            max_bytes=self.settings.relay_batch_bytes,
         )
         return claim, unrecorded
 
@@ -371,7 +373,10 @@ class Relay:
             attempt=row.attempts + 1,
             max_attempts=self.settings.relay_max_attempts,
             error=result.error,
+            permanent=result.permanent,
         )
+        if result.permanent:
+            return REFUSED, result.error or "rejected for good", 0.0
         return REJECTED, result.error or "rejected", self._row_backoff.delay(row.attempts + 1)
 
     def _count(self, rows: list[ClaimedRow], batch: BatchOutcomes, marked: list[MarkedRow]) -> None:
@@ -404,7 +409,7 @@ class Relay:
         fenced = len(rows) - len(marked)
         for metric, count in (
             (self.metrics.published, published),
-            (self.metrics.failed, tally[REJECTED]),
+            (self.metrics.failed, tally[REJECTED] + tally[REFUSED]),
             (self.metrics.unavailable, tally[UNAVAILABLE]),
             (self.metrics.dead_lettered, tally["dead"]),
             (self.metrics.fenced, fenced),

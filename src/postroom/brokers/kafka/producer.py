@@ -12,7 +12,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
+from postroom.brokers.base import CONFIRMED, Outcome, PublishResult, too_large, wire_size
 from postroom.brokers.kafka.settings import (
     _METADATA_SLICE_SECONDS,
     _OWNED_SETTINGS,
@@ -29,6 +29,12 @@ from postroom.brokers.kafka.settings import (
 )
 from postroom.errors import BrokerUnavailableError, ConfigurationError
 from postroom.message import Message
+
+#: librdkafka's default ``message.max.bytes``.
+KAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+#: Bytes counted on top of a record's key, value and headers: the record batch header
+#: (61) and the record's own varint fields, rounded up so the check stays conservative.
+RECORD_OVERHEAD_BYTES = 128
 
 
 class KafkaPublisher:
@@ -92,8 +98,20 @@ class KafkaPublisher:
                 "message.timeout.ms must be a positive number of milliseconds (0 would wait "
                 f"forever in an outage), got {settings['message.timeout.ms']!r}"
             )
+        try:
+            max_bytes = int(settings.get("message.max.bytes", KAFKA_DEFAULT_MESSAGE_MAX_BYTES))
+        except (TypeError, ValueError):
+            max_bytes = 0
+        if max_bytes <= 0:
+            raise ConfigurationError(
+                "message.max.bytes must be a positive number of bytes, got "
+                f"{settings.get('message.max.bytes')!r}"
+            )
         self.bootstrap_servers = servers
         """The brokers first contacted, ``host:port[,host:port]``."""
+        self.max_message_bytes = max_bytes
+        """The producer's ``message.max.bytes``: larger records (with key, headers and
+        record overhead) are REJECTED unsent, permanently."""
         self.message_timeout = timeout_ms / 1000
         """Seconds after which an undelivered message is reported UNAVAILABLE."""
         self.connect_timeout = connect_timeout
@@ -139,6 +157,11 @@ class KafkaPublisher:
         async with self._lock:
             producer = await self._ensure_producer()
         reports = _Reports(producer, batch)
+        limit = self.max_message_bytes
+        for index, message in enumerate(batch):
+            size = wire_size(message) + RECORD_OVERHEAD_BYTES
+            if size > limit:
+                reports.refused(index, too_large(size, limit, "the producer's message.max.bytes"))
         producer.pending.add(reports)
         try:
             await self._produce_all(producer, reports)
@@ -389,7 +412,10 @@ class _Producer:
         index = start
         produced = 0
         try:
+            refused = reports.results
             for index in range(start, len(messages)):
+                if refused[index] is not None:
+                    continue  # already answered: too large to send
                 message = messages[index]
                 try:
                     produce(

@@ -140,9 +140,11 @@ def classify_error(error: KafkaError, message: Message) -> PublishResult:
     if code == KafkaError.MSG_SIZE_TOO_LARGE:
         return PublishResult(
             Outcome.REJECTED,
-            f"message is too large for Kafka (body {len(message.body)} bytes, over the "
-            "producer's message.max.bytes or the topic's max.message.bytes): "
-            f"{_describe(error)}; send a reference to the data instead",
+            f"too large for the broker: message is too large for Kafka (body "
+            f"{len(message.body)} bytes, over the producer's message.max.bytes or the topic's "
+            f"max.message.bytes): {_describe(error)}; raise the topic's max.message.bytes or "
+            "shrink the message (send a reference to the data instead)",
+            permanent=True,
         )
     unavailable = code in _UNAVAILABLE_CODES or (
         code not in _REJECTED_CODES and (error.fatal() or error.retriable())
