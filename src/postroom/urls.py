@@ -6,7 +6,8 @@ engines and broker adapters can all use it without importing each other.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import re
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -39,17 +40,50 @@ def normalize_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+#: Names of settings whose values are secret (matched anywhere in the name, any case).
+_SECRET_NAME = re.compile(r"password|secret|key|token|credential|^sasl\.|^ssl\.key", re.IGNORECASE)
+#: Setting names whose values are public although they match the pattern above.
+_PUBLIC_NAMES = frozenset({"sasl.mechanism", "sasl.mechanisms", "sasl.username"})
+#: URLs inside free text (error messages), for :func:`redact_text`.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def is_secret_setting(name: str) -> bool:
+    """True when a setting (a URL query parameter, a client option) holds a secret."""
+    return name.lower() not in _PUBLIC_NAMES and bool(_SECRET_NAME.search(name))
+
+
+def redact_query_value(name: str, value: str) -> str:
+    """``value``, or ``***`` when ``name`` looks like a secret's (password, key, sasl.* ...)."""
+    return "***" if is_secret_setting(name) else value
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe for logs and output."""
+    """The URL with any password, and any query value whose name looks secret, replaced by
+    ``***``; safe for logs and output."""
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0] + ":***"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[1]}"))
+    if password is not None:
+        netloc = parts.netloc.rsplit("@", 1)
+        userinfo = netloc[0].split(":", 1)[0] + ":***"
+        parts = parts._replace(netloc=f"{userinfo}@{netloc[1]}")
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(is_secret_setting(name) for name, _ in pairs):
+            query = "&".join(
+                f"{quote(name, safe='.')}={quote(redact_query_value(name, value), safe='*')}"
+                for name, value in pairs
+            )
+            parts = parts._replace(query=query)
+    return urlunsplit(parts)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it passed through :func:`redact_url`."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
 
 
 def psycopg_conninfo(database_url: str) -> str:

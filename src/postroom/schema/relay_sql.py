@@ -140,11 +140,17 @@ SELECT * FROM deleted UNION ALL SELECT * FROM updated
 
 @functools.cache
 def register_relay_sql(tables: Tables) -> str:
-    """Record that this relay is alive (insert or refresh its heartbeat)."""
+    """Record that this relay is alive (insert or refresh its heartbeat) and the state of
+    its broker connection (%(broker_state)s, %(broker_error)s); ``broker_state_at`` moves
+    only when the state changes."""
+    relays = quoted_table(tables.relays)
     return (
-        f"INSERT INTO {quoted_table(tables.relays)} (relay_id, host, pid) "
-        "VALUES (%(relay)s, %(host)s, %(pid)s) "
-        "ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now()"
+        f"INSERT INTO {relays} AS r (relay_id, host, pid, broker_state, broker_error) "
+        "VALUES (%(relay)s, %(host)s, %(pid)s, %(broker_state)s, %(broker_error)s) "
+        "ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now(), "
+        "broker_state = excluded.broker_state, broker_error = excluded.broker_error, "
+        "broker_state_at = CASE WHEN r.broker_state = excluded.broker_state "
+        "THEN r.broker_state_at ELSE now() END"
     )
 
 

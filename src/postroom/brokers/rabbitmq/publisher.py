@@ -18,7 +18,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from postroom.brokers.base import CONFIRMED, Outcome, PublishResult, too_large, wire_size
-from postroom.errors import BrokerUnavailableError, ConfigurationError
+from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
 from postroom.log import get_logger
 from postroom.message import Message
 from postroom.urls import redact_url
@@ -295,6 +295,9 @@ class RabbitMQPublisher:
                 client_properties={"connection_name": "postroom publisher"},
             )
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+            refused = refusal(exc, self.address, self._url)
+            if refused is not None:
+                raise refused from None
             raise self._unavailable(exc) from None
         # aio-pika's plain Connection keeps is_closed False when the broker goes away;
         # its close callbacks are what report the loss.
@@ -307,6 +310,13 @@ class RabbitMQPublisher:
         try:
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            self._stale = True
+            raise BrokerRefusedError(
+                f"RabbitMQ at {self.address} refused access to exchange {self.exchange!r} "
+                f"({self._describe(exc)}); grant the user configure and write permissions on "
+                "it (rabbitmqctl set_permissions) or use another user"
+            ) from None
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             self._stale = True
             raise BrokerUnavailableError(
@@ -361,6 +371,34 @@ def _properties(message: Message) -> Basic.Properties:
         timestamp=message.created_at,
         headers=dict(message.wire_headers()),
     )
+
+
+def refusal(exc: BaseException, address: str, url: str) -> BrokerRefusedError | None:
+    """The error to raise when connecting failed because RabbitMQ refused this client
+    (login, unknown or forbidden vhost), or None for other failures (outages)."""
+    parts = urlsplit(url)
+    user = unquote(parts.username or "guest")
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return BrokerRefusedError(
+            f"RabbitMQ at {address} refused the login of user {user!r} (ACCESS_REFUSED); "
+            "fix the user name and password in the broker URL (POSTROOM_BROKER_URL)"
+        )
+    # A refused vhost (unknown, or the user has no access) closes the connection in
+    # answer to Connection.Open; aiormq reports only that the answer was not OpenOk.
+    text = str(exc)
+    if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or (
+        isinstance(exc, aiormq.exceptions.InvalidFrameError)
+        and "Connection.OpenOk" in text
+        and "Connection.Close" in text
+    ):
+        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        return BrokerRefusedError(
+            f"RabbitMQ at {address} would not open virtual host {vhost!r} for user {user!r} "
+            "(it does not exist, or the user has no access to it); create it or grant "
+            "access (rabbitmqctl add_vhost / set_permissions), or fix the vhost in the "
+            "broker URL (POSTROOM_BROKER_URL)"
+        )
+    return None
 
 
 def _header_frame_too_large(
