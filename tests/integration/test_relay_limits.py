@@ -152,3 +152,48 @@ async def test_relay_memory_is_bounded_by_bytes_not_rows(
             await connection.close()
     assert confirmed == 150
     assert peak < 200, f"relay peak RSS {peak:.0f} MiB"
+
+
+@pytest.mark.timeout(120)
+async def test_a_header_over_frame_max_is_dead_at_once_and_the_relay_keeps_its_connection(
+    rabbitmq: str, fleet: RelayFleet, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    """The issue's case: a 200 KB header made RabbitMQ close the relay's connection in a loop."""
+    from tests.support.readback import RabbitMQReadback
+
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with RabbitMQReadback(rabbitmq, f"{prefix}.#") as readback:
+        with Session(engine) as session:
+            before = [
+                outbox.enqueue(session, f"{prefix}.t", {"n": i}, key=f"a{i}") for i in range(5)
+            ]
+            big = outbox.enqueue(
+                session, f"{prefix}.t", {"n": "big"}, key="big", headers={"blob": "h" * 200_000}
+            )
+            same_key = outbox.enqueue(session, f"{prefix}.t", {"n": "after"}, key="big")
+            after = [
+                outbox.enqueue(session, f"{prefix}.t", {"n": i}, key=f"b{i}") for i in range(5)
+            ]
+            session.commit()
+        relay = fleet.start(broker_url=rabbitmq)
+        wanted = [str(m.id) for m in [*before, same_key, *after]]
+        await readback.wait_for_ids(wanted, within=30)
+        await asyncio.sleep(1)
+        received = [d.id for d in readback.received]
+    with engine.connect() as connection:
+        row = connection.execute(
+            text(
+                f"SELECT status, attempts, last_error FROM {quoted_table(tables.outbox)} "
+                "WHERE id = :id"
+            ),
+            {"id": big.id},
+        ).one()
+    assert row.status == "dead"
+    assert row.attempts == 1
+    assert "too large for the broker" in row.last_error
+    assert "frame_max" in row.last_error
+    assert str(big.id) not in received
+    assert sorted(received) == sorted(wanted), "each other message exactly once"
+    assert len(relay.events("connected")) == 1, "the relay never lost its connection"
+    assert not relay.events("connection lost")
+    assert relay.terminate() == 0

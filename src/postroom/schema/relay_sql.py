@@ -44,7 +44,7 @@ FROM (
     SELECT o.position, o.id, o.topic, o.key, o.payload, o.content_type,
            nullif(o.headers, '{{}}'::jsonb)::text AS headers,
            o.created_at, o.available_at, o.attempts, o.partition, o.next_attempt_at,
-           sum(octet_length(o.payload)::bigint + octet_length(o.headers::text)) OVER w
+           sum(octet_length(o.payload) + octet_length(o.headers::text)) OVER w
                AS running_bytes,
            row_number() OVER w AS n
     FROM {outbox} AS o
