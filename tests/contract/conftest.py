@@ -65,6 +65,14 @@ class _Quiet:
         return None
 
 
+@pytest.fixture
+async def rabbit(rabbitmq_available: None) -> AsyncIterator[RabbitMQHarness]:
+    """RabbitMQ with an exchange and queues of this test's own."""
+    harness = RabbitMQHarness()
+    yield harness
+    await harness.close()
+
+
 @pytest.fixture(params=BROKERS)
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     """The broker under test (ids memory / rabbitmq / kafka)."""

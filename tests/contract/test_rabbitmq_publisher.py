@@ -25,14 +25,6 @@ from tests.contract.test_publisher_contract import assert_arrived_as_written, ma
 
 
 @pytest.fixture
-async def rabbit(rabbitmq_available: None) -> AsyncIterator[RabbitMQHarness]:
-    """RabbitMQ with an exchange and queues of this test's own."""
-    harness = RabbitMQHarness()
-    yield harness
-    await harness.close()
-
-
-@pytest.fixture
 async def proxy(rabbitmq_available: None) -> AsyncIterator[TcpProxy]:
     """A cuttable TCP proxy in front of RabbitMQ."""
     proxy = TcpProxy(*amqp_address(AMQP_URL))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -19,31 +20,23 @@ from tests.contract.harness import AMQP_URL, RETRY_DELAY, RabbitMQHarness, uniqu
 from tests.contract.test_subscriber_contract import ids, subscribed
 
 
-@pytest.fixture
-async def rabbit(rabbitmq_available: None) -> AsyncIterator[RabbitMQHarness]:
-    """The RabbitMQ harness."""
-    harness = RabbitMQHarness()
-    yield harness
-    await harness.close()
+@contextlib.asynccontextmanager
+async def own_channel() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """A channel on a connection of its own (a refused declaration closes only it)."""
+    async with await aio_pika.connect(AMQP_URL) as connection:
+        yield await connection.channel()
 
 
 async def declare(name: str, arguments: dict[str, object]) -> None:
-    """Declare a durable queue ``name`` with ``arguments`` on a connection of its own."""
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
+    """Declare a durable queue ``name`` with ``arguments``."""
+    async with own_channel() as channel:
         await channel.declare_queue(name, durable=True, arguments=arguments)
-    finally:
-        await connection.close()
 
 
 async def delete(name: str) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
+    """Delete queue ``name``."""
+    async with own_channel() as channel:
         await channel.queue_delete(name)
-    finally:
-        await connection.close()
 
 
 def expected_arguments(consumer: str, tier: int) -> dict[str, object]:
