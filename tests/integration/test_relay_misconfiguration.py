@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -139,6 +140,39 @@ async def test_refused_relays_exit_loudly_and_a_healthy_relay_publishes_everythi
             (healthy.relay_id, "connected")
         ]
         assert healthy.terminate() == 0
+
+
+def rabbitmqctl(*args: str) -> None:
+    """Run ``rabbitmqctl`` (the test is skipped where it is not available to this user)."""
+    subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60, check=True)
+
+
+@pytest.fixture
+def user_without_permissions(rabbitmq: str) -> Iterator[tuple[str, str]]:
+    """A RabbitMQ user that may connect to vhost '/' but not configure or write anything."""
+    if os.geteuid() != 0 or not shutil.which("rabbitmqctl"):
+        pytest.skip("needs rabbitmqctl as root to create a RabbitMQ user")
+    user, password = f"postroom-noperm-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    rabbitmqctl("add_user", user, password)
+    try:
+        rabbitmqctl("set_permissions", "-p", "/", user, "^$", "^$", "^$")
+        yield user, password
+    finally:
+        rabbitmqctl("delete_user", user)
+
+
+async def test_a_user_without_permissions_is_refused_loudly(
+    rabbitmq: str, fleet: RelayFleet, user_without_permissions: tuple[str, str]
+) -> None:
+    user, password = user_without_permissions
+    relay = fleet.start(broker_url=with_credentials(rabbitmq, user, password))
+    code, _ = await exited(relay, EXIT_WITHIN)
+    assert code == 3, relay.tail()
+    printed = plain_lines(relay)
+    assert len(printed) == 1, printed
+    assert "refused access to exchange 'postroom'" in printed[0]
+    assert "set_permissions" in printed[0]
+    assert password not in "\n".join(relay.lines())
 
 
 async def test_unreachable_broker_is_an_outage_the_relay_waits_out(
