@@ -131,7 +131,12 @@ class Relay:
         return time.monotonic() - max(self.leases.last_renewed, self._lifecycle.created) < patience
 
     async def run(self) -> None:
-        """Run until :meth:`stop` is called (or the task is cancelled)."""
+        """Run until :meth:`stop` is called (or the task is cancelled).
+
+        Raises :class:`~postroom.errors.BrokerRefusedError` after a clean shutdown (partitions
+        released, relay unregistered) when the broker refuses the relay's credentials or
+        permissions: retrying with the same settings cannot help.
+        """
         await self._lifecycle.run(
             self._work,
             background=[
