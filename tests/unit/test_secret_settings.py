@@ -70,3 +70,14 @@ def test_a_bad_config_file_is_a_sentence_without_its_content(tmp_path: Path) -> 
     assert "hunter2" not in str(raised.value)
     with pytest.raises(ConfigurationError, match="cannot be read"):
         settings_from_environment({"POSTROOM_KAFKA_CONFIG_FILE": str(tmp_path / "missing")})
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["kafka://h:99999?sasl.password=hunter2", "kafka://h:9092/path?sasl.password=hunter2"],
+)
+def test_kafka_url_errors_do_not_echo_secrets(url: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        parse_kafka_url(url, {})
+    assert "hunter2" not in str(raised.value)
+    assert "sasl.password=***" in str(raised.value)
