@@ -46,11 +46,23 @@ def normalize_database_url(url: str) -> str:
 SECRET_NAME: Final = re.compile(r"pass|pwd|secret|key|token|credential|^sasl\.", re.IGNORECASE)
 HIDDEN: Final = "***"
 UNPARSEABLE: Final = "<unparseable URL, not shown>"
+#: URLs inside free text (error messages), for :func:`redact_text`.
+_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 def looks_secret(name: str) -> bool:
     """True if a setting or query parameter called ``name`` holds a secret."""
     return SECRET_NAME.search(name) is not None
+
+
+def redact_query_value(name: str, value: str) -> str:
+    """``value``, or ``***`` when ``name`` looks like a secret's (password, key, sasl.* ...)."""
+    return HIDDEN if looks_secret(name) else value
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it passed through :func:`redact_url`."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
 
 
 def redact_url(url: str) -> str:

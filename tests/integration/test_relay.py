@@ -37,7 +37,7 @@ from postroom.relay.store import (
     RowOutcome,
 )
 from postroom.schema import PARTITION_COUNT, Tables, relay_sql
-from tests.support.relaying import relay_settings, running_relay
+from tests.support.relaying import outbox_rows, relay_settings, running_relay
 from tests.support.waiting import wait_until
 
 
@@ -45,13 +45,6 @@ from tests.support.waiting import wait_until
 def settings(database_url: str, tables: Tables) -> Settings:
     """Relay settings with short leases and backoff, so tests run in seconds."""
     return relay_settings(database_url, tables)
-
-
-def rows(engine: Engine, tables: Tables) -> list[Any]:
-    with engine.connect() as connection:
-        return list(
-            connection.execute(select(tables.outbox).order_by(tables.outbox.c.position)).all()
-        )
 
 
 def write(engine: Engine, outbox: Outbox, messages: list[tuple[str, Any, str | None]]) -> list[Any]:
@@ -64,7 +57,7 @@ def write(engine: Engine, outbox: Outbox, messages: list[tuple[str, Any, str | N
 
 
 def status_of(engine: Engine, tables: Tables, message_id: Any) -> str:
-    return str(next(r.status for r in rows(engine, tables) if r.id == message_id))
+    return str(next(r.status for r in outbox_rows(engine, tables) if r.id == message_id))
 
 
 def by_key(broker: MemoryBroker) -> dict[str | None, list[int]]:
@@ -82,7 +75,7 @@ async def test_publishes_every_row_as_written_and_marks_it(
     async with running_relay(Relay(settings, broker.publisher())):
         await wait_until(lambda: len(broker.messages()) == 300, within=15)
         await wait_until(
-            lambda: all(r.status == "published" for r in rows(engine, tables)), within=15
+            lambda: all(r.status == "published" for r in outbox_rows(engine, tables)), within=15
         )
     delivered = {m.id: m for m in broker.messages()}
     for message in written:
@@ -94,7 +87,7 @@ async def test_publishes_every_row_as_written_and_marks_it(
             message.content_type,
         )
     assert all(seq == sorted(seq) for seq in by_key(broker).values())
-    assert all(r.published_at is not None for r in rows(engine, tables))
+    assert all(r.published_at is not None for r in outbox_rows(engine, tables))
 
 
 async def test_hot_keys_stay_in_order_across_many_batches(
@@ -117,7 +110,7 @@ async def test_delete_on_publish_when_retention_is_zero(
     write(engine, outbox, [("t", i, None) for i in range(50)])
     relay = Relay(Settings(**{**settings.__dict__, "relay_retention": 0.0}), broker.publisher())
     async with running_relay(relay):
-        await wait_until(lambda: rows(engine, tables) == [], within=15)
+        await wait_until(lambda: outbox_rows(engine, tables) == [], within=15)
     assert len(broker.messages()) == 50
 
 
@@ -131,13 +124,13 @@ async def test_poison_row_retries_with_backoff_then_is_dead_lettered_while_other
     async with running_relay(Relay(settings, broker.publisher())):
         await wait_until(lambda: len(broker.messages()) == 20, within=15)
         # The poisoned key's later row waits while the poison row is retried.
-        state = {r.id: r for r in rows(engine, tables)}
+        state = {r.id: r for r in outbox_rows(engine, tables)}
         assert state[waiting.id].status == "pending"
         assert waiting.id not in {m.id for m in broker.messages()}
         await wait_until(lambda: status_of(engine, tables, poison.id) == "dead", within=15)
         # Once the poison row is dead-lettered, the key flows again, in order.
         await wait_until(lambda: waiting.id in {m.id for m in broker.messages()}, within=15)
-    dead = {r.id: r for r in rows(engine, tables)}[poison.id]
+    dead = {r.id: r for r in outbox_rows(engine, tables)}[poison.id]
     assert dead.attempts == settings.relay_max_attempts
     assert "unroutable" in dead.last_error
     assert dead.dead_lettered_at is not None
@@ -155,7 +148,7 @@ async def test_backoff_spaces_the_attempts(
     async with running_relay(Relay(settings, broker.publisher())):
         await wait_until(lambda: len(broker.messages()) == 1, within=15)
     elapsed = time.monotonic() - started
-    (row,) = rows(engine, tables)
+    (row,) = outbox_rows(engine, tables)
     assert row.status == "published"
     assert row.attempts == 2
     assert row.last_error == "refused"
@@ -178,13 +171,13 @@ async def test_broker_outage_burns_no_attempts_and_resumes_by_itself(
         await wait_until(lambda: relay.metrics.unavailable._value.get() > 0, within=15)
         await wait_until(lambda: not relay.ready, within=15)
         assert len(broker.messages()) == 5
-        assert all(r.attempts == 0 for r in rows(engine, tables) if r.status == "pending")
+        assert all(r.attempts == 0 for r in outbox_rows(engine, tables) if r.status == "pending")
         broker.end_outage()
         await wait_until(lambda: len(broker.messages()) == 45, within=15)
         await wait_until(
-            lambda: all(r.status == "published" for r in rows(engine, tables)), within=15
+            lambda: all(r.status == "published" for r in outbox_rows(engine, tables)), within=15
         )
-    assert all(r.attempts == 0 for r in rows(engine, tables))
+    assert all(r.attempts == 0 for r in outbox_rows(engine, tables))
 
 
 async def test_delayed_messages_wait_until_due(
@@ -268,10 +261,10 @@ async def test_a_stalled_relay_cannot_mark_rows_another_relay_took_over(
 
     stale = await store_a.mark(confirmed(first), max_attempts=3, delete_published=False)
     assert stale == []
-    assert all(r.status == "pending" for r in rows(engine, tables))
+    assert all(r.status == "pending" for r in outbox_rows(engine, tables))
     marked = await store_b.mark(confirmed(second), max_attempts=3, delete_published=False)
     assert len(marked) == 5
-    assert all(r.status == "published" for r in rows(engine, tables))
+    assert all(r.status == "published" for r in outbox_rows(engine, tables))
     # relay-a learns at its next heartbeat that it lost every partition.
     await leases_a.heartbeat()
     assert leases_a.owned == frozenset()
@@ -294,7 +287,7 @@ async def test_retention_purges_old_published_rows_in_batches(
     assert await store.purge_published(3600, limit=15) == 15
     assert await store.purge_published(3600, limit=15) == 5
     assert await store.purge_published(3600, limit=15) == 0
-    assert [r.status for r in rows(engine, tables)] == ["pending"] * 10
+    assert [r.status for r in outbox_rows(engine, tables)] == ["pending"] * 10
     pending, oldest, dead = await store.backlog()
     assert (pending, dead) == (10, 0)
     assert oldest >= 0
@@ -320,7 +313,12 @@ def test_the_claim_walks_the_pending_index(
     with psycopg.connect(conninfo) as connection:
         explained = connection.execute(
             "EXPLAIN (FORMAT JSON) " + relay_sql.claim_sql(tables),
-            {"partitions": list(range(64)), "limit": 500, "in_flight": [1, 2, 3]},
+            {
+                "partitions": list(range(64)),
+                "limit": 500,
+                "in_flight": [1, 2, 3],
+                "max_bytes": 8 << 20,
+            },
         ).fetchone()
     assert explained is not None
     plan_text = json.dumps(explained[0])
@@ -378,11 +376,11 @@ async def test_rows_of_a_long_transaction_committing_late_are_published_in_order
         await wait_until(lambda: len(broker.messages()) == 105, within=15)
     late_key = [m for m in broker.messages() if m.key == "late-key"]
     assert [m.id for m in late_key] == [m.id for m in late[:3]] + [after[0].id]
-    positions = {r.id: r.position for r in rows(engine, tables)}
+    positions = {r.id: r.position for r in outbox_rows(engine, tables)}
     assert max(positions[m.id] for m in late) < min(
         positions[m.id] for m in broker.messages()[:100]
     )
-    assert all(r.status == "published" for r in rows(engine, tables))
+    assert all(r.status == "published" for r in outbox_rows(engine, tables))
 
 
 # Regression tests from the relay review: each failed before its fix.
@@ -407,11 +405,11 @@ async def test_a_failed_mark_does_not_strand_the_next_batch(
     relay._marks.mark = flaky_mark  # type: ignore[method-assign]
     async with running_relay(relay):
         await wait_until(
-            lambda: all(r.status == "published" for r in rows(engine, tables)), within=15
+            lambda: all(r.status == "published" for r in outbox_rows(engine, tables)), within=15
         )
         assert relay._batches.positions() == []
         assert relay._busy_partitions() == frozenset()
-    assert {m.id for m in broker.messages()} == {r.id for r in rows(engine, tables)}
+    assert {m.id for m in broker.messages()} == {r.id for r in outbox_rows(engine, tables)}
 
 
 async def test_the_next_batch_is_read_ahead_only_under_a_backlog(
@@ -467,7 +465,7 @@ async def test_only_the_marks_skip_the_wal_flush_wait(
     write(engine, outbox, [("t", 1, "k")])
     async with running_relay(relay):
         await wait_until(
-            lambda: all(r.status == "published" for r in rows(engine, tables)), within=15
+            lambda: all(r.status == "published" for r in outbox_rows(engine, tables)), within=15
         )
         show = "SELECT current_setting('synchronous_commit')"
         assert await relay._mark_connection.fetch(show, {}) == [("off",)]
@@ -511,10 +509,10 @@ async def test_a_new_relay_gets_its_share_while_a_backlog_drains(
         await wait_until(lambda: len(first.leases.owned) == PARTITION_COUNT, within=15)
         async with running_relay(second):
             await wait_until(lambda: len(second.leases.owned) == PARTITION_COUNT // 2, within=15)
-            pending = sum(r.status == "pending" for r in rows(engine, tables))
+            pending = sum(r.status == "pending" for r in outbox_rows(engine, tables))
             assert pending > 0, "the backlog drained before the second relay got partitions"
             await wait_until(
-                lambda: all(r.status == "published" for r in rows(engine, tables)), within=15
+                lambda: all(r.status == "published" for r in outbox_rows(engine, tables)), within=15
             )
     for key, sequence in by_key(broker).items():
         deduplicated = list(dict.fromkeys(sequence))
@@ -545,7 +543,7 @@ async def test_a_mark_applied_twice_counts_one_failure(
     again = await store.mark(rejected, max_attempts=2, delete_published=False)
     assert [(m.status, m.attempts) for m in first] == [("pending", 1)]
     assert again == []
-    (stored,) = rows(engine, tables)
+    (stored,) = outbox_rows(engine, tables)
     assert (stored.status, stored.attempts) == ("pending", 1)
 
 
@@ -580,7 +578,7 @@ async def test_a_retried_mark_cannot_undo_an_operators_replay(
             )
         )
     assert await store.mark(confirmed, max_attempts=3, delete_published=False) == []
-    (stored,) = rows(engine, tables)
+    (stored,) = outbox_rows(engine, tables)
     assert (stored.status, stored.published_at) == ("pending", None)
 
 

@@ -7,6 +7,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
 from postroom import Settings
 from postroom.relay import Relay
 from postroom.schema import Tables
@@ -37,3 +40,11 @@ async def running_relay(relay: Relay) -> AsyncIterator[Relay]:
     finally:
         relay.stop()
         await asyncio.wait_for(task, 15)
+
+
+def outbox_rows(engine: Engine, tables: Tables) -> list[Any]:
+    """Every outbox row, in position order."""
+    with engine.connect() as connection:
+        return list(
+            connection.execute(select(tables.outbox).order_by(tables.outbox.c.position)).all()
+        )
