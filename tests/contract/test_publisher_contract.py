@@ -51,7 +51,9 @@ async def test_oversized_messages_are_refused_unsent_and_the_rest_confirmed(
     limit, are refused for good before sending; the others go out, the connection stays."""
     topic = await broker.new_topic()
     good = make_batch(topic, 6)
-    big_header = Message.create(topic, {"n": 1}, key="big", headers={"blob": "h" * 2_000_000})
+    big_header = Message.create(
+        topic, {"n": 1}, key="big", headers={"blob": "h" * 2_000_000}, max_payload_bytes=4 << 20
+    )
     big_body = Message.create(
         topic, b"b" * (17 * 1024 * 1024), key="big-body", max_payload_bytes=32 * 1024 * 1024
     )
