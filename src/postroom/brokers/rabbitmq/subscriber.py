@@ -19,7 +19,7 @@ from postroom.brokers.rabbitmq.publisher import (
     _log,
 )
 from postroom.errors import BrokerUnavailableError, ConfigurationError, DeliveryLostError
-from postroom.urls import redact_url
+from postroom.urls import redact_url, scrub
 
 
 def retry_queue_name(queue: str, delay: float) -> str:
@@ -51,6 +51,30 @@ def _header_text(value: Any, *, dates: bool = False) -> str | None:
     return None
 
 
+def describe_amqp_error(exc: BaseException, url: str) -> str:
+    """``ExceptionType: text`` of a client error, with the URL's password and secret query
+    values hidden (aiormq quotes what it was given)."""
+    text = scrub(str(exc) or repr(exc), url)
+    password = urlsplit(url).password
+    if password:
+        text = text.replace(password, "***")
+    return f"{type(exc).__name__}: {text}"
+
+
+def own_copy(incoming: Any) -> bool:
+    """True if ``incoming`` reached the queue through the default exchange (``""``).
+
+    postroom's copies come that way only: a retry copy is dead-lettered back by its retry
+    queue to ``x-dead-letter-exchange: ""``, and ``postroom dead-letter requeue`` publishes
+    to the default exchange with the queue's name as routing key. Messages of producers
+    arrive through the topic exchange, whose name RabbitMQ puts in the delivery, so no
+    header a producer sets can make its message look like a copy. Only a client allowed to
+    write to the default exchange (``amq.default``) can publish to the queue directly:
+    deny that in RabbitMQ's permissions to producers that are not trusted.
+    """
+    return not (incoming.exchange or "")
+
+
 class RabbitMQDelivery:
     """One message from a RabbitMQ queue; settled on the channel it came from."""
 
@@ -61,7 +85,12 @@ class RabbitMQDelivery:
     """Never: a queue has no lanes to lose."""
 
     def __init__(self, subscriber: RabbitMQSubscriber, incoming: Any) -> None:
-        from postroom.brokers.base import HEADER_TOPIC, attempts_made
+        from postroom.brokers.base import (
+            HEADER_ATTEMPTS,
+            HEADER_FOR_CONSUMER,
+            HEADER_TOPIC,
+            attempts_made,
+        )
 
         self._subscriber = subscriber
         self._incoming = incoming
@@ -70,8 +99,21 @@ class RabbitMQDelivery:
             for name, value in (incoming.headers or {}).items()
             if (text := _header_text(value)) is not None
         }
-        self.topic: str = headers.pop(HEADER_TOPIC, "") or incoming.routing_key or ""
+        # Requeue copies go to the consumer's own queue here: the header means nothing.
+        headers.pop(HEADER_FOR_CONSUMER, None)
+        claimed_topic = headers.pop(HEADER_TOPIC, "")
+        if own_copy(incoming):
+            # postroom's own retry or requeue copy: the topic it came on travels in a header.
+            self.topic: str = claimed_topic or incoming.routing_key or ""
+        else:
+            # Routed by the topic exchange: the routing key decides the handler, whatever
+            # headers the producer set; attempts are counted from this delivery on.
+            self.topic = incoming.routing_key or ""
+            headers.pop(HEADER_ATTEMPTS, None)
         self.headers = headers
+        self.redelivered: bool = bool(incoming.redelivered)
+        """RabbitMQ's flag: handed out before and not acknowledged (the consumer holding it
+        closed its channel, died, or released it)."""
         self.body: bytes = incoming.body
         self.key: str | None = None
         self.broker_message_id: str | None = incoming.message_id
@@ -179,7 +221,6 @@ class RabbitMQSubscriber:
                 "e.g. amqp://user:password@host:5672/vhost"
             )
         self._url = url
-        self._password = parts.password or ""
         self.exchange = exchange
         self.prefetch = prefetch
         self.connect_timeout = connect_timeout
@@ -293,7 +334,4 @@ class RabbitMQSubscriber:
             await exchange.publish(message, routing_key=queue, mandatory=True)
 
     def _describe(self, exc: BaseException) -> str:
-        text = str(exc) or repr(exc)
-        if self._password:
-            text = text.replace(self._password, "***")
-        return f"{type(exc).__name__}: {text}"
+        return describe_amqp_error(exc, self._url)
