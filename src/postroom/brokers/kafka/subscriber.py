@@ -408,7 +408,11 @@ class KafkaSubscriber:
         self._settled(key)
         tp = confluent_kafka.TopicPartition(delivery.topic, delivery.partition, delivery.offset + 1)
         try:
-            consumer.commit(offsets=[tp], asynchronous=True)
+            # The first record after an assignment is committed synchronously (once per
+            # assignment): an asynchronous commit can be lost when the process dies right
+            # after it, and then the next owner's first record would not be the one that
+            # was in the handler, which would escape the redelivery count.
+            consumer.commit(offsets=[tp], asynchronous=not delivery.redelivered)
         except KafkaException as exc:
             raise BrokerUnavailableError(
                 f"Kafka did not take the offset commit: {_describe(exc.args[0])}"
