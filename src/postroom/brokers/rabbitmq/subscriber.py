@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -262,12 +262,39 @@ class RabbitMQSubscriber:
             await queue.consume(self._on_message)
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
             await self.close()
+            refused = self._refusal(exc)
+            if refused is not None:
+                raise ConfigurationError(refused) from None
             raise BrokerUnavailableError(
                 f"cannot subscribe at RabbitMQ {self.address}: {self._describe(exc)}; check that "
                 "RabbitMQ is running and the broker URL (POSTROOM_BROKER_URL) is right"
             ) from None
         self._closed.clear()
         _log.info("subscribed", broker=self.address, queue=consumer, topics=list(topics))
+
+    def _refusal(self, exc: BaseException) -> str | None:
+        """The sentence for a connection RabbitMQ refused (login, virtual host, permission):
+        misconfiguration, which waiting does not cure; None for outages."""
+        parts = urlsplit(self._url)
+        where = f"RabbitMQ at {self.address}"
+        if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+            return (
+                f"{where} refused the login of user {unquote(parts.username or 'guest')!r}; "
+                "fix the user or password in the broker URL (POSTROOM_BROKER_URL)"
+            )
+        if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "OpenOk" in str(exc):
+            vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+            return (
+                f"{where} refused to open virtual host {vhost!r} (it does not exist, or the "
+                "user may not use it); create it or grant it (rabbitmqctl add_vhost, "
+                "set_permissions), or fix the broker URL (POSTROOM_BROKER_URL)"
+            )
+        if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+            return (
+                f"{where} refused access ({self._describe(exc)}); grant the user configure, "
+                "write and read permissions on the exchange and the consumer's queues"
+            )
+        return None
 
     async def _on_message(self, incoming: Any) -> None:
         await self._queue.put(RabbitMQDelivery(self, incoming))

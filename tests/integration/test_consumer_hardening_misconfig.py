@@ -1,0 +1,72 @@
+"""``postroom consume`` with a wrong RabbitMQ password or an unknown virtual host: it exits
+with status 3 and one sentence, no traceback and no secret."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from postroom.schema import Tables
+from tests.support.cli import arun_postroom
+from tests.support.services import AMQP_URL, rabbitmq_available
+
+pytestmark = pytest.mark.timeout(120)
+
+CONSUMER = textwrap.dedent(
+    """
+    import postroom
+
+    consumer = postroom.Consumer("misconfigured")
+
+
+    @consumer.handler("orders")
+    def handle(message, session):
+        pass
+    """
+)
+
+SECRET = "not-the-password-s3cr3t"
+
+
+def with_credentials(url: str, password: str, vhost: str) -> str:
+    rest = url.split("@", 1)[1].split("/", 1)[0]
+    return f"amqp://guest:{password}@{rest}/{vhost}"
+
+
+@pytest.mark.parametrize(
+    ("password", "vhost", "sentence"),
+    [
+        (SECRET, "", "refused the login of user 'guest'"),
+        ("guest", "no-such-vhost", "refused to open virtual host 'no-such-vhost'"),
+    ],
+    ids=["wrong-password", "unknown-vhost"],
+)
+async def test_a_refused_consumer_exits_3_with_one_sentence(
+    database_url: str, tables: Tables, tmp_path: Path, password: str, vhost: str, sentence: str
+) -> None:
+    rabbitmq_available()
+    (tmp_path / "misconfigured.py").write_text(CONSUMER)
+    url = with_credentials(AMQP_URL, password, vhost)
+    result = await arun_postroom(
+        "consume",
+        "misconfigured:consumer",
+        "--database-url",
+        database_url,
+        "--schema",
+        str(tables.schema),
+        "--broker-url",
+        url,
+        "--metrics-port",
+        "0",
+        "--log-format",
+        "json",
+        env={"PYTHONPATH": str(tmp_path)},
+        clean=True,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert sentence in result.stderr
+    assert "Traceback" not in output
+    assert SECRET not in output
