@@ -1,5 +1,6 @@
-"""``postroom consume`` with a wrong RabbitMQ password or an unknown virtual host: it exits
-with status 3 and one sentence, no traceback and no secret."""
+"""``postroom consume`` with a wrong RabbitMQ password, an unknown virtual host or a Kafka
+SASL login the broker refuses: it exits with status 3 and one sentence, no traceback and no
+secret."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from postroom.schema import Tables
 from tests.support.cli import arun_postroom
-from tests.support.services import AMQP_URL, rabbitmq_available
+from tests.support.services import AMQP_URL, KAFKA_URL, kafka_available, rabbitmq_available
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,5 +69,37 @@ async def test_a_refused_consumer_exits_3_with_one_sentence(
     output = result.stdout + result.stderr
     assert result.returncode == 3, output
     assert sentence in result.stderr
+    assert "Traceback" not in output
+    assert SECRET not in output
+
+
+async def test_a_consumer_kafka_refuses_exits_3_with_one_sentence(
+    database_url: str, tables: Tables, tmp_path: Path
+) -> None:
+    kafka_available()
+    (tmp_path / "misconfigured.py").write_text(CONSUMER)
+    sasl = (
+        "security.protocol=SASL_PLAINTEXT&sasl.mechanism=SCRAM-SHA-512&sasl.username=u"
+        f"&sasl.password={SECRET}"
+    )
+    result = await arun_postroom(
+        "consume",
+        "misconfigured:consumer",
+        "--database-url",
+        database_url,
+        "--schema",
+        str(tables.schema),
+        "--broker-url",
+        f"{KAFKA_URL}?{sasl}",
+        "--metrics-port",
+        "0",
+        "--log-format",
+        "json",
+        env={"PYTHONPATH": str(tmp_path)},
+        clean=True,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert "refused the consumer" in result.stderr
     assert "Traceback" not in output
     assert SECRET not in output

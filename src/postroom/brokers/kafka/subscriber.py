@@ -142,6 +142,7 @@ class KafkaSubscriber:
         self._topics: list[str] = []
         self._missing: set[str] = set()
         self._fresh: set[Partition] = set()
+        self._refused: KafkaError | None = None
         self.group = ""
         self._dead_letter_topic = ""
         self._consumer: Any = None
@@ -179,6 +180,7 @@ class KafkaSubscriber:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "logger": _LibrdkafkaLog(),
+            "error_cb": self._on_error,
         }
         try:
             kafka_consumer = confluent_kafka.Consumer(config)
@@ -192,8 +194,14 @@ class KafkaSubscriber:
                 kafka_consumer.list_topics, timeout=self.connect_timeout
             )
         except KafkaException as exc:
+            # A refused login shows in list_topics only as a transport failure; the reason
+            # comes through error_cb, which poll() serves.
+            with contextlib.suppress(KafkaException, RuntimeError):
+                kafka_consumer.poll(0)
             await asyncio.to_thread(kafka_consumer.close)
             error = exc.args[0]
+            if error.code() not in _REFUSED and self._refused is not None:
+                error = self._refused
             if error.code() in _REFUSED:
                 raise ConfigurationError(
                     f"Kafka at {self.bootstrap_servers} refused the consumer "
@@ -252,6 +260,11 @@ class KafkaSubscriber:
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
             await publisher.close()
+
+    def _on_error(self, error: KafkaError) -> None:
+        """librdkafka's error callback: remember a refusal (authentication, authorization)."""
+        if error.code() in _REFUSED:
+            self._refused = error
 
     def missing_topics(self) -> list[str]:
         """Subscribed topics Kafka does not know (yet); checked every few seconds."""
