@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -30,6 +31,29 @@ def rabbitmq() -> Rig:
     return Rig("rabbitmq")
 
 
+@dataclass
+class Prepared:
+    """A consumer on a rig's fresh topics, with its service (not running yet)."""
+
+    name: str
+    consumer: postroom.Consumer
+    topics: list[str]
+    service: ConsumerService
+
+
+async def prepare(
+    rig: Rig, database_url: str, tables: Tables, prefix: str, *topics: str, **overrides: Any
+) -> Prepared:
+    """A consumer named after ``prefix`` on fresh ``topics`` (handlers are added by the test)."""
+    name = unique(prefix)
+    settings = settings_for(database_url, tables, **overrides)
+    consumer = postroom.Consumer(name, settings)
+    names = await rig.topics(*topics, consumer=name)
+    return Prepared(
+        name, consumer, names, ConsumerService(consumer, rig.subscriber(settings), settings)
+    )
+
+
 def recording(consumer: postroom.Consumer, *topics: str) -> dict[str, list[Message]]:
     """Handlers for ``topics`` that record what each received."""
     seen: dict[str, list[Message]] = {topic: [] for topic in topics}
@@ -48,13 +72,10 @@ def recording(consumer: postroom.Consumer, *topics: str) -> dict[str, list[Messa
 async def test_a_spoofed_topic_header_on_rabbitmq_never_chooses_the_handler(
     rabbitmq: Rig, database_url: str, tables: Tables
 ) -> None:
-    name = unique("spoof")
-    settings = settings_for(database_url, tables)
-    consumer = postroom.Consumer(name, settings)
-    a, b = await rabbitmq.topics("topic-a", "topic-b", consumer=name)
-    seen = recording(consumer, a, b)
-    service = ConsumerService(consumer, rabbitmq.subscriber(settings), settings)
-    async with rabbitmq.running(service, name):
+    run = await prepare(rabbitmq, database_url, tables, "spoof", "topic-a", "topic-b")
+    a, b = run.topics
+    seen = recording(run.consumer, a, b)
+    async with rabbitmq.running(run.service, run.name):
         spoofed = str(uuid.uuid4())
         headers = {HEADER_ID: spoofed, HEADER_TOPIC: b, HEADER_FOR_CONSUMER: "someone-else"}
         await rabbitmq.publish_raw(a, b'{"x": 1}', headers, "application/json")
@@ -66,10 +87,9 @@ async def test_a_spoofed_topic_header_on_rabbitmq_never_chooses_the_handler(
 async def test_a_real_retry_on_rabbitmq_reaches_the_handler_of_its_topic(
     rabbitmq: Rig, database_url: str, tables: Tables
 ) -> None:
-    name = unique("retry-topic")
-    settings = settings_for(database_url, tables)
-    consumer = postroom.Consumer(name, settings)
-    a, b = await rabbitmq.topics("topic-a", "topic-b", consumer=name)
+    run = await prepare(rabbitmq, database_url, tables, "retry-topic", "topic-a", "topic-b")
+    consumer = run.consumer
+    a, b = run.topics
     runs: list[tuple[str, int]] = []
 
     @consumer.handler(a)
@@ -82,8 +102,7 @@ async def test_a_real_retry_on_rabbitmq_reaches_the_handler_of_its_topic(
     async def other(message: Message, session: AsyncSession) -> None:
         runs.append((b, len(runs)))
 
-    service = ConsumerService(consumer, rabbitmq.subscriber(settings), settings)
-    async with rabbitmq.running(service, name):
+    async with rabbitmq.running(run.service, run.name):
         await rabbitmq.publish([Message.create(a, {"n": 1})])
         await wait_until(lambda: len(runs) >= 2, within=20, what="the retried message")
     assert [topic for topic, _ in runs] == [a, a]
@@ -98,18 +117,17 @@ async def test_a_message_over_the_consumer_limit_is_dead_lettered_without_its_bo
     if kind == "kafka":
         kafka_available()
     rig = Rig(kind)
-    name = unique("oversized")
-    settings = settings_for(database_url, tables, consumer_max_message_bytes=4096)
-    consumer = postroom.Consumer(name, settings)
-    (topic,) = await rig.topics("big", consumer=name)
-    seen = recording(consumer, topic)
-    service = ConsumerService(consumer, rig.subscriber(settings), settings)
+    run = await prepare(
+        rig, database_url, tables, "oversized", "big", consumer_max_message_bytes=4096
+    )
+    (topic,) = run.topics
+    seen = recording(run.consumer, topic)
     big = Message.create(topic, {"blob": "x" * 8000}, key="k")
     small = Message.create(topic, {"blob": "small"}, key="k")
-    async with rig.running(service, name):
+    async with rig.running(run.service, run.name):
         await rig.publish([big, small])
         await wait_until(lambda: seen[topic], within=30, what="the small message after it")
-        ((body, headers),) = await rig.dead_letters(name, 1)
+        ((body, headers),) = await rig.dead_letters(run.name, 1)
     assert [m.id for m in seen[topic]] == [small.id]
     assert body == b""
     assert headers[HEADER_ERROR].startswith("message of ")
@@ -130,16 +148,13 @@ async def test_a_message_over_the_consumer_limit_is_dead_lettered_without_its_bo
 async def test_an_undecodable_message_is_dead_lettered_with_its_reason(
     rabbitmq: Rig, database_url: str, tables: Tables, body: bytes, reason: str
 ) -> None:
-    name = unique("undecodable")
-    settings = settings_for(database_url, tables)
-    consumer = postroom.Consumer(name, settings)
-    (topic,) = await rabbitmq.topics("bad", consumer=name)
-    seen = recording(consumer, topic)
-    service = ConsumerService(consumer, rabbitmq.subscriber(settings), settings)
-    async with rabbitmq.running(service, name):
+    run = await prepare(rabbitmq, database_url, tables, "undecodable", "bad")
+    (topic,) = run.topics
+    seen = recording(run.consumer, topic)
+    async with rabbitmq.running(run.service, run.name):
         headers = {HEADER_ID: str(uuid.uuid4())}
         await rabbitmq.publish_raw(topic, body, headers, "application/json")
-        ((_, dead),) = await rabbitmq.dead_letters(name, 1)
+        ((_, dead),) = await rabbitmq.dead_letters(run.name, 1)
     assert reason in dead[HEADER_ERROR]
     assert seen[topic] == []
 
@@ -148,12 +163,10 @@ async def test_first_deliveries_pay_no_redelivery_statement_and_redelivered_ones
     database_url: str, tables: Tables
 ) -> None:
     rig = Rig("memory")
-    name = unique("hot-path")
-    settings = settings_for(database_url, tables)
-    consumer = postroom.Consumer(name, settings)
-    (topic,) = await rig.topics("hot", consumer=name)
-    seen = recording(consumer, topic)
-    service = ConsumerService(consumer, rig.subscriber(settings), settings)
+    run = await prepare(rig, database_url, tables, "hot-path", "hot")
+    (topic,) = run.topics
+    seen = recording(run.consumer, topic)
+    service = run.service
     statements: list[str] = []
 
     def record(*args: Any) -> None:
@@ -161,7 +174,7 @@ async def test_first_deliveries_pay_no_redelivery_statement_and_redelivered_ones
             statements.append(str(args[2]))
 
     event.listen(service.processor._async_engine.sync_engine, "before_cursor_execute", record)
-    async with rig.running(service, name):
+    async with rig.running(service, run.name):
         await rig.publish([Message.create(topic, {"n": n}) for n in range(5)])
         await wait_until(lambda: len(seen[topic]) == 5, within=15, what="five messages")
         first = [s for s in statements if "_attempts" in s]

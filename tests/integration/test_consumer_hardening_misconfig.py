@@ -4,6 +4,7 @@ secret."""
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -36,6 +37,29 @@ def with_credentials(url: str, password: str, vhost: str) -> str:
     return f"amqp://guest:{password}@{rest}/{vhost}"
 
 
+async def consume(
+    database_url: str, tables: Tables, tmp_path: Path, broker_url: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``postroom consume`` on a one-handler consumer until it exits."""
+    (tmp_path / "misconfigured.py").write_text(CONSUMER)
+    return await arun_postroom(
+        "consume",
+        "misconfigured:consumer",
+        "--database-url",
+        database_url,
+        "--schema",
+        str(tables.schema),
+        "--broker-url",
+        broker_url,
+        "--metrics-port",
+        "0",
+        "--log-format",
+        "json",
+        env={"PYTHONPATH": str(tmp_path)},
+        clean=True,
+    )
+
+
 @pytest.mark.parametrize(
     ("password", "vhost", "sentence"),
     [
@@ -48,24 +72,8 @@ async def test_a_refused_consumer_exits_3_with_one_sentence(
     database_url: str, tables: Tables, tmp_path: Path, password: str, vhost: str, sentence: str
 ) -> None:
     rabbitmq_available()
-    (tmp_path / "misconfigured.py").write_text(CONSUMER)
     url = with_credentials(AMQP_URL, password, vhost)
-    result = await arun_postroom(
-        "consume",
-        "misconfigured:consumer",
-        "--database-url",
-        database_url,
-        "--schema",
-        str(tables.schema),
-        "--broker-url",
-        url,
-        "--metrics-port",
-        "0",
-        "--log-format",
-        "json",
-        env={"PYTHONPATH": str(tmp_path)},
-        clean=True,
-    )
+    result = await consume(database_url, tables, tmp_path, url)
     output = result.stdout + result.stderr
     assert result.returncode == 3, output
     assert sentence in result.stderr
@@ -77,27 +85,11 @@ async def test_a_consumer_kafka_refuses_exits_3_with_one_sentence(
     database_url: str, tables: Tables, tmp_path: Path
 ) -> None:
     kafka_available()
-    (tmp_path / "misconfigured.py").write_text(CONSUMER)
     sasl = (
         "security.protocol=SASL_PLAINTEXT&sasl.mechanism=SCRAM-SHA-512&sasl.username=u"
         f"&sasl.password={SECRET}"
     )
-    result = await arun_postroom(
-        "consume",
-        "misconfigured:consumer",
-        "--database-url",
-        database_url,
-        "--schema",
-        str(tables.schema),
-        "--broker-url",
-        f"{KAFKA_URL}?{sasl}",
-        "--metrics-port",
-        "0",
-        "--log-format",
-        "json",
-        env={"PYTHONPATH": str(tmp_path)},
-        clean=True,
-    )
+    result = await consume(database_url, tables, tmp_path, f"{KAFKA_URL}?{sasl}")
     output = result.stdout + result.stderr
     assert result.returncode == 3, output
     assert "refused the consumer" in result.stderr
