@@ -300,20 +300,21 @@ class Processor:
             f"(consumer_max_attempts {self.max_attempts}); it is dead-lettered without "
             "running the handler again: find why the handler kills the process, then replay it"
         )
-        result = await self._dead_letter(delivery, error, ended, message_id)
-        if result.disposition is Disposition.DEAD_LETTERED:
-            # A replayed copy starts counting afresh (the purge would remove it later).
-            params = {"consumer": self.consumer.name, "message_id": message_id}
-            try:
-                async with self._async_engine.begin() as connection:
-                    await connection.execute(self._forget_redeliveries, params)
-            except Exception as exc:
-                log.warning(
-                    "consumer.redelivery_count_not_cleared",
-                    **self._about(delivery.topic, message_id=message_id),
-                    error=describe_error(exc),
-                )
-        return result
+        return await self._dead_letter(delivery, error, ended, message_id)
+
+    async def _forget_count(self, topic: str, message_id: str) -> None:
+        """Delete the redelivery count of a message that was dead-lettered, so a copy
+        requeued later starts afresh (best effort: the retention purge removes it anyway)."""
+        params = {"consumer": self.consumer.name, "message_id": message_id}
+        try:
+            async with self._async_engine.begin() as connection:
+                await connection.execute(self._forget_redeliveries, params)
+        except Exception as exc:
+            log.warning(
+                "consumer.redelivery_count_not_cleared",
+                **self._about(topic, message_id=message_id),
+                error=describe_error(exc),
+            )
 
     async def attempt(
         self, spec: HandlerSpec, message: Message, message_id: str, *, forget: bool = False
@@ -479,6 +480,8 @@ class Processor:
             attempts=attempts,
             error=error,
         )
+        if message_id is not None:
+            await self._forget_count(delivery.topic, message_id)
         return Result(Disposition.DEAD_LETTERED, error, attempts, message_id)
 
     async def _ack(self, delivery: Delivery) -> None:
