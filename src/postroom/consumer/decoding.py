@@ -131,6 +131,11 @@ def to_message(delivery: Delivery, message_id: str) -> Message:
             f"the payload is not valid {content_type} ({exc}); it is dead-lettered: fix the "
             "producer, or send it with another content type"
         ) from None
+    except RecursionError:
+        raise UndecodableMessageError(
+            f"the payload is not valid {content_type} (nested too deeply to decode); it is "
+            "dead-lettered: fix the producer"
+        ) from None
     try:
         parsed_id = uuid.UUID(message_id)
     except ValueError:
