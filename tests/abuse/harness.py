@@ -490,6 +490,33 @@ class Stage:
         assert not twice, f"handled more than once: {twice}"
         return taken
 
+    def consumer_mark(self) -> int:
+        """The consumer's JSON events so far (``after`` for :meth:`wait_consumer_event`)."""
+        return self.services[1].mark()
+
+    def wait_consumer_event(
+        self, name: str, *, after: int = 0, count: int = 1, within: float = 30.0, **fields: Any
+    ) -> list[dict[str, Any]]:
+        """Wait until the consumer logged ``count`` events ``name`` with these ``fields``."""
+        consumer = self.services[1]
+
+        def look() -> list[dict[str, Any]] | None:
+            consumer.check_alive()
+            found = [
+                e
+                for e in consumer.events(name, after=after)
+                if all(e.get(k) == v for k, v in fields.items())
+            ]
+            return found if len(found) >= count else None
+
+        return wait_until_sync(
+            look,
+            within=within,
+            what=f"{count} {name} {fields}",
+            interval=0.1,
+            detail=lambda: consumer.tail(20),
+        )
+
     def metrics(self, port: int | None = None) -> str:
         status, body = http_get(port or self.consumer_port, "/metrics")
         assert status == 200, f"/metrics answered {status}"
