@@ -294,13 +294,15 @@ class Stage:
 
     def start_consumer(self, **options: Any) -> ServiceProcess:
         """``postroom consume tests.abuse.app:consumer`` (not waited for)."""
-        self.consumer_port = free_port()
+        port = options.pop("metrics_port", None) or free_port()
+        if "broker_url" not in options:
+            self.consumer_port = port
         env = {**self.consumer_env(), **options.pop("env", {})}
         return self.fleet.start_consumer(
             CONSUMER_TARGET,
             broker_url=options.pop("broker_url", self.broker_url),
             consumer_id=f"{self.consumer_name}-{len(self.fleet.relays) + 1}",
-            metrics_port=self.consumer_port,
+            metrics_port=port,
             env=env,
             pythonpath=str(REPO_ROOT),
             **options,
@@ -308,7 +310,7 @@ class Stage:
 
     def start_relay(self, **options: Any) -> ServiceProcess:
         """``postroom relay`` on the stage's schema, with short leases and backoff."""
-        port = free_port()
+        port = options.pop("metrics_port", None) or free_port()
         if "broker_url" not in options:
             self.relay_port = port
         env = {"POSTROOM_HEALTH_TIMEOUT": str(HEALTH_TIMEOUT), **options.pop("env", {})}
