@@ -102,6 +102,8 @@ class RawMessage:
     body: bytes
     headers: Mapping[str, str]
     content_type: str | None = None
+    key: str | None = None
+    """Kafka record key (RabbitMQ has none: the routing key is the topic)."""
 
 
 class Rig:
@@ -193,7 +195,11 @@ class Rig:
             if raw.content_type:
                 all_headers["content-type"] = raw.content_type
             producer.produce(
-                topic, value=raw.body, headers=list(all_headers.items()), on_delivery=delivered
+                topic,
+                value=raw.body,
+                key=raw.key,
+                headers=list(all_headers.items()),
+                on_delivery=delivered,
             )
             producer.poll(0)
         assert await asyncio.to_thread(producer.flush, 30) == 0, "records left unsent"
