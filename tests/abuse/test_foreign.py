@@ -186,8 +186,11 @@ def test_random_topic_and_header_values_keep_metrics_bounded(stage: Stage) -> No
 @pytest.mark.parametrize("stage", BROKERS, indirect=True)
 def test_thousands_of_headers(stage: Stage) -> None:
     message_id = str(uuid.uuid4())
-    headers = {f"x-{i}": f"value-{i}" for i in range(PROFILE.many_headers)}
+    # A RabbitMQ producer cannot send more than fits one frame (128 KB by default): the
+    # broker closes its connection first. About 5,000 short headers fit.
+    count = PROFILE.many_headers if stage.broker == "kafka" else min(PROFILE.many_headers, 5000)
+    headers = {f"x-{i}": f"value-{i}" for i in range(count)}
     other = handled_once(
         stage, [RawMessage(b"{}", {**headers, HEADER_ID: message_id}, JSON)], message_id
     )
-    stage.finish(f"foreign: {PROFILE.many_headers} headers", "handled once", other)
+    stage.finish(f"foreign: {count} headers", "handled once", other)
