@@ -54,6 +54,10 @@ class Settings:
         "", "Name of this relay in leases and logs (default: host-pid-random)."
     )
     relay_batch_size: int = _setting(500, "Rows claimed and published per batch.")
+    relay_batch_bytes: int = _setting(
+        8 * 1024 * 1024,
+        "Bytes (payloads and headers) a claimed batch stops at; at least one row is taken.",
+    )
     relay_lease: float = _setting(
         15.0, "Partition lease; a dead relay's partitions move to others after this."
     )
@@ -116,7 +120,13 @@ class Settings:
                 f"got {self.max_payload_bytes}"
             )
         validate_table_names(self.schema, self.outbox_table, self.inbox_table)
-        positive = ("relay_batch_size", "relay_lease", "relay_poll_interval", "relay_max_attempts")
+        positive: tuple[str, ...] = (
+            "relay_batch_size",
+            "relay_lease",
+            "relay_poll_interval",
+            "relay_max_attempts",
+        )
+        positive += ("relay_batch_bytes",)
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigurationError(

@@ -91,6 +91,15 @@ class BrokerUnavailableError(PostroomError):
     """The broker cannot be reached or dropped the connection; the message is not at fault."""
 
 
+class BrokerRefusedError(BrokerUnavailableError):
+    """The broker answers but refuses this client: wrong user name or password, an unknown
+    virtual host, missing permissions, a failed SASL handshake.
+
+    Not an outage: retrying with the same settings cannot help. The relay gives up its
+    partitions and exits; fix the broker URL or the broker's users and permissions.
+    """
+
+
 class DeliveryLostError(BrokerUnavailableError):
     """A delivery can no longer be settled: the channel it came on is closed (RabbitMQ).
 

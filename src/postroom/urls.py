@@ -46,11 +46,16 @@ def normalize_database_url(url: str) -> str:
 SECRET_NAME: Final = re.compile(r"pass|pwd|secret|key|token|credential|^sasl\.", re.IGNORECASE)
 HIDDEN: Final = "***"
 UNPARSEABLE: Final = "<unparseable URL, not shown>"
+#: librdkafka settings that match the pattern above but are not secret, spelled exactly as
+#: librdkafka spells them (settings are case-sensitive; other spellings stay hidden).
+PUBLIC_NAMES: Final = frozenset({"sasl.mechanism", "sasl.mechanisms", "sasl.username"})
+#: URLs inside free text (error messages), for :func:`redact_text`.
+_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 def looks_secret(name: str) -> bool:
     """True if a setting or query parameter called ``name`` holds a secret."""
-    return SECRET_NAME.search(name) is not None
+    return name not in PUBLIC_NAMES and SECRET_NAME.search(name) is not None
 
 
 def redact_url(url: str) -> str:
@@ -115,6 +120,21 @@ def redact_settings(values: Mapping[str, Any]) -> dict[str, Any]:
         else:
             shown[name] = value
     return shown
+
+
+def is_secret_setting(name: str) -> bool:
+    """True when a setting (a URL query parameter, a client option) holds a secret."""
+    return looks_secret(name)
+
+
+def redact_query_value(name: str, value: str) -> str:
+    """``value``, or ``***`` when ``name`` looks like a secret's (password, key, sasl.* ...)."""
+    return HIDDEN if looks_secret(name) else value
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it passed through :func:`redact_url`."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
 
 
 def psycopg_conninfo(database_url: str) -> str:

@@ -26,6 +26,14 @@ from tests.support.services import AMQP_URL
 BROKERS = ["memory", "rabbitmq", "kafka"]
 
 
+@pytest.fixture
+async def rabbit(rabbitmq: str) -> AsyncIterator[RabbitMQHarness]:
+    """RabbitMQ with an exchange and queues of this test's own."""
+    harness = RabbitMQHarness()
+    yield harness
+    await harness.close()
+
+
 @pytest.fixture(params=BROKERS)
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     """The broker under test (ids memory / rabbitmq / kafka)."""

@@ -163,6 +163,8 @@ class MemoryHarness:
     def __init__(self) -> None:
         self.broker_name = unique("contract")
         self.broker = MemoryBroker.named(self.broker_name)
+        # A limit like librdkafka's default, so the contract's size checks apply here too.
+        self.broker.max_message_bytes = 1_000_000
 
     def make_publisher(self) -> Publisher:
         return publisher_from_url(f"memory://{self.broker_name}")

@@ -44,6 +44,36 @@ async def test_poison_is_rejected_and_the_rest_confirmed(
     assert_arrived_as_written(good, await broker.read_back(topic, len(good)))
 
 
+async def test_oversized_messages_are_refused_unsent_and_the_rest_confirmed(
+    broker: Harness, publisher: Publisher
+) -> None:
+    """A header too big for one frame / the record limit, and a body over every default
+    limit, are refused for good before sending; the others go out, the connection stays."""
+    topic = await broker.new_topic()
+    good = make_batch(topic, 6)
+    big_header = Message.create(topic, {"n": 1}, key="big", headers={"blob": "h" * 2_000_000})
+    big_body = Message.create(
+        topic, b"b" * (17 * 1024 * 1024), key="big-body", max_payload_bytes=32 * 1024 * 1024
+    )
+    batch = [good[0], big_header, *good[1:3], big_body, *good[3:]]
+
+    results = await publisher.publish(batch)
+
+    for message, result in zip(batch, results, strict=True):
+        if message in (big_header, big_body):
+            assert result.outcome is Outcome.REJECTED
+            assert result.permanent
+            assert result.error is not None
+            assert "too large for the broker" in result.error
+            assert "raise" in result.error
+        else:
+            assert result == CONFIRMED
+    after = make_batch(topic, 5, tag="after")
+    assert await publisher.publish(after) == [CONFIRMED] * 5
+    sent = good + after
+    assert_arrived_as_written(sent, await broker.read_back(topic, len(sent)))
+
+
 async def test_connect_to_nothing_raises_quickly(broker: Harness) -> None:
     publisher = broker.unreachable_publisher()
     started = time.monotonic()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aio_pika
 import pytest
 
 from postroom.brokers import CONFIRMED, Outcome
+from postroom.brokers.base import wire_size
 from postroom.brokers.rabbitmq import RabbitMQPublisher
 from postroom.errors import BrokerUnavailableError
 from postroom.message import Message
@@ -21,14 +22,6 @@ from tests.support.consuming import unique
 from tests.support.network import address, replace_address
 from tests.support.proxy import FaultProxy
 from tests.support.services import AMQP_URL
-
-
-@pytest.fixture
-async def rabbit(rabbitmq: str) -> AsyncIterator[RabbitMQHarness]:
-    """RabbitMQ with an exchange and queues of this test's own."""
-    harness = RabbitMQHarness()
-    yield harness
-    await harness.close()
 
 
 @pytest.fixture
@@ -79,9 +72,40 @@ async def test_oversized_message_is_rejected_unsent(rabbit: RabbitMQHarness) -> 
 
     assert results[2].outcome is Outcome.REJECTED
     assert results[2].error is not None
-    assert "5000 bytes" in results[2].error
+    assert results[2].permanent
+    assert f"{wire_size(big)} bytes > limit 4000" in results[2].error
     assert [results[i] for i in (0, 1, 3, 4)] == [CONFIRMED] * 4
     assert_arrived_as_written(small, await rabbit.read_back(topic, 4))
+
+
+async def test_header_over_frame_max_is_refused_without_losing_the_connection(
+    rabbit: RabbitMQHarness,
+) -> None:
+    """RabbitMQ closes the connection on a header frame over frame_max: never send one."""
+    topic = await rabbit.new_topic()
+    small = make_batch(topic, 4)
+    big = Message.create(topic, {"n": 1}, key="k", headers={"blob": "h" * 200_000})
+    publisher = rabbit.make_publisher()
+    lost: list[object] = []
+    await publisher.connect()
+    connection = publisher._connection  # type: ignore[attr-defined]
+    connection.close_callbacks.add(lambda *args: lost.append(args))
+
+    results = await publisher.publish([small[0], big, *small[1:]])
+    later = make_batch(topic, 2, tag="again")
+    again = await publisher.publish(later)
+    still_open = publisher._connection is connection and not lost  # type: ignore[attr-defined]
+    await publisher.close()
+
+    assert results[1].outcome is Outcome.REJECTED
+    assert results[1].permanent
+    assert results[1].error is not None
+    assert "frame_max" in results[1].error
+    assert "> limit 131072" in results[1].error
+    assert [results[0], *results[2:]] == [CONFIRMED] * 4
+    assert again == [CONFIRMED] * 2
+    assert still_open, "the publisher lost or replaced its connection"
+    assert_arrived_as_written(small + later, await rabbit.read_back(topic, 6))
 
 
 async def test_connect_error_names_the_address_but_not_the_password(

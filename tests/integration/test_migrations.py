@@ -119,16 +119,17 @@ def test_cli_upgrade_is_idempotent_and_check_gates_the_deploy(
         assert "postroom db upgrade" in before.stderr
         first = run_postroom("db", "upgrade", env=env)
         assert first.returncode == 0, first.stderr
-        assert "upgraded from nothing to 0001" in first.stdout
+        assert "upgraded from nothing to 0002" in first.stdout
         second = run_postroom("db", "upgrade", env=env)
         assert second.returncode == 0, second.stderr
-        assert "already at revision 0001" in second.stdout
+        assert "already at revision 0002" in second.stdout
         after = run_postroom("db", "check", env=env)
         assert after.returncode == 0, after.stderr
         assert "up to date" in after.stdout
         assert migrate.status(database_url, build_tables(schema)).up_to_date
         assert table_names(engine, schema) == [
             "inbox",
+            "inbox_attempts",
             "outbox",
             "outbox_alembic_version",
             "outbox_partitions",
@@ -188,6 +189,7 @@ def test_custom_table_names_and_downgrade(database_url: str, engine: Engine) -> 
         migrate.upgrade(database_url, custom)
         assert table_names(engine, schema) == [
             "events_in",
+            "events_in_attempts",
             "events_out",
             "events_out_alembic_version",
             "events_out_partitions",
@@ -198,6 +200,87 @@ def test_custom_table_names_and_downgrade(database_url: str, engine: Engine) -> 
         assert migrate.status(database_url, custom).current is None
     finally:
         drop_schema(engine, schema)
+
+
+def test_revision_0002_upgrades_existing_relays_and_downgrades(
+    database_url: str, engine: Engine
+) -> None:
+    """0002 adds broker state to live relay rows and the attempts table; downgrade removes both."""
+    schema = unique_schema()
+    names = build_tables(schema, "events_out", "events_in")
+    try:
+        assert migrate.upgrade(database_url, names, "0001").current == "0001"
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    f'INSERT INTO "{schema}".events_out_relays (relay_id, host, pid) '
+                    "VALUES ('r1', 'h', 1)"
+                )
+            )
+        assert migrate.upgrade(database_url, names).current == "0002"
+        with engine.begin() as connection:
+            row = connection.execute(
+                text(
+                    f"SELECT broker_state, broker_error, broker_state_at IS NOT NULL "
+                    f'FROM "{schema}".events_out_relays'
+                )
+            ).one()
+            assert tuple(row) == ("connecting", None, True)
+            connection.execute(
+                text(
+                    f'INSERT INTO "{schema}".events_in_attempts (consumer, message_id) '
+                    "VALUES ('c', 'm')"
+                )
+            )
+            counted = connection.execute(
+                text(f'SELECT attempts FROM "{schema}".events_in_attempts')
+            ).scalar_one()
+            assert counted == 0
+            indexes = connection.execute(
+                text(
+                    "SELECT indexname FROM pg_indexes WHERE schemaname = :s "
+                    "AND tablename = 'events_in_attempts' ORDER BY 1"
+                ),
+                {"s": schema},
+            ).scalars()
+            assert list(indexes) == ["events_in_attempts_at_idx", "events_in_attempts_pkey"]
+        migrate.downgrade(database_url, names, "0001")
+        assert migrate.status(database_url, names).current == "0001"
+        with engine.connect() as connection:
+            columns = connection.execute(
+                text(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = :s AND table_name = 'events_out_relays' "
+                    "ORDER BY ordinal_position"
+                ),
+                {"s": schema},
+            ).scalars()
+            assert list(columns) == ["relay_id", "host", "pid", "started_at", "heartbeat_at"]
+            attempts = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_tables WHERE schemaname = :s "
+                    "AND tablename = 'events_in_attempts'"
+                ),
+                {"s": schema},
+            ).scalar_one()
+            assert attempts == 0
+            kept = connection.execute(
+                text(f'SELECT relay_id FROM "{schema}".events_out_relays')
+            ).scalars()
+            assert list(kept) == ["r1"]
+    finally:
+        drop_schema(engine, schema)
+
+
+def test_longest_names_leave_room_for_every_derived_name() -> None:
+    """Every table, index and constraint name stays within PostgreSQL's 63 bytes."""
+    longest = build_tables("s" * 44, "o" * 44, "i" * 43 + "x")
+    derived = [longest.version_table]
+    for table in longest.metadata.tables.values():
+        derived.append(table.name)
+        derived.extend(str(index.name) for index in table.indexes)
+        derived.extend(str(constraint.name) for constraint in table.constraints)
+    assert max(len(name) for name in derived) <= 63
 
 
 def test_cli_errors_are_sentences(database_url: str) -> None:
@@ -296,6 +379,7 @@ def test_tables_in_the_users_own_alembic_history(
             assert list(found) == [
                 "alembic_version",
                 "inbox",
+                "inbox_attempts",
                 "orders",
                 "outbox",
                 "outbox_partitions",

@@ -320,7 +320,12 @@ def test_the_claim_walks_the_pending_index(
     with psycopg.connect(conninfo) as connection:
         explained = connection.execute(
             "EXPLAIN (FORMAT JSON) " + relay_sql.claim_sql(tables),
-            {"partitions": list(range(64)), "limit": 500, "in_flight": [1, 2, 3]},
+            {
+                "partitions": list(range(64)),
+                "limit": 500,
+                "in_flight": [1, 2, 3],
+                "max_bytes": 8 << 20,
+            },
         ).fetchone()
     assert explained is not None
     plan_text = json.dumps(explained[0])

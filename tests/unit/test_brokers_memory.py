@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from postroom.brokers import CONFIRMED, Outcome, Publisher, PublishResult
+from postroom.brokers.base import wire_size
 from postroom.brokers.memory import MemoryBroker, MemoryPublisher
 from postroom.errors import BrokerUnavailableError
 from postroom.message import Message
@@ -115,14 +116,19 @@ def test_fail_message_checks_its_arguments() -> None:
 
 
 async def test_body_over_the_limit_is_rejected() -> None:
-    broker = MemoryBroker(max_message_bytes=10)
-    small, big = Message.create("t", b"12345"), Message.create("t", b"x" * 11)
+    small = Message.create("t", b"12345")
+    broker = MemoryBroker(max_message_bytes=wire_size(small))
+    big = Message.create("t", b"123456")
+    header = Message.create("t", b"", headers={"h": "x" * 10})
 
-    results = await broker.publisher().publish([small, big])
+    results = await broker.publisher().publish([small, big, header])
 
     assert results[0] == CONFIRMED
-    assert results[1].outcome is Outcome.REJECTED
-    assert "11 bytes" in (results[1].error or "")
+    for refused in results[1:]:
+        assert refused.outcome is Outcome.REJECTED
+        assert refused.permanent
+        assert "too large for the broker" in (refused.error or "")
+    assert f"{wire_size(big)} bytes > limit {wire_size(small)}" in (results[1].error or "")
 
 
 async def test_named_brokers_are_shared_until_forgotten() -> None:

@@ -29,6 +29,9 @@ class PublishResult:
 
     outcome: Outcome
     error: str | None = None
+    permanent: bool = False
+    """For REJECTED: the message can never be accepted as it is (for example it is larger
+    than the broker allows), so the relay dead-letters it at once instead of retrying."""
 
     @property
     def confirmed(self) -> bool:
@@ -37,6 +40,28 @@ class PublishResult:
 
 
 CONFIRMED = PublishResult(Outcome.CONFIRMED)
+
+
+def wire_size(message: Message) -> int:
+    """Bytes a message takes on the wire before the broker's own framing: body, key and
+    every header name and value (postroom's and the user's), UTF-8 encoded."""
+    size = len(message.body)
+    if message.key is not None:
+        size += len(message.key.encode("utf-8", "surrogatepass"))
+    for name, value in message.wire_headers().items():
+        size += len(name.encode("utf-8", "surrogatepass"))
+        size += len(value.encode("utf-8", "surrogatepass"))
+    return size
+
+
+def too_large(size: int, limit: int, setting: str) -> PublishResult:
+    """A permanent rejection of a message of ``size`` bytes that can never fit ``limit``."""
+    return PublishResult(
+        Outcome.REJECTED,
+        f"too large for the broker: {size} bytes > limit {limit}; raise {setting} or shrink "
+        "the message (send a reference to the data instead)",
+        permanent=True,
+    )
 
 
 @runtime_checkable

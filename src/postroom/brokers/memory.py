@@ -11,7 +11,14 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import ClassVar, Final
 
-from postroom.brokers.base import CONFIRMED, HEADER_TOPIC, Outcome, PublishResult
+from postroom.brokers.base import (
+    CONFIRMED,
+    HEADER_TOPIC,
+    Outcome,
+    PublishResult,
+    too_large,
+    wire_size,
+)
 from postroom.brokers.dead_letters import DeadLetter, Found, Listing, Requeued, first_match
 from postroom.errors import BrokerUnavailableError
 from postroom.message import ENVELOPE_HEADERS, Message
@@ -50,7 +57,8 @@ class MemoryBroker:
         self._failures: dict[uuid.UUID, _Failure] = {}
         self._outage: str | None = None
         self.max_message_bytes = max_message_bytes
-        """Messages with a larger body are REJECTED (None: no limit)."""
+        """Messages larger than this (body, key and headers) are REJECTED permanently
+        (None: no limit)."""
 
     @classmethod
     def named(cls, name: str) -> MemoryBroker:
@@ -171,12 +179,8 @@ class MemoryBroker:
                 "broker; make it routable or dead-letter the message",
             )
         limit = self.max_message_bytes
-        if limit is not None and len(message.body) > limit:
-            return PublishResult(
-                Outcome.REJECTED,
-                f"message body is {len(message.body)} bytes, over the in-memory broker's limit "
-                f"of {limit} bytes; send a reference to the data instead",
-            )
+        if limit is not None and (size := wire_size(message)) > limit:
+            return too_large(size, limit, "the in-memory broker's max_message_bytes")
         self._messages.append(_copy(message))
         return CONFIRMED
 

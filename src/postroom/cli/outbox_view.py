@@ -190,8 +190,21 @@ def status_json(status: Status, threshold: float | None, check_failed: bool) -> 
                     "heartbeat_at": heartbeat,
                     "heartbeat_age_seconds": float(heartbeat_age),
                     "live": relay_id in status.live,
+                    "broker_state": broker_state,
+                    "broker_error": broker_error,
+                    "broker_state_age_seconds": float(broker_age),
                 }
-                for relay_id, host, pid, started, heartbeat, heartbeat_age in status.relays
+                for (
+                    relay_id,
+                    host,
+                    pid,
+                    started,
+                    heartbeat,
+                    heartbeat_age,
+                    broker_state,
+                    broker_error,
+                    broker_age,
+                ) in status.relays
             ],
             "fail_if_older_than_seconds": threshold,
             "check_failed": check_failed,
@@ -261,7 +274,7 @@ def _owners_table(owners: list[tuple[Any, ...]]) -> Table:
 def _relays_table(status: Status) -> Table:
     return table(
         "Relays",
-        ["relay", "host", "pid", "started", "last heartbeat", "state"],
+        ["relay", "host", "pid", "started", "last heartbeat", "state", "broker"],
         [
             (
                 relay_id,
@@ -270,8 +283,20 @@ def _relays_table(status: Status) -> Table:
                 started,
                 f"{age(float(heartbeat_age))} ago",
                 "live" if relay_id in status.live else "stale",
+                f"{broker_state} for {age(float(broker_age))}"
+                + (f": {broker_error}" if broker_error else ""),
             )
-            for relay_id, host, pid, started, _, heartbeat_age in status.relays
+            for (
+                relay_id,
+                host,
+                pid,
+                started,
+                _,
+                heartbeat_age,
+                broker_state,
+                broker_error,
+                broker_age,
+            ) in status.relays
         ],
     )
 

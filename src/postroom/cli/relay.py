@@ -15,6 +15,7 @@ RELAY_FIELDS = (
     "broker_url",
     "relay_id",
     "relay_batch_size",
+    "relay_batch_bytes",
     "relay_lease",
     "relay_poll_interval",
     "relay_max_attempts",

@@ -51,6 +51,8 @@ class PartitionLeases:
         """Monotonic time of the last successful heartbeat."""
         self._deadline = 0.0
         self.live_relays = 0
+        self.broker_state: Callable[[], tuple[str, str | None]] = lambda: ("connecting", None)
+        """The relay's broker state and its error, recorded with each heartbeat."""
 
     def seconds_left(self) -> float:
         """Seconds until the current leases run out (by this process's monotonic clock)."""
@@ -67,9 +69,16 @@ class PartitionLeases:
         started = time.monotonic()
         params = {"relay": self.relay_id, "lease": self.lease_seconds}
         async with self._connection.transaction() as connection:
+            state, error = self.broker_state()
             await connection.execute(
                 relay_sql.register_relay_sql(self._tables),
-                {"relay": self.relay_id, "host": socket.gethostname(), "pid": os.getpid()},
+                {
+                    "relay": self.relay_id,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "broker_state": state,
+                    "broker_error": error,
+                },
             )
             cursor = await connection.execute(relay_sql.live_relays_sql(self._tables), params)
             live_ids = [row[0] for row in await cursor.fetchall()]

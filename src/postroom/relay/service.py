@@ -15,7 +15,7 @@ from typing import Final, TypeVar
 from postroom.backoff import Backoff
 from postroom.brokers.base import Outcome, Publisher, PublishResult
 from postroom.config import Settings
-from postroom.errors import BrokerUnavailableError, DatabaseError
+from postroom.errors import BrokerRefusedError, BrokerUnavailableError, DatabaseError
 from postroom.lifecycle import PURGE_INTERVAL, Every, Lifecycle, purge_round, repeat
 from postroom.log import get_logger
 from postroom.metrics import RelayMetrics
@@ -25,6 +25,7 @@ from postroom.relay.ordering import publish_in_key_order
 from postroom.relay.store import (
     CONFIRMED,
     HELD,
+    REFUSED,
     REJECTED,
     UNAVAILABLE,
     BatchOutcomes,
@@ -36,7 +37,7 @@ from postroom.relay.store import (
 )
 from postroom.relay.wakeup import Wakeup
 from postroom.schema.tables import DEAD, PUBLISHED, tables_for
-from postroom.urls import psycopg_conninfo
+from postroom.urls import psycopg_conninfo, redact_text
 
 log = get_logger("relay")
 
@@ -46,6 +47,12 @@ log = get_logger("relay")
 #: between the broker's confirm and the mark. It keeps one fsync per batch off the path
 #: that the next batch waits on, and off the disk the application's commits share.
 MARK_SESSION_SETTINGS: Final = {"synchronous_commit": "off"}
+#: Broker states recorded in ``<outbox>_relays`` with each heartbeat.
+BROKER_CONNECTING: Final = "connecting"
+BROKER_CONNECTED: Final = "connected"
+BROKER_UNAVAILABLE: Final = "unavailable"
+#: Longest broker error kept in ``<outbox>_relays``.
+MAX_BROKER_ERROR_CHARS: Final = 500
 #: Seconds between refreshes of the backlog gauges (and looks at the purge's schedule).
 HOUSEKEEPING_INTERVAL: Final = 10.0
 
@@ -105,6 +112,8 @@ class Relay:
         self._prefetch: asyncio.Task[tuple[Claim, frozenset[int]]] | None = None
         self._purge_due = Every(PURGE_INTERVAL)
         self._broker_ready = False
+        self._broker_state: tuple[str, str | None] = (BROKER_CONNECTING, None)
+        self.leases.broker_state = lambda: self._broker_state
         self._database_ready = False
 
     def stop(self) -> None:
@@ -124,7 +133,12 @@ class Relay:
         return time.monotonic() - max(self.leases.last_renewed, self._lifecycle.created) < patience
 
     async def run(self) -> None:
-        """Run until :meth:`stop` is called (or the task is cancelled)."""
+        """Run until :meth:`stop` is called (or the task is cancelled).
+
+        Raises :class:`~postroom.errors.BrokerRefusedError` after a clean shutdown (partitions
+        released, relay unregistered) when the broker refuses the relay's credentials or
+        permissions: retrying with the same settings cannot help.
+        """
         await self._lifecycle.run(
             self._work,
             background=[
@@ -182,7 +196,11 @@ class Relay:
             if not self._broker_ready:
                 try:
                     await self.publisher.connect()
+                except BrokerRefusedError as exc:
+                    self._refused(exc)
+                    return
                 except BrokerUnavailableError as exc:
+                    self._set_broker_ready(False, str(exc))
                     broker_failures += 1
                     delay = reconnect.delay(broker_failures)
                     log.warning(
@@ -261,8 +279,9 @@ class Relay:
                 if row.message.key is not None and (result is None or not result.confirmed)
             },
         )
-        if any(r is not None and r.outcome is Outcome.UNAVAILABLE for r in results):
-            self._set_broker_ready(False)
+        unavailable = [r for r in results if r is not None and r.outcome is Outcome.UNAVAILABLE]
+        if unavailable:
+            self._set_broker_ready(False, unavailable[0].error)
         try:
             await self._finish_recording()
         finally:
@@ -278,6 +297,7 @@ class Relay:
             self.leases.claimable(),
             limit=self.settings.relay_batch_size,
             in_flight=self._batches.positions(),
+            max_bytes=self.settings.relay_batch_bytes,
         )
         return claim, unrecorded
 
@@ -373,7 +393,10 @@ class Relay:
             attempt=row.attempts + 1,
             max_attempts=self.settings.relay_max_attempts,
             error=result.error,
+            permanent=result.permanent,
         )
+        if result.permanent:
+            return REFUSED, result.error or "rejected for good", 0.0
         return REJECTED, result.error or "rejected", self._row_backoff.delay(row.attempts + 1)
 
     def _count(self, rows: list[ClaimedRow], batch: BatchOutcomes, marked: list[MarkedRow]) -> None:
@@ -406,7 +429,7 @@ class Relay:
         fenced = len(rows) - len(marked)
         for metric, count in (
             (self.metrics.published, published),
-            (self.metrics.failed, tally[REJECTED]),
+            (self.metrics.failed, tally[REJECTED] + tally[REFUSED]),
             (self.metrics.unavailable, tally[UNAVAILABLE]),
             (self.metrics.dead_lettered, tally["dead"]),
             (self.metrics.fenced, fenced),
@@ -421,9 +444,32 @@ class Relay:
                 reason="another relay re-claimed them after this relay's lease ran out",
             )
 
-    def _set_broker_ready(self, ready: bool) -> None:
+    def _set_broker_ready(self, ready: bool, error: str | None = None) -> None:
         self._broker_ready = ready
         self.metrics.broker_connected.set(1 if ready else 0)
+        if ready:
+            self._broker_state = (BROKER_CONNECTED, None)
+        else:
+            self._broker_state = (
+                BROKER_UNAVAILABLE,
+                redact_text(error or "unavailable")[:MAX_BROKER_ERROR_CHARS],
+            )
+
+    def _refused(self, exc: BrokerRefusedError) -> None:
+        """The broker refuses this relay's credentials or permissions: not an outage.
+
+        Holding partitions would stall their rows while healthy relays stand by, so the
+        relay stops; its shutdown releases the partitions and leaves the live set, and
+        :meth:`run` raises ``exc`` (the CLI prints it and exits with status 3).
+        """
+        log.error(
+            "relay.broker_refused",
+            relay=self.relay_id,
+            error=str(exc),
+            action="releasing partitions and exiting; retrying cannot help",
+        )
+        self._lifecycle.failure = exc
+        self._lifecycle.stop()
 
     async def _heartbeats(self) -> None:
         interval = self.settings.relay_lease / 3

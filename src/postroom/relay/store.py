@@ -19,11 +19,16 @@ from postroom.message import Message
 from postroom.schema import relay_sql
 from postroom.schema.tables import Tables
 
-#: Outcome names the mark statement understands: the broker's, plus "held" (not sent).
+#: Outcome names the mark statement understands: the broker's, plus "held" (not sent) and
+#: "refused" (rejected for good).
 CONFIRMED: Final = Outcome.CONFIRMED.value
 REJECTED: Final = Outcome.REJECTED.value
 UNAVAILABLE: Final = Outcome.UNAVAILABLE.value
 HELD: Final = "held"
+#: Bytes (payloads and headers) a claim stops at unless told otherwise.
+DEFAULT_CLAIM_BYTES: Final = 8 * 1024 * 1024
+#: A rejection that can never succeed (e.g. too large for the broker): dead at once.
+REFUSED: Final = "refused"
 
 
 class ClaimedRow(NamedTuple):
@@ -200,9 +205,15 @@ class OutboxStore:
         self._tables = tables
 
     async def claim(
-        self, tokens: dict[int, uuid.UUID], *, limit: int, in_flight: Sequence[int] = ()
+        self,
+        tokens: dict[int, uuid.UUID],
+        *,
+        limit: int,
+        in_flight: Sequence[int] = (),
+        max_bytes: int = DEFAULT_CLAIM_BYTES,
     ) -> Claim:
-        """Read up to ``limit`` due rows of the partitions in ``tokens``, oldest first.
+        """Read up to ``limit`` due rows of the partitions in ``tokens``, oldest first,
+        stopping once their payloads and headers pass ``max_bytes`` (at least one row).
 
         ``in_flight`` lists positions of batches whose outcomes are not recorded yet.
         """
@@ -211,6 +222,7 @@ class OutboxStore:
             {
                 "partitions": sorted(tokens),
                 "limit": limit,
+                "max_bytes": max_bytes,
                 "in_flight": array_literal(in_flight),
             },
             binary=True,

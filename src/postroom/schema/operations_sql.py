@@ -244,10 +244,12 @@ GROUP BY p.owner ORDER BY p.owner NULLS LAST
 
 @functools.cache
 def relays_sql(tables: Tables) -> str:
-    """The relays that registered, with seconds since their last heartbeat."""
+    """The relays that registered, with seconds since their last heartbeat, and the state
+    of their broker connection (state, error, seconds in that state)."""
     return (
         "SELECT relay_id, host, pid, started_at, heartbeat_at, "
-        "extract(epoch FROM now() - heartbeat_at) "
+        "extract(epoch FROM now() - heartbeat_at), "
+        "broker_state, broker_error, extract(epoch FROM now() - broker_state_at) "
         f"FROM {quoted_table(tables.relays)} ORDER BY relay_id"
     )
 

@@ -5,7 +5,8 @@ literals in one text parameter (``'{1,2,3}'``, built with ``str.join``) and are 
 SQL: adapting hundreds of elements one by one in the driver cost more than the statement.
 
 Every hot statement handles a whole batch in one round trip. Reviewed plans (EXPLAIN):
-the claim walks ``<outbox>_pending_idx`` in position order and stops at the batch size;
+the claim walks ``<outbox>_pending_idx`` in position order and stops at the batch size
+(then drops the rows past the batch's byte budget);
 its per-key check probes ``<outbox>_retrying_idx``, which holds only rows that failed;
 the mark finds its rows through the primary key.
 """
@@ -20,32 +21,49 @@ from postroom.schema.tables import DEAD, PENDING, PUBLISHED, Tables
 
 @functools.cache
 def claim_sql(tables: Tables) -> str:
-    """Read up to %(limit)s due rows of the partitions the relay owns, oldest first.
+    """Read up to %(limit)s due rows of the partitions the relay owns, oldest first, and
+    stop once their bytes pass %(max_bytes)s (always at least one row).
 
     The claim writes nothing: a partition has one owner at a time, so its rows need no
     lock or lease of their own. Rows of batches still in flight are left out
     (%(in_flight)s). A row waits while an earlier row of its key is backing off after a
     failure, so each key is published in order. Empty headers come back as NULL and the
     others as JSON text, which the relay decodes faster than the driver's jsonb loader.
+
+    A row's bytes are its payload's (``octet_length`` reads the stored length, without
+    fetching a TOASTed value) plus its headers' text. The running total is a window over
+    the rows the index walk already returns in position order, under the LIMIT, so the
+    plan stays one index walk; the outer filter drops the rows past the budget before any
+    payload leaves the server.
     """
     outbox = quoted_table(tables.outbox)
     return f"""
-SELECT o.position, o.id, o.topic, o.key, o.payload, o.content_type,
-       nullif(o.headers, '{{}}'::jsonb)::text,
-       o.created_at, o.available_at, o.attempts, o.partition, o.next_attempt_at
-FROM {outbox} AS o
-WHERE o.status = '{PENDING}'
-  AND o.partition = ANY(%(partitions)s)
-  AND o.next_attempt_at <= now()
-  AND o.position <> ALL(%(in_flight)s::bigint[])
-  AND NOT EXISTS (
-      SELECT 1 FROM {outbox} AS e
-      WHERE e.status = '{PENDING}' AND e.attempts > 0
-        AND e.key = o.key AND e.position < o.position
-        AND e.next_attempt_at > now()
-  )
-ORDER BY o.position
-LIMIT %(limit)s
+SELECT c.position, c.id, c.topic, c.key, c.payload, c.content_type, c.headers,
+       c.created_at, c.available_at, c.attempts, c.partition, c.next_attempt_at
+FROM (
+    SELECT o.position, o.id, o.topic, o.key, o.payload, o.content_type,
+           nullif(o.headers, '{{}}'::jsonb)::text AS headers,
+           o.created_at, o.available_at, o.attempts, o.partition, o.next_attempt_at,
+           sum(octet_length(o.payload) + octet_length(o.headers::text)) OVER w
+               AS running_bytes,
+           row_number() OVER w AS n
+    FROM {outbox} AS o
+    WHERE o.status = '{PENDING}'
+      AND o.partition = ANY(%(partitions)s)
+      AND o.next_attempt_at <= now()
+      AND o.position <> ALL(%(in_flight)s::bigint[])
+      AND NOT EXISTS (
+          SELECT 1 FROM {outbox} AS e
+          WHERE e.status = '{PENDING}' AND e.attempts > 0
+            AND e.key = o.key AND e.position < o.position
+            AND e.next_attempt_at > now()
+      )
+    WINDOW w AS (ORDER BY o.position ROWS UNBOUNDED PRECEDING)
+    ORDER BY o.position
+    LIMIT %(limit)s
+) AS c
+WHERE c.running_bytes <= %(max_bytes)s OR c.n = 1
+ORDER BY c.position
 """
 
 
@@ -59,7 +77,8 @@ def mark_sql(tables: Tables, delete_published: bool) -> str:
     applying the same mark twice (a retry after a lost reply) counts a failure once, and
     a row an operator retried or replayed meanwhile (due again now) is not touched. Outcomes:
     ``confirmed`` (published; or deleted when ``delete_published``), ``rejected`` (one
-    more attempt; backoff of %(delays)s, dead-lettered at %(max_attempts)s),
+    more attempt; backoff of %(delays)s, dead-lettered at %(max_attempts)s), ``refused``
+    (one more attempt and dead-lettered at once: it can never be published as it is),
     ``unavailable`` and ``held`` (left pending as they were, no attempt counted).
     Returns the rows it changed.
 
@@ -87,12 +106,14 @@ LEFT JOIN unnest(%(failed)s::bigint[], %(errors)s::text[], %(delays)s::float8[])
         "AND EXISTS ("
         f"SELECT 1 FROM {partitions} AS p WHERE p.partition = t.partition AND p.token = r.token)"
     )
-    dead = "r.outcome = 'rejected' AND t.attempts + 1 >= %(max_attempts)s"
+    dead = (
+        "r.outcome = 'refused' OR (r.outcome = 'rejected' AND t.attempts + 1 >= %(max_attempts)s)"
+    )
     update = f"""
 UPDATE {outbox} AS t SET
     status = CASE WHEN r.outcome = 'confirmed' THEN '{PUBLISHED}'
                   WHEN {dead} THEN '{DEAD}' ELSE '{PENDING}' END,
-    attempts = t.attempts + (r.outcome = 'rejected')::int,
+    attempts = t.attempts + (r.outcome IN ('rejected', 'refused'))::int,
     last_error = coalesce(r.error, t.last_error),
     next_attempt_at = CASE WHEN r.outcome = 'rejected'
                            THEN now() + r.delay_seconds * interval '1 second'
@@ -119,11 +140,17 @@ SELECT * FROM deleted UNION ALL SELECT * FROM updated
 
 @functools.cache
 def register_relay_sql(tables: Tables) -> str:
-    """Record that this relay is alive (insert or refresh its heartbeat)."""
+    """Record that this relay is alive (insert or refresh its heartbeat) and the state of
+    its broker connection (%(broker_state)s, %(broker_error)s); ``broker_state_at`` moves
+    only when the state changes."""
+    relays = quoted_table(tables.relays)
     return (
-        f"INSERT INTO {quoted_table(tables.relays)} (relay_id, host, pid) "
-        "VALUES (%(relay)s, %(host)s, %(pid)s) "
-        "ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now()"
+        f"INSERT INTO {relays} AS r (relay_id, host, pid, broker_state, broker_error) "
+        "VALUES (%(relay)s, %(host)s, %(pid)s, %(broker_state)s, %(broker_error)s) "
+        "ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now(), "
+        "broker_state = excluded.broker_state, broker_error = excluded.broker_error, "
+        "broker_state_at = CASE WHEN r.broker_state = excluded.broker_state "
+        "THEN r.broker_state_at ELSE now() END"
     )
 
 

@@ -129,8 +129,55 @@ def _initial_downgrade(op: Operations, tables: Tables) -> None:
     op.drop_table(tables.outbox.name, schema=tables.schema)
 
 
+def _broker_state_upgrade(op: Operations, tables: Tables) -> None:
+    schema = tables.schema
+    relays = tables.relays.name
+    op.add_column(
+        relays,
+        sa.Column("broker_state", sa.Text, nullable=False, server_default=sa.text("'connecting'")),
+        schema=schema,
+    )
+    op.add_column(relays, sa.Column("broker_error", sa.Text, nullable=True), schema=schema)
+    op.add_column(
+        relays,
+        sa.Column(
+            "broker_state_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.func.now(),
+        ),
+        schema=schema,
+    )
+    attempts = f"{tables.inbox.name}_attempts"
+    op.create_table(
+        attempts,
+        sa.Column("consumer", sa.Text, nullable=False),
+        sa.Column("message_id", sa.Text, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+        sa.Column(
+            "last_attempt_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.func.now(),
+        ),
+        sa.PrimaryKeyConstraint("consumer", "message_id", name=f"{attempts}_pkey"),
+        schema=schema,
+        comment="postroom delivery counter: how often each consumer was handed each message.",
+    )
+    op.create_index(f"{attempts}_at_idx", attempts, ["last_attempt_at"], schema=schema)
+
+
+def _broker_state_downgrade(op: Operations, tables: Tables) -> None:
+    op.drop_table(f"{tables.inbox.name}_attempts", schema=tables.schema)
+    for column in ("broker_state_at", "broker_error", "broker_state"):
+        op.drop_column(tables.relays.name, column, schema=tables.schema)
+
+
 #: Every revision in order; the last is the head.
-STEPS: tuple[Step, ...] = (Step("0001", _initial_upgrade, _initial_downgrade),)
+STEPS: tuple[Step, ...] = (
+    Step("0001", _initial_upgrade, _initial_downgrade),
+    Step("0002", _broker_state_upgrade, _broker_state_downgrade),
+)
 
 HEAD: str = STEPS[-1].revision
 

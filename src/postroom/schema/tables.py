@@ -88,6 +88,7 @@ class Tables:
     inbox: Table
     partitions: Table
     relays: Table
+    attempts: Table
 
     @property
     def notify_channel(self) -> str:
@@ -219,8 +220,31 @@ def _define(schema: str | None, outbox: str, inbox: str, metadata: MetaData) -> 
         Column("pid", Integer, nullable=False),
         Column("started_at", DateTime(timezone=True), nullable=False, server_default=now),
         Column("heartbeat_at", DateTime(timezone=True), nullable=False, server_default=now),
+        Column("broker_state", Text, nullable=False, server_default=text("'connecting'")),
+        Column("broker_error", Text, nullable=True),
+        Column("broker_state_at", DateTime(timezone=True), nullable=False, server_default=now),
         PrimaryKeyConstraint("relay_id", name=f"{outbox}_relays_pkey"),
         schema=schema,
         comment="postroom relays alive now, for sharing the partitions between them.",
     )
-    return Tables(schema, metadata, outbox_table, inbox_table, partitions_table, relays_table)
+    attempts_table = Table(
+        f"{inbox}_attempts",
+        metadata,
+        Column("consumer", Text, nullable=False),
+        Column("message_id", Text, nullable=False),
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
+        Column("last_attempt_at", DateTime(timezone=True), nullable=False, server_default=now),
+        PrimaryKeyConstraint("consumer", "message_id", name=f"{inbox}_attempts_pkey"),
+        schema=schema,
+        comment="postroom delivery counter: how often each consumer was handed each message.",
+    )
+    Index(f"{inbox}_attempts_at_idx", attempts_table.c.last_attempt_at)
+    return Tables(
+        schema,
+        metadata,
+        outbox_table,
+        inbox_table,
+        partitions_table,
+        relays_table,
+        attempts_table,
+    )

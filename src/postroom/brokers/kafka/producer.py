@@ -12,7 +12,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
+from postroom.brokers.base import CONFIRMED, Outcome, PublishResult, too_large, wire_size
 from postroom.brokers.kafka.settings import (
     _METADATA_SLICE_SECONDS,
     _OWNED_SETTINGS,
@@ -20,6 +20,7 @@ from postroom.brokers.kafka.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MESSAGE_TIMEOUT_MS,
     DELIVERY_GRACE,
+    REFUSED_CODES,
     _describe,
     _LibrdkafkaLog,
     _log,
@@ -27,8 +28,14 @@ from postroom.brokers.kafka.settings import (
     classify_error,
     parse_kafka_url,
 )
-from postroom.errors import BrokerUnavailableError, ConfigurationError
+from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
 from postroom.message import Message
+
+#: librdkafka's default ``message.max.bytes``.
+KAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+#: Bytes counted on top of a record's key, value and headers: the record batch header
+#: (61) and the record's own varint fields, rounded up so the check stays conservative.
+RECORD_OVERHEAD_BYTES = 128
 
 
 class KafkaPublisher:
@@ -92,8 +99,20 @@ class KafkaPublisher:
                 "message.timeout.ms must be a positive number of milliseconds (0 would wait "
                 f"forever in an outage), got {settings['message.timeout.ms']!r}"
             )
+        try:
+            max_bytes = int(settings.get("message.max.bytes", KAFKA_DEFAULT_MESSAGE_MAX_BYTES))
+        except (TypeError, ValueError):
+            max_bytes = 0
+        if max_bytes <= 0:
+            raise ConfigurationError(
+                "message.max.bytes must be a positive number of bytes, got "
+                f"{settings.get('message.max.bytes')!r}"
+            )
         self.bootstrap_servers = servers
         """The brokers first contacted, ``host:port[,host:port]``."""
+        self.max_message_bytes = max_bytes
+        """The producer's ``message.max.bytes``: larger records (with key, headers and
+        record overhead) are REJECTED unsent, permanently."""
         self.message_timeout = timeout_ms / 1000
         """Seconds after which an undelivered message is reported UNAVAILABLE."""
         self.connect_timeout = connect_timeout
@@ -139,6 +158,11 @@ class KafkaPublisher:
         async with self._lock:
             producer = await self._ensure_producer()
         reports = _Reports(producer, batch)
+        limit = self.max_message_bytes
+        for index, message in enumerate(batch):
+            size = wire_size(message) + RECORD_OVERHEAD_BYTES
+            if size > limit:
+                reports.refused(index, too_large(size, limit, "the producer's message.max.bytes"))
         producer.pending.add(reports)
         try:
             await self._produce_all(producer, reports)
@@ -160,6 +184,8 @@ class KafkaPublisher:
                 f"{self.message_timeout + DELIVERY_GRACE:g} s",
             )
         )
+        if producer.refused is not None:
+            producer.broken = producer.broken or f"refused by Kafka: {producer.refused}"
         if producer.broken is None and any(r.outcome is Outcome.UNAVAILABLE for r in results):
             # A producer can stay wedged after an outage: e.g. a broker that lost its
             # producer-id state answers UNKNOWN_PRODUCER_ID to every epoch bump, so all
@@ -198,6 +224,7 @@ class KafkaPublisher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         while True:
+            self._raise_if_refused(producer)
             remaining = deadline - loop.time()
             call = functools.partial(
                 producer.producer.list_topics,
@@ -221,10 +248,19 @@ class KafkaPublisher:
                 reason = f"no answer within {self.connect_timeout:g} s ({reason})"
                 break
             await asyncio.sleep(0.05)
+        self._raise_if_refused(producer)
         raise BrokerUnavailableError(
             f"cannot reach Kafka at {self.bootstrap_servers}: {reason}; check that the "
             "brokers run and that the broker URL (POSTROOM_BROKER_URL) is right"
         )
+
+    def _raise_if_refused(self, producer: _Producer) -> None:
+        if producer.refused is not None:
+            raise BrokerRefusedError(
+                f"Kafka at {self.bootstrap_servers} refused this client ({producer.refused}); "
+                "fix the SASL/SSL settings (sasl.username, sasl.password, security.protocol, "
+                "e.g. in POSTROOM_KAFKA_* or POSTROOM_KAFKA_CONFIG_FILE) or the client's ACLs"
+            )
 
     async def _produce_all(self, producer: _Producer, reports: _Reports) -> None:
         """Hand every message of ``reports`` to librdkafka, in order.
@@ -363,6 +399,8 @@ class _Producer:
         self.loop = loop
         self.broken: str | None = None
         self.all_brokers_down: str | None = None
+        self.refused: str | None = None
+        """Set when the cluster refused this client (authentication, authorization)."""
         self.progress = asyncio.Event()
         self.waiting_for_room = False
         """Set when a publish waits for queue room: the next report wakes it."""
@@ -389,7 +427,10 @@ class _Producer:
         index = start
         produced = 0
         try:
+            refused = reports.results
             for index in range(start, len(messages)):
+                if refused[index] is not None:
+                    continue  # already answered: too large to send
                 message = messages[index]
                 try:
                     produce(
@@ -453,6 +494,9 @@ class _Producer:
                 _log.exception("Kafka poll failed")
 
     def _on_error(self, error: KafkaError) -> None:
+        if error.code() in REFUSED_CODES:
+            self.to_loop(setattr, self, "refused", _describe(error))
+            return
         if error.fatal():
             _log.error("Kafka producer failed fatally", error=_describe(error))
             self.to_loop(self._mark_broken, _describe(error))

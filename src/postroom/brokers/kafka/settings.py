@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
@@ -67,6 +70,15 @@ _UNAVAILABLE_CODES: Final = frozenset(
         KafkaError.PRODUCER_FENCED,
     }
 )
+#: Errors that mean the cluster refuses this client: not an outage, a misconfiguration.
+REFUSED_CODES: Final = frozenset(
+    {
+        KafkaError._AUTHENTICATION,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    }
+)
 _REJECTED_CODES: Final = frozenset(
     {
         KafkaError.MSG_SIZE_TOO_LARGE,
@@ -90,11 +102,59 @@ _REJECTED_CODES: Final = frozenset(
 _log = get_logger("brokers.kafka")
 
 
-def parse_kafka_url(url: str) -> tuple[str, dict[str, str]]:
+#: Environment variables ``POSTROOM_KAFKA_<SETTING>`` set librdkafka settings
+#: (``POSTROOM_KAFKA_SASL_PASSWORD`` → ``sasl.password``).
+ENV_PREFIX: Final = "POSTROOM_KAFKA_"
+#: Environment variable naming a ``key=value`` file of librdkafka settings.
+CONFIG_FILE_ENV: Final = "POSTROOM_KAFKA_CONFIG_FILE"
+
+
+def settings_from_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """librdkafka settings from ``POSTROOM_KAFKA_CONFIG_FILE`` (a ``key=value`` properties
+    file) and ``POSTROOM_KAFKA_<SETTING>`` variables; a variable wins over the file."""
+    env = os.environ if environ is None else environ
+    settings: dict[str, str] = {}
+    path = env.get(CONFIG_FILE_ENV)
+    if path:
+        settings.update(_read_properties(Path(path)))
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and name != CONFIG_FILE_ENV:
+            settings[name.removeprefix(ENV_PREFIX).lower().replace("_", ".")] = value
+    return settings
+
+
+def _read_properties(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(
+            f"{CONFIG_FILE_ENV} names {str(path)!r}, which cannot be read "
+            f"({type(exc).__name__}); point it at a readable key=value file"
+        ) from None
+    settings: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            raise ConfigurationError(
+                f"line {number} of {str(path)!r} ({CONFIG_FILE_ENV}) is not key=value; "
+                "write one librdkafka setting per line, e.g. security.protocol=SASL_SSL"
+            )
+        settings[name.strip()] = value.strip()
+    return settings
+
+
+def parse_kafka_url(
+    url: str, environ: Mapping[str, str] | None = None
+) -> tuple[str, dict[str, str]]:
     """Split ``kafka://host:port,host2:port?setting=value`` into bootstrap servers and settings.
 
     A missing port means 9092. Query parameters are librdkafka settings (e.g.
-    ``?security.protocol=SSL``). Credentials belong in settings, not in the URL.
+    ``?security.protocol=SSL``). Settings also come from the environment (see
+    :func:`settings_from_environment`), so credentials need not sit in the URL; a URL
+    query parameter wins over the same setting from the environment or the file.
     """
     parts = urlsplit(url)
     if parts.scheme != "kafka":
@@ -114,7 +174,9 @@ def parse_kafka_url(url: str) -> tuple[str, dict[str, str]]:
         raise ConfigurationError(
             f"Kafka URL {redact_url(url)!r} has a path; use kafka://host:9092[,host2:9092]"
         )
-    return ",".join(servers), dict(parse_qsl(parts.query, keep_blank_values=True))
+    settings = settings_from_environment(environ)
+    settings.update(parse_qsl(parts.query, keep_blank_values=True))
+    return ",".join(servers), settings
 
 
 def _server(item: str, url: str) -> str:
@@ -140,9 +202,11 @@ def classify_error(error: KafkaError, message: Message) -> PublishResult:
     if code == KafkaError.MSG_SIZE_TOO_LARGE:
         return PublishResult(
             Outcome.REJECTED,
-            f"message is too large for Kafka (body {len(message.body)} bytes, over the "
-            "producer's message.max.bytes or the topic's max.message.bytes): "
-            f"{_describe(error)}; send a reference to the data instead",
+            f"too large for the broker: message is too large for Kafka (body "
+            f"{len(message.body)} bytes, over the producer's message.max.bytes or the topic's "
+            f"max.message.bytes): {_describe(error)}; raise the topic's max.message.bytes or "
+            "shrink the message (send a reference to the data instead)",
+            permanent=True,
         )
     unavailable = code in _UNAVAILABLE_CODES or (
         code not in _REJECTED_CODES and (error.fatal() or error.retriable())

@@ -13,10 +13,12 @@ from urllib.parse import SplitResult, unquote, urlsplit
 import aio_pika
 import aiormq
 import aiormq.abc
+from pamqp import frame as amqp_frame
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
-from postroom.brokers.base import CONFIRMED, Outcome, PublishResult
-from postroom.errors import BrokerUnavailableError, ConfigurationError
+from postroom.brokers.base import CONFIRMED, Outcome, PublishResult, too_large, wire_size
+from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
 from postroom.log import get_logger
 from postroom.message import Message
 from postroom.urls import redact_url
@@ -27,8 +29,13 @@ DEFAULT_EXCHANGE: Final = "postroom"
 DEFAULT_CONFIRM_TIMEOUT: Final = 30.0
 #: Seconds to wait for a connection (TCP, AMQP handshake and login).
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
-#: Largest body sent; keep it at or below the broker's ``max_message_size``.
+#: Largest message sent (body, key and headers); keep it at or below the broker's
+#: ``max_message_size``.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+#: Headers this far below ``frame_max`` (per name/value pair plus the fixed properties)
+#: surely fit one frame; larger ones are measured exactly before sending.
+_HEADER_ESTIMATE_OVERHEAD: Final = 6
+_PROPERTIES_ESTIMATE_OVERHEAD: Final = 512
 #: Exchange names postroom accepts (RabbitMQ's own rule, without the empty default exchange).
 EXCHANGE_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,255}")
 _BROKER_SIZE_LIMIT: Final = re.compile(r"larger than configured max size (\d+)")
@@ -91,7 +98,8 @@ class RabbitMQPublisher:
         self.connect_timeout = connect_timeout
         """Seconds to wait for a connection."""
         self.max_message_bytes = max_message_bytes
-        """Larger bodies are REJECTED unsent (RabbitMQ would close the channel on them)."""
+        """Larger messages (body, key and headers) are REJECTED unsent, permanently
+        (RabbitMQ would close the channel on them)."""
         self.address = _address(parts)
         """``host:port`` (and vhost) of the broker for messages; never includes the password."""
         self._connection: aio_pika.abc.AbstractConnection | None = None
@@ -148,11 +156,15 @@ class RabbitMQPublisher:
         await declared.bind(self.exchange, routing_key=routing_key)
 
     async def _publish(self, batch: Sequence[Message]) -> list[PublishResult]:
-        results: dict[int, PublishResult] = {
-            index: self._too_large(message, self.max_message_bytes)
-            for index, message in enumerate(batch)
-            if len(message.body) > self.max_message_bytes
-        }
+        results: dict[int, PublishResult] = {}
+        for index, message in enumerate(batch):
+            size = wire_size(message)
+            if size > self.max_message_bytes:
+                results[index] = too_large(
+                    size,
+                    self.max_message_bytes,
+                    "max_message_bytes (and RabbitMQ's max_message_size)",
+                )
         if len(results) == len(batch):
             return [results[index] for index in range(len(batch))]
         try:
@@ -160,6 +172,15 @@ class RabbitMQPublisher:
         except BrokerUnavailableError as exc:
             unavailable = PublishResult(Outcome.UNAVAILABLE, str(exc))
             return [results.get(index, unavailable) for index in range(len(batch))]
+        frame_max = channel.connection.connection_tune.frame_max or 0
+        properties: dict[int, Basic.Properties] = {}
+        for index, message in enumerate(batch):
+            if index in results:
+                continue
+            properties[index] = _properties(message)
+            refused = _header_frame_too_large(message, properties[index], frame_max)
+            if refused is not None:
+                results[index] = refused
         sent: dict[asyncio.Task[Any], int] = {}
         for index, message in enumerate(batch):
             if index in results:
@@ -171,7 +192,7 @@ class RabbitMQPublisher:
                     message.body,
                     exchange=self.exchange,
                     routing_key=message.topic,
-                    properties=_properties(message),
+                    properties=properties[index],
                     mandatory=True,
                     **_NO_DRAIN,
                 )
@@ -225,7 +246,7 @@ class RabbitMQPublisher:
         self._stale = self._stale or isinstance(exc, aiormq.exceptions.ChannelClosed)
         limit = _broker_size_limit(exc)
         if limit is not None and len(message.body) > limit:
-            return self._too_large(message, limit)
+            return too_large(len(message.body), limit, "RabbitMQ's max_message_size")
         if isinstance(
             exc,
             aiormq.exceptions.AMQPError
@@ -241,14 +262,6 @@ class RabbitMQPublisher:
             )
         return PublishResult(
             Outcome.REJECTED, f"could not publish the message: {self._describe(exc)}"
-        )
-
-    def _too_large(self, message: Message, limit: int) -> PublishResult:
-        return PublishResult(
-            Outcome.REJECTED,
-            f"message body is {len(message.body)} bytes, over the {limit}-byte limit for "
-            f"RabbitMQ at {self.address}; send a reference to the data instead, or raise "
-            "max_message_bytes together with RabbitMQ's max_message_size",
         )
 
     async def _ready(self) -> aiormq.abc.AbstractChannel:
@@ -282,6 +295,9 @@ class RabbitMQPublisher:
                 client_properties={"connection_name": "postroom publisher"},
             )
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+            refused = refusal(exc, self.address, self._url)
+            if refused is not None:
+                raise refused from None
             raise self._unavailable(exc) from None
         # aio-pika's plain Connection keeps is_closed False when the broker goes away;
         # its close callbacks are what report the loss.
@@ -294,6 +310,13 @@ class RabbitMQPublisher:
         try:
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            self._stale = True
+            raise BrokerRefusedError(
+                f"RabbitMQ at {self.address} refused access to exchange {self.exchange!r} "
+                f"({self._describe(exc)}); grant the user configure and write permissions on "
+                "it (rabbitmqctl set_permissions) or use another user"
+            ) from None
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             self._stale = True
             raise BrokerUnavailableError(
@@ -347,6 +370,66 @@ def _properties(message: Message) -> Basic.Properties:
         message_id=str(message.id),
         timestamp=message.created_at,
         headers=dict(message.wire_headers()),
+    )
+
+
+def refusal(exc: BaseException, address: str, url: str) -> BrokerRefusedError | None:
+    """The error to raise when connecting failed because RabbitMQ refused this client
+    (login, unknown or forbidden vhost), or None for other failures (outages)."""
+    parts = urlsplit(url)
+    user = unquote(parts.username or "guest")
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return BrokerRefusedError(
+            f"RabbitMQ at {address} refused the login of user {user!r} (ACCESS_REFUSED); "
+            "fix the user name and password in the broker URL (POSTROOM_BROKER_URL)"
+        )
+    # A refused vhost (unknown, or the user has no access) closes the connection in
+    # answer to Connection.Open; aiormq reports only that the answer was not OpenOk.
+    text = str(exc)
+    if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or (
+        isinstance(exc, aiormq.exceptions.InvalidFrameError)
+        and "Connection.OpenOk" in text
+        and "Connection.Close" in text
+    ):
+        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        return BrokerRefusedError(
+            f"RabbitMQ at {address} would not open virtual host {vhost!r} for user {user!r} "
+            "(it does not exist, or the user has no access to it); create it or grant "
+            "access (rabbitmqctl add_vhost / set_permissions), or fix the vhost in the "
+            "broker URL (POSTROOM_BROKER_URL)"
+        )
+    return None
+
+
+def _header_frame_too_large(
+    message: Message, properties: Basic.Properties, frame_max: int
+) -> PublishResult | None:
+    """A permanent rejection if the message's properties (with its headers) do not fit one
+    AMQP frame: RabbitMQ closes the whole connection on a larger frame (frame_too_large)."""
+    if frame_max <= 0:
+        return None
+    headers: dict[str, Any] = properties.headers or {}
+    estimate = _PROPERTIES_ESTIMATE_OVERHEAD
+    for name, value in headers.items():
+        estimate += len(name) + len(str(value)) + _HEADER_ESTIMATE_OVERHEAD
+    # str length is a lower bound of its UTF-8 length: measure exactly when it might not fit.
+    if estimate * 4 <= frame_max:
+        return None
+    try:
+        size = len(amqp_frame.marshal(ContentHeader(1, len(message.body), properties), 1))
+    except Exception as exc:  # pamqp refuses values it cannot encode (e.g. a name > 255 bytes)
+        return PublishResult(
+            Outcome.REJECTED,
+            f"RabbitMQ cannot carry the message's headers ({type(exc).__name__}: {exc}); "
+            "shorten the header names (at most 255 bytes) and values",
+            permanent=True,
+        )
+    if size <= frame_max:
+        return None
+    return too_large(
+        size,
+        frame_max,
+        "RabbitMQ's frame_max (headers and properties must fit one frame)",
     )
 
 

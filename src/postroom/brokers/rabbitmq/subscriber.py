@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -30,6 +31,19 @@ def retry_queue_name(queue: str, delay: float) -> str:
     most half, so one waiting at the head never holds another back by more than that.
     """
     return f"{queue}.retry.{retry_tier_ms(delay)}ms"
+
+
+#: A retry queue nobody declared for this long is deleted by RabbitMQ (``x-expires``),
+#: unless its tier's delay is longer (then four times the delay).
+RETRY_QUEUE_EXPIRES_MS = 24 * 60 * 60 * 1000
+#: Seconds after which a retry queue in use is declared again before a publish to it:
+#: publishing does not count as use, only declaring (and consuming) does.
+RETRY_QUEUE_REDECLARE_SECONDS = 60 * 60.0
+
+
+def retry_queue_expires_ms(tier_ms: int) -> int:
+    """``x-expires`` of the retry queue of ``tier_ms``: far above any message's wait in it."""
+    return max(RETRY_QUEUE_EXPIRES_MS, 4 * tier_ms)
 
 
 def retry_tier_ms(delay: float) -> int:
@@ -189,6 +203,7 @@ class RabbitMQSubscriber:
         self._channel: Any = None
         self._queue: asyncio.Queue[RabbitMQDelivery] = asyncio.Queue()
         self._retry_queues: set[str] = set()
+        self._retry_declared: dict[str, float] = {}
         self._closed = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -250,18 +265,47 @@ class RabbitMQSubscriber:
 
     async def _retry_queue(self, delay: float) -> str:
         name = retry_queue_name(self.queue_name, delay)
-        if name not in self._retry_queues:
-            await self._channel.declare_queue(
-                name,
-                durable=True,
-                arguments={
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": self.queue_name,
-                    "x-message-ttl": retry_tier_ms(delay),
-                },
-            )
+        declared = self._retry_declared.get(name)
+        stale = declared is None or time.monotonic() - declared > RETRY_QUEUE_REDECLARE_SECONDS
+        if name not in self._retry_queues or stale:
+            await self._declare_retry_queue(name, retry_tier_ms(delay))
             self._retry_queues.add(name)
+            self._retry_declared[name] = time.monotonic()
         return name
+
+    async def _declare_retry_queue(self, name: str, tier_ms: int) -> None:
+        """Declare a retry queue that expires when unused, on a channel of its own.
+
+        A queue of the same name declared by an older postroom without ``x-expires`` makes
+        RabbitMQ refuse the declaration (PRECONDITION_FAILED) and close that channel. Then
+        the existing queue is used as it is: deleting it could drop messages waiting in it,
+        so the operator is told to delete it once it is empty.
+        """
+        arguments = {
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.queue_name,
+            "x-message-ttl": tier_ms,
+            "x-expires": retry_queue_expires_ms(tier_ms),
+        }
+        channel = await self._connection.channel()
+        try:
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            await self._channel.declare_queue(name, passive=True)
+            if name not in self._retry_queues:
+                _log.warning(
+                    "retry queue declared without expiry",
+                    queue=name,
+                    action=(
+                        f"retry queue {name!r} was declared by an older postroom without "
+                        "x-expires and is used as it is; delete it once it is empty "
+                        f"(rabbitmqctl delete_queue {name} --if-empty) and postroom "
+                        "declares it again with x-expires"
+                    ),
+                )
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def _publish(
         self,
