@@ -160,9 +160,11 @@ class Secrets:
     amqp_user: str = field(default_factory=lambda: f"abuse-{secrets.token_hex(4)}")
     amqp: str = field(default_factory=lambda: f"amqppw-{secrets.token_hex(8)}")
     kafka: str = field(default_factory=lambda: f"kafkapw-{secrets.token_hex(8)}")
+    wrong: str = field(default_factory=lambda: f"wrongpw-{secrets.token_hex(8)}")
+    """A wrong password, planted where a case misconfigures a service: also never printed."""
 
     def all(self) -> tuple[str, ...]:
-        return (self.database, self.amqp, self.kafka)
+        return (self.database, self.amqp, self.kafka, self.wrong)
 
     def database_url(self, plain_url: str) -> str:
         """``plain_url`` with the planted password (the local server trusts, so it works)."""
@@ -326,11 +328,11 @@ class Stage:
             **options,
         )
 
-    def restart_relay(self) -> ServiceProcess:
+    def restart_relay(self, **options: Any) -> ServiceProcess:
         """Stop the shared relay and start a fresh one (its memory peak starts anew)."""
         assert self.relay is not None
         self.relay.terminate()
-        self.relay = self.start_relay()
+        self.relay = self.start_relay(**options)
         self.relay.wait_ready(within=60)
         return self.relay
 

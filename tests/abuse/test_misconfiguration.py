@@ -6,14 +6,18 @@ keep the ordinary traffic flowing.
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 import time
 
 import pytest
 
 from tests.abuse.harness import BROKERS, HEALTH_TIMEOUT, PROFILE, Stage
-from tests.support.network import http_get
+from tests.support.cli import run_postroom
+from tests.support.network import free_port, http_get
 from tests.support.processes import ServiceProcess
+from tests.support.services import KAFKA_BOOTSTRAP
 from tests.support.waiting import wait_until_sync
 
 
@@ -80,3 +84,118 @@ def test_idle_services_stay_healthy(stage: Stage) -> None:
     )
     assert relay.alive
     assert consumer.alive
+
+
+def wrong_amqp(stage: Stage, vhost: str = "") -> str:
+    """The session user's URL with a wrong (planted) password, or an unknown vhost."""
+    if vhost:
+        return stage.planted.amqp_url(vhost=vhost)
+    return stage.planted.amqp_url(password=stage.planted.wrong)
+
+
+def sasl_kafka(stage: Stage, *, in_url: bool) -> tuple[str, dict[str, str]]:
+    """SASL against a broker that speaks none, with the planted Kafka secret: in the URL's
+    query, or in ``POSTROOM_KAFKA_*`` variables. The URL and the environment."""
+    settings = {
+        "security.protocol": "SASL_PLAINTEXT",
+        "sasl.mechanism": "PLAIN",
+        "sasl.username": "abuse",
+        "sasl.password": stage.planted.kafka,
+    }
+    if in_url:
+        query = "&".join(f"{k}={v}" for k, v in settings.items())
+        return f"kafka://{KAFKA_BOOTSTRAP}?{query}", {}
+    env = {f"POSTROOM_KAFKA_{k.upper().replace('.', '_')}": v for k, v in settings.items()}
+    return f"kafka://{KAFKA_BOOTSTRAP}", env
+
+
+#: Two refusals per broker: (case name, words the one sentence says).
+REFUSALS = {
+    "rabbitmq": [("wrong password", "refused the login"), ("unknown vhost", "virtual host")],
+    "kafka": [
+        ("SASL in URL, no SASL broker", "refused"),
+        ("SASL from env, no SASL broker", "refused"),
+    ],
+}
+
+
+def refused(stage: Stage, variant: int) -> tuple[str, str, dict[str, str]]:
+    """The ``variant``-th refusal of the stage's broker: its name, the URL and environment."""
+    name, _ = REFUSALS[stage.broker][variant]
+    if stage.broker == "kafka":
+        return name, *sasl_kafka(stage, in_url=variant == 0)
+    if variant == 0:
+        return name, wrong_amqp(stage), {}
+    return name, wrong_amqp(stage, vhost=f"no-such-vhost-{stage.consumer_name}"), {}
+
+
+@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("stage", BROKERS, indirect=True)
+def test_refused_relay_beside_a_healthy_one(stage: Stage, variant: int) -> None:
+    refusal, url, env = refused(stage, variant)
+    others = stage.ordinary(PROFILE.others)
+    stage.commit(others[: len(others) // 2])
+    broken = stage.start_relay(broker_url=url, env=env)
+    status = exits(broken)
+    stage.commit(others[len(others) // 2 :])
+    assert status == 3, broken.tail()
+    said = one_sentence(broken, "error:", REFUSALS[stage.broker][variant][1])
+    assert broken.events("relay.broker_refused"), broken.tail()
+    other = stage.flowing(others)
+    shown = outbox_status(stage)
+    relays = {r["relay_id"]: r["broker_state"] for r in json.loads(shown.stdout)["relays"]}
+    assert broken.relay_id not in relays, relays
+    assert set(relays.values()) == {"connected"}, relays
+    stage.finish(
+        f"misconfig: relay, {refusal}",
+        f"exit 3: {said.removeprefix('error: ')[:50]}...",
+        f"{other}, by the healthy relay",
+        extra_lines=[shown.stdout, shown.stderr],
+    )
+
+
+def outbox_status(stage: Stage) -> subprocess.CompletedProcess[str]:
+    """``postroom outbox status --json`` on the stage's schema, with the planted secret."""
+    shown = run_postroom(
+        "outbox",
+        "status",
+        "--json",
+        env={"POSTROOM_DATABASE_URL": stage.database_url, "POSTROOM_SCHEMA": stage.schema},
+        clean=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    return shown
+
+
+@pytest.mark.parametrize("stage", ["kafka"], indirect=True)
+def test_relay_at_a_bad_kafka_address_is_shown_unavailable(stage: Stage) -> None:
+    """Nothing listening is an outage the relay waits out (it keeps running), but never in
+    silence: ``outbox status`` shows its broker unavailable."""
+    bad = f"kafka://127.0.0.1:{free_port()}?sasl.password={stage.planted.kafka}"
+    lost = stage.start_relay(broker_url=bad)
+    shown: list[str] = []
+
+    def unavailable() -> bool:
+        lost.check_alive()
+        status = outbox_status(stage)
+        shown.extend([status.stdout, status.stderr])
+        states = {r["relay_id"]: r["broker_state"] for r in json.loads(status.stdout)["relays"]}
+        return states.get(lost.relay_id) == "unavailable"
+
+    wait_until_sync(
+        unavailable,
+        within=60,
+        what="outbox status showing the relay's broker unavailable",
+        interval=0.5,
+        detail=lost.tail,
+    )
+    assert lost.terminate() == 0
+    others = stage.ordinary(PROFILE.others)
+    stage.commit(others)
+    other = stage.flowing(others)
+    stage.finish(
+        "misconfig: relay, bad Kafka address",
+        "kept running; outbox status: broker unavailable",
+        other,
+        extra_lines=shown,
+    )
