@@ -107,6 +107,11 @@ class Settings:
         "Consumer: where a message's id is read: postroom (the postroom-id header), amqp "
         "(AMQP message_id), cloudevents (ce_id), or header:<name>.",
     )
+    consumer_max_message_bytes: int = _setting(
+        16 * 1024 * 1024,
+        "Consumer: largest message (body and headers) handed to a handler (default 16 MiB); "
+        "larger ones are dead-lettered without their body.",
+    )
     inbox_retention: float = _setting(
         604800.0,
         "Consumer: how long inbox rows are kept for deduplication (default 7d); 0 keeps them.",
@@ -142,6 +147,11 @@ class Settings:
             raise ConfigurationError(
                 f"health_timeout must be a positive duration, got {self.health_timeout} "
                 f"(set {env_var('health_timeout')})"
+            )
+        if not 1024 <= self.consumer_max_message_bytes <= 1024**3:
+            raise ConfigurationError(
+                "consumer_max_message_bytes must be between 1024 and 1073741824 bytes, got "
+                f"{self.consumer_max_message_bytes} (set {env_var('consumer_max_message_bytes')})"
             )
         if self.log_format not in {"auto", "json", "console"}:
             raise ConfigurationError(

@@ -214,3 +214,45 @@ async def test_a_dead_letter_is_found_with_its_reason_and_not_delivered_again(
     assert (found.letter.topic, found.letter.attempts) == (topic, 3)
     assert found.letter.error == "the handler said no"
     assert found.letter.body == message.body
+
+
+async def test_a_delivery_left_unsettled_by_a_closed_subscriber_comes_again_as_redelivered(
+    broker: Harness,
+) -> None:
+    topic = await broker.new_topic()
+    consumer = unique("contract-redelivered")
+    message = Message.create(topic, {"order": 7}, key="order-7")
+    async with subscribed(broker, consumer, [topic]) as first:
+        (held,) = await first.receive([message])
+        if held.lane is None:
+            # A queue knows a first delivery. (A Kafka partition's first record after an
+            # assignment counts as redelivered: it is the one a dead owner may have held.)
+            assert held.redelivered is False
+        # Closed without settling it, as a consumer process that died would.
+    async with subscribed(broker, consumer, [topic]) as second:
+        (again,) = await second.take(1)
+        assert ids([again]) == [str(message.id)]
+        assert again.redelivered is True
+        assert again.attempt == held.attempt
+        await again.ack()
+
+
+async def test_only_the_first_record_after_an_assignment_or_a_release_counts_as_redelivered(
+    broker: Harness,
+) -> None:
+    topic = await broker.new_topic()
+    consumer = unique("contract-redelivered-once")
+    sent = [Message.create(topic, {"n": n}, key="one-key") for n in range(3)]
+    async with subscribed(broker, consumer, [topic]) as taken:
+        got = await taken.receive(sent)
+        if got[0].lane is None:
+            assert [d.redelivered for d in got] == [False, False, False]
+            assert await got[0].release() is True
+            (again,) = await taken.take(1)
+            assert again.redelivered is True
+            await again.ack()
+        else:
+            assert [d.redelivered for d in got] == [True, False, False]
+            await got[0].ack()
+        for delivery in got[1:]:
+            await delivery.ack()

@@ -49,6 +49,7 @@ class LaneDelivery:
     """A Kafka-like delivery: one lane, retried in place, cannot be released; settlements logged."""
 
     redeliverable = False
+    redelivered = False
     revoked = False
     epoch = None
     broker_message_id = None

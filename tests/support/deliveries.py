@@ -18,6 +18,7 @@ class FakeDelivery:
     attempt: int = 1
     lane: object = None
     redeliverable: bool = True
+    redelivered: bool = False
     epoch: int | None = None
     revoked: bool = False
     settled: list[str] = field(default_factory=list)

@@ -99,6 +99,11 @@ class Delivery(Protocol):
     rewound); ``None`` for brokers without assignments. ``attempt`` is the number of this
     attempt, 1 for the first. A delivery that is ``redeliverable`` can be handed back to the
     broker to come again after a delay (:meth:`retry_later`); others are retried in place.
+    ``redelivered`` is True when a previous holder of this very delivery may have been
+    handling it when it ended (a consumer process that died, or a release): RabbitMQ's
+    ``redelivered`` flag; Kafka: the first record of a partition after each assignment;
+    memory: handed out before and not settled. The consumer counts those in the database,
+    so a message that kills the process is dead-lettered instead of looping forever.
     """
 
     topic: str
@@ -111,6 +116,7 @@ class Delivery(Protocol):
     lane: object
     epoch: int | None
     redeliverable: bool
+    redelivered: bool
 
     @property
     def revoked(self) -> bool:

@@ -53,6 +53,7 @@ class MemoryBroker:
         self._messages: list[Message] = []
         self._requeued: set[int] = set()
         self._settled: dict[str, set[int]] = {}
+        self._handed: dict[str, set[int]] = {}
         self._unroutable: set[str] = set(unroutable)
         self._failures: dict[uuid.UUID, _Failure] = {}
         self._outage: str | None = None
@@ -95,6 +96,7 @@ class MemoryBroker:
             self._messages.clear()
             self._requeued.clear()
             self._settled.clear()
+            self._handed.clear()
 
     def make_unroutable(self, *topics: str) -> None:
         """Reject messages to these topics from now on, as RabbitMQ returns unroutable ones."""
@@ -244,8 +246,13 @@ class MemoryDelivery:
         message: Message,
         attempt: int,
         index: int | None = None,
+        *,
+        redelivered: bool = False,
     ) -> None:
         self._subscriber = subscriber
+        self.redelivered = redelivered
+        """True if it was handed out before and given back unsettled (released, or a
+        subscriber of the same consumer stopped without settling it)."""
         self.index = index
         """Its place in the broker's store (None for messages given to ``deliver()``)."""
         self.message = message
@@ -269,7 +276,7 @@ class MemoryDelivery:
     async def release(self) -> bool:
         """Give it back unsettled: it is handed out again at once, as the same attempt."""
         self.settled = "released"
-        self._subscriber._redeliver(self.message, self.attempt, 0.0, self.index)
+        self._subscriber._redeliver(self.message, self.attempt, 0.0, self.index, redelivered=True)
         return True
 
     async def retry_later(self, delay: float, error: str) -> None:
@@ -285,7 +292,9 @@ class MemoryDelivery:
         headers = dead_letter_headers(self, consumer, error, attempts)
         for name in HEADER_ID_NAMES:
             headers.pop(name, None)
-        copy = dataclasses.replace(self.message, topic=dead_letter_name(consumer), headers=headers)
+        copy = dataclasses.replace(
+            self.message, topic=dead_letter_name(consumer), headers=headers, body=self.body
+        )
         with self._subscriber.broker._lock:
             self._subscriber.broker._messages.append(copy)
         self.settled = "dead_lettered"
@@ -359,9 +368,14 @@ class MemorySubscriber:
             fresh = self.broker._messages[start:]
             self._cursor = len(self.broker._messages)
             settled = set(self.broker._settled.get(self.consumer or "", ()))
-        for index, message in enumerate(fresh, start):
-            if message.topic in self.topics and index not in settled:
-                self._queue.put_nowait(MemoryDelivery(self, _copy(message), 1, index))
+            handed = self.broker._handed.setdefault(self.consumer or "", set())
+            for index, message in enumerate(fresh, start):
+                if message.topic in self.topics and index not in settled:
+                    before = index in handed
+                    handed.add(index)
+                    self._queue.put_nowait(
+                        MemoryDelivery(self, _copy(message), 1, index, redelivered=before)
+                    )
 
     def _settle(self, delivery: MemoryDelivery) -> None:
         """Remember that this consumer settled it: a later subscriber of it skips it."""
@@ -370,14 +384,22 @@ class MemorySubscriber:
                 self.broker._settled.setdefault(self.consumer, set()).add(delivery.index)
 
     def _redeliver(
-        self, message: Message, attempt: int, delay: float, index: int | None = None
+        self,
+        message: Message,
+        attempt: int,
+        delay: float,
+        index: int | None = None,
+        *,
+        redelivered: bool = False,
     ) -> None:
         loop = asyncio.get_running_loop()
 
         def put() -> None:
             self._timers.discard(timer)
             if not self._closed.is_set():
-                self._queue.put_nowait(MemoryDelivery(self, message, attempt, index))
+                self._queue.put_nowait(
+                    MemoryDelivery(self, message, attempt, index, redelivered=redelivered)
+                )
 
         timer = loop.call_later(delay, put)
         self._timers.add(timer)

@@ -27,6 +27,7 @@ CONSUME_FIELDS = (
     "consumer_backoff_initial",
     "consumer_backoff_max",
     "consumer_id_source",
+    "consumer_max_message_bytes",
     "inbox_retention",
     "metrics_port",
     "metrics_host",
@@ -101,11 +102,14 @@ async def _run(consumer: Consumer, settings: Settings) -> None:
         await asyncio.to_thread(
             migrate.require_current, settings.database_url, tables_for(settings), "consumer"
         )
-    service = ConsumerService(
-        consumer,
-        subscriber_from_url(settings.broker_url, prefetch=settings.consumer_prefetch),
-        settings,
-    )
+    subscriber = subscriber_from_url(settings.broker_url, prefetch=settings.consumer_prefetch)
+    if settings.broker_url.startswith("kafka:"):
+        from postroom.brokers.kafka import KafkaSubscriber
+
+        if isinstance(subscriber, KafkaSubscriber):
+            # Its dead-letter producer must take a copy of the largest message it may get.
+            subscriber.max_message_bytes = settings.consumer_max_message_bytes
+    service = ConsumerService(consumer, subscriber, settings)
     get_logger("consumer").info(
         "consumer.configured",
         consumer=consumer.name,

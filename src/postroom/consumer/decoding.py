@@ -126,12 +126,15 @@ def to_message(delivery: Delivery, message_id: str) -> Message:
     )
     try:
         decode_payload(delivery.body, content_type)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        # RecursionError: JSON nested deeper than the parser goes (another producer's
-        # message; postroom's own enqueue refuses such payloads). Retrying cannot help.
+    except (ValueError, UnicodeDecodeError) as exc:
         raise UndecodableMessageError(
             f"the payload is not valid {content_type} ({exc}); it is dead-lettered: fix the "
             "producer, or send it with another content type"
+        ) from None
+    except RecursionError:
+        raise UndecodableMessageError(
+            f"the payload is not valid {content_type} (nested too deeply to decode); it is "
+            "dead-lettered: fix the producer"
         ) from None
     try:
         parsed_id = uuid.UUID(message_id)

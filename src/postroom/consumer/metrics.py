@@ -44,6 +44,11 @@ class ConsumerMetrics(Metrics):
             "Messages dead-lettered (attempts exhausted, no id, or undecodable).",
             "topic",
         )
+        self.dead_letter_failures = count(
+            "postroom_consumer_dead_letter_failures",
+            "Dead-letter copies the broker did not take (tried again with backoff; the "
+            "message's lane waits meanwhile).",
+        )
         self.database_unavailable = count(
             "postroom_consumer_database_unavailable",
             "Handler runs not made because the database could not be reached (no attempt spent).",

@@ -39,7 +39,11 @@ from postroom.consumer.metrics import OTHER_TOPIC, ConsumerMetrics
 from postroom.errors import DeliveryLostError, HandlerCancelledError, UndecodableMessageError
 from postroom.log import get_logger
 from postroom.message import Message
-from postroom.schema.inbox_sql import insert_inbox_sql
+from postroom.schema.inbox_sql import (
+    count_redelivery_sql,
+    forget_redeliveries_sql,
+    insert_inbox_sql,
+)
 from postroom.schema.tables import tables_for
 
 if TYPE_CHECKING:
@@ -116,6 +120,15 @@ def _is_bad_value(exc: sa_exc.DBAPIError) -> bool:
     return isinstance(exc, sa_exc.DataError) or isinstance(exc.orig, psycopg.DataError)
 
 
+def message_size(delivery: Delivery) -> int:
+    """Bytes of ``delivery``'s body and headers (names and values, UTF-8)."""
+    headers = sum(
+        len(k.encode(errors="replace")) + len(v.encode(errors="replace"))
+        for k, v in delivery.headers.items()
+    )
+    return len(delivery.body) + headers
+
+
 def _being_cancelled() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
@@ -145,7 +158,11 @@ class Processor:
         self.max_attempts = settings.consumer_max_attempts
         self._async_engine = async_engine
         self._sync_engine = sync_engine
-        self._insert = text(insert_inbox_sql(tables_for(settings)))
+        tables = tables_for(settings)
+        self._insert = text(insert_inbox_sql(tables))
+        self._count_redelivery = text(count_redelivery_sql(tables))
+        self._forget_redeliveries = text(forget_redeliveries_sql(tables))
+        self.max_message_bytes = settings.consumer_max_message_bytes
         self.stopping = stopping or asyncio.Event()
         self._sleep = sleep
         self._reconnect = Backoff(initial=0.5, maximum=15.0)
@@ -182,9 +199,21 @@ class Processor:
                     "producer that sets it"
                 ),
             )
+        size = message_size(delivery)
+        if size > self.max_message_bytes:
+            # Never handed to a handler, and the copy goes without the body (what is too
+            # large); the headers say where it came from and why.
+            delivery.body = b""
+            error = (
+                f"message of {size} bytes exceeds consumer_max_message_bytes "
+                f"{self.max_message_bytes}; it is dead-lettered without its body: send a "
+                "reference to the data instead, or raise POSTROOM_CONSUMER_MAX_MESSAGE_BYTES"
+            )
+            return await self._dead_letter(delivery, error, 0, None)
         attempt = max(1, delivery.attempt)
         outages = 0
         message_id: str | None = None
+        counted = not delivery.redelivered
         while True:
             try:
                 message_id = self.id_source.read(delivery)
@@ -196,7 +225,14 @@ class Processor:
                         f"{delivery.topic!r}; register one with @consumer.handler"
                         f"({delivery.topic!r}) and replay the message"
                     )
-                disposition = await self.attempt(spec, message, message_id)
+                if not counted:
+                    ended = await self._count_ending(message_id)
+                    counted = True
+                    if ended > self.max_attempts:
+                        return await self._crash_looped(delivery, ended, message_id)
+                disposition = await self.attempt(
+                    spec, message, message_id, forget=delivery.redelivered
+                )
             except UndecodableMessageError as exc:
                 return await self._dead_letter(delivery, str(exc), attempt, message_id)
             except _DatabaseUnavailable as exc:
@@ -246,10 +282,51 @@ class Processor:
             await self._ack(delivery)
             return Result(disposition, None, attempt, message_id)
 
-    async def attempt(self, spec: HandlerSpec, message: Message, message_id: str) -> Disposition:
-        """One run: insert the inbox row, run the handler, commit. Raises what it raised."""
+    async def _count_ending(self, message_id: str) -> int:
+        """Count one more redelivery of ``message_id`` (its own committed transaction) and
+        return how many there were: each means a holder of the message ended (a process
+        that died in the handler, or one that stopped or released it) before it settled."""
+        params = {"consumer": self.consumer.name, "message_id": message_id}
+        try:
+            async with self._async_engine.begin() as connection:
+                with self._inbox_errors():
+                    return int((await connection.execute(self._count_redelivery, params)).one()[0])
+        except sa_exc.DBAPIError as exc:  # beginning or committing failed
+            raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
+
+    async def _crash_looped(self, delivery: Delivery, ended: int, message_id: str) -> Result:
+        error = (
+            f"the consumer process ended {ended} times while handling this message "
+            f"(consumer_max_attempts {self.max_attempts}); it is dead-lettered without "
+            "running the handler again: find why the handler kills the process, then replay it"
+        )
+        return await self._dead_letter(delivery, error, ended, message_id)
+
+    async def _forget_count(self, topic: str, message_id: str) -> None:
+        """Delete the redelivery count of a message that was dead-lettered, so a copy
+        requeued later starts afresh (best effort: the retention purge removes it anyway)."""
+        params = {"consumer": self.consumer.name, "message_id": message_id}
+        try:
+            async with self._async_engine.begin() as connection:
+                await connection.execute(self._forget_redeliveries, params)
+        except Exception as exc:
+            log.warning(
+                "consumer.redelivery_count_not_cleared",
+                **self._about(topic, message_id=message_id),
+                error=describe_error(exc),
+            )
+
+    async def attempt(
+        self, spec: HandlerSpec, message: Message, message_id: str, *, forget: bool = False
+    ) -> Disposition:
+        """One run: insert the inbox row, run the handler, commit. Raises what it raised.
+
+        ``forget``: also delete the message's redelivery count in the same transaction
+        (only redelivered deliveries can have one, so first deliveries skip the statement).
+        """
         argument = to_model(message, spec.model) if spec.model is not None else message
         params = {"consumer": self.consumer.name, "message_id": message_id}
+        forget_sql = self._forget_redeliveries if forget else None
         async with self._slots if self._slots is not None else contextlib.nullcontext():
             started = time.perf_counter()
             self.metrics.in_flight.inc()
@@ -257,9 +334,11 @@ class Processor:
             self._running[run] = time.monotonic()
             try:
                 if spec.is_async:
-                    new = await self._run_async(spec, argument, params)
+                    new = await self._run_async(spec, argument, params, forget_sql)
                 else:
-                    new = await asyncio.to_thread(self._run_sync, spec, argument, params)
+                    new = await asyncio.to_thread(
+                        self._run_sync, spec, argument, params, forget_sql
+                    )
             except sa_exc.DBAPIError as exc:
                 if connection_failed(exc):
                     raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
@@ -304,7 +383,9 @@ class Processor:
     # handler that commits (or rolls back) its session only releases (or rolls back to) a
     # savepoint. Everything commits together, or not at all, when the Processor commits.
 
-    async def _run_async(self, spec: HandlerSpec, argument: Any, params: dict[str, str]) -> bool:
+    async def _run_async(
+        self, spec: HandlerSpec, argument: Any, params: dict[str, str], forget: Any
+    ) -> bool:
         async with self._async_engine.connect() as connection:
             await connection.begin()
             try:
@@ -313,6 +394,8 @@ class Processor:
                 if inserted is None:
                     await connection.rollback()
                     return False
+                if forget is not None:
+                    await connection.execute(forget, params)
                 async with AsyncSession(bind=connection, **_JOINED) as session:
                     await spec.function(argument, session)
                     await session.commit()
@@ -339,7 +422,9 @@ class Processor:
             # Not the message's fault (database down, tables missing): no attempt is spent.
             raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
 
-    def _run_sync(self, spec: HandlerSpec, argument: Any, params: dict[str, str]) -> bool:
+    def _run_sync(
+        self, spec: HandlerSpec, argument: Any, params: dict[str, str], forget: Any
+    ) -> bool:
         with self._sync_engine().connect() as connection:
             connection.begin()
             try:
@@ -348,6 +433,8 @@ class Processor:
                 if inserted is None:
                     connection.rollback()
                     return False
+                if forget is not None:
+                    connection.execute(forget, params)
                 with Session(bind=connection, **_JOINED) as session:
                     spec.function(argument, session)
                     session.commit()
@@ -376,8 +463,9 @@ class Processor:
                 # Not acknowledged: for an ordered lane nothing after it may be committed,
                 # so keep trying (with backoff) until it is stored or the consumer stops.
                 failures += 1
+                self.metrics.dead_letter_failures.inc()
                 delay = self._reconnect.delay(failures)
-                log.warning(
+                log.error(
                     "consumer.dead_letter_failed",
                     **self._about(delivery.topic, message_id=message_id),
                     error=describe_error(exc),
@@ -392,6 +480,8 @@ class Processor:
             attempts=attempts,
             error=error,
         )
+        if message_id is not None:
+            await self._forget_count(delivery.topic, message_id)
         return Result(Disposition.DEAD_LETTERED, error, attempts, message_id)
 
     async def _ack(self, delivery: Delivery) -> None:

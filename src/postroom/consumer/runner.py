@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.engine import Engine
 
 from postroom.backoff import Backoff
@@ -21,7 +21,7 @@ from postroom.database import create_async_engine, create_engine
 from postroom.errors import BrokerUnavailableError, ConfigurationError
 from postroom.lifecycle import PURGE_INTERVAL, Background, Lifecycle, purge_round, repeat
 from postroom.log import get_logger
-from postroom.schema.inbox_sql import purge_inbox_sql
+from postroom.schema.inbox_sql import purge_inbox_sql, purge_redeliveries_sql
 from postroom.schema.tables import tables_for
 
 if TYPE_CHECKING:
@@ -35,6 +35,15 @@ LANE_IDLE = 30.0
 RECEIVE_TURN = 1.0
 #: Seconds a stopping consumer waits for handlers in flight.
 STOP_GRACE = 30.0
+
+
+@runtime_checkable
+class ReportsMissingTopics(Protocol):
+    """A subscriber that can tell which subscribed topics do not exist (yet) (Kafka)."""
+
+    def missing_topics(self) -> list[str]:
+        """The subscribed topics the broker does not know."""
+        ...
 
 
 def retry_window(settings: Settings) -> float:
@@ -132,8 +141,12 @@ class ConsumerService:
 
     @property
     def ready(self) -> bool:
-        """True while subscribed to the broker."""
-        return self._subscribed and not self._stopping.is_set()
+        """True while subscribed to the broker, to every topic handled (a Kafka topic that
+        does not exist yet makes the consumer not ready until it appears)."""
+        if not self._subscribed or self._stopping.is_set():
+            return False
+        subscriber = self.subscriber
+        return not (isinstance(subscriber, ReportsMissingTopics) and subscriber.missing_topics())
 
     def healthy(self) -> bool:
         """False when the receive loop has not turned, or one handler run has lasted,
@@ -363,13 +376,17 @@ class ConsumerService:
 
     async def _purge_forever(self) -> None:
         """Delete this consumer's inbox rows past their retention, a round a minute."""
-        sql = text(purge_inbox_sql(tables_for(self.settings)))
+        tables = tables_for(self.settings)
+        inbox, counts = text(purge_inbox_sql(tables)), text(purge_redeliveries_sql(tables))
         params = {"consumer": self.consumer.name, "retention": self.settings.inbox_retention}
 
-        async def delete(limit: int) -> int:
-            async with self._async_engine.begin() as connection:
-                result = await connection.execute(sql, {**params, "limit": limit})
-            return result.rowcount or 0
+        def deleting(sql: TextClause) -> Callable[[int], Awaitable[int]]:
+            async def delete(limit: int) -> int:
+                async with self._async_engine.begin() as connection:
+                    result = await connection.execute(sql, {**params, "limit": limit})
+                return result.rowcount or 0
+
+            return delete
 
         def purged(rows: int) -> None:
             self.metrics.inbox_purged.inc(rows)
@@ -379,7 +396,10 @@ class ConsumerService:
             log.warning("consumer.inbox_purge_failed", error=describe_error(exc))
 
         async def round_() -> None:
-            await purge_round(delete, on_deleted=purged)
+            await purge_round(deleting(inbox), on_deleted=purged)
+            # Redelivery counts left by messages settled without a committed handler run
+            # (dead-lettered, retried, duplicates): kept as long as inbox rows, then dropped.
+            await purge_round(deleting(counts))
 
         await repeat(round_, PURGE_INTERVAL, on_error=failed)
 

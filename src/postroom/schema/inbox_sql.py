@@ -42,3 +42,39 @@ def purge_inbox_sql(tables: Tables) -> str:
         "WHERE processed_at < now() - CAST(:retention AS float8) * interval '1 second' "
         "AND consumer = :consumer LIMIT :limit FOR UPDATE SKIP LOCKED))"
     )
+
+
+@functools.cache
+def count_redelivery_sql(tables: Tables) -> str:
+    """Count one more redelivery of ``:message_id`` to ``:consumer``; returns the count.
+
+    Run in its own short committed transaction before the handler, only for deliveries
+    the broker marks as redelivered (never on the hot path of first deliveries).
+    """
+    attempts = quoted_table(tables.attempts)
+    return (
+        f"INSERT INTO {attempts} AS a (consumer, message_id, attempts, last_attempt_at) "
+        "VALUES (:consumer, :message_id, 1, now()) "
+        "ON CONFLICT (consumer, message_id) DO UPDATE "
+        "SET attempts = a.attempts + 1, last_attempt_at = now() RETURNING a.attempts"
+    )
+
+
+@functools.cache
+def forget_redeliveries_sql(tables: Tables) -> str:
+    """Delete the redelivery count of ``:message_id`` for ``:consumer`` (once it is handled)."""
+    attempts = quoted_table(tables.attempts)
+    return f"DELETE FROM {attempts} WHERE consumer = :consumer AND message_id = :message_id"
+
+
+@functools.cache
+def purge_redeliveries_sql(tables: Tables) -> str:
+    """Delete up to ``:limit`` redelivery counts of ``:consumer`` not touched for
+    ``:retention`` seconds (left by messages settled without their handler committing)."""
+    attempts = quoted_table(tables.attempts)
+    return (
+        f"DELETE FROM {attempts} WHERE ctid = ANY(ARRAY("
+        f"SELECT ctid FROM {attempts} "
+        "WHERE last_attempt_at < now() - CAST(:retention AS float8) * interval '1 second' "
+        "AND consumer = :consumer LIMIT :limit FOR UPDATE SKIP LOCKED))"
+    )

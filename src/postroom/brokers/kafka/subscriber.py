@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -27,16 +29,41 @@ from postroom.brokers.kafka.settings import (
 from postroom.errors import BrokerUnavailableError, ConfigurationError
 from postroom.message import Message
 
+#: How often librdkafka refreshes topic metadata (its default is 5 minutes): a topic
+#: created after the consumer started is picked up within this time.
+METADATA_REFRESH_MS = 10_000
+#: Seconds between checks for subscribed topics that do not exist (yet).
+MISSING_TOPIC_CHECK = 5.0
+#: Largest dead-letter copy librdkafka's producer accepts (``message.max.bytes`` maximum).
+_LIBRDKAFKA_MAX_MESSAGE_BYTES = 1_000_000_000
+#: Errors that mean Kafka refused this client: misconfiguration, not an outage.
+_REFUSED = frozenset(
+    {
+        KafkaError._AUTHENTICATION,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError._SSL,
+    }
+)
+#: Room for the dead-letter headers beyond the consumer's largest message.
+_DEAD_LETTER_HEADROOM = 1024 * 1024
+
 
 class KafkaDelivery:
     """One record of a partition; its ack commits the offset after it (in partition order)."""
 
     redeliverable = False
 
-    def __init__(self, subscriber: KafkaSubscriber, record: Any, epoch: int) -> None:
+    def __init__(
+        self, subscriber: KafkaSubscriber, record: Any, epoch: int, *, redelivered: bool = False
+    ) -> None:
         from postroom.brokers.base import attempts_made
 
         self._subscriber = subscriber
+        self.redelivered = redelivered
+        """True for the first record handed out from its partition after an assignment."""
         self.partition: int = record.partition()
         self.offset: int = record.offset()
         self.topic: str = record.topic()
@@ -95,6 +122,7 @@ class KafkaSubscriber:
         prefetch: int = 32,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         idle_poll_interval: float = 0.01,
+        max_message_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         settings = dict(config or {})
         owned = sorted(_SUBSCRIBER_OWNED & settings.keys())
@@ -107,7 +135,14 @@ class KafkaSubscriber:
         self.prefetch = max(1, prefetch)
         self.connect_timeout = connect_timeout
         self.idle_poll_interval = idle_poll_interval
+        self.max_message_bytes = max_message_bytes
+        """The consumer's largest message: the dead-letter producer's ``message.max.bytes``
+        follows it (with room for the dead-letter headers)."""
         self._settings = settings
+        self._topics: list[str] = []
+        self._missing: set[str] = set()
+        self._fresh: set[Partition] = set()
+        self._refused: KafkaError | None = None
         self.group = ""
         self._dead_letter_topic = ""
         self._consumer: Any = None
@@ -139,29 +174,54 @@ class KafkaSubscriber:
         config = {
             "bootstrap.servers": self.bootstrap_servers,
             "auto.offset.reset": "earliest",
+            "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
             **self._settings,
             "group.id": consumer,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "logger": _LibrdkafkaLog(),
+            "error_cb": self._on_error,
         }
         try:
             kafka_consumer = confluent_kafka.Consumer(config)
         except KafkaException as exc:
             raise ConfigurationError(
-                f"the Kafka consumer rejected its configuration: {_describe(exc.args[0])}"
+                "the Kafka consumer rejected its configuration: "
+                f"{self._hide_secrets(_describe(exc.args[0]))}"
             ) from None
         try:
-            await asyncio.to_thread(kafka_consumer.list_topics, timeout=self.connect_timeout)
+            metadata = await asyncio.to_thread(
+                kafka_consumer.list_topics, timeout=self.connect_timeout
+            )
         except KafkaException as exc:
+            # A refused login shows in list_topics only as a transport failure; the reason
+            # comes through error_cb, which poll() serves.
+            with contextlib.suppress(KafkaException, RuntimeError):
+                kafka_consumer.poll(0)
             await asyncio.to_thread(kafka_consumer.close)
+            error = exc.args[0]
+            if error.code() not in _REFUSED and self._refused is not None:
+                error = self._refused
+            if error.code() in _REFUSED:
+                raise ConfigurationError(
+                    f"Kafka at {self.bootstrap_servers} refused the consumer "
+                    f"({self._hide_secrets(_describe(error))}); check the SASL/SSL settings "
+                    "of the broker URL (POSTROOM_BROKER_URL)"
+                ) from None
             raise BrokerUnavailableError(
-                f"cannot reach Kafka at {self.bootstrap_servers}: {_describe(exc.args[0])}; "
+                f"cannot reach Kafka at {self.bootstrap_servers}: "
+                f"{self._hide_secrets(_describe(error))}; "
                 "check that the brokers run and the broker URL (POSTROOM_BROKER_URL) is right"
             ) from None
         producer_config = {
             k: v for k, v in self._settings.items() if k not in _CONSUMER_ONLY_SETTINGS
         }
+        producer_config.setdefault(
+            "message.max.bytes",
+            min(_LIBRDKAFKA_MAX_MESSAGE_BYTES, self.max_message_bytes + _DEAD_LETTER_HEADROOM),
+        )
+        self._topics = list(topics)
+        self._note_missing(metadata)
         self._publisher = KafkaPublisher(self.bootstrap_servers, config=producer_config)
         self._dead_letter_topic = dead_letter_name(consumer)
         kafka_consumer.subscribe(
@@ -201,8 +261,56 @@ class KafkaSubscriber:
         if publisher is not None:
             await publisher.close()
 
+    def _on_error(self, error: KafkaError) -> None:
+        """librdkafka's error callback: remember a refusal (authentication, authorization)."""
+        if error.code() in _REFUSED:
+            self._refused = error
+
+    def missing_topics(self) -> list[str]:
+        """Subscribed topics Kafka does not know (yet); checked every few seconds."""
+        return sorted(self._missing)
+
+    def _note_missing(self, metadata: Any) -> None:
+        missing = {topic for topic in self._topics if topic not in metadata.topics}
+        if missing and missing != self._missing:
+            _log.warning(
+                "subscribed topics do not exist",
+                group=self.group,
+                topics=sorted(missing),
+                advice="create them; the consumer picks them up within "
+                f"{METADATA_REFRESH_MS // 1000} s of their creation and is not ready until then",
+            )
+        elif self._missing and not missing:
+            _log.info("subscribed topics exist now", group=self.group, topics=sorted(self._missing))
+        self._missing = missing
+
+    async def _check_missing(self) -> None:
+        consumer = self._consumer
+        if consumer is None or not self._missing:
+            return
+        try:
+            metadata = await asyncio.to_thread(consumer.list_topics, timeout=self.connect_timeout)
+        except (KafkaException, RuntimeError) as exc:
+            _log.warning("Kafka metadata request failed", error=str(exc))
+            return
+        self._note_missing(metadata)
+
+    def _hide_secrets(self, text: str) -> str:
+        """``text`` with the values of secret-looking settings (``sasl.password``, ...)
+        replaced by ``***``; librdkafka may quote the configuration it rejects."""
+        from postroom.urls import HIDDEN, looks_secret
+
+        for name, value in self._settings.items():
+            if looks_secret(name) and len(str(value)) >= 3:
+                text = text.replace(str(value), HIDDEN)
+        return text
+
     async def _poll_forever(self) -> None:
+        checked = time.monotonic()
         while True:
+            if self._missing and time.monotonic() - checked > MISSING_TOPIC_CHECK:
+                checked = time.monotonic()
+                await self._check_missing()
             consumer = self._consumer
             if consumer is None:
                 return
@@ -223,6 +331,10 @@ class KafkaSubscriber:
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._assigned.add(key)
+            # A lane is handled in order, one record at a time: if a previous owner of this
+            # partition died inside a handler, that was its first uncommitted record, which
+            # is the first one handed out here. So that one (only) counts as redelivered.
+            self._fresh.add(key)
             self._epochs[key] = self._epochs.get(key, 0) + 1
             self._reset(key)
         _log.info("partitions assigned", group=self.group, partitions=_names(partitions))
@@ -231,6 +343,7 @@ class KafkaSubscriber:
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._assigned.discard(key)
+            self._fresh.discard(key)
             self._epochs[key] = self._epochs.get(key, 0) + 1
             self._reset(key)
         _log.info("partitions revoked", group=self.group, partitions=_names(partitions))
@@ -252,7 +365,11 @@ class KafkaSubscriber:
             return
         self._next_offset[key] = offset + 1
         self._outstanding[key] = self._outstanding.get(key, 0) + 1
-        self._queue.put_nowait(KafkaDelivery(self, record, self._epochs.get(key, 0)))
+        redelivered = key in self._fresh
+        self._fresh.discard(key)
+        self._queue.put_nowait(
+            KafkaDelivery(self, record, self._epochs.get(key, 0), redelivered=redelivered)
+        )
 
     def _pause(self, key: Partition, offset: int) -> None:
         self._paused[key] = offset
@@ -304,7 +421,11 @@ class KafkaSubscriber:
         self._settled(key)
         tp = confluent_kafka.TopicPartition(delivery.topic, delivery.partition, delivery.offset + 1)
         try:
-            consumer.commit(offsets=[tp], asynchronous=True)
+            # The first record after an assignment is committed synchronously (once per
+            # assignment): an asynchronous commit can be lost when the process dies right
+            # after it, and then the next owner's first record would not be the one that
+            # was in the handler, which would escape the redelivery count.
+            consumer.commit(offsets=[tp], asynchronous=not delivery.redelivered)
         except KafkaException as exc:
             raise BrokerUnavailableError(
                 f"Kafka did not take the offset commit: {_describe(exc.args[0])}"
@@ -314,7 +435,14 @@ class KafkaSubscriber:
         import uuid as _uuid
 
         from postroom._uuid7 import uuid7
-        from postroom.brokers.base import HEADER_OFFSET, HEADER_PARTITION, dead_letter_headers
+        from postroom.brokers.base import (
+            HEADER_ERROR,
+            HEADER_OFFSET,
+            HEADER_PARTITION,
+            MAX_ERROR_HEADER_CHARS,
+            Outcome,
+            dead_letter_headers,
+        )
         from postroom.message import ENVELOPE_HEADERS, HEADER_CONTENT_TYPE, HEADER_ID, OCTET_STREAM
 
         headers = dead_letter_headers(delivery, self.group, error, attempts)
@@ -340,6 +468,25 @@ class KafkaSubscriber:
         )
         assert self._publisher is not None
         (result,) = await self._publisher.publish([copy])
+        if result.outcome is Outcome.REJECTED:
+            # It can never be written as it is: write what must not be lost (where the
+            # original is, and why) without the body. The original stays on its topic until
+            # its retention, readable at that partition and offset.
+            _log.error(
+                "dead-letter copy refused by Kafka; writing it without its body",
+                group=self.group,
+                partition=f"{delivery.topic}[{delivery.partition}]",
+                offset=delivery.offset,
+                error=result.error,
+            )
+            headers = {k: v for k, v in headers.items() if k.startswith("postroom-")}
+            headers[HEADER_ERROR] = (
+                f"{error}; the copy with its body was refused by Kafka ({result.error}), so "
+                f"it has no body: the original is at {delivery.topic}[{delivery.partition}] "
+                f"offset {delivery.offset} until that topic's retention"
+            )[:MAX_ERROR_HEADER_CHARS]
+            copy = dataclasses.replace(copy, body=b"", content_type=OCTET_STREAM, headers=headers)
+            (result,) = await self._publisher.publish([copy])
         if not result.confirmed:
             raise BrokerUnavailableError(
                 f"the dead-letter copy was not confirmed by Kafka: {result.error}"

@@ -36,7 +36,7 @@ from postroom.brokers.dead_letters import (
     digest,
 )
 from postroom.brokers.rabbitmq.publisher import _address
-from postroom.brokers.rabbitmq.subscriber import _header_text
+from postroom.brokers.rabbitmq.subscriber import _header_text, describe_amqp_error
 from postroom.errors import BrokerUnavailableError
 from postroom.message import HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, OCTET_STREAM
 
@@ -52,7 +52,6 @@ class RabbitMQDeadLetters:
     def __init__(self, url: str, consumer: str) -> None:
         parts = urlsplit(url)
         self._url = url
-        self._password = parts.password or ""
         self.address = _address(parts)
         self.consumer = consumer
         self.queue = dead_letter_name(consumer)
@@ -149,10 +148,7 @@ class RabbitMQDeadLetters:
         return report
 
     def _describe(self, exc: BaseException) -> str:
-        text = str(exc) or repr(exc)
-        if self._password:
-            text = text.replace(self._password, "***")
-        return f"{type(exc).__name__}: {text}"
+        return describe_amqp_error(exc, self._url)
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -20,7 +20,7 @@ from postroom.brokers.rabbitmq.publisher import (
     _log,
 )
 from postroom.errors import BrokerUnavailableError, ConfigurationError, DeliveryLostError
-from postroom.urls import redact_url
+from postroom.urls import redact_url, scrub
 
 
 def retry_queue_name(queue: str, delay: float) -> str:
@@ -65,6 +65,30 @@ def _header_text(value: Any, *, dates: bool = False) -> str | None:
     return None
 
 
+def describe_amqp_error(exc: BaseException, url: str) -> str:
+    """``ExceptionType: text`` of a client error, with the URL's password and secret query
+    values hidden (aiormq quotes what it was given)."""
+    text = scrub(str(exc) or repr(exc), url)
+    password = urlsplit(url).password
+    if password:
+        text = text.replace(password, "***")
+    return f"{type(exc).__name__}: {text}"
+
+
+def own_copy(incoming: Any) -> bool:
+    """True if ``incoming`` reached the queue through the default exchange (``""``).
+
+    postroom's copies come that way only: a retry copy is dead-lettered back by its retry
+    queue to ``x-dead-letter-exchange: ""``, and ``postroom dead-letter requeue`` publishes
+    to the default exchange with the queue's name as routing key. Messages of producers
+    arrive through the topic exchange, whose name RabbitMQ puts in the delivery, so no
+    header a producer sets can make its message look like a copy. Only a client allowed to
+    write to the default exchange (``amq.default``) can publish to the queue directly:
+    deny that in RabbitMQ's permissions to producers that are not trusted.
+    """
+    return not (incoming.exchange or "")
+
+
 class RabbitMQDelivery:
     """One message from a RabbitMQ queue; settled on the channel it came from."""
 
@@ -75,7 +99,12 @@ class RabbitMQDelivery:
     """Never: a queue has no lanes to lose."""
 
     def __init__(self, subscriber: RabbitMQSubscriber, incoming: Any) -> None:
-        from postroom.brokers.base import HEADER_TOPIC, attempts_made
+        from postroom.brokers.base import (
+            HEADER_ATTEMPTS,
+            HEADER_FOR_CONSUMER,
+            HEADER_TOPIC,
+            attempts_made,
+        )
 
         self._subscriber = subscriber
         self._incoming = incoming
@@ -84,8 +113,21 @@ class RabbitMQDelivery:
             for name, value in (incoming.headers or {}).items()
             if (text := _header_text(value)) is not None
         }
-        self.topic: str = headers.pop(HEADER_TOPIC, "") or incoming.routing_key or ""
+        # Requeue copies go to the consumer's own queue here: the header means nothing.
+        headers.pop(HEADER_FOR_CONSUMER, None)
+        claimed_topic = headers.pop(HEADER_TOPIC, "")
+        if own_copy(incoming):
+            # postroom's own retry or requeue copy: the topic it came on travels in a header.
+            self.topic: str = claimed_topic or incoming.routing_key or ""
+        else:
+            # Routed by the topic exchange: the routing key decides the handler, whatever
+            # headers the producer set; attempts are counted from this delivery on.
+            self.topic = incoming.routing_key or ""
+            headers.pop(HEADER_ATTEMPTS, None)
         self.headers = headers
+        self.redelivered: bool = bool(incoming.redelivered)
+        """RabbitMQ's flag: handed out before and not acknowledged (the consumer holding it
+        closed its channel, died, or released it)."""
         self.body: bytes = incoming.body
         self.key: str | None = None
         self.broker_message_id: str | None = incoming.message_id
@@ -193,7 +235,6 @@ class RabbitMQSubscriber:
                 "e.g. amqp://user:password@host:5672/vhost"
             )
         self._url = url
-        self._password = parts.password or ""
         self.exchange = exchange
         self.prefetch = prefetch
         self.connect_timeout = connect_timeout
@@ -236,12 +277,39 @@ class RabbitMQSubscriber:
             await queue.consume(self._on_message)
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
             await self.close()
+            refused = self._refusal(exc)
+            if refused is not None:
+                raise ConfigurationError(refused) from None
             raise BrokerUnavailableError(
                 f"cannot subscribe at RabbitMQ {self.address}: {self._describe(exc)}; check that "
                 "RabbitMQ is running and the broker URL (POSTROOM_BROKER_URL) is right"
             ) from None
         self._closed.clear()
         _log.info("subscribed", broker=self.address, queue=consumer, topics=list(topics))
+
+    def _refusal(self, exc: BaseException) -> str | None:
+        """The sentence for a connection RabbitMQ refused (login, virtual host, permission):
+        misconfiguration, which waiting does not cure; None for outages."""
+        parts = urlsplit(self._url)
+        where = f"RabbitMQ at {self.address}"
+        if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+            return (
+                f"{where} refused the login of user {unquote(parts.username or 'guest')!r}; "
+                "fix the user or password in the broker URL (POSTROOM_BROKER_URL)"
+            )
+        if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "OpenOk" in str(exc):
+            vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+            return (
+                f"{where} refused to open virtual host {vhost!r} (it does not exist, or the "
+                "user may not use it); create it or grant it (rabbitmqctl add_vhost, "
+                "set_permissions), or fix the broker URL (POSTROOM_BROKER_URL)"
+            )
+        if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+            return (
+                f"{where} refused access ({self._describe(exc)}); grant the user configure, "
+                "write and read permissions on the exchange and the consumer's queues"
+            )
+        return None
 
     async def _on_message(self, incoming: Any) -> None:
         await self._queue.put(RabbitMQDelivery(self, incoming))
@@ -337,7 +405,4 @@ class RabbitMQSubscriber:
             await exchange.publish(message, routing_key=queue, mandatory=True)
 
     def _describe(self, exc: BaseException) -> str:
-        text = str(exc) or repr(exc)
-        if self._password:
-            text = text.replace(self._password, "***")
-        return f"{type(exc).__name__}: {text}"
+        return describe_amqp_error(exc, self._url)
