@@ -4,6 +4,7 @@ Three handlers, each writing one effect row per message it runs for (message id,
 which handler, pid, body size): ``hostile`` for the topic hostile input arrives on,
 ``other`` for the ordinary traffic written alongside, and ``decoy``, the handler a spoofed
 ``postroom-topic`` header names and which must never run for a message routed elsewhere.
+A JSON object payload with a true ``"exit"`` ends the process (``os._exit(7)``) mid-handler.
 
 Configured by the environment the harness sets: ``ABUSE_CONSUMER`` (the consumer's name),
 ``ABUSE_TOPIC``, ``ABUSE_OTHER``, ``ABUSE_DECOY`` and ``ABUSE_EFFECTS`` (a quoted table).
@@ -32,6 +33,9 @@ def recorder(name: str) -> Callable[[postroom.Message, Session], None]:
     """A handler that records that handler ``name`` ran for the message."""
 
     def record(message: postroom.Message, session: Session) -> None:
+        payload = message.payload
+        if isinstance(payload, dict) and payload.get("exit"):
+            os._exit(7)  # the process dies mid-handler, before anything commits
         session.execute(
             INSERT,
             {

@@ -140,7 +140,7 @@ def test_spoofed_for_consumer_header(stage: Stage) -> None:
     stage.finish("foreign: spoofed postroom-for-consumer", "handled once, warning logged", other)
 
 
-@pytest.mark.parametrize("stage", ["kafka"], indirect=True)
+@pytest.mark.parametrize("stage", BROKERS, indirect=True)
 def test_spoofed_topic_header(stage: Stage) -> None:
     message_id = str(uuid.uuid4())
     spoofed = {HEADER_ID: message_id, HEADER_TOPIC: stage.decoy}
@@ -152,7 +152,7 @@ def random_text(rng: random.Random, length: int) -> str:
     return "".join(rng.choice(string.ascii_letters + string.digits + ".-_") for _ in range(length))
 
 
-@pytest.mark.parametrize("stage", ["kafka"], indirect=True)
+@pytest.mark.parametrize("stage", BROKERS, indirect=True)
 def test_random_topic_and_header_values_keep_metrics_bounded(stage: Stage) -> None:
     rng = random.Random()
     ids = [str(uuid.uuid4()) for _ in range(PROFILE.label_flood)]

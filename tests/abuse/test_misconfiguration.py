@@ -10,13 +10,17 @@ import json
 import socket
 import subprocess
 import time
+import uuid
 
 import pytest
 
+from postroom.message import HEADER_ID
 from tests.abuse.harness import BROKERS, HEALTH_TIMEOUT, PROFILE, Stage
 from tests.support.cli import run_postroom
+from tests.support.consuming import RawMessage
 from tests.support.network import free_port, http_get
 from tests.support.processes import ServiceProcess
+from tests.support.readback import create_topics
 from tests.support.services import KAFKA_BOOTSTRAP
 from tests.support.waiting import wait_until_sync
 
@@ -198,4 +202,70 @@ def test_relay_at_a_bad_kafka_address_is_shown_unavailable(stage: Stage) -> None
         "kept running; outbox status: broker unavailable",
         other,
         extra_lines=shown,
+    )
+
+
+@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("stage", BROKERS, indirect=True)
+def test_refused_consumer_exits(stage: Stage, variant: int) -> None:
+    refusal, url, env = refused(stage, variant)
+    others = stage.ordinary(PROFILE.others)
+    stage.commit(others[: len(others) // 2])
+    broken = stage.start_consumer(broker_url=url, env=env)
+    status = exits(broken)
+    stage.commit(others[len(others) // 2 :])
+    assert status == 3, broken.tail()
+    said = one_sentence(broken, "error:", REFUSALS[stage.broker][variant][1])
+    assert not broken.events("consumer.ready"), "never ready while refused"
+    other = stage.flowing(others)
+    stage.finish(
+        f"misconfig: consumer, {refusal}",
+        f"exit 3: {said.removeprefix('error: ')[:50]}...",
+        other,
+    )
+
+
+@pytest.mark.parametrize("stage", ["kafka"], indirect=True)
+def test_missing_kafka_topic_is_unready_until_it_exists(stage: Stage) -> None:
+    tag = uuid.uuid4().hex[:8]
+    missing = f"abuse.{tag}.later"
+    own_topics = {"ABUSE_OTHER": f"abuse.{tag}.other", "ABUSE_DECOY": f"abuse.{tag}.decoy"}
+    create_topics(KAFKA_BOOTSTRAP, list(own_topics.values()))
+    port = free_port()
+    waiting = stage.start_consumer(
+        broker_url=stage.broker_url,
+        metrics_port=port,
+        env={"ABUSE_CONSUMER": f"abuse-later-{tag}", "ABUSE_TOPIC": missing, **own_topics},
+    )
+    seen: list[int] = []
+
+    def readiness() -> int:
+        waiting.check_alive()
+        status = http_get(port, "/readyz")[0]
+        seen.append(status)
+        return status
+
+    wait_until_sync(lambda: readiness() == 503, within=60, what="/readyz 503", detail=waiting.tail)
+    time.sleep(HEALTH_TIMEOUT)
+    assert readiness() == 503, "ready while a topic it handles does not exist"
+    assert http_get(port, "/healthz")[0] == 200
+    create_topics(KAFKA_BOOTSTRAP, [missing])
+    wait_until_sync(
+        lambda: readiness() == 200,
+        within=60,
+        what="/readyz 200 once the topic exists",
+        interval=0.5,
+        detail=waiting.tail,
+    )
+    message_id = str(uuid.uuid4())
+    stage.raw([RawMessage(b"{}", {HEADER_ID: message_id}, "application/json")], topic=missing)
+    stage.wait_handled_once([message_id])
+    others = stage.ordinary(PROFILE.others)
+    stage.commit(others)
+    other = stage.flowing(others)
+    assert waiting.terminate() == 0
+    stage.finish(
+        "misconfig: consumer, missing Kafka topic",
+        f"/readyz 503 ({seen.count(503)} looks), 200 once created, then consumed",
+        other,
     )
