@@ -136,8 +136,14 @@ def test_spoofed_for_consumer_header(stage: Stage) -> None:
     mark = stage.consumer_mark()
     handled_as = str(uuid.uuid5(FOREIGN_ID_NAMESPACE, foreign_id))
     other = handled_once(stage, [RawMessage(b'{"n": 1}', spoofed, JSON)], handled_as)
-    stage.wait_consumer_event("consumer.foreign_for_consumer_header", after=mark)
-    stage.finish("foreign: spoofed postroom-for-consumer", "handled once, warning logged", other)
+    if stage.broker == "kafka":
+        stage.wait_consumer_event("consumer.foreign_for_consumer_header", after=mark)
+        fate = "handled once, warning logged"
+    else:
+        # RabbitMQ: requeue copies go to the consumer's own queue, so the subscriber drops
+        # the header from every delivery; it can neither skip nor be worth a warning.
+        fate = "handled once (header dropped by the subscriber)"
+    stage.finish("foreign: spoofed postroom-for-consumer", fate, other)
 
 
 @pytest.mark.parametrize("stage", BROKERS, indirect=True)
