@@ -18,6 +18,7 @@ from tests.abuse.harness import (
     OUTCOMES,
     PROFILE,
     REPO_ROOT,
+    Outcome,
     Secrets,
     Stage,
     add_amqp_user,
@@ -55,6 +56,18 @@ def stage(
         yield opened.open()
     finally:
         opened.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A case that fails joins the table too, with the first line of its failure."""
+    report = yield
+    if report.when == "call" and report.failed:
+        callspec = getattr(item, "callspec", None)
+        broker = str(callspec.params.get("stage", "-")) if callspec is not None else "-"
+        reason = str(call.excinfo.value).strip().splitlines()[0] if call.excinfo else "?"
+        OUTCOMES.append(Outcome(item.name, broker, f"FAILED: {reason[:70]}", "-", None, None))
+    return report
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
