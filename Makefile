@@ -11,7 +11,7 @@ export POSTROOM_DATABASE_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/tes
 export POSTROOM_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export POSTROOM_TEST_KAFKA_URL ?= kafka://127.0.0.1:9092
 
-.PHONY: help venv services demo test faults lint bench format clean
+.PHONY: help venv services demo test faults abuse lint bench format clean
 
 help: ## List the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test: services ## Set up everything and run the whole test suite
 
 faults: services ## The fault suite with the full counts, both brokers (SEED=n replays a run)
 	POSTROOM_FAULTS=full $(if $(SEED),POSTROOM_FAULTS_SEED=$(SEED)) $(BIN)/pytest tests/faults
+
+abuse: services ## The abuse suite with the full sizes and repetitions, both brokers
+	POSTROOM_ABUSE=full $(BIN)/pytest tests/abuse
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

@@ -8,7 +8,8 @@
 - ``cli``: ``run_postroom`` / ``arun_postroom`` (the command as a subprocess), ``as_json``,
   ``postroom_command``.
 - ``processes``: ``postroom relay`` / ``postroom consume`` processes (``RelayFleet``,
-  ``ServiceProcess``) and the private Kafka-compatible broker (``TansuBroker``).
+  ``ServiceProcess``, with a chosen metrics port and their peak RSS, ``sample_rss``) and
+  the private Kafka-compatible broker (``TansuBroker``).
 - ``proxy``: the fault-injecting TCP proxy (``FaultProxy``).
 - ``readback``: what reached RabbitMQ and Kafka, read with their own clients, and how it
   compares with what was written; Kafka topic creation; removing a consumer's queues.

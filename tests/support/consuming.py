@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from postroom.brokers import publisher_from_url
@@ -94,6 +95,17 @@ async def running(
             await cleanup()
 
 
+@dataclass(frozen=True)
+class RawMessage:
+    """A message as another producer sends it: a body, its headers, maybe a content type."""
+
+    body: bytes
+    headers: Mapping[str, str]
+    content_type: str | None = None
+    key: str | None = None
+    """Kafka record key (RabbitMQ has none: the routing key is the topic)."""
+
+
 class Rig:
     """One broker: topics, a subscriber for a consumer, publishing, dead-letter read-back."""
 
@@ -135,6 +147,20 @@ class Rig:
         self, topic: str, body: bytes, headers: dict[str, str], content_type: str | None
     ) -> None:
         """A message from another producer: exactly these headers, no postroom envelope."""
+        await self.publish_raw_many(topic, [RawMessage(body, headers, content_type)])
+
+    async def publish_raw_many(
+        self,
+        topic: str,
+        messages: Sequence[RawMessage],
+        *,
+        kafka_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Messages from another producer, on one connection, each confirmed by the broker.
+
+        ``kafka_config`` adds to the Kafka producer's settings (``message.max.bytes`` to
+        send a record larger than librdkafka's 1 MB default).
+        """
         if self.kind == "memory":
             raise AssertionError("memory takes Message objects")
         if self.kind == "rabbitmq":
@@ -144,21 +170,40 @@ class Rig:
             try:
                 channel = await connection.channel(publisher_confirms=True)
                 exchange = await channel.get_exchange("postroom")
-                await exchange.publish(
-                    aio_pika.Message(body, headers=dict(headers), content_type=content_type),
-                    routing_key=topic,
-                )
+                for raw in messages:
+                    await exchange.publish(
+                        aio_pika.Message(
+                            raw.body, headers=dict(raw.headers), content_type=raw.content_type
+                        ),
+                        routing_key=topic,
+                    )
             finally:
                 await connection.close()
             return
         from confluent_kafka import Producer
 
-        producer = Producer({"bootstrap.servers": KAFKA_BOOTSTRAP})
-        all_headers = dict(headers)
-        if content_type:
-            all_headers["content-type"] = content_type
-        producer.produce(topic, value=body, headers=list(all_headers.items()))
-        assert await asyncio.to_thread(producer.flush, 10) == 0
+        config: dict[str, Any] = {"bootstrap.servers": KAFKA_BOOTSTRAP, **(kafka_config or {})}
+        producer = Producer(config)
+        failures: list[str] = []
+
+        def delivered(error: Any, _record: Any) -> None:
+            if error is not None:
+                failures.append(str(error))
+
+        for raw in messages:
+            all_headers = dict(raw.headers)
+            if raw.content_type:
+                all_headers["content-type"] = raw.content_type
+            producer.produce(
+                topic,
+                value=raw.body,
+                key=raw.key,
+                headers=list(all_headers.items()),
+                on_delivery=delivered,
+            )
+            producer.poll(0)
+        assert await asyncio.to_thread(producer.flush, 30) == 0, "records left unsent"
+        assert not failures, failures[:3]
 
     async def dead_letters(self, consumer: str, count: int) -> list[tuple[bytes, dict[str, str]]]:
         """The first ``count`` messages on the consumer's dead-letter queue/topic."""

@@ -80,6 +80,18 @@ def die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+def peak_rss_kib(pid: int) -> int:
+    """Peak resident memory of process ``pid`` so far (``VmHWM`` in /proc, KiB); 0 if gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
 def duration(seconds: float) -> str:
     """A CLI duration for ``seconds`` (``3s``, ``0.5s``)."""
     return f"{seconds:g}s"
@@ -106,6 +118,8 @@ class ServiceProcess:
         self.application_name = application_name
         self.popen: subprocess.Popen[bytes] | None = None
         self._paused = False
+        self.peak_rss: int = 0
+        """Highest ``VmHWM`` (KiB) seen by :meth:`sample_rss`; kept after the process exits."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -130,6 +144,16 @@ class ServiceProcess:
         """The process id."""
         return self._popen().pid
 
+    def sample_rss(self) -> int:
+        """Read the process's peak resident memory (KiB) while it runs, and remember it.
+
+        Stopping the process through this object samples it first, so :attr:`peak_rss`
+        covers its whole life unless it exited by itself.
+        """
+        if self.alive:
+            self.peak_rss = max(self.peak_rss, peak_rss_kib(self.pid))
+        return self.peak_rss
+
     @property
     def alive(self) -> bool:
         """True while the process has not exited (a SIGSTOPped relay is alive)."""
@@ -144,6 +168,7 @@ class ServiceProcess:
         """SIGTERM and wait for the clean exit; fails (after SIGKILL) if it takes too long."""
         popen = self._popen()
         if popen.poll() is None:
+            self.sample_rss()
             self.resume()
             popen.send_signal(signal.SIGTERM)
             try:
@@ -161,6 +186,7 @@ class ServiceProcess:
         """SIGKILL (no chance to finish the batch, mark rows or release leases) and reap."""
         popen = self._popen()
         if popen.poll() is None:
+            self.sample_rss()
             popen.send_signal(signal.SIGKILL)
             popen.wait(10)
         self._paused = False
@@ -185,6 +211,7 @@ class ServiceProcess:
             return
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             if popen.poll() is None:
+                self.sample_rss()
                 popen.send_signal(signal.SIGCONT)
                 popen.send_signal(signal.SIGKILL)
             popen.wait(10)
@@ -322,6 +349,7 @@ class RelayFleet:
         backoff_initial: float | None = None,
         backoff_max: float | None = None,
         retention: float | None = None,
+        metrics_port: int = 0,
         extra_args: Iterable[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> ServiceProcess:
@@ -346,7 +374,7 @@ class RelayFleet:
             "--log-format",
             "json",
             "--metrics-port",
-            "0",
+            str(metrics_port),
         ]
         for flag, value in (
             ("--lease", lease),
@@ -370,6 +398,7 @@ class RelayFleet:
         broker_url: str | None = None,
         consumer_id: str | None = None,
         database_url: str | None = None,
+        metrics_port: int = 0,
         extra_args: Iterable[str] = (),
         env: Mapping[str, str] | None = None,
         pythonpath: str | None = None,
@@ -392,7 +421,7 @@ class RelayFleet:
             "--log-format",
             "json",
             "--metrics-port",
-            "0",
+            str(metrics_port),
             *extra_args,
         ]
         process_env = dict(env or {})

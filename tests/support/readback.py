@@ -234,6 +234,23 @@ async def delete_consumer_queues(amqp_url: str, consumer: str) -> None:
         await connection.close()
 
 
+async def drain_queue(amqp_url: str, queue: str) -> list[Delivered]:
+    """Take (and acknowledge) every message now in the existing ``queue``, in order."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url)
+    taken: list[Delivered] = []
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, durable=True, passive=True)
+        while (message := await declared.get(fail=False)) is not None:
+            await message.ack()
+            taken.append(amqp_delivered(message))
+    finally:
+        await connection.close()
+    return taken
+
+
 # ----------------------------------------------------------------------------- Kafka
 
 

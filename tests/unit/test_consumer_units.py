@@ -43,6 +43,9 @@ def test_foreign_ids_get_a_stable_uuid_and_headers_lose_postroom_ones() -> None:
     broken: Any = FakeDelivery(body=b"{", content_type="application/json")
     with pytest.raises(UndecodableMessageError, match="not valid application/json"):
         to_message(broken, "x")
+    deep: Any = FakeDelivery(body=b"[" * 100_000 + b"]" * 100_000, content_type="application/json")
+    with pytest.raises(UndecodableMessageError, match="not valid application/json"):
+        to_message(deep, "x")
 
 
 def test_registration_rejects_bad_names_and_second_handlers() -> None:
