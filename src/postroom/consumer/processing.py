@@ -35,6 +35,7 @@ from postroom.consumer.decoding import (
     to_message,
     to_model,
 )
+from postroom.consumer.isolation import HandlerGate
 from postroom.consumer.metrics import OTHER_TOPIC, ConsumerMetrics
 from postroom.errors import DeliveryLostError, HandlerCancelledError, UndecodableMessageError
 from postroom.log import get_logger
@@ -172,6 +173,8 @@ class Processor:
         """Consecutive 'database unavailable' rounds after which the error is raised."""
         self._running: dict[object, float] = {}
         """Handler runs in progress and when (monotonic) each began."""
+        self._gate = HandlerGate()
+        """Redelivered messages run alone, so a crash is pinned on the right one."""
 
     def longest_run(self) -> float:
         """Seconds the oldest handler run in progress has lasted (0 when none runs)."""
@@ -225,14 +228,16 @@ class Processor:
                         f"{delivery.topic!r}; register one with @consumer.handler"
                         f"({delivery.topic!r}) and replay the message"
                     )
-                if not counted:
-                    ended = await self._count_ending(message_id)
-                    counted = True
-                    if ended > self.max_attempts:
-                        return await self._crash_looped(delivery, ended, message_id)
-                disposition = await self.attempt(
-                    spec, message, message_id, forget=delivery.redelivered
-                )
+                gate = self._gate.alone() if delivery.redelivered else self._gate.shared()
+                async with gate:
+                    if not counted:
+                        ended = await self._count_ending(message_id)
+                        counted = True
+                        if ended >= self.max_attempts:
+                            return await self._crash_looped(delivery, ended, message_id)
+                    disposition = await self.attempt(
+                        spec, message, message_id, forget=delivery.redelivered
+                    )
             except UndecodableMessageError as exc:
                 return await self._dead_letter(delivery, str(exc), attempt, message_id)
             except _DatabaseUnavailable as exc:
