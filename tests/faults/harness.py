@@ -365,6 +365,11 @@ class Run:
                 "FAULTS_TOPIC": self.topic,
                 "FAULTS_EFFECTS": self.effects,
                 "FAULTS_HANDLER_PAUSE": str(self.handler_pause),
+                # The suite's own SIGKILLs land mid-handler on purpose, and a message in
+                # hand at more than consumer_max_attempts process deaths is dead-lettered
+                # by design (the abuse suite proves that); here every kill is the harness's,
+                # so no message may be blamed for them.
+                "POSTROOM_CONSUMER_MAX_ATTEMPTS": "1000",
             },
             pythonpath=str(REPO_ROOT),
         )

@@ -233,7 +233,7 @@ class Processor:
                     if not counted:
                         ended = await self._count_ending(message_id)
                         counted = True
-                        if ended >= self.max_attempts:
+                        if ended > self.max_attempts:
                             return await self._crash_looped(delivery, ended, message_id)
                     disposition = await self.attempt(
                         spec, message, message_id, forget=delivery.redelivered
