@@ -64,7 +64,7 @@ async def consume(
     ("password", "vhost", "sentence"),
     [
         (SECRET, "", "refused the login of user 'guest'"),
-        ("guest", "no-such-vhost", "refused to open virtual host 'no-such-vhost'"),
+        ("guest", "no-such-vhost", "would not open virtual host 'no-such-vhost'"),
     ],
     ids=["wrong-password", "unknown-vhost"],
 )

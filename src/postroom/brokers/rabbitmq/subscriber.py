@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
@@ -18,6 +18,7 @@ from postroom.brokers.rabbitmq.publisher import (
     DEFAULT_EXCHANGE,
     _address,
     _log,
+    refusal,
 )
 from postroom.errors import BrokerUnavailableError, ConfigurationError, DeliveryLostError
 from postroom.urls import redact_url, scrub
@@ -290,24 +291,14 @@ class RabbitMQSubscriber:
     def _refusal(self, exc: BaseException) -> str | None:
         """The sentence for a connection RabbitMQ refused (login, virtual host, permission):
         misconfiguration, which waiting does not cure; None for outages."""
-        parts = urlsplit(self._url)
-        where = f"RabbitMQ at {self.address}"
-        if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
-            return (
-                f"{where} refused the login of user {unquote(parts.username or 'guest')!r}; "
-                "fix the user or password in the broker URL (POSTROOM_BROKER_URL)"
-            )
-        if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "OpenOk" in str(exc):
-            vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-            return (
-                f"{where} refused to open virtual host {vhost!r} (it does not exist, or the "
-                "user may not use it); create it or grant it (rabbitmqctl add_vhost, "
-                "set_permissions), or fix the broker URL (POSTROOM_BROKER_URL)"
-            )
+        refused = refusal(exc, self.address, self._url)
+        if refused is not None:
+            return str(refused)
         if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
             return (
-                f"{where} refused access ({self._describe(exc)}); grant the user configure, "
-                "write and read permissions on the exchange and the consumer's queues"
+                f"RabbitMQ at {self.address} refused access ({self._describe(exc)}); grant the "
+                "user configure, write and read permissions on the exchange and the consumer's "
+                "queues"
             )
         return None
 
