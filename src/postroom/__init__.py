@@ -13,6 +13,7 @@ from typing import Any, Unpack
 
 from postroom.config import Settings
 from postroom.consumer import Consumer
+from postroom.encoding import JsonDefault
 from postroom.errors import (
     ConfigurationError,
     InvalidMessageError,
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigurationError",
     "Consumer",
     "InvalidMessageError",
+    "JsonDefault",
     "Message",
     "NotInTransactionError",
     "Outbox",
@@ -58,7 +60,9 @@ def enqueue(
 
     ``options``: ``key`` (ordering key), ``headers`` (str to str), ``delay`` (timedelta or
     seconds), ``message_id`` (a UUID; a UUIDv7 is generated otherwise), ``content_type``
-    (for bytes payloads).
+    (for bytes payloads), ``json_default`` (encodes payload values of types postroom does
+    not know; :mod:`postroom.encoding` lists those it does: ``Decimal``, ``datetime``,
+    ``date``, ``time``, ``UUID``, ``Enum``, dataclasses, pydantic models).
 
     It is published after that transaction commits and never if it rolls back. Messages
     with the same ``key`` are published in the order they were written.

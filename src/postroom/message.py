@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypedDict
 
 from postroom._uuid7 import uuid7
+from postroom.encoding import JsonDefault, encode_json
 from postroom.errors import (
     InvalidContentTypeError,
     InvalidDelayError,
@@ -63,6 +64,7 @@ class MessageOptions(TypedDict, total=False):
     delay: timedelta | float | None
     message_id: uuid.UUID | str | None
     content_type: str | None
+    json_default: JsonDefault | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +97,14 @@ class Message:
         delay: timedelta | float | None = None,
         message_id: uuid.UUID | str | None = None,
         content_type: str | None = None,
+        json_default: JsonDefault | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> Message:
         """Validate the parts of a new message and encode its payload.
+
+        The payload may hold ``Decimal``, ``datetime``/``date``/``time``, ``UUID``,
+        ``Enum``, dataclasses and pydantic models beside JSON's own types (see
+        :mod:`postroom.encoding`); ``json_default`` is asked about any other value.
 
         Raises a subclass of :class:`~postroom.errors.InvalidMessageError` (e.g.
         :class:`~postroom.errors.PayloadTooLargeError`) with what to change; see the README's
@@ -107,7 +114,7 @@ class Message:
         validate_key(key)
         checked_headers = validate_headers(headers)
         checked_delay = validate_delay(delay)
-        body, checked_type = encode_payload(payload, content_type)
+        body, checked_type = encode_payload(payload, content_type, json_default)
         size = message_size(body, checked_headers)
         if size > max_payload_bytes:
             raise PayloadTooLargeError(size, max_payload_bytes)
@@ -303,12 +310,15 @@ def check_message(message: Message, max_payload_bytes: int) -> None:
         raise PayloadTooLargeError(size, max_payload_bytes)
 
 
-def encode_payload(payload: Any, content_type: str | None = None) -> tuple[bytes, str]:
+def encode_payload(
+    payload: Any, content_type: str | None = None, json_default: JsonDefault | None = None
+) -> tuple[bytes, str]:
     """Encode ``payload`` for the wire; return the bytes and their content type.
 
     ``bytes`` are sent as they are (``application/octet-stream`` unless ``content_type``
-    says otherwise); anything else must be JSON-serializable, nested at most
-    :data:`MAX_PAYLOAD_DEPTH` deep, and is sent as compact JSON.
+    says otherwise); anything else is sent as compact JSON by
+    :func:`~postroom.encoding.encode_json` (with ``json_default`` for types it does not
+    know), nested at most :data:`MAX_PAYLOAD_DEPTH` deep.
     """
     if content_type is not None:
         validate_content_type(content_type)
@@ -320,14 +330,9 @@ def encode_payload(payload: Any, content_type: str | None = None) -> tuple[bytes
             "or leave content_type out to send JSON"
         )
     try:
-        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = encode_json(payload, json_default)
     except RecursionError:
         raise _too_deep() from None
-    except (TypeError, ValueError) as exc:
-        raise InvalidMessageError(
-            f"payload is not JSON-serializable ({exc}); pass JSON-compatible values "
-            "(dict, list, str, int, float, bool, None) or bytes with a content_type"
-        ) from None
     if _json_depth(text) > MAX_PAYLOAD_DEPTH:
         raise _too_deep()
     return _utf8(text, "the payload"), content_type or JSON

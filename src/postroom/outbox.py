@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from postroom.config import Settings
+from postroom.encoding import JsonDefault
 from postroom.errors import (
     InvalidMessageError,
     NotInTransactionError,
@@ -34,6 +35,10 @@ class Outbox:
 
     ``enqueue`` never begins or commits a transaction: the rows become visible to the
     relay exactly when the caller's transaction commits, and vanish if it rolls back.
+
+    ``json_default`` encodes payload values of types postroom does not know (see
+    :mod:`postroom.encoding`) for every message of this outbox; a ``json_default`` given
+    to one ``enqueue`` call takes its place for that call.
     """
 
     def __init__(
@@ -42,22 +47,29 @@ class Outbox:
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         notify: bool = True,
+        json_default: JsonDefault | None = None,
     ) -> None:
         self.tables = tables or build_tables()
         self.max_payload_bytes = max_payload_bytes
         self.notify = notify
+        self.json_default = json_default
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Outbox:
+    def from_settings(
+        cls, settings: Settings, *, json_default: JsonDefault | None = None
+    ) -> Outbox:
         """An Outbox using the table names and limits of ``settings``."""
         return cls(
             tables_for(settings),
             max_payload_bytes=settings.max_payload_bytes,
             notify=settings.notify,
+            json_default=json_default,
         )
 
     def message(self, topic: str, payload: Any, **options: Unpack[MessageOptions]) -> Message:
-        """Build and validate a message under this outbox's payload limit."""
+        """Build and validate a message under this outbox's payload limit (and with its
+        ``json_default`` unless ``options`` give one)."""
+        options.setdefault("json_default", self.json_default)
         return Message.create(topic, payload, max_payload_bytes=self.max_payload_bytes, **options)
 
     def enqueue(
@@ -66,7 +78,7 @@ class Outbox:
         """Write one message into ``target``'s open transaction and return it.
 
         ``options`` are those of :meth:`Message.create`: ``key``, ``headers``, ``delay``,
-        ``message_id`` and ``content_type``.
+        ``message_id``, ``content_type`` and ``json_default``.
         """
         message = self.message(topic, payload, **options)
         self.enqueue_many(target, [message])
