@@ -45,6 +45,9 @@ MAX_DELAY: Final = timedelta(days=365)
 _CONTENT_TYPE: Final = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(;[\x20-\x7e]*)?")
 _JSON_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS: Final = re.compile(r"[\[\]{}]")
+_UUID_SHAPED: Final = re.compile(
+    r"(?i)(?:urn:uuid:)?\{?(?P<hex>[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12})\}?"
+)
 
 #: Header names postroom puts on the wire; user headers may not start with this prefix.
 RESERVED_HEADER_PREFIX: Final = "postroom-"
@@ -381,6 +384,17 @@ def decode_payload(body: bytes, content_type: str) -> Any:
     if _is_json_type(content_type):
         return json.loads(body)
     return body
+
+
+def normalize_id(message_id: str) -> str:
+    """A UUID-shaped id in its canonical form (lower case, hyphenated), else unchanged.
+
+    Upper case, braces, ``urn:uuid:`` and unhyphenated spellings of one UUID are one
+    message to the inbox, so a producer's spelling cannot make a handler run twice; the
+    CLI finds inbox entries and dead letters by the same form.
+    """
+    shaped = _UUID_SHAPED.fullmatch(message_id)
+    return message_id if shaped is None else str(uuid.UUID(shaped["hex"]))
 
 
 def _is_json_type(content_type: str) -> bool:

@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from postroom.brokers.base import HEADER_FOR_CONSUMER
-from postroom.consumer.decoding import is_requeue_copy, normalize_id
-from postroom.message import HEADER_ID
+from postroom.consumer.decoding import is_requeue_copy
+from postroom.message import HEADER_ID, normalize_id
 
 SAME = uuid.UUID("0190a5c2-7a4e-7d1c-9f3b-2c4d5e6f7a8b")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,15 +20,13 @@ from postroom.message import (
     TOPIC_PATTERN,
     Message,
     decode_payload,
+    normalize_id,
 )
 
 #: Namespace of the UUIDs given to messages whose id (from another producer) is no UUID.
 FOREIGN_ID_NAMESPACE: Final = uuid.UUID("6f1d1c3e-5b7a-4f0e-9a51-7e0c2b1d9a10")
 _CLOUDEVENTS_HEADERS: Final = ("ce_id", "ce-id", "cloudEvents:id", "cloudEvents_id")
 MAX_ID_CHARS: Final = 1000
-_UUID_SHAPED: Final = re.compile(
-    r"(?i)(?:urn:uuid:)?\{?(?P<hex>[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12})\}?"
-)
 
 #: Longest consumer name: it prefixes queue and topic names such as ``<name>.dead-letter``.
 MAX_NAME_CHARS = 200
@@ -80,16 +77,6 @@ class IdSource:
                 f"{MAX_ID_CHARS}); use a shorter id"
             )
         return normalize_id(found.strip())
-
-
-def normalize_id(message_id: str) -> str:
-    """A UUID-shaped id in its canonical form (lower case, hyphenated), else unchanged.
-
-    Upper case, braces, ``urn:uuid:`` and unhyphenated spellings of one UUID are one
-    message to the inbox, so a producer's spelling cannot make a handler run twice.
-    """
-    shaped = _UUID_SHAPED.fullmatch(message_id)
-    return message_id if shaped is None else str(uuid.UUID(shaped["hex"]))
 
 
 def is_requeue_copy(headers: Mapping[str, str]) -> bool:
