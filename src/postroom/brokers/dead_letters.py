@@ -25,6 +25,7 @@ from postroom.brokers.base import (
     HEADER_TOPIC,
 )
 from postroom.errors import PostroomError
+from postroom.message import HEADER_ID, normalize_id
 
 #: Seconds to wait for a broker to answer (connection, metadata, confirms).
 BROKER_TIMEOUT: Final = 15.0
@@ -47,7 +48,8 @@ class DeadLetter:
     """One dead-lettered message as read from the broker (not removed by reading it)."""
 
     id: str
-    """The message id; without one, a digest of the message (``sha-...``)."""
+    """The message id: its ``postroom-id``, else (RabbitMQ) its AMQP ``message_id``; without
+    either, a digest of the message (``sha-...``, RabbitMQ) or its position (Kafka)."""
     position: str
     """Where it is: ``#N`` in the queue as read (RabbitMQ, memory), ``PARTITION:OFFSET`` (Kafka)."""
     body: bytes
@@ -60,6 +62,9 @@ class DeadLetter:
     broker_timestamp: datetime | None = None
     size: int | None = None
     """The payload's size when :attr:`body` was left out."""
+    broker_message_id: str | None = None
+    """RabbitMQ: the AMQP ``message_id`` property (another producer's may differ from
+    :attr:`id`)."""
 
     @property
     def payload_bytes(self) -> int:
@@ -95,8 +100,14 @@ class DeadLetter:
         return self.broker_timestamp
 
     def is_called(self, name: str) -> bool:
-        """True if ``name`` is its id or its position."""
-        return name in {self.id, self.position}
+        """True if ``name`` is its id, its ``postroom-id``, its AMQP ``message_id`` (any
+        spelling of a UUID: upper case, braces, ``urn:uuid:``) or its position."""
+        wanted = name.strip()
+        if wanted == self.position:
+            return True
+        ids = (self.id, self.headers.get(HEADER_ID), self.broker_message_id)
+        wanted = normalize_id(wanted)
+        return any(normalize_id(known.strip()) == wanted for known in ids if known)
 
     def without_payload(self) -> DeadLetter:
         """A copy without the payload (its size kept), for listings."""

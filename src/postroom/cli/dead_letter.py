@@ -201,7 +201,10 @@ def show(
     message_id: Annotated[
         str,
         typer.Argument(
-            help="The dead letter's id as `dead-letter ls` shows it.",
+            help=(
+                "The dead letter's id: its postroom-id as logs and `dead-letter ls` show it "
+                "(any spelling of the UUID), its AMQP message_id, or its position."
+            ),
             metavar="ID",
             show_default=False,
         ),
@@ -229,12 +232,15 @@ def show(
         if kind in {"json", "text"}:
             document["payload"] = view
         document["copies"] = found.copies
+        document["amqp_message_id"] = letter.broker_message_id
         print_json(document)
         return
     now = datetime.now(UTC)
+    other_id = letter.broker_message_id
     show_fields(
         [
             ("id", letter.id),
+            *([("AMQP message_id", other_id)] if other_id and other_id != letter.id else []),
             ("where", f"{broker.where}, {letter.position}"),
             ("topic", letter.topic),
             ("key", letter.key),
@@ -269,7 +275,10 @@ def requeue(
     ids: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Ids of the dead letters to send back, as `dead-letter ls` shows them.",
+            help=(
+                "Ids of the dead letters to send back: postroom-ids as logs and `dead-letter "
+                "ls` show them, AMQP message_ids, or positions."
+            ),
             metavar="ID",
             show_default=False,
         ),

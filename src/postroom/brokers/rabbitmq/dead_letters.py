@@ -206,7 +206,8 @@ class RabbitMQDeadLetters:
             for name, value in (message.headers or {}).items()
             if (text := _header_text(value, dates=True)) is not None
         }
-        message_id = message.message_id or headers.get(HEADER_ID)
+        # The postroom-id first: it is the id the consumer logs and its inbox records.
+        message_id = headers.get(HEADER_ID) or message.message_id
         stamp = message.timestamp
         if isinstance(stamp, datetime) and stamp.tzinfo is None:
             stamp = stamp.replace(tzinfo=UTC)
@@ -218,6 +219,7 @@ class RabbitMQDeadLetters:
             content_type=message.content_type or headers.get(HEADER_CONTENT_TYPE) or OCTET_STREAM,
             key=headers.get(HEADER_KEY),
             broker_timestamp=stamp if isinstance(stamp, datetime) else None,
+            broker_message_id=message.message_id,
         )
 
     def _copy(self, message: Any) -> aio_pika.Message:
