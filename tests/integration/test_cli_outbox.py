@@ -364,7 +364,10 @@ def test_inbox_ls_forget_and_purge(engine: Engine, tables: Tables) -> None:
     assert (dry["matched"], dry["changed"]) == (2, 0)
     assert as_json(cli(tables, "inbox", "ls", "--json"))["consumers"][0]["entries"] == 3
 
-    nothing = cli(tables, "inbox", "forget", "-c", "billing", "nope", "--yes")
+    unknown = cli(tables, "inbox", "forget", "-c", "billing", "nope", "--yes")
+    assert unknown.returncode == 3
+    assert "consumer 'billing' has no inbox entry for message id nope" in unknown.stderr
+    nothing = cli(tables, "inbox", "forget", "-c", "billing", "m3", "--older-than", "1d", "--yes")
     assert nothing.returncode == 0
     assert "No inbox entries match" in nothing.stdout
 

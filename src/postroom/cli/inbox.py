@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
@@ -11,6 +11,12 @@ import typer
 
 from postroom.cli.changes import Mode, Statements, Wording, change_rows, with_mode
 from postroom.cli.common import console, fail, with_settings
+from postroom.cli.ids import (
+    consumer_name,
+    inbox_message_ids,
+    require_inbox_consumer,
+    require_inbox_ids,
+)
 from postroom.cli.options import (
     InboxAll,
     InboxLimit,
@@ -82,16 +88,11 @@ class _Filter:
     newer_than: str | None = None
 
     def params(self) -> dict[str, Any]:
-        """The statement parameters (durations in seconds); an empty consumer exits 2."""
-        if self.consumer is not None and not self.consumer.strip():
-            # An empty name must never widen the command to every consumer.
-            fail(
-                "--consumer is empty; give the consumer's name, e.g. --consumer billing",
-                EXIT_USAGE,
-            )
+        """The statement parameters (durations in seconds, ids as the inbox records them);
+        a consumer name or an id that cannot be one exits 2."""
         return {
-            "consumers": [self.consumer] if self.consumer is not None else None,
-            "message_ids": self.message_ids or None,
+            "consumers": [consumer_name(self.consumer)] if self.consumer is not None else None,
+            "message_ids": inbox_message_ids(self.message_ids),
             "older_than": duration(self.older_than, "--older-than"),
             "newer_than": duration(self.newer_than, "--newer-than"),
         }
@@ -211,7 +212,9 @@ def list_entries(
     )
 
 
-def _delete(settings: Settings, verb: str, flt: _Filter, mode: Mode, done: str) -> None:
+def _delete(
+    settings: Settings, verb: str, flt: _Filter, mode: Mode, done: Callable[[int], str]
+) -> None:
     """Delete the entries ``flt`` selects with :func:`~postroom.cli.changes.change_rows`."""
     tables = tables_for(settings)
     change_rows(
@@ -227,7 +230,7 @@ def _delete(settings: Settings, verb: str, flt: _Filter, mode: Mode, done: str) 
         flt.params(),
         preview=_entries_table,
         item_json=_entry_json,
-        done=lambda changed: [done.format(changed=changed)],
+        done=lambda changed: [done(changed)],
     )
 
 
@@ -249,19 +252,30 @@ def forget(
 
     Choose the entries by message id or by when they were processed.
     """
+    flt = _Filter(consumer, message_ids, older_than, newer_than)
+    params = flt.params()  # bad names and ids exit 2 before anything else
     if not (message_ids or older_than or newer_than or everything):
         fail(
             "say which entries to forget: give message ids, --older-than or --newer-than, "
             f"or --all for every entry of {consumer!r}",
             EXIT_USAGE,
         )
+    tables = tables_for(settings)
+    with connect(settings) as connection:
+        require_inbox_consumer(connection, tables, consumer, _where(settings))
+        if params["message_ids"]:
+            require_inbox_ids(
+                connection, tables, consumer, params["message_ids"], "nothing was forgotten"
+            )
     _delete(
         settings,
         "forget",
-        _Filter(consumer, message_ids, older_than, newer_than),
+        flt,
         mode,
-        "Forgot {changed} inbox entries: "
-        f"{consumer} handles those messages again if they are delivered again.",
+        lambda changed: (
+            f"Forgot {changed} inbox entries: "
+            f"{consumer} handles those messages again if they are delivered again."
+        ),
     )
 
 
@@ -295,5 +309,5 @@ def purge(
         "delete",
         _Filter(consumer, older_than=older_than),
         mode,
-        "Deleted {changed} inbox entries.",
+        lambda changed: f"Deleted {changed} inbox entries.",
     )

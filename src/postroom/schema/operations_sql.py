@@ -302,3 +302,39 @@ def inbox_delete_batch_sql(tables: Tables) -> str:
         f"DELETE FROM {quoted_table(tables.inbox)} AS t USING ({batch}) AS b "
         "WHERE t.consumer = b.consumer AND t.message_id = b.message_id"
     )
+
+
+@functools.cache
+def inbox_has_consumer_sql(tables: Tables) -> str:
+    """True if consumer %(consumer)s has at least one inbox entry (one index probe)."""
+    return (
+        f"SELECT EXISTS (SELECT 1 FROM {quoted_table(tables.inbox)} WHERE consumer = %(consumer)s)"
+    )
+
+
+@functools.cache
+def inbox_consumers_sql(tables: Tables) -> str:
+    """The first %(limit)s consumer names in the inbox, in order.
+
+    A skip scan of the primary key (one index probe per name), so it stays fast however
+    many entries each consumer has.
+    """
+    inbox = quoted_table(tables.inbox)
+    return (
+        "WITH RECURSIVE names(consumer, n) AS ("
+        f" (SELECT consumer, 1 FROM {inbox} ORDER BY consumer LIMIT 1)"
+        " UNION ALL"
+        f" SELECT (SELECT i.consumer FROM {inbox} AS i WHERE i.consumer > names.consumer"
+        "          ORDER BY i.consumer LIMIT 1), n + 1"
+        " FROM names WHERE names.consumer IS NOT NULL AND n < %(limit)s"
+        ") SELECT consumer FROM names WHERE consumer IS NOT NULL"
+    )
+
+
+@functools.cache
+def inbox_ids_present_sql(tables: Tables) -> str:
+    """Which of %(message_ids)s consumer %(consumer)s has an inbox entry for."""
+    return (
+        f"SELECT message_id FROM {quoted_table(tables.inbox)} "
+        "WHERE consumer = %(consumer)s AND message_id = ANY(%(message_ids)s::text[])"
+    )
