@@ -198,7 +198,12 @@ def list_rows(
 @with_settings()
 def show(
     message_id: Annotated[
-        str, typer.Argument(help="The message id (a UUID).", metavar="ID", show_default=False)
+        str,
+        typer.Argument(
+            help="The message id: the postroom-id of logs and brokers (a UUID, any spelling).",
+            metavar="ID",
+            show_default=False,
+        ),
     ],
     as_json: Json = False,
     *,

@@ -84,9 +84,11 @@ def duration(text: str | None, option: str) -> float | None:
 
 
 def parse_uuid(text: str) -> uuid.UUID:
-    """A message id from the command line; anything but a UUID exits 2 with a sentence."""
+    """A message id (the ``postroom-id`` of logs and brokers) from the command line, in any
+    spelling of a UUID (upper case, braces, ``urn:uuid:``, no hyphens, surrounding spaces);
+    anything else exits 2 with a sentence."""
     try:
-        return uuid.UUID(text)
+        return uuid.UUID(text.strip())
     except ValueError:
         fail(
             f"{text!r} is not a message id; ids are UUIDs such as "
