@@ -23,7 +23,6 @@ import postroom
 from postroom import InvalidMessageError, Message, Outbox, testing
 from postroom.config import Settings
 from postroom.schema import Tables
-
 from tests.support.database import count
 
 
