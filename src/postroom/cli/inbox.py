@@ -62,7 +62,12 @@ app = typer.Typer(
 MessageIds = Annotated[
     list[str] | None,
     typer.Argument(
-        help="Message ids as the consumer recorded them.", metavar="ID", show_default=False
+        help=(
+            "Message ids as the consumer recorded them: the postroom-id of the logs (any "
+            "spelling of the UUID), or another producer's id."
+        ),
+        metavar="ID",
+        show_default=False,
     ),
 ]
 
