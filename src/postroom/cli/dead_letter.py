@@ -18,7 +18,6 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
-from rich.table import Table
 
 from postroom.brokers import (
     DeadLetter,
@@ -40,11 +39,14 @@ from postroom.cli.common import (
 )
 from postroom.cli.output import (
     EXIT_USAGE,
+    NEWLINE,
+    FittedTable,
     Json,
     age,
     failed,
     payload_view,
     print_json,
+    printable,
     say,
     seconds_between,
     show_fields,
@@ -118,13 +120,7 @@ def _run(work: Callable[[], Any]) -> Any:
         return asyncio.run(work())
 
 
-def _short(text: str | None, width: int = 60) -> str | None:
-    if text is None or len(text) <= width:
-        return text
-    return text[: width - 1] + "…"
-
-
-def _letters_table(title: str | None, letters: Iterable[DeadLetter]) -> Table:
+def _letters_table(title: str | None, letters: Iterable[DeadLetter]) -> FittedTable:
     return table(
         title,
         ["id", "topic", "key", "attempts", "dead-lettered", "error"],
@@ -135,10 +131,11 @@ def _letters_table(title: str | None, letters: Iterable[DeadLetter]) -> Table:
                 letter.key,
                 letter.attempts,
                 timestamp(letter.dead_lettered_at),
-                _short(letter.error),
+                letter.error,
             )
             for letter in letters
         ],
+        free={"topic", "key", "error"},
     )
 
 
@@ -254,7 +251,7 @@ def show(
     if found.copies > 1:
         say(f"({found.copies} dead letters have this id; this is the first.)")
     show_headers_and_payload(letter.headers, letter.body, letter.content_type)
-    say(f"\nError:\n{letter.error or '-'}")
+    say(f"\nError:\n{printable(letter.error or '-', keep=NEWLINE)}")
     say(
         "\nFix the cause, then send it back: "
         f"postroom dead-letter requeue --consumer {consumer} {letter.id}"

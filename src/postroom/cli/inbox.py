@@ -122,6 +122,7 @@ def _entries_table(title: str | None, rows: Sequence[Mapping[str, Any]], at: dat
             (r["message_id"], r["consumer"], r["processed_at"], _ago(at, r["processed_at"]))
             for r in rows
         ],
+        free={"message id", "consumer"},
     )
 
 
@@ -193,6 +194,7 @@ def list_entries(
                         )
                         for c in consumers
                     ],
+                    free={"consumer"},
                 )
             )
         return

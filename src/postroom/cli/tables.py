@@ -1,0 +1,135 @@
+"""Tables that stay readable at any width: in a terminal, at 80 columns, and piped.
+
+A :class:`FittedTable` decides its layout when it is printed, from the width it is given
+(the console's, see :func:`postroom.cli.text.screen_width`):
+
+1. every column at its natural width, when they all fit;
+2. otherwise the *free-text* columns (keys, errors, topics, payload previews) are
+   shortened with an ellipsis, never below their header (nor below
+   :data:`FREE_MIN_WIDTH`) — ids, states and counts always stay whole;
+3. when even that does not fit, one ``field: value`` block per row (a vertical record
+   layout), where whole values are never cut.
+
+Cells are plain text: control characters are shown as escapes and no rich markup is read
+from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.table import Table
+from rich.text import Text
+
+from postroom.cli.text import printable
+
+#: A free-text column is never made narrower than this (or its header, or its content).
+FREE_MIN_WIDTH = 12
+#: Spaces between two columns.
+GAP = 2
+
+
+def cell(value: Any) -> str:
+    """A value as one line of table text: '-' for nothing, timestamps in UTC to the second,
+    control characters (newlines too) as escapes."""
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return timestamp(value)
+    return printable(str(value))
+
+
+def timestamp(value: datetime | None) -> str:
+    """``2024-05-01 10:00:00Z`` (UTC), or '-'."""
+    if value is None:
+        return "-"
+    return value.astimezone(tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def shorten(text: str, width: int) -> Text:
+    """``text`` in at most ``width`` cells, its end replaced by '…' when it is longer."""
+    result = Text(text)
+    if cell_len(text) > width:
+        result.truncate(width, overflow="ellipsis")
+    return result
+
+
+class FittedTable:
+    """A table of ``rows`` under ``headers`` that fits the width it is printed in (see the
+    module's docstring); the columns named in ``free`` may be shortened."""
+
+    def __init__(
+        self,
+        title: str | None,
+        headers: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        *,
+        free: Collection[str] = (),
+    ) -> None:
+        self.title = None if title is None else printable(title)
+        self.headers = list(headers)
+        self.rows = [[cell(value) for value in row] for row in rows]
+        self.free = [header in free for header in self.headers]
+
+    def widths(self, width: int) -> list[int] | None:
+        """Each column's width in ``width`` cells, or None when only the vertical layout
+        fits."""
+        natural = [
+            max([cell_len(header)] + [cell_len(row[i]) for row in self.rows])
+            for i, header in enumerate(self.headers)
+        ]
+        room = width - GAP * (len(natural) - 1)
+        if sum(natural) <= room:
+            return natural
+        least = [
+            min(n, max(cell_len(h), FREE_MIN_WIDTH)) if free else n
+            for n, h, free in zip(natural, self.headers, self.free, strict=True)
+        ]
+        spare = room - sum(least)
+        if spare < 0:
+            return None
+        result = list(least)
+        growing = [i for i, n in enumerate(natural) if result[i] < n]
+        while spare > 0 and growing:
+            share = max(1, spare // len(growing))
+            for i in growing:
+                step = min(share, natural[i] - result[i], spare)
+                result[i] += step
+                spare -= step
+            growing = [i for i in growing if result[i] < natural[i]]
+        return result
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        """Render as a table fitted to ``options.max_width``, or as one block per row."""
+        if self.title is not None:
+            yield Text(self.title, style="table.title")
+        widths = self.widths(options.max_width)
+        if widths is None:
+            yield from self._records(options.max_width)
+            return
+        table = Table(
+            box=None,
+            pad_edge=False,
+            padding=(0, GAP // 2),
+            header_style="bold",
+            show_edge=False,
+        )
+        for header, size in zip(self.headers, widths, strict=True):
+            table.add_column(header, width=size, min_width=size, no_wrap=True)
+        for row in self.rows:
+            table.add_row(*(shorten(text, size) for text, size in zip(row, widths, strict=True)))
+        yield table
+
+    def _records(self, width: int) -> RenderResult:
+        label_width = max(cell_len(header) for header in self.headers) + 2
+        room = max(width - label_width, FREE_MIN_WIDTH)
+        for number, row in enumerate(self.rows):
+            if number:
+                yield Text("")
+            for header, text, free in zip(self.headers, row, self.free, strict=True):
+                value = shorten(text, room) if free else Text(text)
+                yield Text.assemble((f"{header}:".ljust(label_width), "bold"), value)
