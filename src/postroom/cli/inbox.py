@@ -26,6 +26,7 @@ from postroom.cli.output import (
     connect,
     describe,
     duration,
+    list_json,
     now,
     print_json,
     query,
@@ -177,7 +178,7 @@ def list_entries(
             for name, count, oldest, latest in summary
         ]
         if as_json:
-            print_json({"consumers": consumers})
+            print_json(list_json(consumers, len(consumers)))
         elif not consumers:
             say(f"No inbox entries match ({describe(flt.words())}).")
         else:

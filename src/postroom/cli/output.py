@@ -144,6 +144,11 @@ def say(text: str) -> None:
     console.print(printable(text, keep="\n\t"), markup=False, highlight=False)
 
 
+def warn(text: str) -> None:
+    """Print a sentence on stderr, as :func:`say` prints on stdout."""
+    error_console.print(printable(text, keep="\n\t"), markup=False, highlight=False)
+
+
 def table(
     title: str | None,
     columns: Sequence[str],
@@ -221,13 +226,32 @@ def _words(value: Any) -> str:
     return ", ".join(printable(str(v)) for v in values)
 
 
-def nothing_matches(what: str, filters: Mapping[str, Any], *, as_json: bool, **facts: Any) -> None:
-    """Say that a filter matched nothing (exit 0: there was nothing to do)."""
-    if as_json:
-        print_json({"matched": 0, **facts})
-    else:
-        say(f"No {what} match ({describe(filters)}). Nothing to do.")
-    raise typer.Exit(0)
+def list_json(items: Sequence[Mapping[str, Any]], matched: int, **context: Any) -> dict[str, Any]:
+    """The ``--json`` document of every listing command: ``{...context, "matched": how many
+    match, "count": how many are in "items", "items": [...]}``."""
+    return {**context, "matched": matched, "count": len(items), "items": list(items)}
+
+
+def change_json(
+    action: str,
+    *,
+    dry_run: bool,
+    matched: int,
+    changed: int,
+    items: Sequence[Mapping[str, Any]],
+    facts: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``--json`` document of every changing command: ``{"action", "dry_run",
+    "matched", "changed", "count", "items": [the first few matched], ...facts}``."""
+    return {
+        "action": action,
+        "dry_run": dry_run,
+        "matched": matched,
+        "changed": changed,
+        "count": len(items),
+        "items": list(items),
+        **facts,
+    }
 
 
 def failed(message: str) -> NoReturn:
@@ -276,15 +300,13 @@ def show_listing(
     head: Mapping[str, Any] | None = None,
 ) -> None:
     """Print a listing of ``what`` (the family and its noun, e.g. ``("outbox", "rows")``):
-    ``{...head, matched, shown, order, <noun>: items}`` with ``--json``; otherwise its table
-    and how much of the match it shows, or that nothing matched."""
+    :func:`list_json` with ``order`` and ``head`` with ``--json``; otherwise its table and
+    how much of the match it shows, or that nothing matched."""
     shown = len(items)
     order = "newest first" if newest_first else "oldest first"
     family, noun = what
     if as_json:
-        print_json(
-            {**(head or {}), "matched": matched, "shown": shown, "order": order, noun: items}
-        )
+        print_json(list_json(items, matched, **(head or {}), order=order))
     elif not shown:
         say(f"No {family} {noun} match ({describe(filters)}).")
     else:
