@@ -20,7 +20,6 @@ import psycopg
 import typer
 from psycopg.rows import dict_row
 from rich.console import RenderableType
-from rich.table import Table
 from rich.text import Text
 
 from postroom.cli.common import EXIT_FAILED, console, error_console, fail, user_errors
@@ -261,19 +260,17 @@ def failed(message: str) -> NoReturn:
 
 def show_fields(fields: Sequence[tuple[str, Any]]) -> None:
     """Print ``(label, value)`` pairs as two aligned columns (for one item's every field)."""
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column(overflow="fold")
+    width = max((len(label) for label, _ in fields), default=0) + 2
     for label, value in fields:
-        grid.add_row(label, Text(cell(value)))
-    console.print(grid)
+        console.print(Text.assemble((label.ljust(width), "bold"), cell(value)))
 
 
 def show_headers_and_payload(headers: Mapping[str, Any], payload: bytes, content_type: str) -> str:
     """Print message headers and the payload (pretty JSON, text, or the first bytes in hex);
     returns the payload's kind (``json``, ``text`` or ``binary``)."""
     if headers:
-        console.print(table("Headers", ["name", "value"], sorted(headers.items()), free={"value"}))
+        rows = sorted(headers.items())
+        console.print(table("Headers", ["name", "value"], rows, free={"name", "value"}))
     else:
         say("Headers: none")
     kind, view = payload_view(payload, content_type)

@@ -10,6 +10,9 @@ A :class:`FittedTable` decides its layout when it is printed, from the width it 
 3. when even that does not fit, one ``field: value`` block per row (a vertical record
    layout), where whole values are never cut.
 
+Columns are two spaces apart, without borders, and lines end without trailing spaces, so
+piped output reads well in logs and splits on runs of spaces.
+
 Cells are plain text: control characters are shown as escapes and no rich markup is read
 from them.
 """
@@ -22,7 +25,6 @@ from typing import Any
 
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
 from rich.text import Text
 
 from postroom.cli.text import printable
@@ -111,18 +113,22 @@ class FittedTable:
         if widths is None:
             yield from self._records(options.max_width)
             return
-        table = Table(
-            box=None,
-            pad_edge=False,
-            padding=(0, GAP // 2),
-            header_style="bold",
-            show_edge=False,
-        )
-        for header, size in zip(self.headers, widths, strict=True):
-            table.add_column(header, width=size, min_width=size, no_wrap=True)
+        yield self._line(self.headers, widths, style="bold")
         for row in self.rows:
-            table.add_row(*(shorten(text, size) for text, size in zip(row, widths, strict=True)))
-        yield table
+            yield self._line(row, widths)
+
+    def _line(self, texts: Sequence[str], widths: Sequence[int], style: str = "") -> Text:
+        """One line of the table: each text in its column, without trailing spaces."""
+        line = Text()
+        for i, (text, size) in enumerate(zip(texts, widths, strict=True)):
+            if i:
+                line.append(" " * GAP)
+            part = shorten(text, size)
+            part.stylize(style)
+            part.pad_right(size - part.cell_len)
+            line.append_text(part)
+        line.rstrip()
+        return line
 
     def _records(self, width: int) -> RenderResult:
         label_width = max(cell_len(header) for header in self.headers) + 2
