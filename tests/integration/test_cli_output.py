@@ -171,7 +171,8 @@ def test_no_color_is_honoured_by_tables_errors_and_console_logs(
     engine: Engine, outbox: Outbox, tables: Tables
 ) -> None:
     dead_rows(engine, outbox, tables, ["k-1"], "boom")
-    env = {"POSTROOM_SCHEMA": tables.schema or "", "COLUMNS": "200"}
+    # NO_COLOR="" counts as unset (https://no-color.org), whatever the test run inherited.
+    env = {"POSTROOM_SCHEMA": tables.schema or "", "COLUMNS": "200", "NO_COLOR": ""}
     bad_id = [*postroom_command(), "outbox", "show", "not-an-id"]
 
     coloured = run_in_terminal(bad_id, env=env)
@@ -193,7 +194,7 @@ def test_no_color_is_honoured_by_tables_errors_and_console_logs(
         "configure_logging(json=False)\n"
         "get_logger('relay').warning('broker unreachable', attempt=3)\n",
     ]
-    on_terminal = run_in_terminal(log)
+    on_terminal = run_in_terminal(log, env={"NO_COLOR": ""})
     assert "broker unreachable" in on_terminal.output
     assert colour_codes(on_terminal.output)
     without_colour = run_in_terminal(log, env={"NO_COLOR": "1"})
