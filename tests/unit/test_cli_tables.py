@@ -80,3 +80,15 @@ def test_rows_become_records_when_the_columns_cannot_fit() -> None:
         "attempts: 7",
         f"id:       {ID}\ntopic:    t\nkey:      k\nstate:    pending\nattempts: 0\n",
     ]
+
+
+def test_optional_columns_are_left_out_before_rows_become_records() -> None:
+    rows = [(ID, "dead", "3m 12s", "unroutable: no queue is bound to the exchange")]
+    table = FittedTable(
+        None, ["id", "state", "age", "last error"], rows, free={"last error"}, optional=["age"]
+    )
+    assert rendered(table, 120).splitlines()[0].split() == ["id", "state", "age", "last", "error"]
+    narrow = rendered(table, 70).splitlines()
+    assert narrow[0].split() == ["id", "state", "last", "error"]
+    assert narrow[1] == f"{ID}  dead   unroutable: no queue is …"
+    assert rendered(table, 50).splitlines()[0] == f"id:         {ID}"

@@ -81,6 +81,7 @@ def rows_table(title: str | None, rows: Sequence[Mapping[str, Any]], now: dateti
             for r in rows
         ],
         free={"topic", "key", "last error"},
+        optional=["age", "when"],
     )
 
 

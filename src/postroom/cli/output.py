@@ -154,10 +154,12 @@ def table(
     rows: Sequence[Sequence[Any]],
     *,
     free: Collection[str] = (),
+    optional: Sequence[str] = (),
 ) -> FittedTable:
     """A table of ``rows`` that fits the screen (see :mod:`postroom.cli.tables`); the
-    columns named in ``free`` hold free text (keys, errors, topics) and may be shortened."""
-    return FittedTable(title, columns, rows, free=free)
+    columns named in ``free`` hold free text (keys, errors, topics) and may be shortened,
+    those in ``optional`` may be left out (in that order) before rows become records."""
+    return FittedTable(title, columns, rows, free=free, optional=optional)
 
 
 def age(seconds: float | None) -> str:

@@ -5,8 +5,10 @@ A :class:`FittedTable` decides its layout when it is printed, from the width it 
 
 1. every column at its natural width, when they all fit;
 2. otherwise the *free-text* columns (keys, errors, topics, payload previews) are
-   shortened with an ellipsis, never below their header (nor below
-   :data:`FREE_MIN_WIDTH`) — ids, states and counts always stay whole;
+   shortened with an ellipsis — ids, states and counts always stay whole — first to no
+   less than :data:`FREE_COMFORTABLE_WIDTH` each, leaving out the *optional* columns
+   (facts also shown elsewhere, such as a row's age) one by one if that helps, then to no
+   less than :data:`FREE_MIN_WIDTH` (never below their header) the same way;
 3. when even that does not fit, one ``field: value`` block per row (a vertical record
    layout), where whole values are never cut.
 
@@ -31,6 +33,8 @@ from postroom.cli.text import printable
 
 #: A free-text column is never made narrower than this (or its header, or its content).
 FREE_MIN_WIDTH = 12
+#: Optional columns are left out before a free-text column gets narrower than this.
+FREE_COMFORTABLE_WIDTH = 24
 #: Spaces between two columns.
 GAP = 2
 
@@ -62,7 +66,8 @@ def shorten(text: str, width: int) -> Text:
 
 class FittedTable:
     """A table of ``rows`` under ``headers`` that fits the width it is printed in (see the
-    module's docstring); the columns named in ``free`` may be shortened."""
+    module's docstring); the columns named in ``free`` may be shortened, those named in
+    ``optional`` left out (in that order)."""
 
     def __init__(
         self,
@@ -71,25 +76,41 @@ class FittedTable:
         rows: Sequence[Sequence[Any]],
         *,
         free: Collection[str] = (),
+        optional: Sequence[str] = (),
     ) -> None:
         self.title = None if title is None else printable(title)
         self.headers = list(headers)
         self.rows = [[cell(value) for value in row] for row in rows]
         self.free = [header in free for header in self.headers]
+        self.optional = [self.headers.index(header) for header in optional]
 
-    def widths(self, width: int) -> list[int] | None:
-        """Each column's width in ``width`` cells, or None when only the vertical layout
-        fits."""
+    def layout(self, width: int) -> tuple[list[int], list[int]] | None:
+        """The columns shown (their indexes) and their widths in ``width`` cells, or None
+        when only the vertical layout fits."""
+        for least in (FREE_COMFORTABLE_WIDTH, FREE_MIN_WIDTH):
+            shown = list(range(len(self.headers)))
+            for left_out in [None, *self.optional]:
+                if left_out is not None:
+                    shown.remove(left_out)
+                widths = self.widths(width, shown, least)
+                if widths is not None:
+                    return shown, widths
+        return None
+
+    def widths(self, width: int, shown: Sequence[int], least_free: int) -> list[int] | None:
+        """The widths of the ``shown`` columns in ``width`` cells, free-text ones no
+        narrower than ``least_free`` (or their header, or their content), or None when they
+        do not fit."""
         natural = [
-            max([cell_len(header)] + [cell_len(row[i]) for row in self.rows])
-            for i, header in enumerate(self.headers)
+            max([cell_len(self.headers[i])] + [cell_len(row[i]) for row in self.rows])
+            for i in shown
         ]
         room = width - GAP * (len(natural) - 1)
         if sum(natural) <= room:
             return natural
         least = [
-            min(n, max(cell_len(h), FREE_MIN_WIDTH)) if free else n
-            for n, h, free in zip(natural, self.headers, self.free, strict=True)
+            min(n, max(cell_len(self.headers[i]), least_free)) if self.free[i] else n
+            for n, i in zip(natural, shown, strict=True)
         ]
         spare = room - sum(least)
         if spare < 0:
@@ -109,13 +130,14 @@ class FittedTable:
         """Render as a table fitted to ``options.max_width``, or as one block per row."""
         if self.title is not None:
             yield Text(self.title, style="table.title")
-        widths = self.widths(options.max_width)
-        if widths is None:
+        layout = self.layout(options.max_width)
+        if layout is None:
             yield from self._records(options.max_width)
             return
-        yield self._line(self.headers, widths, style="bold")
+        shown, widths = layout
+        yield self._line([self.headers[i] for i in shown], widths, style="bold")
         for row in self.rows:
-            yield self._line(row, widths)
+            yield self._line([row[i] for i in shown], widths)
 
     def _line(self, texts: Sequence[str], widths: Sequence[int], style: str = "") -> Text:
         """One line of the table: each text in its column, without trailing spaces."""
