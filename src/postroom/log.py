@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -12,11 +13,14 @@ import structlog
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     """Configure structlog for a postroom service.
 
-    ``json=None`` chooses JSON when standard error is not a terminal.
+    ``json=None`` chooses JSON when standard error is not a terminal. Console lines are
+    coloured only on a terminal, and never when ``NO_COLOR`` is set (https://no-color.org).
     """
     use_json = (not sys.stderr.isatty()) if json is None else json
     renderer: Any = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=colours_wanted())
     )
     # Libraries (aiormq, alembic, ...) log through the standard library: render their lines
     # the same way, so a JSON log stays one JSON object per line.
@@ -53,6 +57,12 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def colours_wanted() -> bool:
+    """Whether console log lines may be coloured: standard error is a terminal and
+    ``NO_COLOR`` is unset or empty."""
+    return sys.stderr.isatty() and not os.environ.get("NO_COLOR")
 
 
 def get_logger(name: str) -> Any:

@@ -73,8 +73,8 @@ def test_dry_run_previews_the_rows_and_changes_nothing(
 
     document = json.loads(run(tables, "outbox", "retry", "--all", "--dry-run", "--json").stdout)
     assert (document["dry_run"], document["matched"], document["changed"]) == (True, 3, 0)
-    assert sorted(r["id"] for r in document["sample"]) == sorted(map(str, ids))
-    assert {r["state"] for r in document["sample"]} == {"dead"}
+    assert sorted(r["id"] for r in document["items"]) == sorted(map(str, ids))
+    assert {r["state"] for r in document["items"]} == {"dead"}
 
     assert statuses(engine, tables) == before == dict.fromkeys(ids, "dead")
 
@@ -105,7 +105,7 @@ def test_the_preview_shows_the_first_rows_and_how_many_in_all(
     shown = run(tables, "outbox", "retry", "--topic", "orders", "--dry-run", "--json")
     document = json.loads(shown.stdout)
     assert document["matched"] == SAMPLE_ROWS + 5
-    assert len(document["sample"]) == SAMPLE_ROWS
+    assert len(document["items"]) == SAMPLE_ROWS
     text_run = run(tables, "outbox", "retry", "--topic", "orders", "--dry-run")
     assert f"(first {SAMPLE_ROWS} of {SAMPLE_ROWS + 5})" in text_run.stdout
 
@@ -123,7 +123,7 @@ def test_inbox_forget_previews_confirms_and_deletes_only_what_it_showed(
         run(tables, "inbox", "forget", "-c", "billing", "--all", "--dry-run", "--json").stdout
     )
     assert (dry["matched"], dry["changed"]) == (3, 0)
-    assert {e["message_id"] for e in dry["sample"]} == {"m0", "m1", "m2"}
+    assert {e["message_id"] for e in dry["items"]} == {"m0", "m1", "m2"}
     assert run(tables, "inbox", "forget", "-c", "billing", "--all").exit_code == 2
     with engine.connect() as connection:
         assert len(connection.execute(tables.inbox.select()).all()) == 4
@@ -227,10 +227,12 @@ def test_a_caller_of_its_own_gets_bounded_batches_and_the_same_flow(
     requeue_letters(connection, schema, Mode(dry_run=False, yes=True, as_json=True))
     document = json.loads(capsys.readouterr().out)
     assert document == {
+        "action": "send",
         "dry_run": False,
         "matched": 12,
         "changed": 12,
-        "sample": [{"id": 1}, {"id": 2}, {"id": 3}],
+        "count": 3,
+        "items": [{"id": 1}, {"id": 2}, {"id": 3}],
         "store": "letters",
         "failed": 0,
     }

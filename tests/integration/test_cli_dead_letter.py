@@ -81,7 +81,7 @@ async def test_dead_letter_is_listed_shown_requeued_and_handled_once(
         # 2. ls finds it; the table and --json carry the same facts.
         listed = as_json(await acli(broker_url, "ls", "--consumer", name, "--json"))
         assert listed["matched"] == 1
-        (letter,) = listed["dead_letters"]
+        (letter,) = listed["items"]
         assert letter["id"] == str(message.id)
         assert (letter["topic"], letter["key"], letter["attempts"]) == (topic, "order-7", 1)
         assert ERROR in letter["error"]

@@ -154,7 +154,7 @@ async def test_show_scans_a_queue_of_big_letters_in_bounded_memory(kind: str) ->
         print(f"{kind}: peak RSS of `dead-letter ls`: {listed['peak'] / 1024:.1f} MiB")
         document = json.loads(listed["out"])
         assert document["matched"] == len(sent)
-        assert {x["id"] for x in document["dead_letters"]} == {str(m.id) for m in sent}
+        assert {x["id"] for x in document["items"]} == {str(m.id) for m in sent}
         assert listed["peak"] < PEAK_LIMIT_KB, f"{listed['peak'] / 1024:.1f} MiB"
     finally:
         if kind == "rabbitmq":

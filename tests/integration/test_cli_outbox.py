@@ -88,9 +88,9 @@ async def test_dead_row_is_found_inspected_retried_and_published(
 
     found = as_json(await acli(tables, "outbox", "ls", "--state", "dead", "--json"))
     assert found["matched"] == 1
-    assert [r["id"] for r in found["rows"]] == [str(lost.id)]
-    assert found["rows"][0]["state"] == "dead"
-    assert "unroutable" in found["rows"][0]["last_error"]
+    assert [r["id"] for r in found["items"]] == [str(lost.id)]
+    assert found["items"][0]["state"] == "dead"
+    assert "unroutable" in found["items"][0]["last_error"]
     listed = await acli(tables, "outbox", "ls", "--state", "dead", "--error", "UNROUTABLE")
     assert listed.returncode == 0, listed.stderr
     assert str(lost.id) in listed.stdout
@@ -162,7 +162,7 @@ async def test_replay_redelivers_with_the_same_id_and_the_inbox_skips_it(
     assert handled == [sent.id]
 
     entries = as_json(await acli(tables, "inbox", "ls", "--consumer", "billing", "--json"))
-    assert [e["message_id"] for e in entries["entries"]] == [str(sent.id)]
+    assert [e["message_id"] for e in entries["items"]] == [str(sent.id)]
     forgot = as_json(
         await acli(tables, "inbox", "forget", "-c", "billing", str(sent.id), "--yes", "--json")
     )
@@ -209,7 +209,7 @@ def test_purge_dry_run_changes_nothing_and_then_removes_exactly_the_matching_row
 
     dry = as_json(cli(tables, "outbox", "purge", "--older-than", "1h", "--dry-run", "--json"))
     assert (dry["dry_run"], dry["matched"], dry["changed"]) == (True, 3, 0)
-    assert {r["id"] for r in dry["sample"]} == {str(i) for i in old_published}
+    assert {r["id"] for r in dry["items"]} == {str(i) for i in old_published}
     table_dry = cli(tables, "outbox", "purge", "--older-than", "1h", "--dry-run")
     assert "would delete 3 published rows; nothing changed" in table_dry.stdout
     assert ids_in_outbox(engine, tables) == everything
@@ -284,11 +284,11 @@ def test_status_json_and_table_carry_the_same_facts_and_probe_the_backlog(
     assert "No relay is registered" in table.stdout
 
     listed = as_json(cli(tables, "outbox", "ls", "--json", "--newest", "--limit", "2"))
-    assert (listed["matched"], listed["shown"]) == (4, 2)
-    assert [r["id"] for r in listed["rows"]] == [str(written[3].id), str(written[2].id)]
+    assert (listed["matched"], listed["count"]) == (4, 2)
+    assert [r["id"] for r in listed["items"]] == [str(written[3].id), str(written[2].id)]
     shown = cli(tables, "outbox", "ls", "--newest", "--limit", "2")
     assert "2 of 4 matching rows, newest first; raise --limit" in shown.stdout
-    for r in listed["rows"]:
+    for r in listed["items"]:
         assert r["id"] in shown.stdout
         assert r["state"] in shown.stdout
 
@@ -345,7 +345,7 @@ def test_inbox_ls_forget_and_purge(engine: Engine, tables: Tables) -> None:
             )
         )
     summary = as_json(cli(tables, "inbox", "ls", "--json"))
-    assert {c["consumer"]: c["entries"] for c in summary["consumers"]} == {
+    assert {c["consumer"]: c["entries"] for c in summary["items"]} == {
         "billing": 3,
         "shipping": 1,
     }
@@ -354,7 +354,7 @@ def test_inbox_ls_forget_and_purge(engine: Engine, tables: Tables) -> None:
     assert "shipping" in table.stdout
 
     entries = as_json(cli(tables, "inbox", "ls", "-c", "billing", "--json"))
-    assert [e["message_id"] for e in entries["entries"]] == ["m3", "m2", "m1"]
+    assert [e["message_id"] for e in entries["items"]] == ["m3", "m2", "m1"]
 
     dry = as_json(
         cli(
@@ -362,7 +362,7 @@ def test_inbox_ls_forget_and_purge(engine: Engine, tables: Tables) -> None:
         )
     )
     assert (dry["matched"], dry["changed"]) == (2, 0)
-    assert as_json(cli(tables, "inbox", "ls", "--json"))["consumers"][0]["entries"] == 3
+    assert as_json(cli(tables, "inbox", "ls", "--json"))["items"][0]["entries"] == 3
 
     unknown = cli(tables, "inbox", "forget", "-c", "billing", "nope", "--yes")
     assert unknown.returncode == 3
@@ -375,7 +375,7 @@ def test_inbox_ls_forget_and_purge(engine: Engine, tables: Tables) -> None:
     assert purged.returncode == 0
     assert "Deleted 2 inbox entries." in purged.stdout
     left = as_json(cli(tables, "inbox", "ls", "-c", "billing", "--json"))
-    assert [e["message_id"] for e in left["entries"]] == ["m3", "m2"]
+    assert [e["message_id"] for e in left["items"]] == ["m3", "m2"]
 
 
 COMMANDS = [

@@ -6,7 +6,8 @@
 - ``network``: ``free_port``, a URL's ``address``, ``replace_address``, ``listens``.
 - ``waiting``: ``wait_until`` / ``wait_until_sync``, the one poll loop.
 - ``cli``: ``run_postroom`` / ``arun_postroom`` (the command as a subprocess), ``as_json``,
-  ``postroom_command``.
+  ``postroom_command``; ``terminal``: ``run_in_terminal`` (the command on a pseudo-terminal),
+  ``colour_codes``, ``without_styles``, ``control_bytes``.
 - ``processes``: ``postroom relay`` / ``postroom consume`` processes (``RelayFleet``,
   ``ServiceProcess``, with a chosen metrics port and their peak RSS, ``sample_rss``) and
   the private Kafka-compatible broker (``TansuBroker``).

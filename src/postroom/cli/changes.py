@@ -41,12 +41,14 @@ exit_code=EXIT_FAILED if report.failures else 0)``.
 
 What every command gets from this routine:
 
-* nothing matches: one sentence (or ``{"matched": 0, ...}``), exit 0;
+* nothing matches: one sentence (or ``{"matched": 0, "items": [], ...}``), exit 0;
 * a preview of what would change (the first :data:`SAMPLE_ROWS`, and how many in all);
 * ``--dry-run``: the preview and "nothing changed" (``"dry_run": true``), nothing else;
 * a question before any change (``--yes`` skips it; without a terminal, ``--yes`` is
   required: exit 2);
-* ``--json``: one document ``{dry_run, matched, changed, sample, ...facts}``.
+* a progress bar on stderr while the change runs (only when stderr is a terminal);
+* ``--json``: one document ``{action, dry_run, matched, changed, count, items, ...facts}``
+  (:func:`~postroom.cli.output.change_json`; ``items`` holds the sample).
 """
 
 from __future__ import annotations
@@ -62,21 +64,24 @@ import psycopg
 import typer
 from rich.console import RenderableType
 
-from postroom.cli.common import console, error_console, replace_parameter
+from postroom.cli.common import console, replace_parameter
 from postroom.cli.options import DryRun, Json, Yes
 from postroom.cli.output import (
+    change_json,
     confirm,
     connect,
-    nothing_matches,
+    describe,
     now,
     print_json,
     query,
     say,
     scalar,
+    warn,
 )
+from postroom.cli.progress import Advance, progress
 from postroom.config import Settings
 
-#: Items shown (and put in ``--json``'s ``sample``) before a change.
+#: Items shown (and put in ``--json``'s ``items``) before a change.
 SAMPLE_ROWS = 20
 
 Item = TypeVar("Item")
@@ -166,32 +171,28 @@ def run_change(
     module's docstring shows how. Exits 0 when nothing matches, 2 without ``--yes`` and
     without a terminal, 1 when the operator says no, and ``Done.exit_code`` when set.
     """
-    dry_run, as_json = mode.dry_run, mode.as_json
+    dry_run, as_json, verb = mode.dry_run, mode.as_json, wording.verb
     chosen = select()
     matched = chosen.matched
     if matched == 0:
-        if wording.nothing is not None and not as_json:
-            say(f"{wording.nothing} Nothing to do.")
-            raise typer.Exit(0)
-        nothing_matches(
-            wording.what,
-            wording.filters,
-            as_json=as_json,
-            dry_run=dry_run,
-            changed=0,
-            **chosen.facts,
-        )
+        if as_json:
+            print_json(
+                change_json(
+                    verb, dry_run=dry_run, matched=0, changed=0, items=[], facts=chosen.facts
+                )
+            )
+        else:
+            nothing = wording.nothing or f"No {wording.what} match ({describe(wording.filters)})."
+            say(f"{nothing} Nothing to do.")
+        raise typer.Exit(0)
     sample = list(chosen.sample)
     if not as_json:
         shown = f"first {len(sample)} of {matched}" if matched > len(sample) else str(matched)
         console.print(preview(f"{wording.what.capitalize()} to {wording.verb} ({shown})", sample))
-    document = {
-        "dry_run": dry_run,
-        "matched": matched,
-        "changed": 0,
-        "sample": [item_json(item) for item in sample],
-        **chosen.facts,
-    }
+    items = [item_json(item) for item in sample]
+    document = change_json(
+        verb, dry_run=dry_run, matched=matched, changed=0, items=items, facts=chosen.facts
+    )
     if dry_run:
         if as_json:
             print_json(document)
@@ -209,19 +210,23 @@ def run_change(
         for line in done.lines:
             say(line)
         for line in done.errors:
-            error_console.print(line, highlight=False)
+            warn(line)
     if done.exit_code:
         raise typer.Exit(done.exit_code)
 
 
 def in_batches(
-    connection: psycopg.Connection[Any], statement: str, params: Mapping[str, Any]
+    connection: psycopg.Connection[Any],
+    statement: str,
+    params: Mapping[str, Any],
+    advance: Advance | None = None,
 ) -> int:
     """Run ``statement`` again and again, one transaction each, until it changes nothing.
 
     The statement changes at most ``%(limit)s`` rows, and returns either nothing (its row
     count is taken) or one row: how many it changed and, optionally, the position it got
-    to, which becomes ``%(after)s`` of the next batch. Returns how many rows changed in all.
+    to, which becomes ``%(after)s`` of the next batch. Returns how many rows changed in all;
+    ``advance`` (a progress bar's) is told each batch's count.
     """
     values = dict(params)
     changed = 0
@@ -231,6 +236,8 @@ def in_batches(
             row = cursor.fetchone() if cursor.description else None
             count = int(row[0]) if row else cursor.rowcount
         changed += count
+        if advance is not None:
+            advance(count)
         if count == 0:
             return changed
         if row is not None and len(row) > 1:
@@ -273,9 +280,12 @@ def change_rows(
     with connect(settings) as connection:
         at = now(connection)
 
+        counted: list[int] = []
+
         def select() -> Selection[dict[str, Any]]:
             extra = facts(connection) if facts else {}
             matched = int(scalar(connection, statements.count, params))
+            counted.append(matched)
             limited = {**params, "limit": SAMPLE_ROWS}
             sample = query(connection, statements.sample, limited) if matched else []
             return Selection(matched, sample, extra)
@@ -283,7 +293,8 @@ def change_rows(
         def apply() -> Done:
             start = statements.start(connection) if statements.start else {}
             batch = {**params, **start, "limit": statements.limit}
-            changed = in_batches(connection, statements.batch, batch)
+            with progress(f"{wording.verb} {wording.what}", counted[-1]) as advance:
+                changed = in_batches(connection, statements.batch, batch, advance)
             return Done(changed, done(changed))
 
         run_change(

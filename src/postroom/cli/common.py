@@ -13,7 +13,9 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from postroom.cli.text import printable, screen_width
 from postroom.config import Settings, env_var, parse_duration
 from postroom.errors import PostroomError
 from postroom.log import configure_logging
@@ -22,8 +24,9 @@ from postroom.log import configure_logging
 EXIT_CHECK_FAILED = 1
 EXIT_FAILED = 3
 
-console = Console(soft_wrap=True)
-error_console = Console(stderr=True, soft_wrap=True)
+# Fitted to COLUMNS, the terminal, or 80 columns when piped (see cli.text.screen_width).
+console = Console(soft_wrap=True, width=screen_width())
+error_console = Console(stderr=True, soft_wrap=True, width=screen_width())
 
 _defaults = Settings()
 
@@ -116,8 +119,10 @@ def configure_service_logging(settings: Settings) -> None:
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    """Print ``message`` as an error sentence and exit."""
-    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``message`` as an error sentence and exit (its text is printed as it is: no
+    markup is read from it, and control characters are shown as escapes)."""
+    sentence = Text.assemble(("error:", "bold red"), " ", printable(message, keep="\n"))
+    error_console.print(sentence, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

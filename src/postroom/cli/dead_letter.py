@@ -18,7 +18,6 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
-from rich.table import Table
 
 from postroom.brokers import (
     DeadLetter,
@@ -40,11 +39,15 @@ from postroom.cli.common import (
 )
 from postroom.cli.output import (
     EXIT_USAGE,
+    NEWLINE,
+    FittedTable,
     Json,
     age,
     failed,
+    list_json,
     payload_view,
     print_json,
+    printable,
     say,
     seconds_between,
     show_fields,
@@ -52,6 +55,7 @@ from postroom.cli.output import (
     table,
     timestamp,
 )
+from postroom.cli.progress import progress
 from postroom.config import Settings
 from postroom.log import configure_logging
 from postroom.urls import redact_url
@@ -111,20 +115,29 @@ def _broker(settings: Settings, consumer: str) -> DeadLetters:
         return dead_letters_from_url(settings.broker_url, consumer)
 
 
-def _run(work: Callable[[], Any]) -> Any:
-    """Run a broker coroutine; broker failures become sentences (exit 3)."""
+def _run(
+    work: Callable[[], Any], doing: str | None = None, count: Callable[[Any], int] = len
+) -> Any:
+    """Run a broker coroutine; broker failures become sentences (exit 3).
+
+    With ``doing``, a progress bar of that name is on stderr meanwhile (on a terminal),
+    ending at ``count(result)`` messages.
+    """
     configure_logging(json=False, level="critical")
-    with user_errors():
-        return asyncio.run(work())
+    if doing is None:
+        with user_errors():
+            return asyncio.run(work())
+    with user_errors(), progress(doing, None) as advance:
+        result = asyncio.run(work())
+        advance(count(result))
+    return result
 
 
-def _short(text: str | None, width: int = 60) -> str | None:
-    if text is None or len(text) <= width:
-        return text
-    return text[: width - 1] + "…"
+def _read(listing: Listing) -> int:
+    return len(listing.letters)
 
 
-def _letters_table(title: str | None, letters: Iterable[DeadLetter]) -> Table:
+def _letters_table(title: str | None, letters: Iterable[DeadLetter]) -> FittedTable:
     return table(
         title,
         ["id", "topic", "key", "attempts", "dead-lettered", "error"],
@@ -135,10 +148,11 @@ def _letters_table(title: str | None, letters: Iterable[DeadLetter]) -> Table:
                 letter.key,
                 letter.attempts,
                 timestamp(letter.dead_lettered_at),
-                _short(letter.error),
+                letter.error,
             )
             for letter in letters
         ],
+        free={"topic", "key", "error"},
     )
 
 
@@ -173,17 +187,18 @@ def list_letters(
     change). Kafka: only what was not requeued yet is listed.
     """
     broker = _broker(settings, consumer)
-    listing: Listing = _run(lambda: broker.browse(limit))
+    listing: Listing = _run(
+        lambda: broker.browse(limit), f"reading dead letters of {consumer}", _read
+    )
     if as_json:
         print_json(
-            {
-                "consumer": consumer,
-                "where": broker.where,
-                "exists": not listing.missing,
-                "matched": listing.total,
-                "shown": len(listing.letters),
-                "dead_letters": [letter.summary() for letter in listing.letters],
-            }
+            list_json(
+                [letter.summary() for letter in listing.letters],
+                listing.total,
+                consumer=consumer,
+                where=broker.where,
+                exists=not listing.missing,
+            )
         )
         return
     if not listing.letters:
@@ -260,7 +275,7 @@ def show(
     if found.copies > 1:
         say(f"({found.copies} dead letters have this id; this is the first.)")
     show_headers_and_payload(letter.headers, letter.body, letter.content_type)
-    say(f"\nError:\n{letter.error or '-'}")
+    say(f"\nError:\n{printable(letter.error or '-', keep=NEWLINE)}")
     say(
         "\nFix the cause, then send it back: "
         f"postroom dead-letter requeue --consumer {consumer} {letter.id}"
@@ -311,7 +326,9 @@ def requeue(
             EXIT_USAGE,
         )
     broker = _broker(settings, consumer)
-    listing: Listing = _run(lambda: broker.browse(None))
+    listing: Listing = _run(
+        lambda: broker.browse(None), f"reading dead letters of {consumer}", _read
+    )
     if ids:
         absent = [i for i in ids if not any(x.is_called(i) for x in listing.letters)]
         if absent:
@@ -325,7 +342,11 @@ def requeue(
         matched = list(listing.letters)
 
     def apply() -> Done:
-        report: Requeued = _run(lambda: broker.requeue(matched))
+        report: Requeued = _run(
+            lambda: broker.requeue(matched),
+            f"requeue dead letters to {broker.target}",
+            lambda done: len(done.requeued),
+        )
         return Done(
             len(report.requeued),
             lines=_requeued_lines(report, consumer, broker.target),

@@ -32,6 +32,7 @@ from postroom.cli.output import (
     connect,
     describe,
     duration,
+    list_json,
     now,
     print_json,
     query,
@@ -128,6 +129,7 @@ def _entries_table(title: str | None, rows: Sequence[Mapping[str, Any]], at: dat
             (r["message_id"], r["consumer"], r["processed_at"], _ago(at, r["processed_at"]))
             for r in rows
         ],
+        free={"message id", "consumer"},
     )
 
 
@@ -182,7 +184,7 @@ def list_entries(
             for name, count, oldest, latest in summary
         ]
         if as_json:
-            print_json({"consumers": consumers})
+            print_json(list_json(consumers, len(consumers)))
         elif not consumers:
             say(f"No inbox entries match ({describe(flt.words())}).")
         else:
@@ -199,6 +201,7 @@ def list_entries(
                         )
                         for c in consumers
                     ],
+                    free={"consumer"},
                 )
             )
         return

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from rich.table import Table
-
 from postroom.cli.common import console
 from postroom.cli.output import (
+    NEWLINE,
+    FittedTable,
     age,
     print_json,
+    printable,
     ranges,
     say,
     seconds_between,
@@ -61,13 +62,7 @@ def _when(row: Mapping[str, Any], now: datetime) -> str:
     return f"due {age(seconds_between(now, row['available_at']))} ago"
 
 
-def _short(text: str | None, width: int = 70) -> str | None:
-    if text is None or len(text) <= width:
-        return text
-    return text[: width - 1] + "…"
-
-
-def rows_table(title: str | None, rows: Sequence[Mapping[str, Any]], now: datetime) -> Table:
+def rows_table(title: str | None, rows: Sequence[Mapping[str, Any]], now: datetime) -> FittedTable:
     """Rows as a table: id, topic, key, state, attempts, age, when, last error."""
     return table(
         title,
@@ -81,11 +76,12 @@ def rows_table(title: str | None, rows: Sequence[Mapping[str, Any]], now: dateti
                 r["attempts"],
                 age(seconds_between(now, r["created_at"])),
                 _when(r, now),
-                _short(r["last_error"]),
+                r["last_error"],
             )
             for r in rows
         ],
-        keep_whole=2,
+        free={"topic", "key", "last error"},
+        optional=["age", "when"],
     )
 
 
@@ -238,6 +234,7 @@ def status_text(status: Status) -> None:
                     (t, c[PENDING], c[BACKING_OFF], c[DEAD], c[PUBLISHED])
                     for t, c in sorted(status.by_topic.items())
                 ],
+                free={"topic"},
             )
         )
     console.print(_owners_table(status.owners))
@@ -252,7 +249,7 @@ def status_text(status: Status) -> None:
         )
 
 
-def _owners_table(owners: list[tuple[Any, ...]]) -> Table:
+def _owners_table(owners: list[tuple[Any, ...]]) -> FittedTable:
     return table(
         "Partitions by owner (from the leases)",
         ["owner", "partitions", "count", "pending rows", "lease"],
@@ -268,10 +265,11 @@ def _owners_table(owners: list[tuple[Any, ...]]) -> Table:
             )
             for owner, numbers, expired, expires, waiting_rows in owners
         ],
+        free={"partitions"},
     )
 
 
-def _relays_table(status: Status) -> Table:
+def _relays_table(status: Status) -> FittedTable:
     return table(
         "Relays",
         ["relay", "host", "pid", "started", "last heartbeat", "state", "broker"],
@@ -298,6 +296,7 @@ def _relays_table(status: Status) -> Table:
                 broker_age,
             ) in status.relays
         ],
+        free={"host", "broker"},
     )
 
 
@@ -332,7 +331,7 @@ def show_row(row: Mapping[str, Any], at: datetime) -> None:
     )
     show_headers_and_payload(row["headers"] or {}, payload, row["content_type"])
     if row["last_error"]:
-        say(f"\nLast error:\n{row['last_error']}")
+        say(f"\nLast error:\n{printable(row['last_error'], keep=NEWLINE)}")
     if state in {DEAD, BACKING_OFF}:
         say(f"\nSend it again now: postroom outbox retry {row['id']}")
     elif state == PUBLISHED:

@@ -12,20 +12,24 @@ import contextlib
 import json
 import sys
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, NoReturn, cast
 
 import psycopg
 import typer
 from psycopg.rows import dict_row
 from rich.console import RenderableType
-from rich.table import Table
+from rich.text import Text
 
 from postroom.cli.common import EXIT_FAILED, console, error_console, fail, user_errors
 from postroom.cli.options import DryRun as DryRun
 from postroom.cli.options import Json as Json
 from postroom.cli.options import Yes as Yes
+from postroom.cli.tables import FittedTable as FittedTable
+from postroom.cli.tables import cell
+from postroom.cli.tables import timestamp as timestamp
+from postroom.cli.text import printable as printable
 from postroom.config import Settings, parse_duration
 from postroom.database import readable_errors
 from postroom.errors import ConfigurationError
@@ -33,6 +37,9 @@ from postroom.urls import psycopg_conninfo
 
 #: Exit code of bad usage (as click uses for bad options).
 EXIT_USAGE = 2
+
+#: What :func:`printable` keeps in a block of several lines (an error, a payload).
+NEWLINE = "\n"
 
 
 @contextlib.contextmanager
@@ -133,8 +140,14 @@ def _json_default(value: object) -> Any:
 
 
 def say(text: str) -> None:
-    """Print a sentence for people (no markup is read from ``text``)."""
-    console.print(text, markup=False, highlight=False)
+    """Print a sentence for people: no markup is read from ``text``, and control characters
+    other than line breaks and tabs are shown as escapes (see :func:`printable`)."""
+    console.print(printable(text, keep="\n\t"), markup=False, highlight=False)
+
+
+def warn(text: str) -> None:
+    """Print a sentence on stderr, as :func:`say` prints on stdout."""
+    error_console.print(printable(text, keep="\n\t"), markup=False, highlight=False)
 
 
 def table(
@@ -142,31 +155,13 @@ def table(
     columns: Sequence[str],
     rows: Sequence[Sequence[Any]],
     *,
-    keep_whole: int = 1,
-) -> Table:
-    """A rich table of ``rows``; the first ``keep_whole`` columns (ids, names) never wrap."""
-    result = Table(title=title, title_justify="left", header_style="bold")
-    for i, column in enumerate(columns):
-        result.add_column(column, no_wrap=i < keep_whole, overflow="fold")
-    for row in rows:
-        result.add_row(*(cell(value) for value in row))
-    return result
-
-
-def cell(value: Any) -> str:
-    """A value as table text: '-' for nothing, timestamps in UTC to the second."""
-    if value is None:
-        return "-"
-    if isinstance(value, datetime):
-        return timestamp(value)
-    return str(value)
-
-
-def timestamp(value: datetime | None) -> str:
-    """``2024-05-01 10:00:00Z`` (UTC), or '-'."""
-    if value is None:
-        return "-"
-    return value.astimezone(tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    free: Collection[str] = (),
+    optional: Sequence[str] = (),
+) -> FittedTable:
+    """A table of ``rows`` that fits the screen (see :mod:`postroom.cli.tables`); the
+    columns named in ``free`` hold free text (keys, errors, topics) and may be shortened,
+    those in ``optional`` may be left out (in that order) before rows become records."""
+    return FittedTable(title, columns, rows, free=free, optional=optional)
 
 
 def age(seconds: float | None) -> str:
@@ -224,20 +219,42 @@ def payload_view(payload: bytes, content_type: str) -> tuple[str, Any]:
 def describe(filters: Mapping[str, Any]) -> str:
     """The filters given, as words: ``topic orders, state dead, older than 1h``."""
     words = [
-        f"{name} {', '.join(map(str, value)) if isinstance(value, list | tuple) else value}"
-        for name, value in filters.items()
-        if value not in (None, [], ())
+        f"{name} {_words(value)}" for name, value in filters.items() if value not in (None, [], ())
     ]
     return "; ".join(words) or "no filter"
 
 
-def nothing_matches(what: str, filters: Mapping[str, Any], *, as_json: bool, **facts: Any) -> None:
-    """Say that a filter matched nothing (exit 0: there was nothing to do)."""
-    if as_json:
-        print_json({"matched": 0, **facts})
-    else:
-        say(f"No {what} match ({describe(filters)}). Nothing to do.")
-    raise typer.Exit(0)
+def _words(value: Any) -> str:
+    values = value if isinstance(value, list | tuple) else [value]
+    return ", ".join(printable(str(v)) for v in values)
+
+
+def list_json(items: Sequence[Mapping[str, Any]], matched: int, **context: Any) -> dict[str, Any]:
+    """The ``--json`` document of every listing command: ``{...context, "matched": how many
+    match, "count": how many are in "items", "items": [...]}``."""
+    return {**context, "matched": matched, "count": len(items), "items": list(items)}
+
+
+def change_json(
+    action: str,
+    *,
+    dry_run: bool,
+    matched: int,
+    changed: int,
+    items: Sequence[Mapping[str, Any]],
+    facts: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``--json`` document of every changing command: ``{"action", "dry_run",
+    "matched", "changed", "count", "items": [the first few matched], ...facts}``."""
+    return {
+        "action": action,
+        "dry_run": dry_run,
+        "matched": matched,
+        "changed": changed,
+        "count": len(items),
+        "items": list(items),
+        **facts,
+    }
 
 
 def failed(message: str) -> NoReturn:
@@ -247,19 +264,17 @@ def failed(message: str) -> NoReturn:
 
 def show_fields(fields: Sequence[tuple[str, Any]]) -> None:
     """Print ``(label, value)`` pairs as two aligned columns (for one item's every field)."""
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column(overflow="fold")
+    width = max((len(label) for label, _ in fields), default=0) + 2
     for label, value in fields:
-        grid.add_row(label, cell(value))
-    console.print(grid)
+        console.print(Text.assemble((label.ljust(width), "bold"), cell(value)))
 
 
 def show_headers_and_payload(headers: Mapping[str, Any], payload: bytes, content_type: str) -> str:
     """Print message headers and the payload (pretty JSON, text, or the first bytes in hex);
     returns the payload's kind (``json``, ``text`` or ``binary``)."""
     if headers:
-        console.print(table("Headers", ["name", "value"], sorted(headers.items())))
+        rows = sorted(headers.items())
+        console.print(table("Headers", ["name", "value"], rows, free={"name", "value"}))
     else:
         say("Headers: none")
     kind, view = payload_view(payload, content_type)
@@ -286,15 +301,13 @@ def show_listing(
     head: Mapping[str, Any] | None = None,
 ) -> None:
     """Print a listing of ``what`` (the family and its noun, e.g. ``("outbox", "rows")``):
-    ``{...head, matched, shown, order, <noun>: items}`` with ``--json``; otherwise its table
-    and how much of the match it shows, or that nothing matched."""
+    :func:`list_json` with ``order`` and ``head`` with ``--json``; otherwise its table and
+    how much of the match it shows, or that nothing matched."""
     shown = len(items)
     order = "newest first" if newest_first else "oldest first"
     family, noun = what
     if as_json:
-        print_json(
-            {**(head or {}), "matched": matched, "shown": shown, "order": order, noun: items}
-        )
+        print_json(list_json(items, matched, **(head or {}), order=order))
     elif not shown:
         say(f"No {family} {noun} match ({describe(filters)}).")
     else:
