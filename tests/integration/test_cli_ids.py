@@ -137,7 +137,7 @@ def test_inbox_forget_all_of_a_consumer_leaves_the_others(
 
 def test_inbox_ls_checks_ids_in_any_spelling(tables: Tables, inbox: set[tuple[str, str]]) -> None:
     listed = as_json(cli(tables, "inbox", "ls", "-c", "shipping", SPELLINGS[0], "--json"))
-    assert [e["message_id"] for e in listed["entries"]] == [str(ID)]
+    assert [e["message_id"] for e in listed["items"]] == [str(ID)]
     bad = cli(tables, "inbox", "ls", "-c", "shipping", "0190a5c2-7a4e-7d1c-9f3b-2c4d5e6f7a8")
     assert "is not a valid UUID" in one_line_error(bad, 2)
 
@@ -177,7 +177,7 @@ async def test_rabbitmq_dead_letters_answer_to_postroom_id_and_amqp_message_id()
         await rabbitmq_dead_letter(AMQP_URL, name, message_id="order-18", postroom_id=None)
 
         listed = as_json(await dead_letter_cli(AMQP_URL, "ls", "-c", name, "--json"))
-        assert sorted(letter["id"] for letter in listed["dead_letters"]) == sorted(
+        assert sorted(letter["id"] for letter in listed["items"]) == sorted(
             [str(ID), "order-18"]
         )
         for spelling in [*SPELLINGS, "amqp-17"]:
@@ -200,7 +200,7 @@ async def test_rabbitmq_dead_letters_answer_to_postroom_id_and_amqp_message_id()
         assert copy.id == "amqp-17"
         assert copy.headers["postroom-id"] == str(ID)
         left = as_json(await dead_letter_cli(AMQP_URL, "ls", "-c", name, "--json"))
-        assert [letter["id"] for letter in left["dead_letters"]] == ["order-18"]
+        assert [letter["id"] for letter in left["items"]] == ["order-18"]
         missing = await dead_letter_cli(AMQP_URL, "requeue", "-c", name, "amqp-17", "--yes")
         assert "no dead letter 'amqp-17'" in one_line_error(missing, 3)
     finally:

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import psycopg
-from rich.markup import escape
 
 from postroom.cli.common import fail
 from postroom.cli.output import EXIT_USAGE, failed, scalar
@@ -48,9 +47,8 @@ def consumer_name(name: str) -> str:
 
 
 def _shown(text: str) -> str:
-    """Typed text for an error sentence: quoted, control characters and non-ASCII escaped,
-    brackets kept from being read as markup."""
-    return escape(ascii(text))
+    """Typed text for an error sentence: quoted, control characters and non-ASCII escaped."""
+    return ascii(text)
 
 
 def inbox_message_id(text: str) -> str:
@@ -131,7 +129,7 @@ def require_inbox_ids(
             f" and {len(absent) - 10} more" if len(absent) > 10 else ""
         )
         failed(
-            f"consumer {_shown(consumer)} has no inbox entry for message id {escape(shown)}; "
+            f"consumer {_shown(consumer)} has no inbox entry for message id {shown}; "
             f"{doing} "
             f"(`postroom inbox ls --consumer {consumer}` lists the messages it handled)"
         )
