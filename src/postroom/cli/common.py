@@ -14,7 +14,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 
-from postroom.config import Settings, env_var, parse_duration
+from postroom.config import Settings, env_var, field_type, parse_duration
 from postroom.errors import PostroomError
 from postroom.log import configure_logging
 
@@ -33,7 +33,7 @@ def _option(name: str, flag: str) -> Any:
 
 
 _COMMON_FIELDS = ("database_url", "schema", "outbox_table", "inbox_table")
-_FIELD_TYPES: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Settings)}
+_FIELD_TYPES: dict[str, type] = {f.name: field_type(f.name) for f in dataclasses.fields(Settings)}
 
 
 def _parameter(name: str) -> inspect.Parameter:

@@ -57,6 +57,7 @@ async def _run(settings: Settings) -> None:
     get_logger("relay").info(
         "relay.configured",
         relay=service.relay_id,
-        **settings.shown("broker_url", "database_url", "schema", "metrics_port"),
+        metrics_port=settings.metrics_port_for("relay"),
+        **settings.shown("broker_url", "database_url", "schema"),
     )
     await run_until_signalled(service)
