@@ -62,13 +62,16 @@ def _flag(name: str) -> str:
 R = TypeVar("R")
 
 
-def with_settings(*fields: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
-    """Give a command options for the common database settings plus ``fields``.
+def with_settings(
+    *fields: str, database: bool = True
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Give a command options for the common database settings (unless not ``database``)
+    plus ``fields``.
 
     The command receives one :class:`Settings` as ``settings``; each option has its
     ``POSTROOM_*`` environment variable, shown in ``--help``.
     """
-    names = _COMMON_FIELDS + fields
+    names = (_COMMON_FIELDS if database else ()) + fields
     extra = [_parameter(name) for name in names]
 
     def decorate(command: Callable[..., R]) -> Callable[..., R]:
