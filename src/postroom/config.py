@@ -74,6 +74,13 @@ class Settings:
     relay_retention: float = _setting(
         86400.0, "How long published rows are kept (for replay); 0 deletes them at once."
     )
+    relay_create_topics: bool = _setting(
+        False,
+        "Kafka: create a topic that does not exist before the first publish to it (the "
+        "cluster's default partitions and replication factor). No effect on RabbitMQ: the "
+        "relay declares its exchange there, and queues are the consumers' (postroom broker "
+        "setup).",
+    )
     metrics_port: int | None = _setting(
         None,
         "Port of the /metrics, /healthz and /readyz endpoints; 0 turns them off "

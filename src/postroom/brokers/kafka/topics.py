@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from postroom.brokers.kafka.settings import (
     REFUSED_CODES,
     _describe,
     _LibrdkafkaLog,
+    _log,
     parse_kafka_url,
 )
 from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
@@ -204,3 +205,38 @@ async def set_up_topics(
             SetupStep(f"topic {state.name}", CREATED if state.created else EXISTS, warning)
         )
     return steps
+
+
+class TopicCreator:
+    """Creates each topic a publisher is about to write to, once, if it does not exist.
+
+    Topics seen to exist are remembered, so only a topic not met before costs a metadata
+    request. :meth:`ensure` never raises: a refusal (no CREATE permission, a policy) is
+    (or an invalid setting) is logged once and the topic is not tried again, an
+    unreachable cluster is
+    logged and tried again with the next batch; either way the produce that follows
+    reports what became of the messages.
+    """
+
+    def __init__(self, bootstrap_servers: str, config: Mapping[str, Any]) -> None:
+        self._admin = TopicAdmin(bootstrap_servers, config=config)
+        self._known: set[str] = set()
+
+    async def ensure(self, topics: Iterable[str]) -> None:
+        """Create those of ``topics`` that do not exist (the cluster's default partitions
+        and replication factor)."""
+        missing = sorted(set(topics) - self._known)
+        if not missing:
+            return
+        try:
+            existing = await self._admin.partitions()
+            self._known.update(existing)
+            for state in await self._admin.ensure(missing, known=existing):
+                self._known.add(state.name)
+                if state.created:
+                    _log.info("topic created", topic=state.name)
+        except (BrokerRefusedError, ConfigurationError) as exc:
+            self._known.update(missing)  # asking again would be refused again
+            _log.warning("topics not created", topics=missing, error=str(exc))
+        except BrokerUnavailableError as exc:
+            _log.warning("topics not created", topics=missing, error=str(exc))
