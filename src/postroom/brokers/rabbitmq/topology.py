@@ -47,7 +47,12 @@ def retry_queue_name(queue: str, delay: float) -> str:
     TTL), then RabbitMQ dead-letters it back to ``queue``. Delays in one queue differ by at
     most half, so one waiting at the head never holds another back by more than that.
     """
-    return f"{queue}.retry.{retry_tier_ms(delay)}ms"
+    return tier_queue_name(queue, retry_tier_ms(delay))
+
+
+def tier_queue_name(queue: str, tier_ms: int) -> str:
+    """The retry queue of ``queue`` for the tier of ``tier_ms``: ``<queue>.retry.<ms>ms``."""
+    return f"{queue}.retry.{tier_ms}ms"
 
 
 def retry_queue_expires_ms(tier_ms: int) -> int:
@@ -130,7 +135,8 @@ def consumer_topology(
     declarations: list[Declaration] = [Exchange(exchange), Queue(consumer)]
     declarations += [Binding(exchange, consumer, topic) for topic in topics]
     declarations += [
-        Queue(f"{consumer}.retry.{tier}ms", retry_queue_arguments(consumer, tier)) for tier in tiers
+        Queue(tier_queue_name(consumer, tier), retry_queue_arguments(consumer, tier))
+        for tier in tiers
     ]
     declarations.append(Queue(dead_letter_name(consumer)))
     return declarations
