@@ -26,6 +26,8 @@ from postroom.urls import normalize_database_url, redact_settings
 ENV_PREFIX: Final = "POSTROOM_"
 DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_BROKER_URL: Final = "amqp://guest:guest@127.0.0.1:5672/"
+#: Default metrics ports: each service its own, so a relay and a consumer run side by side.
+DEFAULT_METRICS_PORTS: Final = {"relay": 9400, "consumer": 9401}
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -72,8 +74,17 @@ class Settings:
     relay_retention: float = _setting(
         86400.0, "How long published rows are kept (for replay); 0 deletes them at once."
     )
-    metrics_port: int = _setting(
-        9400, "Port of the /metrics, /healthz and /readyz endpoints; 0 turns them off."
+    relay_create_topics: bool = _setting(
+        False,
+        "Kafka: create a topic that does not exist before the first publish to it (the "
+        "cluster's default partitions and replication factor). No effect on RabbitMQ: the "
+        "relay declares its exchange there, and queues are the consumers' (postroom broker "
+        "setup).",
+    )
+    metrics_port: int | None = _setting(
+        None,
+        "Port of the /metrics, /healthz and /readyz endpoints; 0 turns them off "
+        "(default: 9400 for the relay, 9401 for the consumer).",
     )
     metrics_host: str = _setting(
         DEFAULT_METRICS_HOST,
@@ -140,7 +151,7 @@ class Settings:
         for name in ("relay_backoff_initial", "relay_backoff_max", "relay_retention"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must not be negative (set {env_var(name)})")
-        if not 0 <= self.metrics_port <= 65535:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigurationError(f"metrics_port must be 0-65535, got {self.metrics_port}")
         validate_host(self.metrics_host)
         if not 0 < self.health_timeout < math.inf:
@@ -176,9 +187,16 @@ class Settings:
         for f in dataclasses.fields(cls):
             raw = source.get(env_var(f.name))
             if raw is not None and raw != "":
-                values[f.name] = _parse(f.name, raw, type(f.default))
+                values[f.name] = _parse(f.name, raw, field_type(f.name))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def metrics_port_for(self, service: str) -> int:
+        """The metrics port of ``service`` (``relay`` or ``consumer``): ``metrics_port`` if
+        set, else the service's own default (relay 9400, consumer 9401)."""
+        if self.metrics_port is not None:
+            return self.metrics_port
+        return DEFAULT_METRICS_PORTS[service]
 
     def help_for(self, name: str) -> str:
         """The help text of one field, for CLI options."""
@@ -202,6 +220,13 @@ def validate_host(host: object) -> None:
         f"metrics_host {host!r} is not an IP address or host name; use 127.0.0.1 (this "
         f"machine only) or 0.0.0.0 (every interface) (set {env_var('metrics_host')})"
     )
+
+
+def field_type(name: str) -> type:
+    """The type of Settings field ``name`` (``int`` for ``metrics_port``, whose default
+    None means the service's own port)."""
+    default = next(f.default for f in dataclasses.fields(Settings) if f.name == name)
+    return int if default is None else type(default)
 
 
 def env_var(field_name: str) -> str:

@@ -11,7 +11,7 @@ import aiormq
 import pytest
 from structlog.testing import capture_logs
 
-from postroom.brokers.rabbitmq.subscriber import (
+from postroom.brokers.rabbitmq.topology import (
     retry_queue_expires_ms,
     retry_queue_name,
     retry_tier_ms,

@@ -9,9 +9,10 @@
         relay.events("relay.mark_fenced")       # parsed JSON log lines
 
 Every relay runs with ``--log-format json`` and ``--metrics-port 0`` (so several can run at
-once), its own PostgreSQL ``application_name`` (``relay.application_name``, via PGAPPNAME,
-so a test can find exactly its backends in ``pg_stat_activity``), no ``POSTROOM_*`` variable
-inherited from the test's environment, and its stdout and stderr in one log file. Leaving
+once; ``metrics_port=None`` leaves the service's default port), its own PostgreSQL
+``application_name`` (``relay.application_name``, via PGAPPNAME, so a test can find exactly
+its backends in ``pg_stat_activity``), no ``POSTROOM_*`` variable inherited from the test's
+environment, and its stdout and stderr in one log file. Leaving
 the fleet (or the fixture that holds it) resumes and SIGKILLs whatever still runs; a relay
 started from the main thread also gets SIGKILL from the kernel if the test process dies
 (PR_SET_PDEATHSIG), and an atexit hook kills any left over, so none outlives the session.
@@ -90,6 +91,11 @@ def peak_rss_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0
+
+
+def metrics_flag(port: int | None) -> list[str]:
+    """``--metrics-port PORT``; none for None, so the service takes its default port."""
+    return [] if port is None else ["--metrics-port", str(port)]
 
 
 def duration(seconds: float) -> str:
@@ -349,7 +355,7 @@ class RelayFleet:
         backoff_initial: float | None = None,
         backoff_max: float | None = None,
         retention: float | None = None,
-        metrics_port: int = 0,
+        metrics_port: int | None = 0,
         extra_args: Iterable[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> ServiceProcess:
@@ -373,8 +379,7 @@ class RelayFleet:
             relay_id,
             "--log-format",
             "json",
-            "--metrics-port",
-            str(metrics_port),
+            *metrics_flag(metrics_port),
         ]
         for flag, value in (
             ("--lease", lease),
@@ -398,7 +403,7 @@ class RelayFleet:
         broker_url: str | None = None,
         consumer_id: str | None = None,
         database_url: str | None = None,
-        metrics_port: int = 0,
+        metrics_port: int | None = 0,
         extra_args: Iterable[str] = (),
         env: Mapping[str, str] | None = None,
         pythonpath: str | None = None,
@@ -420,8 +425,7 @@ class RelayFleet:
             url,
             "--log-format",
             "json",
-            "--metrics-port",
-            str(metrics_port),
+            *metrics_flag(metrics_port),
             *extra_args,
         ]
         process_env = dict(env or {})

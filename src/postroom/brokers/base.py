@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 from postroom.message import Message
 
@@ -40,6 +40,28 @@ class PublishResult:
 
 
 CONFIRMED = PublishResult(Outcome.CONFIRMED)
+
+#: States of a SetupStep.
+CREATED: Final = "created"
+EXISTS: Final = "exists"
+WOULD_CREATE: Final = "would create"
+BOUND: Final = "bound"
+"""A RabbitMQ binding declared on a queue that existed: AMQP cannot tell whether it did."""
+WOULD_BIND: Final = "would bind"
+"""A RabbitMQ binding on a queue that exists, in a dry run: bound unless it is already."""
+
+
+@dataclass(frozen=True)
+class SetupStep:
+    """One object on the broker and what became of it (or would, in a dry run)."""
+
+    what: str
+    """The object: ``queue billing``, ``binding postroom -> billing (orders.created)``,
+    ``topic orders.created``."""
+    state: str
+    """CREATED, EXISTS, WOULD_CREATE, BOUND or WOULD_BIND."""
+    warning: str | None = None
+    """A difference from what was asked that set-up leaves as it is, with what to do."""
 
 
 def wire_size(message: Message) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from postroom.cli import db, dead_letter, inbox, outbox
+from postroom.cli import broker, db, dead_letter, inbox, outbox
 from postroom.cli.consume import consume
 from postroom.cli.relay import relay
 
@@ -23,6 +23,7 @@ app.add_typer(db.app, name="db")
 app.add_typer(outbox.app, name="outbox")
 app.add_typer(inbox.app, name="inbox")
 app.add_typer(dead_letter.app, name="dead-letter")
+app.add_typer(broker.app, name="broker")
 app.command()(relay)
 app.command()(consume)
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from postroom.cli.text import printable, screen_width
-from postroom.config import Settings, env_var, parse_duration
+from postroom.config import Settings, env_var, field_type, parse_duration
 from postroom.errors import PostroomError
 from postroom.log import configure_logging
 
@@ -36,7 +36,7 @@ def _option(name: str, flag: str) -> Any:
 
 
 _COMMON_FIELDS = ("database_url", "schema", "outbox_table", "inbox_table")
-_FIELD_TYPES: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Settings)}
+_FIELD_TYPES: dict[str, type] = {f.name: field_type(f.name) for f in dataclasses.fields(Settings)}
 
 
 def _parameter(name: str) -> inspect.Parameter:
@@ -65,13 +65,16 @@ def _flag(name: str) -> str:
 R = TypeVar("R")
 
 
-def with_settings(*fields: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
-    """Give a command options for the common database settings plus ``fields``.
+def with_settings(
+    *fields: str, database: bool = True
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Give a command options for the common database settings (unless not ``database``)
+    plus ``fields``.
 
     The command receives one :class:`Settings` as ``settings``; each option has its
     ``POSTROOM_*`` environment variable, shown in ``--help``.
     """
-    names = _COMMON_FIELDS + fields
+    names = (_COMMON_FIELDS if database else ()) + fields
     extra = [_parameter(name) for name in names]
 
     def decorate(command: Callable[..., R]) -> Callable[..., R]:

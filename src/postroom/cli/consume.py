@@ -113,6 +113,7 @@ async def _run(consumer: Consumer, settings: Settings) -> None:
     get_logger("consumer").info(
         "consumer.configured",
         consumer=consumer.name,
-        **settings.shown("broker_url", "database_url", "schema", "metrics_port"),
+        metrics_port=settings.metrics_port_for("consumer"),
+        **settings.shown("broker_url", "database_url", "schema"),
     )
     await run_until_signalled(service)

@@ -22,6 +22,7 @@ RELAY_FIELDS = (
     "relay_backoff_initial",
     "relay_backoff_max",
     "relay_retention",
+    "relay_create_topics",
     "metrics_port",
     "metrics_host",
     "health_timeout",
@@ -36,7 +37,8 @@ def relay(*, settings: Settings) -> None:
     Run as many as you like: they share the outbox's partitions through leases and keep
     each key in order. SIGTERM or Ctrl-C finishes the batch in flight, releases the
     partitions and exits. Serves /metrics, /healthz and /readyz on --metrics-host
-    (127.0.0.1 by default) and --metrics-port.
+    (127.0.0.1 by default) and --metrics-port (9400 by default). With --create-topics, on
+    Kafka, each topic is created before the first publish to it.
     """
     configure_service_logging(settings)
     with user_errors():
@@ -52,11 +54,15 @@ async def _run(settings: Settings) -> None:
         await asyncio.to_thread(
             migrate.require_current, settings.database_url, tables_for(settings), "relay"
         )
-    publisher = publisher_from_url(settings.broker_url)
+    options = {}
+    if settings.relay_create_topics and settings.broker_url.startswith("kafka:"):
+        options["create_topics"] = True
+    publisher = publisher_from_url(settings.broker_url, **options)
     service = Relay(settings, publisher)
     get_logger("relay").info(
         "relay.configured",
         relay=service.relay_id,
-        **settings.shown("broker_url", "database_url", "schema", "metrics_port"),
+        metrics_port=settings.metrics_port_for("relay"),
+        **settings.shown("broker_url", "database_url", "schema"),
     )
     await run_until_signalled(service)

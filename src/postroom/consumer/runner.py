@@ -93,7 +93,7 @@ class ConsumerService:
         self._lifecycle = Lifecycle(
             "consumer",
             self.metrics.registry,
-            metrics_port=self.settings.metrics_port,
+            metrics_port=self.settings.metrics_port_for("consumer"),
             metrics_host=self.settings.metrics_host,
             health_timeout=self.settings.health_timeout,
             healthy=self.healthy,

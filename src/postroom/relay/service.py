@@ -99,7 +99,7 @@ class Relay:
         self._lifecycle = Lifecycle(
             "relay",
             self.metrics.registry,
-            metrics_port=settings.metrics_port,
+            metrics_port=settings.metrics_port_for("relay"),
             metrics_host=settings.metrics_host,
             health_timeout=max(settings.health_timeout, 4 * settings.relay_lease),
             healthy=self.healthy,

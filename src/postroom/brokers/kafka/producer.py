@@ -28,6 +28,7 @@ from postroom.brokers.kafka.settings import (
     classify_error,
     parse_kafka_url,
 )
+from postroom.brokers.kafka.topics import TopicCreator
 from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
 from postroom.message import Message
 
@@ -47,6 +48,8 @@ class KafkaPublisher:
     that is not delivered within ``message.timeout.ms`` is UNAVAILABLE; a producer that
     failed fatally is replaced on the next publish. The default partitioner is
     ``murmur2_random``, which places keys on the same partitions as the Java client.
+    With ``create_topics``, a topic not met before is created (the cluster's default
+    partitions and replication factor) before the first message to it is produced.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class KafkaPublisher:
         message_timeout_ms: int = DEFAULT_MESSAGE_TIMEOUT_MS,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         config: Mapping[str, Any] | None = None,
+        create_topics: bool = False,
     ) -> None:
         servers = (
             bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
@@ -118,6 +122,9 @@ class KafkaPublisher:
         self.connect_timeout = connect_timeout
         """Seconds connect() waits for the cluster to answer."""
         self._settings = settings
+        self._topics: TopicCreator | None = None
+        if create_topics:
+            self._topics = TopicCreator(servers, {**settings, "client.id": "postroom-admin"})
         self._producer: _Producer | None = None
         self._lock = asyncio.Lock()
 
@@ -155,6 +162,8 @@ class KafkaPublisher:
         """
         if not batch:
             return []
+        if self._topics is not None:
+            await self._topics.ensure(message.topic for message in batch)
         async with self._lock:
             producer = await self._ensure_producer()
         reports = _Reports(producer, batch)

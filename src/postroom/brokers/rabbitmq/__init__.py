@@ -25,12 +25,8 @@ from postroom.brokers.rabbitmq.publisher import (
     RabbitMQPublisher,
 )
 from postroom.brokers.rabbitmq.publisher import _broker_size_limit as _broker_size_limit
-from postroom.brokers.rabbitmq.subscriber import (
-    RabbitMQDelivery,
-    RabbitMQSubscriber,
-    retry_queue_name,
-    retry_tier_ms,
-)
+from postroom.brokers.rabbitmq.subscriber import RabbitMQDelivery, RabbitMQSubscriber
+from postroom.brokers.rabbitmq.topology import retry_queue_name, retry_tier_ms
 
 __all__ = [
     "DEFAULT_CONFIRM_TIMEOUT",

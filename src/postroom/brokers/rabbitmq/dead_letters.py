@@ -35,8 +35,8 @@ from postroom.brokers.dead_letters import (
     Requeued,
     digest,
 )
-from postroom.brokers.rabbitmq.publisher import _address
-from postroom.brokers.rabbitmq.subscriber import _header_text, describe_amqp_error
+from postroom.brokers.rabbitmq.publisher import _address, describe_amqp_error
+from postroom.brokers.rabbitmq.subscriber import _header_text
 from postroom.errors import BrokerUnavailableError
 from postroom.message import HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, OCTET_STREAM
 

@@ -21,7 +21,7 @@ from postroom.brokers.base import CONFIRMED, Outcome, PublishResult, too_large, 
 from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
 from postroom.log import get_logger
 from postroom.message import Message
-from postroom.urls import redact_url
+from postroom.urls import redact_url, scrub
 
 #: Name of the topic exchange messages are published to.
 DEFAULT_EXCHANGE: Final = "postroom"
@@ -371,6 +371,16 @@ def _properties(message: Message) -> Basic.Properties:
         timestamp=message.created_at,
         headers=dict(message.wire_headers()),
     )
+
+
+def describe_amqp_error(exc: BaseException, url: str) -> str:
+    """``ExceptionType: text`` of a client error, with the URL's password and secret query
+    values hidden (aiormq quotes what it was given)."""
+    text = scrub(str(exc) or repr(exc), url)
+    password = urlsplit(url).password
+    if password:
+        text = text.replace(password, "***")
+    return f"{type(exc).__name__}: {text}"
 
 
 def refusal(exc: BaseException, address: str, url: str) -> BrokerRefusedError | None:

@@ -18,39 +18,25 @@ from postroom.brokers.rabbitmq.publisher import (
     DEFAULT_EXCHANGE,
     _address,
     _log,
+    describe_amqp_error,
     refusal,
 )
+from postroom.brokers.rabbitmq.topology import (
+    Queue,
+    consumer_topology,
+    declare,
+    declare_retry_queue,
+    retry_queue_advice,
+    retry_queue_arguments,
+    retry_queue_name,
+    retry_tier_ms,
+)
 from postroom.errors import BrokerUnavailableError, ConfigurationError, DeliveryLostError
-from postroom.urls import redact_url, scrub
+from postroom.urls import redact_url
 
-
-def retry_queue_name(queue: str, delay: float) -> str:
-    """The retry queue for ``delay``: ``<queue>.retry.<ms>ms``, ms a power of two (>= 16).
-
-    A message waits in it for its own delay (per-message expiration, capped by the queue's
-    TTL), then RabbitMQ dead-letters it back to ``queue``. Delays in one queue differ by at
-    most half, so one waiting at the head never holds another back by more than that.
-    """
-    return f"{queue}.retry.{retry_tier_ms(delay)}ms"
-
-
-#: A retry queue nobody declared for this long is deleted by RabbitMQ (``x-expires``),
-#: unless its tier's delay is longer (then four times the delay).
-RETRY_QUEUE_EXPIRES_MS = 24 * 60 * 60 * 1000
 #: Seconds after which a retry queue in use is declared again before a publish to it:
 #: publishing does not count as use, only declaring (and consuming) does.
 RETRY_QUEUE_REDECLARE_SECONDS = 60 * 60.0
-
-
-def retry_queue_expires_ms(tier_ms: int) -> int:
-    """``x-expires`` of the retry queue of ``tier_ms``: far above any message's wait in it."""
-    return max(RETRY_QUEUE_EXPIRES_MS, 4 * tier_ms)
-
-
-def retry_tier_ms(delay: float) -> int:
-    """The power-of-two number of milliseconds (at least 16) that holds ``delay``."""
-    ms = max(1, round(delay * 1000))
-    return max(16, 1 << (ms - 1).bit_length())
 
 
 def _header_text(value: Any, *, dates: bool = False) -> str | None:
@@ -64,16 +50,6 @@ def _header_text(value: Any, *, dates: bool = False) -> str | None:
     if dates and isinstance(value, datetime):
         return value.isoformat()
     return None
-
-
-def describe_amqp_error(exc: BaseException, url: str) -> str:
-    """``ExceptionType: text`` of a client error, with the URL's password and secret query
-    values hidden (aiormq quotes what it was given)."""
-    text = scrub(str(exc) or repr(exc), url)
-    password = urlsplit(url).password
-    if password:
-        text = text.replace(password, "***")
-    return f"{type(exc).__name__}: {text}"
 
 
 def own_copy(incoming: Any) -> bool:
@@ -179,10 +155,10 @@ class RabbitMQDelivery:
         headers = dead_letter_headers(self, name, error, attempts)
         queue = dead_letter_name(name)
 
-        async def declare() -> None:
-            await self._subscriber._channel.declare_queue(queue, durable=True)
+        async def declare_again() -> None:
+            await declare(self._subscriber._channel, Queue(queue))
 
-        await self._subscriber._publish(self, queue, headers, declare)
+        await self._subscriber._publish(self, queue, headers, declare_again)
         await self._ack_after_copy("dead-letter")
 
     def _channel_lost(self) -> bool:
@@ -253,8 +229,6 @@ class RabbitMQSubscriber:
 
     async def start(self, consumer: str, topics: Sequence[str]) -> None:
         """Connect (robustly: it reconnects by itself), declare and bind, start consuming."""
-        from postroom.brokers.base import dead_letter_name
-
         self.queue_name = consumer
         try:
             self._connection = await aio_pika.connect_robust(
@@ -268,14 +242,10 @@ class RabbitMQSubscriber:
                 publisher_confirms=True, on_return_raises=True
             )
             await self._channel.set_qos(prefetch_count=self.prefetch)
-            exchange = await self._channel.declare_exchange(
-                self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-            )
-            queue = await self._channel.declare_queue(consumer, durable=True)
-            for topic in topics:
-                await queue.bind(exchange, routing_key=topic)
-            await self._channel.declare_queue(dead_letter_name(consumer), durable=True)
-            await queue.consume(self._on_message)
+            declared: dict[tuple[str, str], Any] = {}
+            for declaration in consumer_topology(consumer, topics, exchange=self.exchange):
+                await declare(self._channel, declaration, declared)
+            await declared["queue", consumer].consume(self._on_message)
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
             await self.close()
             refused = self._refusal(exc)
@@ -340,31 +310,15 @@ class RabbitMQSubscriber:
         the existing queue is used as it is: deleting it could drop messages waiting in it,
         so the operator is told to delete it once it is empty.
         """
-        arguments = {
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": self.queue_name,
-            "x-message-ttl": tier_ms,
-            "x-expires": retry_queue_expires_ms(tier_ms),
-        }
-        channel = await self._connection.channel()
-        try:
-            await channel.declare_queue(name, durable=True, arguments=arguments)
-        except aiormq.exceptions.ChannelPreconditionFailed:
+        queue = Queue(name, retry_queue_arguments(self.queue_name, tier_ms))
+        if not await declare_retry_queue(self._connection, queue):
             await self._channel.declare_queue(name, passive=True)
             if name not in self._retry_queues:
                 _log.warning(
                     "retry queue declared without expiry",
                     queue=name,
-                    action=(
-                        f"retry queue {name!r} was declared by an older postroom without "
-                        "x-expires and is used as it is; delete it once it is empty "
-                        f"(rabbitmqctl delete_queue {name} --if-empty) and postroom "
-                        "declares it again with x-expires"
-                    ),
+                    action=retry_queue_advice(name),
                 )
-        finally:
-            if not channel.is_closed:
-                await channel.close()
 
     async def _publish(
         self,
