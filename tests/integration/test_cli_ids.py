@@ -177,9 +177,7 @@ async def test_rabbitmq_dead_letters_answer_to_postroom_id_and_amqp_message_id()
         await rabbitmq_dead_letter(AMQP_URL, name, message_id="order-18", postroom_id=None)
 
         listed = as_json(await dead_letter_cli(AMQP_URL, "ls", "-c", name, "--json"))
-        assert sorted(letter["id"] for letter in listed["items"]) == sorted(
-            [str(ID), "order-18"]
-        )
+        assert sorted(letter["id"] for letter in listed["items"]) == sorted([str(ID), "order-18"])
         for spelling in [*SPELLINGS, "amqp-17"]:
             shown = as_json(await dead_letter_cli(AMQP_URL, "show", "-c", name, spelling, "--json"))
             assert (shown["id"], shown["amqp_message_id"]) == (str(ID), "amqp-17"), spelling
