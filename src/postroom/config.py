@@ -21,7 +21,7 @@ from postroom.names import (
     DEFAULT_SCHEMA,
     validate_table_names,
 )
-from postroom.urls import normalize_database_url, redact_settings
+from postroom.urls import check_broker_url, normalize_database_url, redact_settings
 
 ENV_PREFIX: Final = "POSTROOM_"
 DEFAULT_BROKER_URL: Final = "amqp://guest:guest@127.0.0.1:5672/"
@@ -121,6 +121,7 @@ class Settings:
         if self.database_url:
             object.__setattr__(self, "database_url", normalize_database_url(self.database_url))
         _check_bounds(self)
+        check_broker_url(self.broker_url)
         if self.max_payload_bytes <= 0:
             raise ConfigurationError(
                 "max_payload_bytes must be a positive number of bytes, "

@@ -56,6 +56,35 @@ def normalize_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+#: The schemes of the brokers postroom talks to.
+BROKER_SCHEMES: Final = ("amqp", "amqps", "kafka", "memory")
+_BROKER_FORMS: Final = (
+    "amqp://user:password@host:5672/vhost, amqps://..., kafka://host:9092[,host2:9092] "
+    "or memory://[name]"
+)
+
+
+def check_broker_url(url: str) -> None:
+    """Raise ConfigurationError unless ``url`` has a broker scheme postroom knows and its
+    ports are numbers (1-65535); what each broker accepts beyond that it checks itself."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in BROKER_SCHEMES:
+        raise ConfigurationError(
+            f"broker URL {redact_url(url)!r} is not one postroom can use; use {_BROKER_FORMS}"
+        )
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(",") if parts.scheme.lower() != "memory" else ():
+        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigurationError(
+                f"broker URL {redact_url(url)!r} has port {port!r}, not a number from 1 to "
+                f"65535; use {_BROKER_FORMS}"
+            )
+
+
 def _check_port_and_options(url: str, parsed: URL) -> None:
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         raise ConfigurationError(

@@ -15,6 +15,7 @@ import typer
 from postroom.cli.common import configure_service_logging, user_errors, with_settings
 from postroom.config import Settings
 from postroom.consumer import Consumer
+from postroom.consumer.decoding import IdSource
 from postroom.consumer.runner import check_settings
 from postroom.database import readable_errors
 from postroom.errors import ConfigurationError, TargetImportError, TargetNotFoundError
@@ -61,6 +62,7 @@ def consume(
     configure_service_logging(settings)
     with user_errors():
         check_settings(settings)
+        IdSource.parse(settings.consumer_id_source)
         consumer = load_consumer(target)
         consumer.configure(settings)
         asyncio.run(_run(consumer, settings))
@@ -69,10 +71,10 @@ def consume(
 def load_consumer(target: str) -> Consumer:
     """Import ``module:attribute`` (the current directory is importable) and return the Consumer."""
     module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
+    if not module_name or not attribute or module_name.startswith("."):
         raise ConfigurationError(
-            f"{target!r} is not module:attribute; name the module and the Consumer in it, "
-            "e.g. myapp.billing:consumer"
+            f"{target!r} is not module:attribute; name the module (in full, not relative) "
+            "and the Consumer in it, e.g. myapp.billing:consumer"
         )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -96,11 +98,6 @@ def load_consumer(target: str) -> Consumer:
 
 def _import(module_name: str) -> ModuleType:
     """The module; one sentence if it is not there, or if importing it raised."""
-    if module_name.startswith("."):
-        raise ConfigurationError(
-            f"{module_name!r} is a relative module name; name the module in full, "
-            "e.g. myapp.billing:consumer"
-        )
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -48,11 +48,11 @@ async def _run(settings: Settings) -> None:
     from postroom.relay import Relay
     from postroom.schema import migrate
 
+    publisher = publisher_from_url(settings.broker_url)  # a bad URL is said before the database
     with readable_errors(settings.database_url):
         await asyncio.to_thread(
             migrate.require_current, settings.database_url, tables_for(settings), "relay"
         )
-    publisher = publisher_from_url(settings.broker_url)
     service = Relay(settings, publisher)
     get_logger("relay").info(
         "relay.configured",

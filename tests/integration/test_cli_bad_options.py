@@ -1,0 +1,151 @@
+"""Every command, every option, bad values: one sentence (or click's usage error), exit 2.
+
+The walk reads the real command tree (:func:`tests.support.bad_options.commands`), so a
+command or option added later is walked too; an option of a kind with no bad values fails
+the walk until they are added. The errors that are not bad usage (unreachable database,
+a consumer module that raises on import, unexpected exceptions) and the boundary in the
+console script are checked through the real ``postroom`` process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from postroom.cli.app import app
+from postroom.config import Settings
+from tests.support.bad_options import (
+    UNREACHABLE_BROKER,
+    UNREACHABLE_DATABASE,
+    cases,
+    commands,
+    verdict,
+    walk_env,
+)
+from tests.support.cli import run_postroom
+
+COMMANDS = commands()
+UNREACHABLE = {
+    "POSTROOM_DATABASE_URL": UNREACHABLE_DATABASE,
+    "POSTROOM_BROKER_URL": UNREACHABLE_BROKER,
+}
+
+
+def test_the_walk_finds_every_command() -> None:
+    assert {"relay", "consume", "db downgrade", "outbox ls", "inbox forget"} <= set(COMMANDS)
+    assert all(" " not in name or name.split()[0] in {"db", "outbox", "inbox", "dead-letter"}
+               for name in COMMANDS)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS))
+def test_bad_values_of_every_option_are_one_sentence_and_exit_2(
+    path: str, database_url: str
+) -> None:
+    runs, uncovered = cases(path, COMMANDS[path])
+    assert not uncovered, "options without bad values in tests/support/bad_options.py: " + (
+        ", ".join(uncovered)
+    )
+    runner = CliRunner()
+    wrong = []
+    for case in runs:
+        result = runner.invoke(app, list(case.args), env=walk_env(database_url))
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            wrong.append(f"{case} raised {result.exception!r}")
+            continue
+        problem = verdict(case, result.exit_code, result.stdout, result.stderr)
+        if problem:
+            wrong.append(problem)
+    assert runs or path in {"db check"}, f"no bad values tried for postroom {path}"
+    assert not wrong, "\n\n".join(wrong)
+
+
+def test_the_console_script_reports_bad_values_as_one_sentence() -> None:
+    for args, said in [
+        (("db", "downgrade", "bogus", "--yes"), "revision 'bogus' is not one postroom ships"),
+        (("outbox", "ls", "--older-than", "99999999999d"), "is longer than 36500d"),
+        (("relay", "--batch-size", "99999999999999999999"), "more than 2,147,483,647"),
+        (("db", "check", "--database-url", "postgresql://h:notaport/db"), "port is not a number"),
+        (("db", "check", "--database-url", "postgresql://h/db?bogus=1"), "query option 'bogus'"),
+    ]:
+        result = run_postroom(*args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: "), result.stderr
+        assert said in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_missing_database_url_says_how_to_set_it_and_help_still_works() -> None:
+    result = run_postroom("outbox", "ls", clean=True)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: POSTROOM_DATABASE_URL is not set: export POSTROOM_DATABASE_URL="
+        "postgresql://user:password@host:5432/dbname (or pass --database-url)\n"
+    )
+    assert Settings.from_env({}).database_url == ""
+    helped = run_postroom("outbox", "ls", "--help", clean=True, env={"COLUMNS": "200"})
+    assert helped.returncode == 0, helped.stderr
+    assert "--database-url" in helped.stdout
+    shown = run_postroom("db", "sql", clean=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "CREATE TABLE" in shown.stdout
+
+
+def test_version_and_help_text() -> None:
+    version = run_postroom("--version", clean=True)
+    assert version.returncode == 0
+    assert version.stdout.startswith("postroom ")
+    assert version.stdout.split()[1][0].isdigit()
+    helped = run_postroom("--help", clean=True, env={"COLUMNS": "200"})
+    assert "Exit codes: 0 success; 1 refused or aborted" in helped.stdout
+    assert "--debug" in helped.stdout
+    consume = run_postroom("consume", "--help", clean=True, env={"COLUMNS": "200"}).stdout
+    assert "header:<name>" in consume
+    assert "<str>" not in consume
+    assert "<int>" not in consume
+    assert "<bool>" not in consume
+    assert "[default: 7d]" in consume
+    relay = run_postroom("relay", "--help", clean=True, env={"COLUMNS": "200"}).stdout
+    assert "[default: 24h]" in relay
+    assert "DURATION" in relay
+
+
+def test_unreachable_is_3_and_refused_is_2_without_a_terminal(tmp_path: Path) -> None:
+    unreachable = run_postroom("outbox", "ls", env=UNREACHABLE)
+    assert unreachable.returncode == 3
+    assert unreachable.stderr.startswith("error: cannot reach PostgreSQL at walk@127.0.0.1:1/none")
+    assert len(unreachable.stderr.strip().splitlines()) == 1
+    refused = run_postroom("db", "downgrade", "base", env=UNREACHABLE)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: not reverting postroom's tables without confirmation")
+
+
+def test_a_consumer_module_that_fails_to_import_is_named_with_where(tmp_path: Path) -> None:
+    (tmp_path / "walk_syntax.py").write_text("x = 1\ndef broken(:\n")
+    (tmp_path / "walk_raises.py").write_text("import os\nraise RuntimeError('no config')\n")
+    env = {**UNREACHABLE, "PYTHONPATH": str(tmp_path)}
+    syntax = run_postroom("consume", "walk_syntax:consumer", env=env)
+    assert syntax.returncode == 3
+    assert syntax.stderr.startswith(
+        "error: importing module 'walk_syntax' failed: SyntaxError: invalid syntax ("
+        f"{tmp_path / 'walk_syntax.py'}:2)"
+    )
+    raises = run_postroom("consume", "walk_raises:consumer", env=env)
+    assert raises.returncode == 3
+    assert raises.stderr.startswith(
+        "error: importing module 'walk_raises' failed: RuntimeError: no config ("
+        f"{tmp_path / 'walk_raises.py'}:2)"
+    )
+    for result in (syntax, raises):
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "PYTHONPATH" not in result.stderr
+        assert "Traceback" not in result.stderr
+    missing = run_postroom("consume", "walk_no_such_module:consumer", env=env)
+    assert missing.returncode == 3
+    assert "cannot find module 'walk_no_such_module'" in missing.stderr
+    debugged = run_postroom("--debug", "consume", "walk_raises:consumer", env=env)
+    assert debugged.returncode == 3
+    assert "Traceback" in debugged.stderr
+    assert debugged.stderr.strip().splitlines()[-1].startswith("error: importing module")
