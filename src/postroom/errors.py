@@ -75,6 +75,16 @@ class ConfigurationError(PostroomError, ValueError):
     exit_code = EXIT_USAGE
 
 
+class RefusedSettingError(ConfigurationError):
+    """A well-formed setting that is refused where it is used: a broker that refuses the
+    consumer's login or virtual host, a metrics port another process holds.
+
+    Not bad usage but an operation that could not be done, so its exit code is 3.
+    """
+
+    exit_code = EXIT_FAILED
+
+
 class InvalidIdentifierError(ConfigurationError):
     """A schema or table name is not a plain SQL identifier."""
 

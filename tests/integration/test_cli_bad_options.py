@@ -10,11 +10,14 @@ console script are checked through the real ``postroom`` process.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from postroom.cli.app import app
+from postroom.cli.boundary import PostroomGroup
 from postroom.config import Settings
 from tests.support.bad_options import (
     UNREACHABLE_BROKER,
@@ -149,3 +152,49 @@ def test_a_consumer_module_that_fails_to_import_is_named_with_where(tmp_path: Pa
     assert debugged.returncode == 3
     assert "Traceback" in debugged.stderr
     assert debugged.stderr.strip().splitlines()[-1].startswith("error: importing module")
+
+
+def test_unexpected_errors_and_interrupts_are_one_line_tracebacks_only_with_debug() -> None:
+    boundary = typer.Typer(cls=PostroomGroup, pretty_exceptions_enable=False)
+
+    @boundary.callback()
+    def root(debug: Annotated[bool, typer.Option("--debug")] = False) -> None:
+        """A root like postroom's."""
+
+    @boundary.command()
+    def crash() -> None:
+        """Fail in a way no one planned for."""
+        raise RuntimeError("lost postgresql://u:s3cretpw@h/db")
+
+    @boundary.command()
+    def interrupt() -> None:
+        """Be stopped with Ctrl-C."""
+        raise KeyboardInterrupt
+
+    runner = CliRunner()
+    crashed = runner.invoke(boundary, ["crash"])
+    assert crashed.exit_code == 3
+    assert crashed.stderr == (
+        "error: unexpected RuntimeError: lost postgresql://u:***@h/db "
+        "(run with --debug for the traceback)\n"
+    )
+    debugged = runner.invoke(boundary, ["--debug", "crash"])
+    assert debugged.exit_code == 3
+    assert "Traceback (most recent call last)" in debugged.stderr
+    assert debugged.stderr.splitlines()[-1] == (
+        "error: unexpected RuntimeError: lost postgresql://u:***@h/db"
+    )
+    stopped = runner.invoke(boundary, ["interrupt"])
+    assert (stopped.exit_code, stopped.stderr) == (130, "interrupted\n")
+
+
+def test_a_kafka_setting_librdkafka_does_not_know_is_one_sentence() -> None:
+    result = run_postroom(
+        "dead-letter", "ls", "--consumer", "walk", "--broker-url", "kafka://127.0.0.1:1?bogus=1"
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(
+        "error: the Kafka client rejected the settings of the broker URL"
+    )
+    assert 'No such configuration property: "bogus"' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

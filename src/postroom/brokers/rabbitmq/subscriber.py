@@ -20,7 +20,12 @@ from postroom.brokers.rabbitmq.publisher import (
     _log,
     refusal,
 )
-from postroom.errors import BrokerUnavailableError, ConfigurationError, DeliveryLostError
+from postroom.errors import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    DeliveryLostError,
+    RefusedSettingError,
+)
 from postroom.urls import redact_url, scrub
 
 
@@ -280,7 +285,7 @@ class RabbitMQSubscriber:
             await self.close()
             refused = self._refusal(exc)
             if refused is not None:
-                raise ConfigurationError(refused) from None
+                raise RefusedSettingError(refused) from None
             raise BrokerUnavailableError(
                 f"cannot subscribe at RabbitMQ {self.address}: {self._describe(exc)}; check that "
                 "RabbitMQ is running and the broker URL (POSTROOM_BROKER_URL) is right"
