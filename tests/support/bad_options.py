@@ -117,6 +117,8 @@ def kind_of(param: Any, path: str) -> str:
         return "choice"
     if annotation is int:
         return "integer"
+    if annotation is float:
+        return "number"
     if param.metavar == "DURATION" or name.endswith(("_than", "_lease", "_retention")):
         return "duration"
     if name == "database_url":
