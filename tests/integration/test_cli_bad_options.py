@@ -24,6 +24,7 @@ from tests.support.bad_options import (
     UNREACHABLE_DATABASE,
     cases,
     commands,
+    kept_logging,
     verdict,
     walk_env,
 )
@@ -60,14 +61,15 @@ def test_bad_values_of_every_option_are_one_sentence_and_exit_2(
     )
     runner = CliRunner()
     wrong = []
-    for case in runs:
-        result = runner.invoke(app, list(case.args), env=walk_env(database_url))
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            wrong.append(f"{case} raised {result.exception!r}")
-            continue
-        problem = verdict(case, result.exit_code, result.stdout, result.stderr)
-        if problem:
-            wrong.append(problem)
+    with kept_logging():
+        for case in runs:
+            result = runner.invoke(app, list(case.args), env=walk_env(database_url))
+            if result.exception is not None and not isinstance(result.exception, SystemExit):
+                wrong.append(f"{case} raised {result.exception!r}")
+                continue
+            problem = verdict(case, result.exit_code, result.stdout, result.stderr)
+            if problem:
+                wrong.append(problem)
     assert runs or path in {"db check"}, f"no bad values tried for postroom {path}"
     assert not wrong, "\n\n".join(wrong)
 
@@ -156,10 +158,26 @@ def test_a_consumer_module_that_fails_to_import_is_named_with_where(tmp_path: Pa
     missing = run_postroom("consume", "walk_no_such_module:consumer", env=env)
     assert missing.returncode == 3
     assert "cannot find module 'walk_no_such_module'" in missing.stderr
-    debugged = run_postroom("--debug", "consume", "walk_raises:consumer", env=env)
-    assert debugged.returncode == 3
-    assert "Traceback" in debugged.stderr
-    assert debugged.stderr.strip().splitlines()[-1].startswith("error: importing module")
+    for debugged in (
+        run_postroom("--debug", "consume", "walk_raises:consumer", env=env),
+        run_postroom("consume", "walk_raises:consumer", env={**env, "POSTROOM_DEBUG": "1"}),
+    ):
+        assert debugged.returncode == 3
+        assert "Traceback" in debugged.stderr
+        assert "RuntimeError: no config" in debugged.stderr
+        assert debugged.stderr.strip().splitlines()[-1].startswith("error: importing module")
+
+
+def test_every_command_has_help_without_a_database_and_without_python_type_names() -> None:
+    runner = CliRunner()
+    for path in COMMANDS:
+        result = runner.invoke(
+            app, [*path.split(), "--help"], env={"POSTROOM_DATABASE_URL": None, "COLUMNS": "200"}
+        )
+        assert result.exit_code == 0, f"postroom {path} --help: {result.output}"
+        assert f"Usage: postroom {path}" in result.stdout
+        for python_name in ("<str>", "<int>", "<bool>", "<float>"):
+            assert python_name not in result.stdout, f"postroom {path} --help shows {python_name}"
 
 
 def test_unexpected_errors_and_interrupts_are_one_line_tracebacks_only_with_debug() -> None:

@@ -5,16 +5,20 @@ added later is walked too. :func:`kind_of` names what an option or argument take
 :data:`BAD_VALUES` holds the bad values of each kind. An option of a kind with no entry
 there is reported by :func:`cases` (add its bad values, or an empty tuple for free text
 that every value is valid for). :data:`GOOD_VALUES` fills the other required parameters
-so that only the bad value can be wrong. :func:`verdict` judges what the command printed.
+so that only the bad value can be wrong. :func:`verdict` judges what the command printed;
+:func:`kept_logging` undoes the logging set-up of commands run in the test's process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import structlog
 import typer
 
 from postroom.cli.app import app
@@ -87,6 +91,21 @@ class Case:
 
     def __str__(self) -> str:
         return f"postroom {self.command} ({self.parameter}={self.value!r})"
+
+
+@contextlib.contextmanager
+def kept_logging() -> Iterator[None]:
+    """Run commands in this process and put back the logging they configure (a service
+    command sets structlog and the root logger up to write to its own, captured, stderr)."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def commands() -> dict[str, Any]:

@@ -57,8 +57,8 @@ class PostroomGroup(TyperGroup):
         token = debug_mode.set(debugging)
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, typer.TyperException):
-            raise  # click's own: exit codes, "Aborted!", usage errors
+        except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):
+            raise  # click's own: exit codes, "Aborted!", usage errors, a reader gone (exit 1)
         except KeyboardInterrupt:
             error_console.print("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -90,16 +90,21 @@ def walk(command: Any) -> Iterator[Any]:
 
 
 def readable_metavar(param: Any) -> None:
-    """Show what ``param`` takes as TEXT, INTEGER or its own metavar, and a flag as nothing
-    (instead of ``<str>``, ``<int>``, ``<bool>``)."""
+    """Show what ``param`` takes as TEXT, INTEGER, its choices or its own metavar, and a flag
+    as nothing (instead of ``<str>``, ``<int>``, ``<list[a|b]>``, ``<bool>``)."""
     if isinstance(param, TyperOption) and param.metavar is None:
+        descriptor = param.type_descriptor
         if param.is_flag:
             param.metavar = ""
-        elif not param.type_descriptor.is_choice:
-            bare = param.bare_type()
+        elif descriptor.is_choice:
+            choices = [str(getattr(c, "value", c)) for c in descriptor.choices or ()]
+            param.metavar = f"[{'|'.join(choices)}]"
+        else:
+            bare = param.bare_type().removeprefix("list[").removesuffix("]")
             param.metavar = _METAVARS.get(bare, bare.upper())
-    elif isinstance(param, TyperArgument) and param.metavar is None:
-        param.metavar = (param.name or "value").upper()
+    elif isinstance(param, TyperArgument) and not isinstance(param, _NamedArgument):
+        if param.metavar is None:
+            param.metavar = (param.name or "value").upper()
         param.__class__ = _NamedArgument
 
 

@@ -59,11 +59,11 @@ def consume(
     /healthz and /readyz on --metrics-port. The consumer uses this command's settings,
     not those it was built with.
     """
-    configure_service_logging(settings)
     with user_errors():
         check_settings(settings)
         IdSource.parse(settings.consumer_id_source)
         consumer = load_consumer(target)
+        configure_service_logging(settings)
         consumer.configure(settings)
         asyncio.run(_run(consumer, settings))
 
