@@ -10,21 +10,23 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from postroom.config import DEFAULT_DATABASE_URL
 from postroom.database import create_async_engine, create_engine
 from postroom.outbox import Outbox
 from postroom.schema import Tables, build_tables, migrate
 from postroom.urls import normalize_database_url, psycopg_conninfo
 from tests.support.database import drop_schema, unique_schema
-from tests.support.services import require_service
+from tests.support.services import DATABASE_URL, require_service
 
 pytest_plugins = ["tests.support.fixtures"]
+
+# postroom has no default database: commands the suites start inherit the test database.
+os.environ.setdefault("POSTROOM_DATABASE_URL", DATABASE_URL)
 
 
 @pytest.fixture(scope="session")
 def database_url() -> str:
     """The test database's URL (POSTROOM_DATABASE_URL), checked to answer."""
-    url = normalize_database_url(os.environ.get("POSTROOM_DATABASE_URL") or DEFAULT_DATABASE_URL)
+    url = normalize_database_url(DATABASE_URL)
     try:
         with psycopg.connect(psycopg_conninfo(url), connect_timeout=5):
             pass

@@ -21,10 +21,9 @@ from postroom.names import (
     DEFAULT_SCHEMA,
     validate_table_names,
 )
-from postroom.urls import normalize_database_url, redact_settings
+from postroom.urls import check_broker_url, normalize_database_url, redact_settings
 
 ENV_PREFIX: Final = "POSTROOM_"
-DEFAULT_DATABASE_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_BROKER_URL: Final = "amqp://guest:guest@127.0.0.1:5672/"
 #: Default metrics ports: each service its own, so a relay and a consumer run side by side.
 DEFAULT_METRICS_PORTS: Final = {"relay": 9400, "consumer": 9401}
@@ -39,8 +38,9 @@ class Settings:
     """Where postroom's tables and broker are. Each field reads ``POSTROOM_<FIELD>``."""
 
     database_url: str = _setting(
-        DEFAULT_DATABASE_URL,
-        "PostgreSQL URL (postgresql://user:pass@host:port/db); the psycopg driver is used.",
+        "",
+        "PostgreSQL URL (postgresql://user:pass@host:port/db); the psycopg driver is used. "
+        "No default: every command that uses the database needs it.",
     )
     broker_url: str = _setting(
         DEFAULT_BROKER_URL, "Broker URL: amqp://user:pass@host:port/vhost or kafka://host:port,..."
@@ -129,7 +129,10 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "database_url", normalize_database_url(self.database_url))
+        if self.database_url:
+            object.__setattr__(self, "database_url", normalize_database_url(self.database_url))
+        _check_bounds(self)
+        check_broker_url(self.broker_url)
         if self.max_payload_bytes <= 0:
             raise ConfigurationError(
                 "max_payload_bytes must be a positive number of bytes, "
@@ -203,6 +206,28 @@ class Settings:
         return str(next(f for f in dataclasses.fields(self) if f.name == name).metadata["help"])
 
 
+#: The largest whole number a setting takes (PostgreSQL's integer).
+MAX_SETTING_INT: Final = 2**31 - 1
+#: The longest duration an option or setting takes: 100 years.
+MAX_DURATION: Final = 36500 * 86400.0
+
+
+def _check_bounds(settings: Settings) -> None:
+    """Raise ConfigurationError for a number or duration no setting can use."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if type(value) is int and abs(value) > MAX_SETTING_INT:
+            raise ConfigurationError(
+                f"{f.name} is {value}, more than {MAX_SETTING_INT:,}; use a smaller number "
+                f"(set {env_var(f.name)})"
+            )
+        if type(value) is float and not (-MAX_DURATION <= value <= MAX_DURATION):
+            raise ConfigurationError(
+                f"{f.name} is longer than 36500d (100 years); use a shorter duration "
+                f"(set {env_var(f.name)})"
+            )
+
+
 _HOSTNAME: Final = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
@@ -257,11 +282,36 @@ _DURATION: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 
 
 def parse_duration(text: str, *, what: str = "duration") -> float:
-    """Seconds from ``"90"``, ``"1.5s"``, ``"250ms"``, ``"5m"``, ``"24h"`` or ``"7d"``."""
+    """Seconds from ``"90"``, ``"1.5s"``, ``"250ms"``, ``"5m"``, ``"24h"`` or ``"7d"``.
+
+    At most :data:`MAX_DURATION` (100 years); anything else raises ConfigurationError.
+    """
     match = _DURATION.fullmatch(text)
     if match is None:
         raise ConfigurationError(
             f"{what}={text!r} is not a duration; use a number of seconds or a number with "
             "a unit: 250ms, 30s, 5m, 24h, 7d"
         )
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    if seconds > MAX_DURATION:
+        raise ConfigurationError(
+            f"{what}={text!r} is longer than 36500d (100 years); use a shorter duration"
+        )
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest way :func:`parse_duration` reads ``seconds`` back: ``7d``, ``24h``, ``5m``,
+    ``1s``, ``250ms``.
+
+    A unit is used when the duration is a whole number of at least two of it, so a day
+    shows as ``24h`` and a minute as ``60s``.
+    """
+    for unit in ("d", "h", "m", "s"):
+        size = _DURATION_UNITS[unit]
+        count = seconds / size
+        if count.is_integer() and (count >= 2 or unit == "s"):
+            return f"{int(count)}{unit}"
+    if (seconds * 1000).is_integer():
+        return f"{int(seconds * 1000)}ms"
+    return f"{seconds:g}s"

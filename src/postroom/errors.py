@@ -1,14 +1,31 @@
-"""Typed errors. Every message says what went wrong and what to do next."""
+"""Typed errors. Every message says what went wrong and what to do next.
+
+Each error carries the exit code the ``postroom`` command ends with when it is not
+handled: 2 for bad usage (a value postroom cannot use), 3 for everything that could not
+be reached, found or done.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
+
+#: Exit code of bad usage: an option, argument or setting postroom cannot use.
+EXIT_USAGE = 2
+#: Exit code of an operation that failed: something unreachable, not found or refused by it.
+EXIT_FAILED = 3
 
 
 class PostroomError(Exception):
     """Base class of every error postroom raises on purpose."""
 
+    #: The exit code of the ``postroom`` command that ends with this error.
+    exit_code: ClassVar[int] = EXIT_FAILED
+
 
 class InvalidMessageError(PostroomError, ValueError):
     """A message could not be built from what was given (topic, key, headers or payload)."""
+
+    exit_code = EXIT_USAGE
 
 
 class PayloadTooLargeError(InvalidMessageError):
@@ -55,6 +72,18 @@ class InvalidTopicError(InvalidMessageError):
 class ConfigurationError(PostroomError, ValueError):
     """A setting has a value postroom cannot use."""
 
+    exit_code = EXIT_USAGE
+
+
+class RefusedSettingError(ConfigurationError):
+    """A well-formed setting that is refused where it is used: a broker that refuses the
+    consumer's login or virtual host, a metrics port another process holds.
+
+    Not bad usage but an operation that could not be done, so its exit code is 3.
+    """
+
+    exit_code = EXIT_FAILED
+
 
 class InvalidIdentifierError(ConfigurationError):
     """A schema or table name is not a plain SQL identifier."""
@@ -66,6 +95,16 @@ class NotInTransactionError(PostroomError):
 
 class UnsupportedTargetError(PostroomError, TypeError):
     """enqueue() was given something that is not a session or connection it can write to."""
+
+
+class TargetNotFoundError(ConfigurationError):
+    """The module or object a command was told to load (``module:attribute``) does not exist."""
+
+    exit_code = EXIT_FAILED
+
+
+class TargetImportError(PostroomError):
+    """The module a command was told to load exists, but importing it raised an exception."""
 
 
 class DatabaseError(PostroomError):

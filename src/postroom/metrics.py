@@ -15,7 +15,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from postroom.errors import ConfigurationError
+from postroom.errors import RefusedSettingError
 from postroom.log import get_logger
 
 #: Where the endpoint listens unless told otherwise: this machine only.
@@ -268,7 +268,7 @@ async def serve_http(
     try:
         return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_LINE)
     except OSError as exc:
-        raise ConfigurationError(
+        raise RefusedSettingError(
             f"cannot serve metrics on {host} port {port} ({exc.strerror}); choose another "
             "port with --metrics-port / POSTROOM_METRICS_PORT (0 turns the endpoint off) or "
             "another address with --metrics-host / POSTROOM_METRICS_HOST"

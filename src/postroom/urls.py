@@ -11,14 +11,27 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-from sqlalchemy.engine import make_url
+from psycopg import pq
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from postroom.errors import ConfigurationError
 
+#: What a missing database URL says (every entry point that needs the database raises it).
+NO_DATABASE_URL: Final = (
+    "POSTROOM_DATABASE_URL is not set: export "
+    "POSTROOM_DATABASE_URL=postgresql://user:password@host:5432/dbname (or pass --database-url)"
+)
+
 
 def normalize_database_url(url: str) -> str:
-    """Check a PostgreSQL URL and make it use the psycopg driver."""
+    """Check a PostgreSQL URL and make it use the psycopg driver.
+
+    An empty URL raises ConfigurationError saying how to set one (there is no default
+    database); so do a port that is not 1-65535 and a query option libpq does not know.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigurationError(NO_DATABASE_URL)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError, TypeError):
@@ -26,6 +39,7 @@ def normalize_database_url(url: str) -> str:
             f"database URL {redact_url(url)!r} is not a URL (or its port is not a number); "
             "use postgresql://user:password@host:5432/dbname"
         ) from None
+    _check_port_and_options(url, parsed)
     backend = parsed.drivername.split("+", 1)[0]
     if backend not in {"postgresql", "postgres"}:
         raise ConfigurationError(
@@ -40,6 +54,55 @@ def normalize_database_url(url: str) -> str:
             "use postgresql:// or postgresql+psycopg:// (psycopg 3)"
         )
     return parsed.render_as_string(hide_password=False)
+
+
+#: The schemes of the brokers postroom talks to.
+BROKER_SCHEMES: Final = ("amqp", "amqps", "kafka", "memory")
+_BROKER_FORMS: Final = (
+    "amqp://user:password@host:5672/vhost, amqps://..., kafka://host:9092[,host2:9092] "
+    "or memory://[name]"
+)
+
+
+def check_broker_url(url: str) -> None:
+    """Raise ConfigurationError unless ``url`` has a broker scheme postroom knows and its
+    ports are numbers (1-65535); what each broker accepts beyond that it checks itself."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in BROKER_SCHEMES:
+        raise ConfigurationError(
+            f"broker URL {redact_url(url)!r} is not one postroom can use; use {_BROKER_FORMS}"
+        )
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(",") if parts.scheme.lower() != "memory" else ():
+        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigurationError(
+                f"broker URL {redact_url(url)!r} has port {port!r}, not a number from 1 to "
+                f"65535; use {_BROKER_FORMS}"
+            )
+
+
+def _check_port_and_options(url: str, parsed: URL) -> None:
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ConfigurationError(
+            f"database URL {redact_url(url)!r} has port {parsed.port}, not 1-65535; "
+            "use postgresql://user:password@host:5432/dbname"
+        )
+    unknown = sorted(set(parsed.query) - _libpq_options())
+    if unknown:
+        raise ConfigurationError(
+            f"database URL {redact_url(url)!r} has query option {unknown[0]!r}, which "
+            "PostgreSQL's client does not know; remove it or use a libpq connection "
+            "option such as sslmode, connect_timeout or application_name"
+        )
+
+
+def _libpq_options() -> set[str]:
+    """The connection options (``?name=value``) the installed libpq accepts."""
+    return {option.keyword.decode() for option in pq.Conninfo.get_defaults()}
 
 
 #: Query parameter and setting names whose values are secrets (searched, case-insensitive).
@@ -122,7 +185,7 @@ def redact_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in values.items():
         if looks_secret(name):
             shown[name] = HIDDEN
-        elif isinstance(value, str) and (name.endswith("url") or "://" in value):
+        elif isinstance(value, str) and value and (name.endswith("url") or "://" in value):
             shown[name] = redact_url(value)
         else:
             shown[name] = value

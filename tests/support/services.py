@@ -1,5 +1,7 @@
 """The services the suites run against: their URLs, and checks that they answer.
 
+``DATABASE_URL`` comes from ``POSTROOM_DATABASE_URL`` (postroom itself has no default
+database; the suites fall back to the local ``test`` database the Makefile names too);
 ``AMQP_URL`` and ``KAFKA_URL`` come from ``POSTROOM_TEST_AMQP_URL`` and
 ``POSTROOM_TEST_KAFKA_URL``. :func:`rabbitmq_available` and :func:`kafka_available` check
 that a broker answers; a missing service fails the run under CI and skips the test elsewhere
@@ -16,6 +18,9 @@ import pytest
 
 from tests.support.network import address
 
+DATABASE_URL = (
+    os.environ.get("POSTROOM_DATABASE_URL") or "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 AMQP_URL = os.environ.get("POSTROOM_TEST_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
 KAFKA_URL = os.environ.get("POSTROOM_TEST_KAFKA_URL") or "kafka://127.0.0.1:9092"
 _KAFKA_HOST, _KAFKA_PORT = address(KAFKA_URL, 9092)

@@ -5,17 +5,59 @@ from __future__ import annotations
 import pytest
 
 from postroom import ConfigurationError, Settings
+from postroom.config import format_duration, parse_duration
+from postroom.database import create_engine
 from postroom.errors import InvalidIdentifierError
 from postroom.schema import build_tables, validate_identifier
-from postroom.urls import redact_url
+from postroom.urls import describe_url, psycopg_conninfo, redact_url
 
 
 def test_defaults_without_environment() -> None:
     settings = Settings.from_env({})
     assert settings.schema == "postroom"
-    assert settings.database_url.startswith("postgresql+psycopg://")
+    assert settings.database_url == ""
+    assert settings.shown("database_url") == {"database_url": ""}
     assert settings.max_payload_bytes == 1024 * 1024
     assert settings.notify is True
+
+
+def test_there_is_no_default_database() -> None:
+    settings = Settings.from_env({})
+    for use in (create_engine, psycopg_conninfo, describe_url):
+        with pytest.raises(ConfigurationError) as refused:
+            use(settings.database_url)
+        assert str(refused.value) == (
+            "POSTROOM_DATABASE_URL is not set: export POSTROOM_DATABASE_URL="
+            "postgresql://user:password@host:5432/dbname (or pass --database-url)"
+        )
+        assert refused.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("postgresql://h:notaport/db", "its port is not a number"),
+        ("postgresql://h:70000/db", "has port 70000, not 1-65535"),
+        ("postgresql://h/db?bogus=1", "query option 'bogus', which PostgreSQL's client does not"),
+    ],
+)
+def test_database_urls_postgresql_cannot_use_are_refused(url: str, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        Settings(database_url=url)
+    assert Settings(database_url="postgresql://h/db?sslmode=disable&connect_timeout=3")
+
+
+def test_durations_read_back_as_written() -> None:
+    written = {86400.0: "24h", 604800.0: "7d", 1.0: "1s", 300.0: "5m", 60.0: "60s", 0.25: "250ms"}
+    for seconds, text in written.items():
+        assert format_duration(seconds) == text
+        assert parse_duration(text) == seconds
+    with pytest.raises(ConfigurationError, match="longer than 36500d"):
+        parse_duration("99999999999d", what="--older-than")
+    with pytest.raises(ConfigurationError, match="longer than 36500d"):
+        Settings(relay_lease=1e300)
+    with pytest.raises(ConfigurationError, match="more than 2,147,483,647"):
+        Settings(relay_batch_size=10**20)
 
 
 def test_every_field_reads_its_environment_variable() -> None:

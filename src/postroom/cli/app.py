@@ -1,19 +1,29 @@
-"""The root ``postroom`` command."""
+"""The root ``postroom`` command: its subcommands, ``--version`` and ``--debug``."""
 
 from __future__ import annotations
+
+import os
+import sys
+from importlib import metadata
+from typing import Annotated
 
 import typer
 
 from postroom.cli import broker, db, dead_letter, inbox, outbox
+from postroom.cli.boundary import EXIT_CODES, PostroomGroup, report
+from postroom.cli.common import EXIT_FAILED
 from postroom.cli.consume import consume
 from postroom.cli.relay import relay
+from postroom.urls import redact_text
 
 app = typer.Typer(
     name="postroom",
+    cls=PostroomGroup,
     help=(
         "postroom: transactional outbox and inbox for PostgreSQL with RabbitMQ and Kafka.\n\n"
-        "Every option can also be set with the POSTROOM_* environment variable shown beside it. "
-        "Exit codes: 0 success, 1 a check failed, 2 bad usage, 3 the operation failed."
+        "Every option can also be set with the POSTROOM_* environment variable shown beside it; "
+        "commands that use the database need POSTROOM_DATABASE_URL (or --database-url).\n\n"
+        f"{EXIT_CODES}"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -28,6 +38,54 @@ app.command()(relay)
 app.command()(consume)
 
 
+def version() -> str:
+    """The installed postroom's version (``unknown`` when it is not installed)."""
+    try:
+        return metadata.version("postroom")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        typer.echo(f"postroom {version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            envvar="POSTROOM_DEBUG",
+            help="Print the traceback of an error, not only its one-line sentence.",
+        ),
+    ] = False,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="Print postroom's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """postroom: transactional outbox and inbox for PostgreSQL with RabbitMQ and Kafka."""
+
+
 def main() -> None:
-    """Entry point of the ``postroom`` console script."""
-    app()
+    """Entry point of the ``postroom`` console script.
+
+    Commands report their own errors (:class:`PostroomGroup`); what fails before a command
+    runs (building the command line itself) is reported here the same way.
+    """
+    try:
+        app()
+    except Exception as exc:
+        debugging = os.environ.get("POSTROOM_DEBUG", "").lower() in {"1", "true", "yes", "on"}
+        message = f"unexpected {type(exc).__name__}: {redact_text(str(exc)) or 'no message'}"
+        if not debugging:
+            message += " (run with --debug for the traceback)"
+        sys.exit(report(exc, message, EXIT_FAILED, debugging))

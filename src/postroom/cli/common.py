@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
-import sys
+import re
 import typing
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -16,13 +17,20 @@ from rich.console import Console
 from rich.text import Text
 
 from postroom.cli.text import printable, screen_width
-from postroom.config import Settings, env_var, field_type, parse_duration
+from postroom.config import Settings, env_var, field_type, format_duration, parse_duration
+from postroom.errors import EXIT_FAILED as EXIT_FAILED
+from postroom.errors import EXIT_USAGE as EXIT_USAGE
 from postroom.errors import PostroomError
 from postroom.log import configure_logging
 
-#: Exit codes: 0 success, 1 a check failed, 2 bad usage, 3 the operation failed.
+#: Exit codes: 0 success, 1 refused, aborted or a check failed, 2 bad usage,
+#: 3 cannot reach or not found (the operation failed), 130 interrupted.
 EXIT_CHECK_FAILED = 1
-EXIT_FAILED = 3
+EXIT_REFUSED = 1
+EXIT_INTERRUPTED = 130
+
+#: Whether this run was started with ``--debug`` (or POSTROOM_DEBUG): errors keep their traceback.
+debug_mode: contextvars.ContextVar[bool] = contextvars.ContextVar("debug_mode", default=False)
 
 # Fitted to COLUMNS, the terminal, or 80 columns when piped (see cli.text.screen_width).
 console = Console(soft_wrap=True, width=screen_width())
@@ -31,8 +39,15 @@ error_console = Console(stderr=True, soft_wrap=True, width=screen_width())
 _defaults = Settings()
 
 
-def _option(name: str, flag: str) -> Any:
-    return typer.Option(flag, envvar=env_var(name), help=_defaults.help_for(name))
+def _option(name: str, flag: str, metavar: str | None = None) -> Any:
+    return typer.Option(
+        flag, envvar=env_var(name), metavar=metavar, help=markdown_text(_defaults.help_for(name))
+    )
+
+
+def markdown_text(text: str) -> str:
+    """``text`` with what markdown would eat escaped (``header:<name>`` stays as written)."""
+    return text.replace("<", "\\<").replace(">", "\\>")
 
 
 _COMMON_FIELDS = ("database_url", "schema", "outbox_table", "inbox_table")
@@ -45,15 +60,18 @@ def _parameter(name: str) -> inspect.Parameter:
     flag = _flag(name)
     default: Any = getattr(_defaults, name)
     annotation: Any = kind
+    metavar = None
     if kind is bool:
         flag = f"{flag}/--no-{flag[2:]}"
     elif kind is float:
-        annotation, default = str, f"{default:g}s"
+        annotation, default, metavar = str, format_duration(default), "DURATION"
+    elif name.endswith("_url"):
+        metavar = "URL"
     return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
         default=default,
-        annotation=Annotated[annotation, _option(name, flag)],
+        annotation=Annotated[annotation, _option(name, flag, metavar)],
     )
 
 
@@ -122,20 +140,34 @@ def configure_service_logging(settings: Settings) -> None:
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    """Print ``message`` as an error sentence and exit (its text is printed as it is: no
-    markup is read from it, and control characters are shown as escapes)."""
-    sentence = Text.assemble(("error:", "bold red"), " ", printable(message, keep="\n"))
-    error_console.print(sentence, highlight=False, soft_wrap=True)
+    """Print ``message`` as one ``error:`` line on stderr and exit with ``code``.
+
+    The message is printed as written (never read as rich markup), on one line.
+    """
+    say_error(message)
     raise typer.Exit(code)
+
+
+def say_error(message: str) -> None:
+    """Print ``message`` as one ``error:`` line on stderr."""
+    line = re.sub(r"\s*\n\s*", " ", message.strip()) or "failed without saying why"
+    sentence = Text.assemble(("error:", "bold red"), " ", printable(line))
+    error_console.print(sentence, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Print postroom errors as sentences instead of tracebacks."""
+    """Print postroom errors as sentences instead of tracebacks, with each error's exit code.
+
+    Under ``--debug`` the error goes on to the CLI's error boundary, which prints its
+    traceback too.
+    """
     try:
         yield
     except PostroomError as exc:
-        fail(str(exc))
+        if debug_mode.get():
+            raise
+        fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         error_console.print("interrupted")
-        sys.exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -6,6 +6,8 @@ import asyncio
 import importlib
 import os
 import sys
+import traceback
+from types import ModuleType
 from typing import Annotated
 
 import typer
@@ -13,8 +15,10 @@ import typer
 from postroom.cli.common import configure_service_logging, user_errors, with_settings
 from postroom.config import Settings
 from postroom.consumer import Consumer
+from postroom.consumer.decoding import IdSource
+from postroom.consumer.runner import check_settings
 from postroom.database import readable_errors
-from postroom.errors import ConfigurationError
+from postroom.errors import ConfigurationError, TargetImportError, TargetNotFoundError
 from postroom.lifecycle import run_until_signalled
 from postroom.log import get_logger
 from postroom.schema.tables import tables_for
@@ -55,9 +59,11 @@ def consume(
     /healthz and /readyz on --metrics-port. The consumer uses this command's settings,
     not those it was built with.
     """
-    configure_service_logging(settings)
     with user_errors():
+        check_settings(settings)
+        IdSource.parse(settings.consumer_id_source)
         consumer = load_consumer(target)
+        configure_service_logging(settings)
         consumer.configure(settings)
         asyncio.run(_run(consumer, settings))
 
@@ -65,32 +71,59 @@ def consume(
 def load_consumer(target: str) -> Consumer:
     """Import ``module:attribute`` (the current directory is importable) and return the Consumer."""
     module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
+    if not module_name or not attribute or module_name.startswith("."):
         raise ConfigurationError(
-            f"{target!r} is not module:attribute; name the module and the Consumer in it, "
-            "e.g. myapp.billing:consumer"
+            f"{target!r} is not module:attribute; name the module (in full, not relative) "
+            "and the Consumer in it, e.g. myapp.billing:consumer"
         )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"cannot import module {module_name!r} ({exc}); run from the directory that "
-            "holds it or add it to PYTHONPATH"
-        ) from None
+    module = _import(module_name)
     found: object = module
     for part in attribute.split("."):
         try:
             found = getattr(found, part)
         except AttributeError:
-            raise ConfigurationError(
+            raise TargetNotFoundError(
                 f"module {module_name!r} has no attribute {attribute!r}; name the Consumer "
                 "object, e.g. consumer = postroom.Consumer('billing')"
             ) from None
     if not isinstance(found, Consumer):
-        raise ConfigurationError(f"{target} is a {type(found).__name__}, not a postroom.Consumer")
+        raise ConfigurationError(
+            f"{target} is not a postroom.Consumer but a {type(found).__name__}; point at the "
+            "Consumer object, e.g. consumer = postroom.Consumer('billing')"
+        )
     return found
+
+
+def _import(module_name: str) -> ModuleType:
+    """The module; one sentence if it is not there, or if importing it raised."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(f"{exc.name}.")):
+            raise TargetNotFoundError(
+                f"cannot find module {module_name!r}; run from the directory that holds it "
+                "or add that directory to PYTHONPATH"
+            ) from None
+        raise _import_failed(module_name, exc) from exc
+    except Exception as exc:
+        raise _import_failed(module_name, exc) from exc
+
+
+def _import_failed(module_name: str, exc: Exception) -> TargetImportError:
+    """The error of a module that was found but raised ``exc`` while it was imported."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}:{exc.lineno}"
+        said = exc.msg
+    else:
+        frame = traceback.extract_tb(exc.__traceback__)[-1:] or None
+        where = f"{frame[0].filename}:{frame[0].lineno}" if frame else "unknown place"
+        said = str(exc)
+    return TargetImportError(
+        f"importing module {module_name!r} failed: {type(exc).__name__}: {said} ({where}); "
+        "fix the module (run with --debug for the traceback)"
+    )
 
 
 async def _run(consumer: Consumer, settings: Settings) -> None:

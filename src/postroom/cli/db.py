@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
 from postroom.cli.common import (
     EXIT_CHECK_FAILED,
+    EXIT_REFUSED,
+    EXIT_USAGE,
     console,
     error_console,
+    fail,
     user_errors,
     with_settings,
 )
+from postroom.cli.options import Yes
 from postroom.config import Settings
 from postroom.schema import migrate
 from postroom.schema.tables import tables_for
@@ -35,6 +40,7 @@ def upgrade(revision: Revision = "head", *, settings: Settings) -> None:
     """Create postroom's tables, or bring them up to date. Safe to run again, and from
     several deploys at once (they take turns on an advisory lock)."""
     with user_errors():
+        migrate.check_revision(revision)
         before = migrate.status(settings.database_url, tables_for(settings))
         after = migrate.upgrade(settings.database_url, tables_for(settings), revision)
     where = f"{describe_url(settings.database_url)} schema {settings.schema}"
@@ -76,6 +82,7 @@ def sql(revision: Revision = "head", *, settings: Settings) -> None:
     Hand it to a DBA or apply it with psql; it records the revision like `db upgrade` does.
     """
     with user_errors():
+        migrate.check_revision(revision)
         typer.echo(migrate.offline_sql(tables_for(settings), revision), nl=False)
 
 
@@ -83,14 +90,32 @@ def sql(revision: Revision = "head", *, settings: Settings) -> None:
 @with_settings()
 def downgrade(
     revision: Annotated[str, typer.Argument(help="Revision to go back to; 'base' drops all.")],
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    yes: Yes = False,
     *,
     settings: Settings,
 ) -> None:
-    """Revert postroom's tables to an earlier revision; 'base' DROPS them and their rows."""
-    where = f"{describe_url(settings.database_url)} schema {settings.schema}"
-    if not yes and not typer.confirm(f"Revert postroom's tables in {where} to {revision}?"):
-        raise typer.Exit(1)
+    """Revert postroom's tables to an earlier revision; 'base' DROPS them and their rows.
+
+    Asks first; without a terminal it refuses (exit 2) unless given --yes.
+    """
+    with user_errors():
+        migrate.check_revision(revision)
+        where = f"{describe_url(settings.database_url)} schema {settings.schema}"
+    if not yes:
+        _confirm(f"Revert postroom's tables in {where} to {revision}?")
     with user_errors():
         migrate.downgrade(settings.database_url, tables_for(settings), revision)
     console.print(f"postroom tables reverted to {revision} in {where}")
+
+
+def _confirm(question: str) -> None:
+    """Go on if the person at the terminal agrees; refuse (exit 2) without a terminal."""
+    if not sys.stdin.isatty():
+        fail(
+            "not reverting postroom's tables without confirmation, and there is no terminal "
+            "to ask: run it again with --yes (or POSTROOM_YES=true) to go ahead",
+            EXIT_USAGE,
+        )
+    if not typer.confirm(question, default=False, err=True):
+        error_console.print("Nothing changed.")
+        raise typer.Exit(EXIT_REFUSED)

@@ -37,6 +37,7 @@ from postroom.cli.common import (
     user_errors,
     with_settings,
 )
+from postroom.cli.options import MAX_LIMIT
 from postroom.cli.output import (
     EXIT_USAGE,
     NEWLINE,
@@ -172,6 +173,7 @@ def list_letters(
             "-n",
             envvar="POSTROOM_DEAD_LETTER_LIMIT",
             min=1,
+            max=MAX_LIMIT,
             help="Show at most this many.",
         ),
     ] = 50,

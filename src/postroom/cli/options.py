@@ -30,9 +30,15 @@ def everything(envvar: str, help: str) -> Any:
     return typer.Option("--all", envvar=envvar, help=help)
 
 
+#: The most rows a listing shows (``--limit``).
+MAX_LIMIT = 1_000_000
+
+
 def limit(envvar: str) -> Any:
-    """``--limit``/``-n``: how many rows a listing shows."""
-    return typer.Option("--limit", "-n", envvar=envvar, min=1, help="Show at most this many.")
+    """``--limit``/``-n``: how many rows a listing shows (1 to :data:`MAX_LIMIT`)."""
+    return typer.Option(
+        "--limit", "-n", envvar=envvar, min=1, max=MAX_LIMIT, help="Show at most this many."
+    )
 
 
 def newest(envvar: str, help: str) -> Any:

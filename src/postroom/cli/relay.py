@@ -50,14 +50,15 @@ async def _run(settings: Settings) -> None:
     from postroom.relay import Relay
     from postroom.schema import migrate
 
+    options = {}
+    if settings.relay_create_topics and settings.broker_url.startswith("kafka:"):
+        options["create_topics"] = True
+    # a bad URL is said before the database
+    publisher = publisher_from_url(settings.broker_url, **options)
     with readable_errors(settings.database_url):
         await asyncio.to_thread(
             migrate.require_current, settings.database_url, tables_for(settings), "relay"
         )
-    options = {}
-    if settings.relay_create_topics and settings.broker_url.startswith("kafka:"):
-        options["create_topics"] = True
-    publisher = publisher_from_url(settings.broker_url, **options)
     service = Relay(settings, publisher)
     get_logger("relay").info(
         "relay.configured",

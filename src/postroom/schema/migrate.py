@@ -14,7 +14,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, func, select, text
 
 from postroom.database import create_engine, readable_errors
-from postroom.errors import SchemaMissingError
+from postroom.errors import ConfigurationError, SchemaMissingError
 from postroom.schema.sql import quote_identifier
 from postroom.schema.tables import Tables
 
@@ -50,6 +50,17 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(_config(None)).get_current_head()
     assert head is not None
     return head
+
+
+def check_revision(revision: str) -> None:
+    """Raise ConfigurationError unless ``revision`` is ``head``, ``base`` or one shipped here."""
+    scripts = ScriptDirectory.from_config(_config(None))
+    shipped = [script.revision for script in scripts.walk_revisions()]
+    if revision not in {"head", "base", *shipped}:
+        raise ConfigurationError(
+            f"revision {revision!r} is not one postroom ships; use head, base or one of "
+            f"{', '.join(sorted(shipped))} (see `postroom db check` for where the tables are)"
+        )
 
 
 def upgrade(database_url: str, tables: Tables, revision: str = "head") -> SchemaStatus:

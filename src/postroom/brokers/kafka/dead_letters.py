@@ -51,7 +51,7 @@ from postroom.brokers.kafka.settings import (
     record_headers,
     record_key,
 )
-from postroom.errors import BrokerUnavailableError
+from postroom.errors import BrokerUnavailableError, ConfigurationError
 from postroom.message import (
     HEADER_CONTENT_TYPE,
     HEADER_CREATED_AT,
@@ -60,6 +60,7 @@ from postroom.message import (
     OCTET_STREAM,
     Message,
 )
+from postroom.urls import scrub
 
 #: Headers of the dead-letter copy that do not belong on the original topic.
 KAFKA_COPY_HEADERS: Final = frozenset(
@@ -210,6 +211,20 @@ class KafkaDeadLetters:
 
     def _open(self) -> Any:
         settings = {k: v for k, v in self._config.items() if k not in _PRODUCER_ONLY}
+        try:
+            return self._consumer(settings)
+        except KafkaException as exc:
+            detail = exc.args[0] if exc.args else exc
+            text = str(exc)
+            if isinstance(detail, KafkaError):
+                text = f"{detail.name()}: {detail.str()}"
+            raise ConfigurationError(
+                f"the Kafka client rejected the settings of the broker URL "
+                f"({scrub(text, self._url)}); fix its ?setting=value options (librdkafka's "
+                "names) in --broker-url (POSTROOM_BROKER_URL)"
+            ) from None
+
+    def _consumer(self, settings: dict[str, Any]) -> Any:
         return confluent_kafka.Consumer(
             {
                 "bootstrap.servers": self.servers,

@@ -26,7 +26,7 @@ from postroom.brokers.kafka.settings import (
     record_headers,
     record_key,
 )
-from postroom.errors import BrokerUnavailableError, ConfigurationError
+from postroom.errors import BrokerUnavailableError, ConfigurationError, RefusedSettingError
 from postroom.message import Message
 
 #: How often librdkafka refreshes topic metadata (its default is 5 minutes): a topic
@@ -203,7 +203,7 @@ class KafkaSubscriber:
             if error.code() not in _REFUSED and self._refused is not None:
                 error = self._refused
             if error.code() in _REFUSED:
-                raise ConfigurationError(
+                raise RefusedSettingError(
                     f"Kafka at {self.bootstrap_servers} refused the consumer "
                     f"({self._hide_secrets(_describe(error))}); check the SASL/SSL settings "
                     "of the broker URL (POSTROOM_BROKER_URL)"

@@ -31,7 +31,12 @@ from postroom.brokers.rabbitmq.topology import (
     retry_queue_name,
     retry_tier_ms,
 )
-from postroom.errors import BrokerUnavailableError, ConfigurationError, DeliveryLostError
+from postroom.errors import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    DeliveryLostError,
+    RefusedSettingError,
+)
 from postroom.urls import redact_url
 
 #: Seconds after which a retry queue in use is declared again before a publish to it:
@@ -250,7 +255,7 @@ class RabbitMQSubscriber:
             await self.close()
             refused = self._refusal(exc)
             if refused is not None:
-                raise ConfigurationError(refused) from None
+                raise RefusedSettingError(refused) from None
             raise BrokerUnavailableError(
                 f"cannot subscribe at RabbitMQ {self.address}: {self._describe(exc)}; check that "
                 "RabbitMQ is running and the broker URL (POSTROOM_BROKER_URL) is right"
