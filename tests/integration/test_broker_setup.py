@@ -142,7 +142,7 @@ def test_rabbitmq_unreachable_exits_3_and_a_bad_target_exits_2(
     assert "Traceback" not in stderr
     result = run_postroom("broker", "setup", "no_such_module:consumer", clean=True)
     assert result.returncode == 2
-    assert "cannot import module 'no_such_module'" in result.stderr
+    assert "cannot find module 'no_such_module'" in result.stderr
     result = run_postroom("broker", "setup", "setup_app", env=app_env(app, consumer, topics))
     assert result.returncode == 2
     assert "is not module:attribute" in result.stderr

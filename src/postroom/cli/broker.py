@@ -12,7 +12,8 @@ from postroom.backoff import Backoff
 from postroom.cli.common import EXIT_FAILED, console, error_console, fail, with_settings
 from postroom.cli.consume import load_consumer
 from postroom.cli.options import DryRun
-from postroom.config import Settings
+from postroom.config import MAX_SETTING_INT, Settings
+from postroom.consumer.runner import check_settings
 from postroom.errors import BrokerUnavailableError, ConfigurationError, MissingExtraError
 from postroom.log import configure_logging
 
@@ -30,6 +31,7 @@ Partitions = Annotated[
         "--partitions",
         envvar="POSTROOM_BROKER_PARTITIONS",
         min=1,
+        max=MAX_SETTING_INT,
         show_default=False,
         help="Kafka: partitions of each topic created (default: the cluster's num.partitions). "
         "An existing topic with another count is left as it is, with a warning.",
@@ -41,6 +43,7 @@ ReplicationFactor = Annotated[
         "--replication-factor",
         envvar="POSTROOM_BROKER_REPLICATION_FACTOR",
         min=1,
+        max=MAX_SETTING_INT,
         show_default=False,
         help="Kafka: replicas of each topic created (default: the cluster's "
         "default.replication.factor); at most the number of brokers.",
@@ -91,6 +94,7 @@ def setup(
     broker cannot be reached or refuses.
     """
     try:
+        check_settings(settings)  # a bad option is said before the module is imported
         consumer = load_consumer(target)
     except ConfigurationError as exc:
         fail(str(exc), EXIT_USAGE)
