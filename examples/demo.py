@@ -9,13 +9,18 @@
    second time (as brokers do after a lost acknowledgement): the inbox skips it.
 4. A summary shows every committed order charged exactly once.
 
+When no RabbitMQ answers at POSTROOM_TEST_AMQP_URL, the same walk-through runs on the
+Kafka-compatible broker at POSTROOM_TEST_KAFKA_URL instead, and says so.
+
 Run with `make demo` (it starts the services and creates postroom's tables first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import os
 import sys
 import uuid
@@ -29,6 +34,7 @@ import postroom
 from postroom.database import create_engine
 from postroom.log import configure_logging
 from postroom.schema.tables import tables_for
+from postroom.urls import redact_url
 
 metadata = MetaData(schema="postroom_demo")
 orders = Table(
@@ -105,54 +111,123 @@ def billing_consumer(run: str) -> postroom.Consumer:
 delivered: list[postroom.Message] = []
 
 
-async def run_pipeline(settings: postroom.Settings, run: str, committed: list[int]) -> int:
-    """Relay and consumer until every committed order is charged; return duplicates seen."""
+#: The topics the demo writes to.
+TOPICS = ("orders.created", "charges.made")
+
+#: librdkafka settings for the Kafka walk-through: a consumer group joins in seconds.
+KAFKA_QUICK_JOIN = "session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=7000"
+
+
+async def pick_broker(settings: postroom.Settings) -> tuple[str, str]:
+    """The broker URL and name to run on: RabbitMQ if it answers, else the Kafka one."""
     import aio_pika
 
+    amqp_url = os.environ.get("POSTROOM_TEST_AMQP_URL", settings.broker_url)
+    probe_log = logging.getLogger("aiormq.connection")
+    probe_log.disabled = True  # a refused probe is reported below, in one sentence
+    try:
+        connection = await asyncio.wait_for(aio_pika.connect(amqp_url), 10)
+    except Exception:
+        kafka_url = os.environ.get("POSTROOM_TEST_KAFKA_URL", "kafka://127.0.0.1:9092")
+        print(
+            f"RabbitMQ does not answer at {redact_url(amqp_url)}, so this walk-through "
+            f"runs on the Kafka-compatible broker at {redact_url(kafka_url)} instead"
+        )
+        create_kafka_topics(kafka_url)
+        return kafka_url, "Kafka"
+    finally:
+        probe_log.disabled = False
+    await connection.close()
+    return amqp_url, "RabbitMQ"
+
+
+def create_kafka_topics(kafka_url: str) -> None:
+    """Create the demo's topics up front: a consumer sees a new topic only later."""
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    from postroom.brokers.kafka.settings import parse_kafka_url
+
+    servers, config = parse_kafka_url(kafka_url)
+    admin = AdminClient({**config, "bootstrap.servers": servers})
+    created = admin.create_topics(
+        [NewTopic(name, num_partitions=4, replication_factor=1) for name in TOPICS]
+    )
+    for future in created.values():
+        with contextlib.suppress(Exception):  # already there from an earlier run
+            future.result(15)
+
+
+def subscriber_url(broker_url: str) -> str:
+    """The URL the demo consumer reads from: on Kafka, with settings that join quickly."""
+    if not broker_url.startswith("kafka"):
+        return broker_url
+    joiner = "&" if "?" in broker_url else "?"
+    return f"{broker_url}{joiner}{KAFKA_QUICK_JOIN}"
+
+
+async def run_pipeline(
+    settings: postroom.Settings, broker_url: str, run: str, committed: list[int]
+) -> int:
+    """Relay and consumer until every committed order is charged; return duplicates seen."""
     from postroom.brokers import publisher_from_url, subscriber_from_url
     from postroom.consumer.runner import ConsumerService
     from postroom.relay import Relay
 
-    amqp_url = os.environ.get("POSTROOM_TEST_AMQP_URL", settings.broker_url)
     settings = dataclasses.replace(settings, metrics_port=0, relay_poll_interval=0.2)
     consumer = billing_consumer(run)
     consumer.configure(settings)
-    service = ConsumerService(
-        consumer, subscriber_from_url(amqp_url, prefetch=settings.consumer_prefetch), settings
+    subscriber = subscriber_from_url(
+        subscriber_url(broker_url), prefetch=settings.consumer_prefetch
     )
+    service = ConsumerService(consumer, subscriber, settings)
     consuming = asyncio.create_task(service.run())
-    await asyncio.wait_for(service.started.wait(), 30)  # its queue is bound: messages route
-    relay = Relay(settings, publisher_from_url(amqp_url))
+    await asyncio.wait_for(service.started.wait(), 60)  # subscribed: messages reach it
+    follow_ups = await _follow_up_sink(broker_url, run)
+    relay = Relay(settings, publisher_from_url(broker_url))
     relaying = asyncio.create_task(relay.run())
-    connection = await aio_pika.connect(amqp_url)
-    channel = await connection.channel()
-    exchange = await channel.declare_exchange("postroom", aio_pika.ExchangeType.TOPIC, durable=True)
-    notifications = await channel.declare_queue(f"demo-notifications-{run}", exclusive=True)
-    await notifications.bind(exchange, "charges.made")  # where the follow-ups go
+    again_publisher = publisher_from_url(broker_url)
     try:
         await _until(lambda: len(delivered) >= len(committed))
+        # A new Kafka consumer group reads its topics from the start, earlier demo runs'
+        # redeliveries included: count only the duplicates that come after them.
+        before = await _settled(lambda: _counted(service))
         # The same message is published a second time, as a relay does when it crashed
         # after the broker's confirm but before marking the row: the inbox must skip it.
-        again = delivered[0]
-        await exchange.publish(
-            aio_pika.Message(
-                again.body,
-                message_id=str(again.id),
-                content_type=again.content_type,
-                headers=again.wire_headers(),
-            ),
-            routing_key=again.topic,
-        )
-        await _until(lambda: _counted(service) >= 1)
+        await again_publisher.connect()
+        await again_publisher.publish([delivered[0]])
+        await _until(lambda: _counted(service) >= before + 1)
         await asyncio.sleep(0.5)  # the relay records the follow-ups' confirmations
     finally:
         relay.stop()
         service.stop()
         await asyncio.gather(relaying, consuming)
-        for queue in (consumer.name, f"{consumer.name}.dead-letter"):
-            await channel.queue_delete(queue)
-        await connection.close()
-    return _counted(service)
+        await again_publisher.close()
+        await _clean_up(broker_url, consumer.name, follow_ups)
+    return _counted(service) - before
+
+
+async def _follow_up_sink(broker_url: str, run: str) -> Any:
+    """On RabbitMQ, a queue for the follow-ups, so they route (an unroutable one fails)."""
+    if not broker_url.startswith("amqp"):
+        return None  # Kafka keeps every record in its topic; nothing to bind
+    import aio_pika
+
+    connection = await aio_pika.connect(broker_url)
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange("postroom", aio_pika.ExchangeType.TOPIC, durable=True)
+    notifications = await channel.declare_queue(f"demo-notifications-{run}", exclusive=True)
+    await notifications.bind(exchange, "charges.made")
+    return connection, channel
+
+
+async def _clean_up(broker_url: str, consumer: str, follow_ups: Any) -> None:
+    """Delete the demo consumer's RabbitMQ queues (Kafka's group needs no clean-up)."""
+    if follow_ups is None:
+        return
+    connection, channel = follow_ups
+    for queue in (consumer, f"{consumer}.dead-letter"):
+        await channel.queue_delete(queue)
+    await connection.close()
 
 
 async def _until(check: Any, seconds: float = 60.0) -> None:
@@ -162,6 +237,19 @@ async def _until(check: Any, seconds: float = 60.0) -> None:
             return
         await asyncio.sleep(0.1)
     raise TimeoutError("the demo did not finish in time")
+
+
+async def _settled(value: Any, quiet: float = 1.0) -> int:
+    """``value()`` once it has not changed for ``quiet`` seconds (at most 30 s)."""
+    last, since = value(), asyncio.get_running_loop().time()
+    for _ in range(300):
+        await asyncio.sleep(0.1)
+        now = asyncio.get_running_loop().time()
+        if value() != last:
+            last, since = value(), now
+        elif now - since >= quiet:
+            break
+    return int(last)
 
 
 def _counted(service: Any) -> int:
@@ -185,6 +273,7 @@ def main() -> int:
         )
 
     print(f"postroom demo, run {run}")
+    broker_url, broker = asyncio.run(pick_broker(settings))
     committed = place_orders(engine, run, first_id)
     outbox = tables_for(settings).outbox
     this_run = outbox.c.headers["demo-run"].astext == run
@@ -195,7 +284,7 @@ def main() -> int:
         f"{ORDERS - len(committed)} declined and rolled back; outbox rows: {written}"
     )
 
-    duplicates = asyncio.run(run_pipeline(settings, run, committed))
+    duplicates = asyncio.run(run_pipeline(settings, broker_url, run, committed))
     with engine.connect() as connection:
         published = connection.execute(
             select(func.count()).where(this_run, outbox.c.status == "published")
@@ -214,7 +303,7 @@ def main() -> int:
             )
         ).scalar_one()
     engine.dispose()
-    print(f"2. relay: {published} of {written} messages confirmed by RabbitMQ and marked published")
+    print(f"2. relay: {published} of {written} messages confirmed by {broker} and marked published")
     print(
         f"3. consumer: {len(charged)} charges written, {duplicates} redelivered message skipped "
         f"by the inbox, {follow_ups} follow-up messages enqueued with the charges"
