@@ -75,26 +75,42 @@ def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
 
 
 @pytest.fixture
-def make_private_run(private_postgres: PrivatePostgres, tmp_path: Path) -> Iterator[RunFactory]:
-    """:func:`make_run` on the private server: its tables, engine and URL are the run's."""
-    url = private_postgres.url
+def private_tables(private_postgres: PrivatePostgres) -> Tables:
+    """postroom's tables on the private server, in a schema of their own."""
     tables = build_tables(unique_schema())
-    migrate.upgrade(url, tables)
-    engine = create_engine(url, pool_size=10)
+    migrate.upgrade(private_postgres.url, tables)
+    return tables
+
+
+@pytest.fixture
+def private_engine(private_postgres: PrivatePostgres) -> Iterator[Engine]:
+    """A sync engine on the private server (pre-ping replaces connections a crash broke)."""
+    engine = create_engine(private_postgres.url, pool_size=10)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def make_private_run(
+    private_postgres: PrivatePostgres,
+    private_tables: Tables,
+    private_engine: Engine,
+    tmp_path: Path,
+) -> RunFactory:
+    """:func:`make_run` on the private server: its tables, engine and URL are the run's."""
 
     def make(scenario: str, endpoints: Endpoints, **options: Any) -> Run:
         return Run(
             scenario=scenario,
             endpoints=endpoints,
-            tables=tables,
-            engine=engine,
-            database_url=url,
+            tables=private_tables,
+            engine=private_engine,
+            database_url=private_postgres.url,
             log_dir=tmp_path / "processes",
             **options,
         )
 
-    yield make
-    engine.dispose()
+    return make
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

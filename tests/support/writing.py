@@ -210,7 +210,7 @@ class CrashWriter(PacedWriter):
     def _write_keys(self, keys: Sequence[str], rng: random.Random) -> None:
         try:
             while not self._stop.is_set():
-                self._transaction(*self.next_batch(keys, rng))
+                self.transaction(*self.next_batch(keys, rng))
                 self._stop.wait(self.interval)
         except BaseException as exc:
             self.error = exc
@@ -219,7 +219,8 @@ class CrashWriter(PacedWriter):
         with self._counts:
             setattr(self, name, getattr(self, name) + 1)
 
-    def _transaction(self, batch: list[Message], numbers: list[int]) -> None:
+    def transaction(self, batch: list[Message], numbers: list[int]) -> None:
+        """Commit ``batch`` in one transaction and file it as committed or rolled back."""
         session = Session(self.engine)
         try:
             try:
