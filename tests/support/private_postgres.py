@@ -17,6 +17,7 @@ SIGKILLs it if the test process dies); an atexit hook kills any server left runn
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import importlib.util
@@ -51,7 +52,7 @@ _running: set[PrivatePostgres] = set()
 
 def _kill_leftovers() -> None:
     for server in list(_running):
-        server.kill()
+        server.close()
 
 
 atexit.register(_kill_leftovers)
@@ -203,9 +204,12 @@ class PrivatePostgres:
         )
 
     async def wait_ready_async(self, within: float = 60.0) -> None:
-        """:meth:`wait_ready` yielding to the event loop between looks."""
+        """:meth:`wait_ready` with each look in a thread, so the event loop keeps running."""
         await wait_until(
-            self.answers, within=within, what="the private PostgreSQL", watch=self._watch
+            lambda: asyncio.to_thread(self.answers),
+            within=within,
+            what="the private PostgreSQL",
+            watch=self._watch,
         )
 
     @property
