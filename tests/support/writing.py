@@ -103,7 +103,8 @@ class PacedWriter:
         self.rng = rng or random.Random()
         self.written = Written()
         self.rolled_back = Written()
-        """Messages of transactions that did not commit (only :class:`CrashWriter` has any)."""
+        """Messages of transactions that did not commit (kept by :class:`CrashWriter`, and by
+        tests that roll back on purpose), which must never be published."""
         self.transactions = 0
         self._numbers = dict.fromkeys(self.keys, 0)
         self._stop = threading.Event()
