@@ -3,6 +3,7 @@
     with PrivatePostgres(log_path=tmp_path / "postgres.log") as server:   # initdb + start
         engine = create_engine(server.url)
         server.kill()                    # SIGKILL the postmaster, then every server process
+        server.kill(alone=True)          # SIGKILL the postmaster only: the rest quit by themselves
         server.launch(); await server.wait_ready_async()   # restart: crash recovery runs
         server.stop_immediate()          # pg_ctl stop -m immediate (no checkpoint, no flush)
 
@@ -217,12 +218,15 @@ class PrivatePostgres:
         """Whether the postmaster runs."""
         return self.popen is not None and self.popen.poll() is None
 
-    def kill(self) -> None:
-        """A crash: SIGKILL the postmaster, then every server process it had started.
+    def kill(self, *, alone: bool = False) -> None:
+        """A crash: SIGKILL the postmaster, and (unless ``alone``) every server process it
+        had started; returns once every one of them has ended.
 
         The postmaster is stopped first, so it cannot start another process meanwhile.
-        Nothing is flushed: commits made with ``synchronous_commit = off`` whose WAL was not
-        yet written are gone. Returns once every one of them has ended.
+        Killed all together, nothing is flushed: commits made with ``synchronous_commit =
+        off`` whose WAL was not yet written are gone. Killed ``alone``, its processes notice
+        and quit on their own, each finishing the statement it is running (a COMMIT among
+        them) and flushing no more than that; a new postmaster cannot start before they have.
         """
         popen = self.popen
         if popen is None or popen.poll() is not None:
@@ -230,9 +234,10 @@ class PrivatePostgres:
         popen.send_signal(signal.SIGSTOP)
         children = server_processes(popen.pid)
         popen.send_signal(signal.SIGKILL)
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        if not alone:
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         popen.wait(30)
         _running.discard(self)
         wait_until_sync(
