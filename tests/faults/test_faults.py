@@ -1,4 +1,4 @@
-"""The proof under faults: seven ways of breaking postroom, on RabbitMQ and on Kafka.
+"""The proof under faults: eight ways of breaking postroom, on RabbitMQ and on Kafka.
 
 Each test is one scenario on one broker, run by a :class:`~tests.faults.harness.Run`: real
 ``postroom relay`` and ``postroom consume`` processes, a writer committing keyed messages
@@ -23,10 +23,11 @@ from postroom.message import Message
 from postroom.schema.sql import quoted_table
 from tests.faults.harness import LEASE, PROFILE, Direct, Endpoints, Run, RunFactory
 from tests.support.network import address, free_port, replace_address
+from tests.support.private_postgres import PrivatePostgres
 from tests.support.processes import ServiceProcess, TansuBroker
 from tests.support.proxy import FaultProxy
 from tests.support.waiting import wait_until
-from tests.support.writing import make_message
+from tests.support.writing import CrashWriter, make_message
 
 BROKERS = ["rabbitmq", "kafka"]
 
@@ -276,6 +277,7 @@ async def test_long_transactions_commit_after_later_rows_were_published(
                 await _wait_published_after(run, position, later_rows, within=60.0)
                 if run.rng.random() < 0.3:
                     session.rollback()
+                    run.writer.rolled_back.add([message], [0])
                     rolled_back += 1
                 else:
                     session.commit()
@@ -306,3 +308,52 @@ async def _wait_published_after(run: Run, position: int, rows: int, *, within: f
         what=f"{rows} rows after position {position} published",
         detail=lambda: run.fleet.tails(20),
     )
+
+
+# ----------------------------------------------------------------------------- 8. database crashes
+
+
+async def test_database_crashed_and_restarted(
+    broker: str,
+    make_private_run: RunFactory,
+    private_postgres: PrivatePostgres,
+    endpoints: Direct,
+) -> None:
+    """PostgreSQL itself crashes while writers commit, relays publish and consumers handle:
+    the postmaster SIGKILLed (every other time alone, its processes left to quit by
+    themselves; otherwise with every server process), alternating with
+    ``pg_ctl stop -m immediate``; it stays down a moment, then restarts and recovers.
+
+    The relay's marks commit with ``synchronous_commit = off``, so a crash may undo the
+    last of them: their rows go out again, which may only add duplicates. A writer's
+    transaction counts once its COMMIT returned; one whose COMMIT died with the server is
+    settled by reading the outbox after the restart, and a rolled-back one must never be
+    published or applied.
+    """
+    options = {"writer": CrashWriter, "handler_pause": 0.01}
+    async with make_private_run("database crash", endpoints(broker), **options) as run:
+        services = await run.start(relays=2)
+        crashes: list[str] = []
+        for number in range(PROFILE.database_crashes):
+            await run.pause(1.0, 3.0)
+            if number % 2 == 1:
+                await asyncio.to_thread(private_postgres.stop_immediate)
+                crashes.append("immediate stop")
+            else:
+                alone = number % 4 == 0
+                await asyncio.to_thread(private_postgres.kill, alone=alone)
+                crashes.append("SIGKILL postmaster" if alone else "SIGKILL all")
+            await run.pause(0.1, 1.5)
+            private_postgres.launch()
+            await private_postgres.wait_ready_async()
+        await run.settle()
+        assert all(p.alive for p in services), run.fleet.tails(25)
+        writer = run.writer
+        assert isinstance(writer, CrashWriter)
+        kinds = ", ".join(f"{crashes.count(k)} {k}" for k in sorted(set(crashes)))
+        note = (
+            f"{kinds}; writer: {writer.failed_before_commit} rolled back, "
+            f"{writer.unknown_committed + writer.unknown_rolled_back} COMMITs unknown "
+            f"({writer.unknown_committed} found committed)"
+        )
+        await run.finish(faults=len(crashes), note=note)

