@@ -37,6 +37,7 @@ from postroom.cli.common import (
     user_errors,
     with_settings,
 )
+from postroom.cli.ids import inbox_message_id
 from postroom.cli.options import MAX_LIMIT
 from postroom.cli.output import (
     EXIT_USAGE,
@@ -232,6 +233,7 @@ def show(
 ) -> None:
     """Everything about one dead letter: its error, every header, the payload
     pretty-printed."""
+    message_id = inbox_message_id(message_id, listed_by="postroom dead-letter ls")
     broker = _broker(settings, consumer)
     found: Found = _run(lambda: broker.find(message_id))
     letter = found.letter
@@ -327,6 +329,7 @@ def requeue(
             f"--consumer {consumer}`), or --all for every dead letter of {consumer!r}",
             EXIT_USAGE,
         )
+    ids = [inbox_message_id(i, listed_by="postroom dead-letter ls") for i in ids or []]
     broker = _broker(settings, consumer)
     listing: Listing = _run(
         lambda: broker.browse(None), f"reading dead letters of {consumer}", _read

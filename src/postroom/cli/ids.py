@@ -51,7 +51,7 @@ def _shown(text: str) -> str:
     return ascii(text)
 
 
-def inbox_message_id(text: str) -> str:
+def inbox_message_id(text: str, listed_by: str = "postroom inbox ls") -> str:
     """A message id as the inbox records it; exit 2 if ``text`` cannot be one.
 
     Any spelling of a UUID becomes its canonical form; other producers' ids (any text up to
@@ -59,11 +59,11 @@ def inbox_message_id(text: str) -> str:
     """
     given = text.strip()
     if not given:
-        fail("a message id is empty; give the id as `postroom inbox ls` shows it", EXIT_USAGE)
+        fail(f"a message id is empty; give the id as `{listed_by}` shows it", EXIT_USAGE)
     if "\x00" in given or len(given) > MAX_ID_CHARS:
         fail(
             f"{_shown(given[:60])}… is not a message id: ids are at most {MAX_ID_CHARS} "
-            "characters without NUL; give the id as `postroom inbox ls` shows it",
+            f"characters without NUL; give the id as `{listed_by}` shows it",
             EXIT_USAGE,
         )
     normal = normalize_id(given)
