@@ -9,6 +9,13 @@ seconds (30), ``what`` is waited for (named on failure), ``interval`` between lo
 ``watch`` is called on every look and may raise to give up early (a process that exited, a
 reader that failed), ``detail()`` is appended to the failure, and ``error`` is what a
 timeout raises (AssertionError: the test fails).
+
+The opposite, that something does NOT happen for a while (no further attempt after a dead
+letter), can only be shown by watching for a set time: :func:`stays_false` looks for
+``during`` seconds, which the test computes from its settings, and fails at the first look
+where ``check`` is truthy.
+
+    await stays_false(lambda: len(attempts) > 4, during=backoff.nominal(4) + 0.5, what="...")
 """
 
 from __future__ import annotations
@@ -86,3 +93,18 @@ def wait_until_sync(check: Callable[[], T | None], **options: Unpack[Options]) -
         deadline.look()
         time.sleep(deadline.interval)
     return result
+
+
+async def stays_false(
+    check: Callable[[], Any], *, during: float, what: str, interval: float = 0.05
+) -> None:
+    """Look at ``check`` for ``during`` seconds; fail (AssertionError naming ``what``) at the
+    first look where it is truthy. The last look is made after ``during`` has passed."""
+    end = time.monotonic() + during
+    while True:
+        last = time.monotonic() >= end
+        if check():
+            raise AssertionError(f"{what} happened (watched for {during:g} s)")
+        if last:
+            return
+        await asyncio.sleep(min(interval, max(0.0, end - time.monotonic())))
