@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from postroom import Settings
+from postroom.backoff import Backoff
 from postroom.brokers.memory import MemoryBroker
 from postroom.errors import DatabaseError
 from postroom.outbox import Outbox
@@ -37,7 +38,8 @@ from postroom.relay.store import (
     RowOutcome,
 )
 from postroom.schema import PARTITION_COUNT, Tables, relay_sql
-from tests.support.relaying import outbox_rows, relay_settings, running_relay
+from tests.support.relaying import TimedPublisher, outbox_rows, relay_settings, running_relay
+from tests.support.spacing import assert_spaced
 from tests.support.waiting import wait_until
 
 
@@ -139,21 +141,33 @@ async def test_poison_row_retries_with_backoff_then_is_dead_lettered_while_other
 
 
 async def test_backoff_spaces_the_attempts(
-    settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
+    database_url: str, engine: Engine, outbox: Outbox, tables: Tables
 ) -> None:
+    # Nominal gaps of 0.4, 0.8 and 1.6 s: a zero, constant or undoubled backoff falls below
+    # half of at least one of them.
+    settings = relay_settings(
+        database_url,
+        tables,
+        relay_backoff_initial=0.4,
+        relay_backoff_max=2.0,
+        relay_max_attempts=4,
+        relay_poll_interval=0.1,
+    )
     broker = MemoryBroker()
+    publisher = TimedPublisher(broker.publisher())
     (message,) = write(engine, outbox, [("t", 1, "k")])
-    broker.fail_message(message.id, error="refused", times=2)
-    started = time.monotonic()
-    async with running_relay(Relay(settings, broker.publisher())):
+    broker.fail_message(message.id, error="refused", times=3)
+    async with running_relay(Relay(settings, publisher)):
         await wait_until(lambda: len(broker.messages()) == 1, within=15)
-    elapsed = time.monotonic() - started
     (row,) = outbox_rows(engine, tables)
     assert row.status == "published"
-    assert row.attempts == 2
+    assert row.attempts == 3
     assert row.last_error == "refused"
-    # Two failures: at least half of 0.2 s and half of 0.4 s of backoff.
-    assert elapsed >= 0.3
+    # Three failed publishes and the one that went through, each gap kept to the plan.
+    times = publisher.sent[message.id]
+    assert len(times) == 4, times
+    backoff = Backoff(settings.relay_backoff_initial, settings.relay_backoff_max)
+    assert_spaced(times, backoff, slack=settings.relay_poll_interval + 0.6)
 
 
 async def test_broker_outage_burns_no_attempts_and_resumes_by_itself(
