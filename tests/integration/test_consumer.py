@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import postroom
+from postroom.backoff import Backoff
 from postroom.brokers.memory import MemoryBroker, MemorySubscriber
 from postroom.consumer import ConsumerService
 from postroom.message import Message
@@ -27,7 +28,7 @@ from tests.support.consuming import Rig, running, settings_for, unique
 from tests.support.database import count
 from tests.support.readback import read_kafka
 from tests.support.services import KAFKA_BOOTSTRAP, kafka_available, rabbitmq_available
-from tests.support.waiting import wait_until
+from tests.support.waiting import stays_false, wait_until
 
 BROKERS = ["memory", "rabbitmq", "kafka"]
 
@@ -97,8 +98,9 @@ async def test_always_failing_handler_is_retried_with_growing_delays_then_dead_l
         tables,
         consumer_max_attempts=4,
         consumer_backoff_initial=0.2,
-        consumer_backoff_max=2.0,
+        consumer_backoff_max=0.8,
     )
+    backoff = Backoff(settings.consumer_backoff_initial, settings.consumer_backoff_max)
     consumer = postroom.Consumer(name, settings)
     attempts: list[float] = []
     good_done_at: list[float] = []
@@ -124,12 +126,20 @@ async def test_always_failing_handler_is_retried_with_growing_delays_then_dead_l
         await wait_until(lambda: dead._value.get() >= 1, what="dead-lettered")
         await wait_until(lambda: len(good_done_at) == 3, what="good messages handled")
         letters = await rig.dead_letters(name, 1)
-        await asyncio.sleep(0.5)  # no further attempt after the dead letter
+        # No further attempt after the dead letter: watch until a retry after the last
+        # attempt would have come (its whole nominal delay, and the redelivery's latency).
+        retry_due = attempts[-1] + backoff.nominal(settings.consumer_max_attempts) + 0.5
+        await stays_false(
+            lambda: len(attempts) > settings.consumer_max_attempts,
+            during=max(0.0, retry_due - time.monotonic()),
+            what="an attempt after the dead letter",
+        )
     assert len(attempts) == 4
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
-    nominal = [0.2, 0.4, 0.8]
-    for gap, planned in zip(gaps, nominal, strict=True):
-        assert gap >= planned / 2 - 0.02, (gaps, nominal)
+    for attempt, gap in enumerate(gaps, start=1):
+        # RabbitMQ's per-message expiry counts whole milliseconds: 20 ms of tolerance.
+        planned = backoff.nominal(attempt)
+        assert planned / 2 - 0.02 <= gap <= planned + 1.0, (attempt, gaps)
     assert gaps[2] > gaps[0], gaps
     # The good messages were handled while the bad one was still being retried.
     assert min(good_done_at) < attempts[-1]
