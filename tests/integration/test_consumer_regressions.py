@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import psycopg
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,6 +22,7 @@ from sqlalchemy.orm import Session
 
 import postroom
 from postroom import testing
+from postroom.backoff import Backoff
 from postroom.brokers.memory import MemoryBroker, MemoryDelivery, MemorySubscriber
 from postroom.consumer import ConsumerService
 from postroom.consumer.processing import Disposition, Processor
@@ -43,6 +46,9 @@ from tests.support.services import (
     rabbitmq_available,
 )
 from tests.support.waiting import wait_until
+
+#: The consumer's plan for reconnecting to an unreachable database: 0.5 s doubling to 15 s.
+RECONNECT = Backoff(initial=0.5, maximum=15.0)
 
 
 class LaneDelivery:
@@ -234,15 +240,20 @@ async def test_connection_failure_spends_no_attempt_and_deliver_does_not_spin(
             text("DO $$ BEGIN RAISE EXCEPTION 'gone' USING ERRCODE = '57P01'; END $$")
         )
 
-    with pytest.raises(Exception, match="gone"):
+    # The database's own error, as SQLAlchemy raises it (57P01 admin_shutdown), not another.
+    with pytest.raises(sa_exc.OperationalError, match="gone") as raised:
         await asyncio.wait_for(testing.deliver(consumer, Message.create("t", {}), retries=True), 10)
+    assert type(raised.value) is sa_exc.OperationalError
+    assert isinstance(raised.value.orig, psycopg.errors.AdminShutdown)
     assert runs[0] == testing.OUTAGE_TRIES
 
     waits: list[float] = []
+    runs_at_wait: list[int] = []
     stopping = asyncio.Event()
 
     async def sleep(seconds: float) -> None:
         waits.append(seconds)
+        runs_at_wait.append(runs[0])
         if len(waits) >= 3:
             stopping.set()
 
@@ -263,6 +274,15 @@ async def test_connection_failure_spends_no_attempt_and_deliver_does_not_spin(
     assert result.disposition is Disposition.ABANDONED
     assert result.attempts == 0
     assert delivery.settled is None
+    # It does not spin: one run per wait, and each wait is the reconnect backoff's (half
+    # to all of 0.5 s doubling), so the waits grow instead of the runs.
+    first = testing.OUTAGE_TRIES
+    assert runs_at_wait == [first + 1, first + 2, first + 3]
+    assert runs[0] == first + 3, "a run after the consumer was stopping"
+    assert len(waits) == 3
+    for attempt, wait in enumerate(waits, start=1):
+        planned = RECONNECT.nominal(attempt)
+        assert planned / 2 <= wait <= planned, (attempt, waits)
 
 
 def _memory_subscriber(consumer: postroom.Consumer) -> MemorySubscriber:
