@@ -123,7 +123,8 @@ async def test_poison_row_retries_with_backoff_then_is_dead_lettered_while_other
     first = write(engine, outbox, [("nowhere", 0, "poisoned"), ("t", 1, "poisoned")])
     others = write(engine, outbox, [("t", i, f"k{i}") for i in range(20)])
     poison, waiting = first
-    async with running_relay(Relay(settings, broker.publisher())):
+    publisher = TimedPublisher(broker.publisher())
+    async with running_relay(Relay(settings, publisher)):
         await wait_until(lambda: len(broker.messages()) == 20, within=15)
         # The poisoned key's later row waits while the poison row is retried.
         state = {r.id: r for r in outbox_rows(engine, tables)}
@@ -138,6 +139,9 @@ async def test_poison_row_retries_with_backoff_then_is_dead_lettered_while_other
     assert dead.dead_lettered_at is not None
     assert dead.published_at is None
     assert {m.id for m in broker.messages()} == {m.id for m in others} | {waiting.id}
+    backoff = Backoff(settings.relay_backoff_initial, settings.relay_backoff_max)
+    assert len(publisher.sent[poison.id]) == settings.relay_max_attempts
+    assert_spaced(publisher.sent[poison.id], backoff, slack=settings.relay_poll_interval + 0.6)
 
 
 async def test_backoff_spaces_the_attempts(
