@@ -19,7 +19,7 @@ PG18_URL := postgresql+psycopg://postgres@127.0.0.1:$(PG18_PORT)/test
 # and consumer (their RabbitMQ and memory cases; Kafka adds nothing PostgreSQL-specific).
 PG18_SHORT := tests/integration/test_pg_matrix.py tests/integration/test_migrations.py \
 	tests/integration/test_enqueue.py tests/integration/test_relay.py \
-	tests/integration/test_consumer.py -k "not kafka"
+	tests/integration/test_relay_poison.py tests/integration/test_consumer.py -k "not kafka"
 
 .PHONY: help venv services demo test test-pg18 test-pg18-short faults abuse lint bench format clean
 

@@ -144,36 +144,6 @@ async def test_poison_row_retries_with_backoff_then_is_dead_lettered_while_other
     assert_spaced(publisher.sent[poison.id], backoff, slack=settings.relay_poll_interval + 0.6)
 
 
-async def test_backoff_spaces_the_attempts(
-    database_url: str, engine: Engine, outbox: Outbox, tables: Tables
-) -> None:
-    # Nominal gaps of 0.4, 0.8 and 1.6 s: a zero, constant or undoubled backoff falls below
-    # half of at least one of them.
-    settings = relay_settings(
-        database_url,
-        tables,
-        relay_backoff_initial=0.4,
-        relay_backoff_max=2.0,
-        relay_max_attempts=4,
-        relay_poll_interval=0.1,
-    )
-    broker = MemoryBroker()
-    publisher = TimedPublisher(broker.publisher())
-    (message,) = write(engine, outbox, [("t", 1, "k")])
-    broker.fail_message(message.id, error="refused", times=3)
-    async with running_relay(Relay(settings, publisher)):
-        await wait_until(lambda: len(broker.messages()) == 1, within=15)
-    (row,) = outbox_rows(engine, tables)
-    assert row.status == "published"
-    assert row.attempts == 3
-    assert row.last_error == "refused"
-    # Three failed publishes and the one that went through, each gap kept to the plan.
-    times = publisher.sent[message.id]
-    assert len(times) == 4, times
-    backoff = Backoff(settings.relay_backoff_initial, settings.relay_backoff_max)
-    assert_spaced(times, backoff, slack=settings.relay_poll_interval + 0.6)
-
-
 async def test_broker_outage_burns_no_attempts_and_resumes_by_itself(
     settings: Settings, engine: Engine, outbox: Outbox, tables: Tables
 ) -> None:

@@ -1,11 +1,13 @@
-"""Poison rows through ``postroom relay`` processes on the real brokers.
+"""The relay's poison path: attempts spaced by the backoff, then ``dead``, and the key flows.
 
-A row RabbitMQ can never route (mandatory publish, no queue bound for its topic: the broker
-returns it NO_ROUTE) is retried with the relay's backoff, each gap between its attempts kept
-to the nominal plan, until ``--max-attempts``; then it is ``dead`` with the broker's answer
-as its error, and its key flows again. A record over the Kafka producer's
-``message.max.bytes`` can never fit: it is dead at its first attempt, and its key flows too.
-The attempts and their times are read from the relay's own JSON log and from the outbox.
+In-process on the in-memory broker, each publish of a refused row is timed. Through
+``postroom relay`` processes on the real brokers: a row RabbitMQ can never route
+(mandatory publish, no queue bound for its topic: the broker returns it NO_ROUTE) is
+retried with the relay's backoff, each gap between its attempts kept to the nominal plan,
+until ``--max-attempts``; then it is ``dead`` with the broker's answer as its error, and
+its key flows again. A record over the Kafka producer's ``message.max.bytes`` can never
+fit: it is dead at its first attempt, and its key flows too. The processes' attempts and
+their times are read from the relay's own JSON log and from the outbox.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from postroom.backoff import Backoff
+from postroom.brokers.memory import MemoryBroker
 from postroom.message import Message
 from postroom.outbox import Outbox
+from postroom.relay import Relay
 from postroom.schema import Tables
 from postroom.schema.sql import quoted_table
 from tests.support.processes import RelayFleet, ServiceProcess
 from tests.support.readback import KafkaReadback, RabbitMQReadback
+from tests.support.relaying import TimedPublisher, relay_settings, running_relay
 from tests.support.spacing import assert_spaced, failure_times
 from tests.support.waiting import stays_false, wait_until
 
@@ -86,6 +91,33 @@ async def wait_status(engine: Engine, tables: Tables, message: Message, status: 
         return found if found.status == status else None
 
     return await wait_until(reached, within=20, interval=0.1, what=f"{message.id} {status}")
+
+
+async def test_backoff_spaces_the_attempts(
+    database_url: str, engine: Engine, outbox: Outbox, tables: Tables
+) -> None:
+    settings = relay_settings(
+        database_url,
+        tables,
+        relay_backoff_initial=BACKOFF.initial,
+        relay_backoff_max=BACKOFF.maximum,
+        relay_max_attempts=MAX_ATTEMPTS,
+        relay_poll_interval=POLL_INTERVAL,
+    )
+    broker = MemoryBroker()
+    publisher = TimedPublisher(broker.publisher())
+    (message,) = write(engine, outbox, [outbox.message("t", 1, key="k")])
+    broker.fail_message(message.id, error="refused", times=MAX_ATTEMPTS - 1)
+    async with running_relay(Relay(settings, publisher)):
+        await wait_until(lambda: len(broker.messages()) == 1, within=15)
+    state = row(engine, tables, message)
+    assert state.status == "published"
+    assert state.attempts == MAX_ATTEMPTS - 1
+    assert state.last_error == "refused"
+    # Every failed publish and the one that went through, each gap kept to the plan.
+    times = publisher.sent[message.id]
+    assert len(times) == MAX_ATTEMPTS, times
+    assert_spaced(times, BACKOFF, slack=SLACK)
 
 
 async def test_unroutable_rabbitmq_row_is_retried_on_the_backoff_then_dead_and_its_key_flows(
