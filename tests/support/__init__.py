@@ -4,7 +4,8 @@
   ``require_service`` (fail under CI, skip elsewhere); ``fixtures``: the ``rabbitmq``,
   ``kafka`` and ``tansu`` fixtures (a pytest plugin, loaded by tests/conftest.py).
 - ``network``: ``free_port``, a URL's ``address``, ``replace_address``, ``listens``.
-- ``waiting``: ``wait_until`` / ``wait_until_sync``, the one poll loop.
+- ``waiting``: ``wait_until`` / ``wait_until_sync``, the one poll loop; ``stays_false``,
+  watching for a computed time that something does not happen.
 - ``cli``: ``run_postroom`` / ``arun_postroom`` (the command as a subprocess), ``as_json``,
   ``postroom_command``; ``terminal``: ``run_in_terminal`` (the command on a pseudo-terminal),
   ``colour_codes``, ``without_styles``, ``control_bytes``.
@@ -19,7 +20,10 @@
 - ``writing``: keyed messages written through the Outbox as a business would
   (``PacedWriter``), also through database crashes (``CrashWriter``).
 - ``consuming``: a consumer in the test's event loop on any broker (``Rig``, ``running``).
-- ``relaying``: a relay in the test's event loop (``relay_settings``, ``running_relay``).
+- ``relaying``: a relay in the test's event loop (``relay_settings``, ``running_relay``), and
+  ``TimedPublisher``, which notes when each message was published.
+- ``spacing``: the gaps between a message's attempts checked against the nominal backoff
+  (``assert_spaced``), and a relay process's failed attempts' times (``failure_times``).
 - ``database``: test schemas of their own, ``count``.
 - ``deliveries``: ``FakeDelivery``, for the consumer's parts tested without a broker.
 
