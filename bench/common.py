@@ -93,6 +93,26 @@ class BenchSchema:
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as db:
             db.execute(text(f"VACUUM ANALYZE {quoted_table(self.tables.outbox)}"))
 
+    def analyze(self) -> None:
+        """ANALYZE the outbox only: fresh statistics, dead tuples left where they are."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as db:
+            db.execute(text(f"ANALYZE {quoted_table(self.tables.outbox)}"))
+
+    def table_state(self) -> dict[str, int]:
+        """The outbox's live and dead tuples and its (auto)vacuum counts, as PostgreSQL's
+        statistics report them (they lag the table by up to a second)."""
+        with self.engine.connect() as db:
+            db.execute(text("SELECT pg_stat_clear_snapshot()"))
+            row = db.execute(
+                text(
+                    "SELECT n_live_tup, n_dead_tup, vacuum_count, autovacuum_count "
+                    "FROM pg_stat_user_tables WHERE schemaname = :schema AND relname = :table"
+                ),
+                {"schema": self.name, "table": self.tables.outbox.name},
+            ).one()
+        keys = ("live_tuples", "dead_tuples", "vacuums", "autovacuums")
+        return dict(zip(keys, (int(v) for v in row), strict=True))
+
     def owners(self) -> list[int]:
         """Partitions held under a live lease, counted per owner (ascending)."""
         partitions = quoted_table(self.tables.partitions)

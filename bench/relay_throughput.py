@@ -21,6 +21,7 @@ from common import (
     BROKER_URLS,
     DATABASE_URL,
     KAFKA_BOOTSTRAP,
+    BenchSchema,
     alternating,
     bench_schema,
     create_kafka_topic,
@@ -110,6 +111,92 @@ def raw_kafka(messages: list[Message]) -> float:
     return elapsed
 
 
+#: How many rows of a history are written by ``enqueue_many`` (the rest by one INSERT).
+HISTORY_ENQUEUED = 50_000
+
+
+async def run_relay(
+    schema: BenchSchema,
+    broker_url: str,
+    count: int,
+    batch_size: int,
+    database_url: str,
+    *,
+    probe: Any = None,
+) -> float:
+    """Run an in-process relay until its metrics count ``count`` rows confirmed by the
+    broker; return the seconds from the moment it owned its partitions (then stop it).
+    A ``probe`` is started with the schema just before the relay."""
+    settings = Settings(
+        database_url=database_url,
+        schema=schema.name,
+        broker_url=broker_url,
+        relay_batch_size=batch_size,
+        metrics_port=0,
+    )
+    relay = Relay(settings, publisher_from_url(broker_url))
+    if probe is not None:
+        probe.start(schema)
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_until(
+            lambda: relay.leases.owned != frozenset(),
+            within=30,
+            what="relay start",
+            interval=0.005,
+            error=TimeoutError,
+        )
+        started = time.perf_counter()
+        await wait_until(
+            lambda: relay.metrics.published._value.get() >= count,
+            within=900,
+            what="relay drain",
+            interval=0.005,
+            error=TimeoutError,
+        )
+        return time.perf_counter() - started
+    finally:
+        relay.stop()
+        await task
+
+
+def enqueue_backlog(schema: BenchSchema, count: int, topic: str) -> None:
+    """Write ``count`` pending rows with ``Outbox.enqueue_many``, the product's write path."""
+    outbox = Outbox(schema.tables, notify=False)
+    messages = make_messages(count, topic)
+    with Session(schema.engine) as session:
+        for start in range(0, count, 5000):
+            outbox.enqueue_many(session, messages[start : start + 5000])
+        session.commit()
+
+
+async def build_history(
+    schema: BenchSchema,
+    broker_url: str,
+    rows: int,
+    topic: str,
+    batch_size: int,
+    database_url: str,
+) -> dict[str, Any]:
+    """A history made the way a relay makes one: ``rows`` rows written pending (the first
+    :data:`HISTORY_ENQUEUED` with ``enqueue_many``, the rest with one INSERT ... SELECT of
+    the same shape), then published by a relay, which marks each one from pending to
+    published. No VACUUM: the dead tuples the marks leave stay for autovacuum to find."""
+    enqueued = min(rows, HISTORY_ENQUEUED)
+    started = time.perf_counter()
+    enqueue_backlog(schema, enqueued, topic)
+    if rows > enqueued:
+        schema.bulk_insert(rows - enqueued, topic)
+    written = time.perf_counter() - started
+    relayed = await run_relay(schema, broker_url, rows, batch_size, database_url)
+    return {
+        "history_rows": rows,
+        "history_enqueued": enqueued,
+        "history_write_seconds": round(written, 1),
+        "history_relay_seconds": round(relayed, 1),
+    }
+
+
 async def relay_drain(
     broker_url: str,
     count: int,
@@ -117,64 +204,41 @@ async def relay_drain(
     batch_size: int,
     *,
     history: int = 0,
+    vacuum: bool = True,
     probe: Any = None,
     database_url: str = DATABASE_URL,
 ) -> dict[str, Any]:
     """Let an in-process relay publish a backlog of ``count`` rows until all are confirmed.
 
     The backlog is written with ``Outbox.enqueue_many`` (the product's write path), the
-    table vacuumed and analysed, then the clock runs from the moment the relay owns its
-    partitions until its metrics count ``count`` published rows. ``history`` rows already
-    published are inserted first (one INSERT ... SELECT). A ``probe`` (see ``cost.py``) is
-    started with the schema just before the relay (so its start-up is counted too) and
-    finished after the relay stopped; what its ``finish()`` returns joins the result.
+    table vacuumed and analysed (only analysed with ``vacuum=False``), then the clock runs
+    from the moment the relay owns its partitions until its metrics count ``count``
+    published rows. ``history`` rows are first published by a relay of their own
+    (:func:`build_history`). A ``probe`` (see ``cost.py``) is started with the schema just
+    before the relay (so its start-up is counted too) and finished after the relay
+    stopped; what its ``finish()`` returns joins the result. The outbox's tuple counts at
+    the start of the clock join it too.
     """
     with bench_schema(database_url) as schema:
+        built: dict[str, Any] = {}
         if history:
-            schema.bulk_insert(history, topic, status="published")
-        outbox = Outbox(schema.tables, notify=False)
-        messages = make_messages(count, topic)
-        with Session(schema.engine) as session:
-            for start in range(0, count, 5000):
-                outbox.enqueue_many(session, messages[start : start + 5000])
-            session.commit()
-        del messages
-        schema.vacuum_analyze()
-        settings = Settings(
-            database_url=database_url,
-            schema=schema.name,
-            broker_url=broker_url,
-            relay_batch_size=batch_size,
-            metrics_port=0,
-        )
-        relay = Relay(settings, publisher_from_url(broker_url))
+            built = await build_history(
+                schema, broker_url, history, topic, batch_size, database_url
+            )
+        enqueue_backlog(schema, count, topic)
+        # Closed sessions report their statistics before ANALYZE reads the table.
+        schema.engine.dispose()
+        if vacuum:
+            schema.vacuum_analyze()
+        else:
+            schema.analyze()
+        await asyncio.sleep(1.0)  # the statistics catch up with the table
+        state = schema.table_state()
+        elapsed = await run_relay(schema, broker_url, count, batch_size, database_url, probe=probe)
         extra: dict[str, Any] = {}
         if probe is not None:
-            probe.start(schema)
-        task = asyncio.create_task(relay.run())
-        try:
-            await wait_until(
-                lambda: relay.leases.owned != frozenset(),
-                within=30,
-                what="relay start",
-                interval=0.005,
-                error=TimeoutError,
-            )
-            started = time.perf_counter()
-            await wait_until(
-                lambda: relay.metrics.published._value.get() >= count,
-                within=900,
-                what="relay drain",
-                interval=0.005,
-                error=TimeoutError,
-            )
-            elapsed = time.perf_counter() - started
-        finally:
-            relay.stop()
-            await task
-        if probe is not None:
             extra = await probe.finish()
-        return {"seconds": elapsed, "rate": count / elapsed, **extra}
+        return {"seconds": elapsed, "rate": count / elapsed, **built, **state, **extra}
 
 
 async def measure_broker(broker: str, count: int, batch_size: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from postroom.outbox import Outbox
 from postroom.schema import Tables, build_tables, migrate
 from postroom.urls import normalize_database_url, psycopg_conninfo
 from tests.support.database import drop_schema, unique_schema
-from tests.support.services import DATABASE_URL, require_service
+from tests.support.services import DATABASE_URL, probe
 
 pytest_plugins = ["tests.support.fixtures"]
 
@@ -25,13 +25,17 @@ os.environ.setdefault("POSTROOM_DATABASE_URL", DATABASE_URL)
 
 @pytest.fixture(scope="session")
 def database_url() -> str:
-    """The test database's URL (POSTROOM_DATABASE_URL), checked to answer."""
+    """The test database's URL (POSTROOM_DATABASE_URL), checked to answer (with retries)."""
     url = normalize_database_url(DATABASE_URL)
-    try:
-        with psycopg.connect(psycopg_conninfo(url), connect_timeout=5):
-            pass
-    except psycopg.OperationalError as exc:
-        require_service("PostgreSQL", str(exc).strip())
+
+    def attempt(timeout: float) -> None:
+        try:
+            with psycopg.connect(psycopg_conninfo(url), connect_timeout=max(1, round(timeout))):
+                pass
+        except psycopg.OperationalError as exc:
+            raise OSError(str(exc).strip()) from exc
+
+    probe("PostgreSQL", url, attempt, within=None)
     return url
 
 

@@ -1,8 +1,9 @@
 """The one home of the helpers the test suites (and the benchmarks) share.
 
 - ``services``: the broker URLs (``POSTROOM_TEST_*``), checks that a service answers, and
-  ``require_service`` (fail under CI, skip elsewhere); ``fixtures``: the ``rabbitmq``,
-  ``kafka`` and ``tansu`` fixtures (a pytest plugin, loaded by tests/conftest.py).
+  ``require_service`` (fail, or skip when ``POSTROOM_TEST_SKIP_MISSING`` asks);
+  ``fixtures``: the ``rabbitmq``, ``kafka`` and ``tansu`` fixtures (a pytest plugin,
+  loaded by tests/conftest.py).
 - ``network``: ``free_port``, a URL's ``address``, ``replace_address``, ``listens``.
 - ``waiting``: ``wait_until`` / ``wait_until_sync``, the one poll loop; ``stays_false``,
   watching for a computed time that something does not happen.
