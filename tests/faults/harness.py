@@ -19,23 +19,22 @@ out), then checks every message:
   nobody committed, a row of a transaction the writer saw roll back kept, published or
   applied).
 
-The counts come from a :class:`Profile`: ``POSTROOM_FAULTS=short`` (the default, for CI)
-or ``full`` (``make faults``). Every run draws its timing from a random generator seeded by
-``POSTROOM_FAULTS_SEED`` (random when unset) and the scenario's name, and prints the seed:
+The counts come from a :class:`~tests.faults.profile.Profile`: ``POSTROOM_FAULTS=short``
+(the default, for CI) or ``full`` (``make faults``). Every run draws its timing from a
+random generator seeded by ``POSTROOM_FAULTS_SEED`` (random when unset) and the scenario's
+name, and prints the seed:
 ``POSTROOM_FAULTS_SEED=<seed> pytest tests/faults -k '<scenario>'`` replays its choices.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import random
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,8 @@ from sqlalchemy.engine import Engine
 from postroom.outbox import Outbox
 from postroom.schema import Tables
 from postroom.schema.sql import quoted_table
+from tests.faults.profile import PROFILE, SEED
+from tests.faults.report import OUTCOMES, Outcome, report_table
 from tests.support.processes import RelayFleet, ServiceProcess
 from tests.support.readback import (
     KafkaReadback,
@@ -64,175 +65,6 @@ KAFKA_CONSUMER_SETTINGS = (
     "&topic.metadata.refresh.interval.ms=1000"
 )
 """librdkafka settings of the scenario's consumers: a killed member leaves the group in 6 s."""
-
-
-# ----------------------------------------------------------------------------- profile
-
-
-@dataclass(frozen=True)
-class Profile:
-    """How many faults each scenario injects, and how long a run may take to drain."""
-
-    name: str
-    relay_kills: int
-    pauses: int
-    broker_outages: int
-    database_faults: int
-    consumer_kills: int
-    storms: int
-    storm_copies: int
-    """Copies of each stormed message, on its own topic and again on a twin topic."""
-    long_transactions: int
-    database_crashes: int
-    """PostgreSQL crashes (SIGKILL or an immediate stop) of a private server, then restarts."""
-    drain: float
-    """Seconds the drain (once the writer stops) may go without progress before the run
-    fails: no more rows published, seen on the wire or handled."""
-    timeout: float
-    """pytest-timeout per scenario run."""
-
-
-PROFILES = {
-    "short": Profile(
-        "short",
-        relay_kills=3,
-        pauses=1,
-        broker_outages=3,
-        database_faults=4,
-        consumer_kills=3,
-        storms=2,
-        storm_copies=5,
-        long_transactions=2,
-        database_crashes=2,
-        drain=45,
-        timeout=150,
-    ),
-    "full": Profile(
-        "full",
-        relay_kills=50,
-        pauses=10,
-        broker_outages=21,
-        database_faults=30,
-        consumer_kills=50,
-        storms=20,
-        storm_copies=20,
-        long_transactions=20,
-        database_crashes=20,
-        drain=120,
-        timeout=1800,
-    ),
-}
-
-
-def profile_from_env() -> Profile:
-    """The profile named by ``POSTROOM_FAULTS`` (default ``short``)."""
-    name = os.environ.get("POSTROOM_FAULTS", "short").strip().lower() or "short"
-    if name not in PROFILES:
-        raise ValueError(
-            f"POSTROOM_FAULTS={name!r} is not a fault profile; use one of {', '.join(PROFILES)}"
-        )
-    return PROFILES[name]
-
-
-def seed_from_env() -> int:
-    """``POSTROOM_FAULTS_SEED`` if set (an integer), else a fresh random seed."""
-    given = os.environ.get("POSTROOM_FAULTS_SEED", "").strip()
-    if not given:
-        return random.SystemRandom().randrange(2**31)
-    try:
-        return int(given)
-    except ValueError:
-        raise ValueError(f"POSTROOM_FAULTS_SEED={given!r} is not an integer") from None
-
-
-PROFILE = profile_from_env()
-SEED = seed_from_env()
-
-
-# ----------------------------------------------------------------------------- outcome
-
-
-@dataclass
-class Outcome:
-    """One row of the report: what a scenario did to one broker and what the checks found."""
-
-    scenario: str
-    broker: str
-    seed: int
-    profile: str
-    messages: int = 0
-    faults: int = 0
-    fault_note: str = ""
-    lost: int = 0
-    wire_duplicates: int = 0
-    applied_twice: int = 0
-    order_violations: int = 0
-    inbox_skips: int = 0
-    """Deliveries the consumers acknowledged without running the handler (already applied)."""
-    problems: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        """No loss, nothing applied twice, order kept, nothing else wrong."""
-        return not (self.lost or self.applied_twice or self.order_violations or self.problems)
-
-    def as_json(self) -> dict[str, Any]:
-        """The row as JSON (with ``passed``)."""
-        return {**asdict(self), "passed": self.passed}
-
-
-OUTCOMES: list[Outcome] = []
-"""Every run of this session, in order (the report is made of them)."""
-
-COLUMNS = (
-    ("scenario", "scenario"),
-    ("broker", "broker"),
-    ("messages", "messages"),
-    ("faults", "faults"),
-    ("lost", "lost"),
-    ("wire_duplicates", "dup. on wire"),
-    ("applied_twice", "applied twice"),
-    ("order_violations", "order viol."),
-    ("inbox_skips", "skipped by inbox"),
-    ("seconds", "seconds"),
-)
-
-
-def report_table(outcomes: Iterable[Outcome]) -> str:
-    """The outcomes as a Markdown table (faults with their note, a verdict per row)."""
-    header = [title for _, title in COLUMNS] + ["verdict"]
-    rows = []
-    for outcome in outcomes:
-        cells = []
-        for name, _ in COLUMNS:
-            value = getattr(outcome, name)
-            if name == "faults" and outcome.fault_note:
-                value = f"{value} ({outcome.fault_note})"
-            elif name == "seconds":
-                value = f"{value:.0f}"
-            cells.append(str(value))
-        cells.append("ok" if outcome.passed else "FAILED: " + "; ".join(outcome.problems)[:200])
-        rows.append(cells)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), rule, *map(line, rows)])
-
-
-def write_report(path: Path, outcomes: list[Outcome]) -> None:
-    """Write the session's outcomes as JSON (profile, seed and one object per run)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {
-        "profile": PROFILE.name,
-        "seed": SEED,
-        "passed": all(o.passed for o in outcomes),
-        "runs": [o.as_json() for o in outcomes],
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- endpoints

@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 from postroom.brokers import publisher_from_url
 from postroom.message import Message
 from postroom.schema.sql import quoted_table
-from tests.faults.harness import LEASE, PROFILE, Direct, Endpoints, Run, RunFactory
+from tests.faults.harness import LEASE, Direct, Endpoints, Run, RunFactory
+from tests.faults.profile import PROFILE
 from tests.support.network import address, free_port, replace_address
 from tests.support.private_postgres import PrivatePostgres
 from tests.support.processes import ServiceProcess, TansuBroker
