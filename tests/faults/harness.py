@@ -5,9 +5,10 @@ A :class:`Run` owns everything of one scenario on one broker: a schema of its ow
 scenario's topic with the broker's own client, ``postroom relay`` and ``postroom consume``
 processes (:class:`~tests.support.processes.RelayFleet`) and a
 :class:`~tests.support.writing.PacedWriter` committing keyed messages. The scenario breaks
-things while the writer writes; :meth:`Run.finish` stops the writer, waits until every
-committed message was published, seen on the wire and handled (or the drain time runs
-out), then checks every message:
+things while the writer writes; :meth:`Run.finish` stops the writer, settles
+(:mod:`tests.faults.settling`: every committed message published, seen on the wire and
+handled, nothing held by the broker for the consumer, effects and deliveries quiet for
+longer than the redelivery window; or a stalled drain), then checks every message:
 
 - lost: committed but never on the wire, or never handled (a handler effect is missing);
 - applied twice: more than one effect row for a message id;
@@ -46,6 +47,7 @@ from postroom.schema import Tables
 from postroom.schema.sql import quoted_table
 from tests.faults.profile import PROFILE, SEED
 from tests.faults.report import OUTCOMES, Outcome, report_table
+from tests.faults.settling import QUIET, KafkaLag, Snapshot, rabbitmq_backlog, settle
 from tests.support.processes import RelayFleet, ServiceProcess
 from tests.support.readback import (
     KafkaReadback,
@@ -153,6 +155,8 @@ class Run:
         self.outcome = Outcome(scenario, endpoints.broker, SEED, PROFILE.name)
         self._started = time.monotonic()
         self._writing = False
+        self.settled = False
+        """Whether :meth:`settle` ran (:meth:`finish` settles only if not)."""
 
     async def __aenter__(self) -> Run:
         with self.engine.begin() as connection:
@@ -301,7 +305,8 @@ class Run:
 
     async def finish(self, *, faults: int, note: str = "") -> Outcome:
         """Settle, check every message, record the outcome; fail if it failed."""
-        await self.settle()
+        if not self.settled:
+            await self.settle()
         outcome = await asyncio.to_thread(self.check)
         outcome.faults = faults
         outcome.fault_note = note
@@ -314,45 +319,54 @@ class Run:
         )
         return outcome
 
-    async def settle(self) -> None:
-        """Stop writing, then wait until every committed message was published, seen on
-        the wire and handled (or nothing moved for the profile's drain time), and a second
-        more."""
+    async def settle(self, *, stall: float | None = None) -> None:
+        """Stop writing, then wait until nothing can still arrive (see
+        :mod:`tests.faults.settling`); a stall (no progress for ``stall`` seconds, the
+        profile's drain time by default) is recorded as a problem."""
         if self._writing:
             self._writing = False
             await asyncio.to_thread(self.writer.stop)
-        await self._drain()
+        lag = None
+        if self.endpoints.kafka:
+            topics = [self.topic, self.storm_topic]
+            lag = await asyncio.to_thread(
+                KafkaLag, self.endpoints.readback, self.consumer_name, topics
+            )
+        try:
+            failure = await settle(
+                lambda: self.snapshot(lag),
+                quiet=QUIET[self.endpoints.broker],
+                stall=PROFILE.drain if stall is None else stall,
+            )
+        finally:
+            if lag is not None:
+                await asyncio.to_thread(lag.close)
+        if failure is not None:
+            self.outcome.problems.append(failure)
+        self.settled = True
 
-    def _missing(self) -> tuple[int, set[str], set[str]]:
+    def snapshot(self, lag: KafkaLag | None) -> Snapshot:
+        """Where the run stands: the drain's counts, the broker's backlog, the totals."""
+        assert self.readback is not None
         committed = self.writer.written.ids()
-        return (
-            self.unpublished(),
-            committed - self.seen_on_wire(),
-            committed - set(self.effect_counts()),
+        delivered = self.readback.received
+        if lag is not None:
+            floors: dict[tuple[str, int], int] = {}
+            for item in delivered:
+                place = (item.topic, int(item.extra["partition"]))
+                floors[place] = max(floors.get(place, 0), int(item.extra["offset"]) + 1)
+            backlog = lag.backlog(floors)
+        else:
+            backlog = rabbitmq_backlog(self.consumer_name)
+        effects = self.effect_counts()
+        return Snapshot(
+            unpublished=self.unpublished(),
+            off_wire=len(committed - {d.id for d in delivered}),
+            unhandled=len(committed - set(effects)),
+            backlog=backlog,
+            effects=sum(effects.values()),
+            deliveries=len(delivered),
         )
-
-    async def _drain(self) -> None:
-        # A backlog may take a while (a consumer killed fifty times falls behind); what
-        # fails the run is a drain that stops moving for the profile's drain time.
-        stalled_since = time.monotonic()
-        last: tuple[int, int, int] | None = None
-        while True:
-            pending, off_wire, unhandled = await asyncio.to_thread(self._missing)
-            if not (pending or off_wire or unhandled):
-                break
-            now = time.monotonic()
-            state = (pending, len(off_wire), len(unhandled))
-            if state != last:
-                last, stalled_since = state, now
-            elif now - stalled_since > PROFILE.drain:
-                self.outcome.problems.append(
-                    f"draining stalled for {PROFILE.drain:g} s at {pending} rows unpublished, "
-                    f"{len(off_wire)} not on the wire, {len(unhandled)} not handled"
-                )
-                break
-            await asyncio.sleep(0.25)
-        # Late copies (a resumed relay, a redelivery) have a moment to land and be counted.
-        await asyncio.sleep(1.0)
 
     def check(self) -> Outcome:
         """Compare what was committed with the outbox, the wire and the effects."""
