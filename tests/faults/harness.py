@@ -5,20 +5,12 @@ A :class:`Run` owns everything of one scenario on one broker: a schema of its ow
 scenario's topic with the broker's own client, ``postroom relay`` and ``postroom consume``
 processes (:class:`~tests.support.processes.RelayFleet`) and a
 :class:`~tests.support.writing.PacedWriter` committing keyed messages. The scenario breaks
-things while the writer writes; :meth:`Run.finish` stops the writer, settles
-(:mod:`tests.faults.settling`: every committed message published, seen on the wire and
-handled, nothing held by the broker for the consumer, effects and deliveries quiet for
-longer than the redelivery window; or a stalled drain), then checks every message:
-
-- lost: committed but never on the wire, or never handled (a handler effect is missing);
-- applied twice: more than one effect row for a message id;
-- order violations: a key's first deliveries on the wire out of commit order (per topic
-  and key on Kafka, whose order is per partition);
-- duplicates on the wire: counted and reported, allowed;
-- problems: anything else that must not happen (content changed on the wire, rows in the
-  outbox that no committed transaction wrote, dead-lettered rows, effects of messages
-  nobody committed, a row of a transaction the writer saw roll back kept, published or
-  applied).
+things while the writer writes and counts the faults it caused; :meth:`Run.finish` stops
+the writer, settles (:mod:`tests.faults.settling`: drained, nothing held by the broker,
+effects and deliveries quiet for longer than the redelivery window), then judges the
+run's :class:`~tests.faults.checks.History` (:func:`~tests.faults.checks.judge`: loss,
+double applies, order on the wire and of late commits, effect order on Kafka, content,
+outbox rows, dead rows, rolled-back rows, and every counted fault at least once).
 
 The counts come from a :class:`~tests.faults.profile.Profile`: ``POSTROOM_FAULTS=short``
 (the default, for CI) or ``full`` (``make faults``). Every run draws its timing from a
@@ -30,6 +22,7 @@ name, and prints the seed:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 import uuid
@@ -45,6 +38,7 @@ from sqlalchemy.engine import Engine
 from postroom.outbox import Outbox
 from postroom.schema import Tables
 from postroom.schema.sql import quoted_table
+from tests.faults.checks import Effect, History, LateCommit, OutboxRow, judge
 from tests.faults.profile import PROFILE, SEED
 from tests.faults.report import OUTCOMES, Outcome, report_table
 from tests.faults.settling import QUIET, KafkaLag, Snapshot, rabbitmq_backlog, settle
@@ -52,7 +46,6 @@ from tests.support.processes import RelayFleet, ServiceProcess
 from tests.support.readback import (
     KafkaReadback,
     RabbitMQReadback,
-    check_deliveries,
     create_topics,
     delete_consumer_queues,
 )
@@ -153,17 +146,22 @@ class Run:
             rng=random.Random(self.rng.random()),
         )
         self.outcome = Outcome(scenario, endpoints.broker, SEED, PROFILE.name)
-        self._started = time.monotonic()
-        self._writing = False
+        self.late: list[LateCommit] = []
+        """Rows committed late on keys with earlier rows (the long-transaction scenario)."""
+        self.faults: dict[str, int] = {}
+        self.settle_problems: list[str] = []
         self.settled = False
         """Whether :meth:`settle` ran (:meth:`finish` settles only if not)."""
+        self._started = time.monotonic()
+        self._writing = False
 
     async def __aenter__(self) -> Run:
         with self.engine.begin() as connection:
             connection.execute(
                 text(
-                    f"CREATE TABLE {self.effects} (message_id text NOT NULL, topic text NOT NULL,"
-                    " pid int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+                    f"CREATE TABLE {self.effects} (applied bigserial, message_id text NOT NULL,"
+                    " topic text NOT NULL, pid int NOT NULL,"
+                    " at timestamptz NOT NULL DEFAULT clock_timestamp())"
                 )
             )
         if self.endpoints.kafka:
@@ -283,6 +281,49 @@ class Run:
             rows = connection.execute(text(sql), {"names": names, "state": state})
             return [int(pid) for (pid,) in rows]
 
+    def backends_running(self, process: ServiceProcess, fragment: str) -> list[int]:
+        """Backend pids of ``process`` running a statement whose text has ``fragment``."""
+        sql = (
+            "SELECT pid FROM pg_stat_activity WHERE application_name = :name"
+            " AND state = 'active' AND strpos(query, :fragment) > 0"
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                text(sql), {"name": process.application_name, "fragment": fragment}
+            )
+            return [int(pid) for (pid,) in rows]
+
+    def open_effects(self, process: ServiceProcess) -> list[tuple[int, str]]:
+        """(backend pid, transaction id) of ``process``'s transactions that wrote an effect
+        row and have not committed: a handler between its write and its commit."""
+        sql = (
+            "SELECT a.pid, a.backend_xid::text FROM pg_stat_activity a"
+            " JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'relation'"
+            " AND l.relation = to_regclass(:effects) AND l.mode = 'RowExclusiveLock'"
+            " WHERE a.application_name = :name AND a.state = 'idle in transaction'"
+            " AND a.backend_xid IS NOT NULL"
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                text(sql), {"name": process.application_name, "effects": self.effects}
+            )
+            return [(int(pid), str(xid)) for pid, xid in rows]
+
+    def rolled_back_effect(self, pid: int, xid: str) -> tuple[bool] | None:
+        """``(True,)`` if transaction ``xid`` of backend ``pid`` ended without its effect
+        row, ``(False,)`` if the row was committed, None while the backend still runs."""
+        with self.engine.connect() as connection:
+            running = connection.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+            ).scalar()
+            if running:
+                return None
+            kept = connection.execute(
+                text(f"SELECT count(*) FROM {self.effects} WHERE xmin = CAST(:xid AS xid)"),
+                {"xid": xid},
+            ).scalar()
+        return (not kept,)
+
     def terminate_backends(self, processes: Iterable[ServiceProcess]) -> int:
         """``pg_terminate_backend`` every backend of ``processes``; the number terminated."""
         names = [p.application_name for p in processes]
@@ -303,13 +344,17 @@ class Run:
         assert self.readback is not None
         return self.readback.ids()
 
-    async def finish(self, *, faults: int, note: str = "") -> Outcome:
-        """Settle, check every message, record the outcome; fail if it failed."""
+    async def finish(self, *, count: int, faults: dict[str, int], note: str = "") -> Outcome:
+        """Settle, check every message and that each of ``faults`` (what the scenario did
+        and what it caused, by name) happened at least once, record the outcome (``count``
+        faults injected); fail if it failed."""
         if not self.settled:
             await self.settle()
+        self.faults = faults
         outcome = await asyncio.to_thread(self.check)
-        outcome.faults = faults
-        outcome.fault_note = note
+        outcome.faults = count
+        counts = ", ".join(f"{n} {name}" for name, n in faults.items())
+        outcome.fault_note = f"{counts}; {note}" if note else counts
         OUTCOMES.append(outcome)
         print(report_table([outcome]))
         assert outcome.passed, (
@@ -342,7 +387,7 @@ class Run:
             if lag is not None:
                 await asyncio.to_thread(lag.close)
         if failure is not None:
-            self.outcome.problems.append(failure)
+            self.settle_problems.append(failure)
         self.settled = True
 
     def snapshot(self, lag: KafkaLag | None) -> Snapshot:
@@ -368,49 +413,52 @@ class Run:
             deliveries=len(delivered),
         )
 
-    def check(self) -> Outcome:
-        """Compare what was committed with the outbox, the wire and the effects."""
-        outcome = self.outcome
-        outcome.seconds = time.monotonic() - self._started
-        written = self.writer.written
-        committed = written.ids()
-        outcome.messages = len(committed)
+    def history(self) -> History:
+        """What the run recorded, for :func:`~tests.faults.checks.judge`."""
         assert self.readback is not None
-        delivered = self.readback.received
-        wire = check_deliveries(
-            written.messages, delivered, sequence=written.seq, kafka=self.endpoints.kafka
+        written = self.writer.written
+        with written.lock:
+            messages, sequence = list(written.messages), dict(written.sequence)
+        outbox = quoted_table(self.tables.outbox)
+        with self.engine.connect() as connection:
+            rows = connection.execute(text(f"SELECT id, status, position FROM {outbox}"))
+            outbox_rows = {str(i): OutboxRow(status, int(p)) for i, status, p in rows}
+            effects = [
+                Effect(int(applied), message_id, topic)
+                for applied, message_id, topic in connection.execute(
+                    text(f"SELECT applied, message_id, topic FROM {self.effects}")
+                )
+            ]
+        return History(
+            kafka=self.endpoints.kafka,
+            topic=self.topic,
+            written=messages,
+            sequence=sequence,
+            rolled_back=self.writer.rolled_back.ids(),
+            outbox=outbox_rows,
+            delivered=self.readback.received,
+            effects=effects,
+            late=list(self.late),
+            faults=dict(self.faults),
         )
-        effects = self.effect_counts()
-        statuses = self.outbox_statuses()
 
-        lost = set(wire.missing) | (committed - set(effects))
-        outcome.lost = len(lost)
-        outcome.wire_duplicates = wire.duplicates
-        outcome.applied_twice = sum(1 for count in effects.values() if count > 1)
-        outcome.order_violations = len(wire.order_violations)
+    def check(self, history: History | None = None) -> Outcome:
+        """Judge the run's history (or ``history``, as the self-test tampered with it):
+        a new outcome each time, also kept as :attr:`outcome`."""
+        outcome = self.outcome = dataclasses.replace(self.outcome, problems=[])
+        outcome.seconds = time.monotonic() - self._started
+        history = history or self.history()
+        verdict = judge(history)
+        outcome.messages = len(history.written)
+        outcome.lost = verdict.lost
+        outcome.wire_duplicates = verdict.wire_duplicates
+        outcome.applied_twice = verdict.applied_twice
+        outcome.order_violations = verdict.order_violations
         outcome.inbox_skips = sum(
             len(p.events("consumer.duplicate")) for p in self.fleet.relays if p.kind == "consumer"
         )
-        problems = outcome.problems
-        _note(problems, "lost", sorted(lost))
-        _note(problems, "order broken", wire.order_violations)
-        _note(problems, "applied twice", [i for i, c in effects.items() if c > 1])
-        _note(problems, "content changed on the wire", wire.mismatches)
-        _note(problems, "on the wire but never committed", wire.unexpected)
-        phantom = sorted(set(statuses) - committed)
-        _note(problems, "outbox rows no committed transaction wrote", phantom)
-        _note(problems, "committed without an outbox row", sorted(committed - set(statuses)))
-        _note(problems, "dead-lettered rows", [i for i, s in statuses.items() if s == "dead"])
-        _note(problems, "effects of messages never committed", sorted(set(effects) - committed))
-        rolled_back = self.writer.rolled_back.ids()
-        touched = rolled_back & (set(statuses) | self.seen_on_wire() | set(effects))
-        _note(problems, "rows of rolled-back transactions seen", sorted(touched))
+        outcome.problems = [*self.settle_problems, *verdict.problems]
         return outcome
-
-
-def _note(problems: list[str], what: str, items: list[str]) -> None:
-    if items:
-        problems.append(f"{len(items)} {what}: {items[:5]}")
 
 
 #: The ``make_run`` fixture: ``make_run(scenario, endpoints, **options)`` builds a :class:`Run`.

@@ -68,7 +68,7 @@ async def test_the_check_finds_loss_double_effects_phantoms_and_disorder(
     assert not tampered.passed
     assert (tampered.lost, tampered.applied_twice, tampered.order_violations) == (1, 1, 1)
     assert any("never committed" in problem for problem in tampered.problems)
-    assert any("rolled-back transactions seen" in problem for problem in tampered.problems)
+    assert any("rolled-back rows" in problem for problem in tampered.problems)
 
 
 @pytest.mark.parametrize("fate", ["committed", "rolled back"])
