@@ -63,13 +63,16 @@ async def settle(
     """Look (``probe``, on a thread) until drained and quiet for ``quiet`` seconds.
 
     Returns None once settled, or the failure ("stalled drain: ...") when nothing moved
-    for ``stall`` seconds before that.
+    for ``stall`` seconds before that, or when, all drained, deliveries or effects still
+    kept changing ``stall`` seconds past the quiet period.
     """
-    progress_at = quiet_since = time.monotonic()
+    progress_at = quiet_since = drained_since = time.monotonic()
     last: Snapshot | None = None
     while True:
         now_snapshot = await asyncio.to_thread(probe)
         now = time.monotonic()
+        if not now_snapshot.drained:
+            drained_since = now
         if last is None or now_snapshot != last:
             progress_at = now
         if last is None or (now_snapshot.effects, now_snapshot.deliveries) != (
@@ -82,6 +85,12 @@ async def settle(
             return None
         if not now_snapshot.drained and now - progress_at > stall:
             return f"stalled drain: no progress for {stall:g} s at {now_snapshot.describe()}"
+        if now_snapshot.drained and now - drained_since > quiet + stall:
+            return (
+                f"stalled drain: deliveries or effects still changing {quiet + stall:g} s "
+                f"after everything was handled ({now_snapshot.deliveries} deliveries, "
+                f"{now_snapshot.effects} effects)"
+            )
         await asyncio.sleep(interval)
 
 

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -34,6 +35,7 @@ from postroom.schema import Tables
 from postroom.schema.sql import quoted_table
 from tests.faults.checks import Effect, History, LateCommit, OutboxRow
 from tests.faults.harness import Direct, Run, RunFactory
+from tests.faults.settling import Snapshot, settle
 from tests.support.database import count
 from tests.support.private_postgres import PrivatePostgres
 from tests.support.waiting import wait_until_sync
@@ -240,6 +242,43 @@ def _tamperings(base: History) -> dict[str, tuple[Tamper, str | None]]:
         # RabbitMQ handles deliveries concurrently: the consumer promises no effect order.
         cases["effects in another order"] = (effects_reversed, None)
     return cases
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("settles", None),
+        ("never drains", "stalled drain: no progress for 0.5 s at 0 rows unpublished, 1 not"),
+        ("broker holds one", "stalled drain: no progress for 0.5 s at"),
+        ("keeps delivering", "stalled drain: deliveries or effects still changing 0.8 s"),
+    ],
+)
+async def test_the_settle_phase_waits_for_quiet_and_reports_a_stalled_drain(
+    case: str, expected: str | None
+) -> None:
+    """The settle loop every run uses, fed scripted snapshots: it returns once drained and
+    quiet, and fails as a stalled drain when nothing moves or when copies keep coming."""
+    looks = 0
+
+    def probe() -> Snapshot:
+        nonlocal looks
+        looks += 1
+        if case == "never drains":
+            return Snapshot(0, 1, 1, "", 10, 10)
+        if case == "broker holds one":
+            return Snapshot(0, 0, 0, "q 0 ready, 1 unacked", 11, 11)
+        if case == "keeps delivering":
+            return Snapshot(0, 0, 0, "", 11, 11 + looks)
+        return Snapshot(0, 0, 0, "", 11, 11 + min(looks, 3))
+
+    started = time.monotonic()
+    failure = await settle(probe, quiet=0.3, stall=0.5, interval=0.02)
+    if expected is None:
+        assert failure is None
+        assert time.monotonic() - started >= 0.3
+    else:
+        assert failure is not None
+        assert failure.startswith(expected), failure
 
 
 @pytest.mark.parametrize("fate", ["committed", "rolled back"])
