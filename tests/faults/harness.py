@@ -41,7 +41,14 @@ from postroom.schema.sql import quoted_table
 from tests.faults.checks import Effect, History, LateCommit, OutboxRow, judge
 from tests.faults.profile import PROFILE, SEED
 from tests.faults.report import OUTCOMES, Outcome, report_table
-from tests.faults.settling import QUIET, KafkaLag, Snapshot, rabbitmq_backlog, settle
+from tests.faults.settling import (
+    KAFKA_SESSION_TIMEOUT,
+    QUIET,
+    KafkaLag,
+    Snapshot,
+    rabbitmq_backlog,
+    settle,
+)
 from tests.support.processes import RelayFleet, ServiceProcess
 from tests.support.readback import (
     KafkaReadback,
@@ -56,10 +63,10 @@ CONSUMER_TARGET = "tests.faults.app:consumer"
 LEASE = 2.0
 """Relay lease in every scenario: short, so a dead or paused relay's partitions move soon."""
 KAFKA_CONSUMER_SETTINGS = (
-    "session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=7000"
-    "&topic.metadata.refresh.interval.ms=1000"
+    f"session.timeout.ms={KAFKA_SESSION_TIMEOUT * 1000:.0f}&heartbeat.interval.ms=500"
+    "&max.poll.interval.ms=7000&topic.metadata.refresh.interval.ms=1000"
 )
-"""librdkafka settings of the scenario's consumers: a killed member leaves the group in 6 s."""
+"""librdkafka settings of the scenario's consumers: a killed member leaves the group soon."""
 
 
 # ----------------------------------------------------------------------------- endpoints

@@ -23,9 +23,10 @@ from typing import Any
 
 from tests.support.services import QuietLog
 
-KAFKA_SESSION_TIMEOUT = 6.0
-"""The scenario consumers' ``session.timeout.ms``, in seconds."""
-QUIET = {"kafka": KAFKA_SESSION_TIMEOUT + 1.0, "rabbitmq": 2.0}
+KAFKA_SESSION_TIMEOUT = 3.0
+"""The scenario consumers' ``session.timeout.ms``, in seconds: a killed member leaves the
+group, and its partitions move, after this long."""
+QUIET = {"kafka": KAFKA_SESSION_TIMEOUT + 0.5, "rabbitmq": 1.0}
 """Seconds effects and deliveries must stay unchanged before a run is judged. Kafka hands a
 dead member's partitions on after the session timeout, and the new owner redelivers from
 the committed offset; RabbitMQ redelivers only what it still holds (checked directly), so
