@@ -1,9 +1,10 @@
 """The fault suite's harness: one run = real relays and consumers, a writer, a fault, a verdict.
 
 A :class:`Run` owns everything of one scenario on one broker: a schema of its own (the
-``tables`` fixture), an effects table the consumer's handler writes, a read-back of the
-scenario's topic with the broker's own client, ``postroom relay`` and ``postroom consume``
-processes (:class:`~tests.support.processes.RelayFleet`) and a
+``tables`` fixture), an effects table the consumer's handler writes (each row numbered
+from a sequence in the handler's transaction, the order effects were applied in), a
+read-back of the scenario's topic with the broker's own client, ``postroom relay`` and
+``postroom consume`` processes (:class:`~tests.support.processes.RelayFleet`) and a
 :class:`~tests.support.writing.PacedWriter` committing keyed messages. The scenario breaks
 things while the writer writes and counts the faults it caused; :meth:`Run.finish` stops
 the writer, settles (:mod:`tests.faults.settling`: drained, nothing held by the broker,
@@ -270,23 +271,6 @@ class Run:
                 text(f"SELECT message_id, count(*) FROM {self.effects} GROUP BY message_id")
             )
             return Counter({message_id: int(count) for message_id, count in rows})
-
-    def outbox_statuses(self) -> dict[str, str]:
-        """Message id → outbox status."""
-        outbox = quoted_table(self.tables.outbox)
-        with self.engine.connect() as connection:
-            rows = connection.execute(text(f"SELECT id, status FROM {outbox}"))
-            return {str(message_id): status for message_id, status in rows}
-
-    def backends(self, processes: Iterable[ServiceProcess], state: str | None = None) -> list[int]:
-        """Backend pids of ``processes`` (by application_name), optionally in one ``state``."""
-        names = [p.application_name for p in processes]
-        sql = "SELECT pid FROM pg_stat_activity WHERE application_name = ANY(:names)"
-        if state is not None:
-            sql += " AND state = :state"
-        with self.engine.connect() as connection:
-            rows = connection.execute(text(sql), {"names": names, "state": state})
-            return [int(pid) for (pid,) in rows]
 
     def backends_running(self, process: ServiceProcess, fragment: str) -> list[int]:
         """Backend pids of ``process`` running a statement whose text has ``fragment``."""
