@@ -16,18 +16,9 @@ from sqlalchemy.engine import Engine
 
 from postroom.database import create_engine
 from postroom.schema import Tables, build_tables, migrate
-from tests.faults.harness import (
-    OUTCOMES,
-    PROFILE,
-    REPO_ROOT,
-    SEED,
-    Direct,
-    Endpoints,
-    Run,
-    RunFactory,
-    report_table,
-    write_report,
-)
+from tests.faults.harness import REPO_ROOT, Direct, Endpoints, Run, RunFactory
+from tests.faults.profile import PROFILE, SEED
+from tests.faults.report import OUTCOMES, report_table, write_report
 from tests.support.database import unique_schema
 from tests.support.private_postgres import PrivatePostgres, postgres_binaries
 from tests.support.services import require_service

@@ -1,41 +1,35 @@
 """The fault suite's harness: one run = real relays and consumers, a writer, a fault, a verdict.
 
 A :class:`Run` owns everything of one scenario on one broker: a schema of its own (the
-``tables`` fixture), an effects table the consumer's handler writes, a read-back of the
-scenario's topic with the broker's own client, ``postroom relay`` and ``postroom consume``
-processes (:class:`~tests.support.processes.RelayFleet`) and a
+``tables`` fixture), an effects table the consumer's handler writes (each row numbered
+from a sequence in the handler's transaction, the order effects were applied in), a
+read-back of the scenario's topic with the broker's own client, ``postroom relay`` and
+``postroom consume`` processes (:class:`~tests.support.processes.RelayFleet`) and a
 :class:`~tests.support.writing.PacedWriter` committing keyed messages. The scenario breaks
-things while the writer writes; :meth:`Run.finish` stops the writer, waits until every
-committed message was published, seen on the wire and handled (or the drain time runs
-out), then checks every message:
+things while the writer writes and counts the faults it caused; :meth:`Run.finish` stops
+the writer, settles (:mod:`tests.faults.settling`: drained, nothing held by the broker,
+effects and deliveries quiet for longer than the redelivery window), then judges the
+run's :class:`~tests.faults.checks.History` (:func:`~tests.faults.checks.judge`: loss,
+double applies, order on the wire and of late commits, effect order on Kafka, content,
+outbox rows, dead rows, rolled-back rows, and every counted fault at least once).
 
-- lost: committed but never on the wire, or never handled (a handler effect is missing);
-- applied twice: more than one effect row for a message id;
-- order violations: a key's first deliveries on the wire out of commit order (per topic
-  and key on Kafka, whose order is per partition);
-- duplicates on the wire: counted and reported, allowed;
-- problems: anything else that must not happen (content changed on the wire, rows in the
-  outbox that no committed transaction wrote, dead-lettered rows, effects of messages
-  nobody committed, a row of a transaction the writer saw roll back kept, published or
-  applied).
-
-The counts come from a :class:`Profile`: ``POSTROOM_FAULTS=short`` (the default, for CI)
-or ``full`` (``make faults``). Every run draws its timing from a random generator seeded by
-``POSTROOM_FAULTS_SEED`` (random when unset) and the scenario's name, and prints the seed:
+The counts come from a :class:`~tests.faults.profile.Profile`: ``POSTROOM_FAULTS=short``
+(the default, for CI) or ``full`` (``make faults``). Every run draws its timing from a
+random generator seeded by ``POSTROOM_FAULTS_SEED`` (random when unset) and the scenario's
+name, and prints the seed:
 ``POSTROOM_FAULTS_SEED=<seed> pytest tests/faults -k '<scenario>'`` replays its choices.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
+import dataclasses
 import random
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +39,21 @@ from sqlalchemy.engine import Engine
 from postroom.outbox import Outbox
 from postroom.schema import Tables
 from postroom.schema.sql import quoted_table
+from tests.faults.checks import Effect, History, LateCommit, OutboxRow, judge
+from tests.faults.profile import PROFILE, SEED
+from tests.faults.report import OUTCOMES, Outcome, report_table
+from tests.faults.settling import (
+    KAFKA_SESSION_TIMEOUT,
+    QUIET,
+    KafkaLag,
+    Snapshot,
+    rabbitmq_backlog,
+    settle,
+)
 from tests.support.processes import RelayFleet, ServiceProcess
 from tests.support.readback import (
     KafkaReadback,
     RabbitMQReadback,
-    check_deliveries,
     create_topics,
     delete_consumer_queues,
 )
@@ -60,179 +64,10 @@ CONSUMER_TARGET = "tests.faults.app:consumer"
 LEASE = 2.0
 """Relay lease in every scenario: short, so a dead or paused relay's partitions move soon."""
 KAFKA_CONSUMER_SETTINGS = (
-    "session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=7000"
-    "&topic.metadata.refresh.interval.ms=1000"
+    f"session.timeout.ms={KAFKA_SESSION_TIMEOUT * 1000:.0f}&heartbeat.interval.ms=500"
+    "&max.poll.interval.ms=7000&topic.metadata.refresh.interval.ms=1000"
 )
-"""librdkafka settings of the scenario's consumers: a killed member leaves the group in 6 s."""
-
-
-# ----------------------------------------------------------------------------- profile
-
-
-@dataclass(frozen=True)
-class Profile:
-    """How many faults each scenario injects, and how long a run may take to drain."""
-
-    name: str
-    relay_kills: int
-    pauses: int
-    broker_outages: int
-    database_faults: int
-    consumer_kills: int
-    storms: int
-    storm_copies: int
-    """Copies of each stormed message, on its own topic and again on a twin topic."""
-    long_transactions: int
-    database_crashes: int
-    """PostgreSQL crashes (SIGKILL or an immediate stop) of a private server, then restarts."""
-    drain: float
-    """Seconds the drain (once the writer stops) may go without progress before the run
-    fails: no more rows published, seen on the wire or handled."""
-    timeout: float
-    """pytest-timeout per scenario run."""
-
-
-PROFILES = {
-    "short": Profile(
-        "short",
-        relay_kills=3,
-        pauses=1,
-        broker_outages=3,
-        database_faults=4,
-        consumer_kills=3,
-        storms=2,
-        storm_copies=5,
-        long_transactions=2,
-        database_crashes=2,
-        drain=45,
-        timeout=150,
-    ),
-    "full": Profile(
-        "full",
-        relay_kills=50,
-        pauses=10,
-        broker_outages=21,
-        database_faults=30,
-        consumer_kills=50,
-        storms=20,
-        storm_copies=20,
-        long_transactions=20,
-        database_crashes=20,
-        drain=120,
-        timeout=1800,
-    ),
-}
-
-
-def profile_from_env() -> Profile:
-    """The profile named by ``POSTROOM_FAULTS`` (default ``short``)."""
-    name = os.environ.get("POSTROOM_FAULTS", "short").strip().lower() or "short"
-    if name not in PROFILES:
-        raise ValueError(
-            f"POSTROOM_FAULTS={name!r} is not a fault profile; use one of {', '.join(PROFILES)}"
-        )
-    return PROFILES[name]
-
-
-def seed_from_env() -> int:
-    """``POSTROOM_FAULTS_SEED`` if set (an integer), else a fresh random seed."""
-    given = os.environ.get("POSTROOM_FAULTS_SEED", "").strip()
-    if not given:
-        return random.SystemRandom().randrange(2**31)
-    try:
-        return int(given)
-    except ValueError:
-        raise ValueError(f"POSTROOM_FAULTS_SEED={given!r} is not an integer") from None
-
-
-PROFILE = profile_from_env()
-SEED = seed_from_env()
-
-
-# ----------------------------------------------------------------------------- outcome
-
-
-@dataclass
-class Outcome:
-    """One row of the report: what a scenario did to one broker and what the checks found."""
-
-    scenario: str
-    broker: str
-    seed: int
-    profile: str
-    messages: int = 0
-    faults: int = 0
-    fault_note: str = ""
-    lost: int = 0
-    wire_duplicates: int = 0
-    applied_twice: int = 0
-    order_violations: int = 0
-    inbox_skips: int = 0
-    """Deliveries the consumers acknowledged without running the handler (already applied)."""
-    problems: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        """No loss, nothing applied twice, order kept, nothing else wrong."""
-        return not (self.lost or self.applied_twice or self.order_violations or self.problems)
-
-    def as_json(self) -> dict[str, Any]:
-        """The row as JSON (with ``passed``)."""
-        return {**asdict(self), "passed": self.passed}
-
-
-OUTCOMES: list[Outcome] = []
-"""Every run of this session, in order (the report is made of them)."""
-
-COLUMNS = (
-    ("scenario", "scenario"),
-    ("broker", "broker"),
-    ("messages", "messages"),
-    ("faults", "faults"),
-    ("lost", "lost"),
-    ("wire_duplicates", "dup. on wire"),
-    ("applied_twice", "applied twice"),
-    ("order_violations", "order viol."),
-    ("inbox_skips", "skipped by inbox"),
-    ("seconds", "seconds"),
-)
-
-
-def report_table(outcomes: Iterable[Outcome]) -> str:
-    """The outcomes as a Markdown table (faults with their note, a verdict per row)."""
-    header = [title for _, title in COLUMNS] + ["verdict"]
-    rows = []
-    for outcome in outcomes:
-        cells = []
-        for name, _ in COLUMNS:
-            value = getattr(outcome, name)
-            if name == "faults" and outcome.fault_note:
-                value = f"{value} ({outcome.fault_note})"
-            elif name == "seconds":
-                value = f"{value:.0f}"
-            cells.append(str(value))
-        cells.append("ok" if outcome.passed else "FAILED: " + "; ".join(outcome.problems)[:200])
-        rows.append(cells)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), rule, *map(line, rows)])
-
-
-def write_report(path: Path, outcomes: list[Outcome]) -> None:
-    """Write the session's outcomes as JSON (profile, seed and one object per run)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {
-        "profile": PROFILE.name,
-        "seed": SEED,
-        "passed": all(o.passed for o in outcomes),
-        "runs": [o.as_json() for o in outcomes],
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
+"""librdkafka settings of the scenario's consumers: a killed member leaves the group soon."""
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -319,6 +154,12 @@ class Run:
             rng=random.Random(self.rng.random()),
         )
         self.outcome = Outcome(scenario, endpoints.broker, SEED, PROFILE.name)
+        self.late: list[LateCommit] = []
+        """Rows committed late on keys with earlier rows (the long-transaction scenario)."""
+        self.faults: dict[str, int] = {}
+        self.settle_problems: list[str] = []
+        self.settled = False
+        """Whether :meth:`settle` ran (:meth:`finish` settles only if not)."""
         self._started = time.monotonic()
         self._writing = False
 
@@ -326,8 +167,9 @@ class Run:
         with self.engine.begin() as connection:
             connection.execute(
                 text(
-                    f"CREATE TABLE {self.effects} (message_id text NOT NULL, topic text NOT NULL,"
-                    " pid int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+                    f"CREATE TABLE {self.effects} (applied bigserial, message_id text NOT NULL,"
+                    " topic text NOT NULL, pid int NOT NULL,"
+                    " at timestamptz NOT NULL DEFAULT clock_timestamp())"
                 )
             )
         if self.endpoints.kafka:
@@ -430,22 +272,48 @@ class Run:
             )
             return Counter({message_id: int(count) for message_id, count in rows})
 
-    def outbox_statuses(self) -> dict[str, str]:
-        """Message id → outbox status."""
-        outbox = quoted_table(self.tables.outbox)
+    def backends_running(self, process: ServiceProcess, fragment: str) -> list[int]:
+        """Backend pids of ``process`` running a statement whose text has ``fragment``."""
+        sql = (
+            "SELECT pid FROM pg_stat_activity WHERE application_name = :name"
+            " AND state = 'active' AND strpos(query, :fragment) > 0"
+        )
         with self.engine.connect() as connection:
-            rows = connection.execute(text(f"SELECT id, status FROM {outbox}"))
-            return {str(message_id): status for message_id, status in rows}
-
-    def backends(self, processes: Iterable[ServiceProcess], state: str | None = None) -> list[int]:
-        """Backend pids of ``processes`` (by application_name), optionally in one ``state``."""
-        names = [p.application_name for p in processes]
-        sql = "SELECT pid FROM pg_stat_activity WHERE application_name = ANY(:names)"
-        if state is not None:
-            sql += " AND state = :state"
-        with self.engine.connect() as connection:
-            rows = connection.execute(text(sql), {"names": names, "state": state})
+            rows = connection.execute(
+                text(sql), {"name": process.application_name, "fragment": fragment}
+            )
             return [int(pid) for (pid,) in rows]
+
+    def open_effects(self, process: ServiceProcess) -> list[tuple[int, str]]:
+        """(backend pid, transaction id) of ``process``'s transactions that wrote an effect
+        row and have not committed: a handler between its write and its commit."""
+        sql = (
+            "SELECT a.pid, a.backend_xid::text FROM pg_stat_activity a"
+            " JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'relation'"
+            " AND l.relation = to_regclass(:effects) AND l.mode = 'RowExclusiveLock'"
+            " WHERE a.application_name = :name AND a.state = 'idle in transaction'"
+            " AND a.backend_xid IS NOT NULL"
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                text(sql), {"name": process.application_name, "effects": self.effects}
+            )
+            return [(int(pid), str(xid)) for pid, xid in rows]
+
+    def rolled_back_effect(self, pid: int, xid: str) -> tuple[bool] | None:
+        """``(True,)`` if transaction ``xid`` of backend ``pid`` ended without its effect
+        row, ``(False,)`` if the row was committed, None while the backend still runs."""
+        with self.engine.connect() as connection:
+            running = connection.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+            ).scalar()
+            if running:
+                return None
+            kept = connection.execute(
+                text(f"SELECT count(*) FROM {self.effects} WHERE xmin = CAST(:xid AS xid)"),
+                {"xid": xid},
+            ).scalar()
+        return (not kept,)
 
     def terminate_backends(self, processes: Iterable[ServiceProcess]) -> int:
         """``pg_terminate_backend`` every backend of ``processes``; the number terminated."""
@@ -467,12 +335,17 @@ class Run:
         assert self.readback is not None
         return self.readback.ids()
 
-    async def finish(self, *, faults: int, note: str = "") -> Outcome:
-        """Settle, check every message, record the outcome; fail if it failed."""
-        await self.settle()
+    async def finish(self, *, count: int, faults: dict[str, int], note: str = "") -> Outcome:
+        """Settle, check every message and that each of ``faults`` (what the scenario did
+        and what it caused, by name) happened at least once, record the outcome (``count``
+        faults injected); fail if it failed."""
+        if not self.settled:
+            await self.settle()
+        self.faults = faults
         outcome = await asyncio.to_thread(self.check)
-        outcome.faults = faults
-        outcome.fault_note = note
+        outcome.faults = count
+        counts = ", ".join(f"{n} {name}" for name, n in faults.items())
+        outcome.fault_note = f"{counts}; {note}" if note else counts
         OUTCOMES.append(outcome)
         print(report_table([outcome]))
         assert outcome.passed, (
@@ -482,89 +355,101 @@ class Run:
         )
         return outcome
 
-    async def settle(self) -> None:
-        """Stop writing, then wait until every committed message was published, seen on
-        the wire and handled (or nothing moved for the profile's drain time), and a second
-        more."""
+    async def settle(self, *, stall: float | None = None) -> None:
+        """Stop writing, then wait until nothing can still arrive (see
+        :mod:`tests.faults.settling`); a stall (no progress for ``stall`` seconds, the
+        profile's drain time by default) is recorded as a problem."""
         if self._writing:
             self._writing = False
             await asyncio.to_thread(self.writer.stop)
-        await self._drain()
+        lag = None
+        if self.endpoints.kafka:
+            topics = [self.topic, self.storm_topic]
+            lag = await asyncio.to_thread(
+                KafkaLag, self.endpoints.readback, self.consumer_name, topics
+            )
+        try:
+            failure = await settle(
+                lambda: self.snapshot(lag),
+                quiet=QUIET[self.endpoints.broker],
+                stall=PROFILE.drain if stall is None else stall,
+            )
+        finally:
+            if lag is not None:
+                await asyncio.to_thread(lag.close)
+        if failure is not None:
+            self.settle_problems.append(failure)
+        self.settled = True
 
-    def _missing(self) -> tuple[int, set[str], set[str]]:
-        committed = self.writer.written.ids()
-        return (
-            self.unpublished(),
-            committed - self.seen_on_wire(),
-            committed - set(self.effect_counts()),
-        )
-
-    async def _drain(self) -> None:
-        # A backlog may take a while (a consumer killed fifty times falls behind); what
-        # fails the run is a drain that stops moving for the profile's drain time.
-        stalled_since = time.monotonic()
-        last: tuple[int, int, int] | None = None
-        while True:
-            pending, off_wire, unhandled = await asyncio.to_thread(self._missing)
-            if not (pending or off_wire or unhandled):
-                break
-            now = time.monotonic()
-            state = (pending, len(off_wire), len(unhandled))
-            if state != last:
-                last, stalled_since = state, now
-            elif now - stalled_since > PROFILE.drain:
-                self.outcome.problems.append(
-                    f"draining stalled for {PROFILE.drain:g} s at {pending} rows unpublished, "
-                    f"{len(off_wire)} not on the wire, {len(unhandled)} not handled"
-                )
-                break
-            await asyncio.sleep(0.25)
-        # Late copies (a resumed relay, a redelivery) have a moment to land and be counted.
-        await asyncio.sleep(1.0)
-
-    def check(self) -> Outcome:
-        """Compare what was committed with the outbox, the wire and the effects."""
-        outcome = self.outcome
-        outcome.seconds = time.monotonic() - self._started
-        written = self.writer.written
-        committed = written.ids()
-        outcome.messages = len(committed)
+    def snapshot(self, lag: KafkaLag | None) -> Snapshot:
+        """Where the run stands: the drain's counts, the broker's backlog, the totals."""
         assert self.readback is not None
+        committed = self.writer.written.ids()
         delivered = self.readback.received
-        wire = check_deliveries(
-            written.messages, delivered, sequence=written.seq, kafka=self.endpoints.kafka
-        )
+        if lag is not None:
+            floors: dict[tuple[str, int], int] = {}
+            for item in delivered:
+                place = (item.topic, int(item.extra["partition"]))
+                floors[place] = max(floors.get(place, 0), int(item.extra["offset"]) + 1)
+            backlog = lag.backlog(floors)
+        else:
+            backlog = rabbitmq_backlog(self.consumer_name)
         effects = self.effect_counts()
-        statuses = self.outbox_statuses()
+        return Snapshot(
+            unpublished=self.unpublished(),
+            off_wire=len(committed - {d.id for d in delivered}),
+            unhandled=len(committed - set(effects)),
+            backlog=backlog,
+            effects=sum(effects.values()),
+            deliveries=len(delivered),
+        )
 
-        lost = set(wire.missing) | (committed - set(effects))
-        outcome.lost = len(lost)
-        outcome.wire_duplicates = wire.duplicates
-        outcome.applied_twice = sum(1 for count in effects.values() if count > 1)
-        outcome.order_violations = len(wire.order_violations)
+    def history(self) -> History:
+        """What the run recorded, for :func:`~tests.faults.checks.judge`."""
+        assert self.readback is not None
+        written = self.writer.written
+        with written.lock:
+            messages, sequence = list(written.messages), dict(written.sequence)
+        outbox = quoted_table(self.tables.outbox)
+        with self.engine.connect() as connection:
+            rows = connection.execute(text(f"SELECT id, status, position FROM {outbox}"))
+            outbox_rows = {str(i): OutboxRow(status, int(p)) for i, status, p in rows}
+            effects = [
+                Effect(int(applied), message_id, topic)
+                for applied, message_id, topic in connection.execute(
+                    text(f"SELECT applied, message_id, topic FROM {self.effects}")
+                )
+            ]
+        return History(
+            kafka=self.endpoints.kafka,
+            topic=self.topic,
+            written=messages,
+            sequence=sequence,
+            rolled_back=self.writer.rolled_back.ids(),
+            outbox=outbox_rows,
+            delivered=self.readback.received,
+            effects=effects,
+            late=list(self.late),
+            faults=dict(self.faults),
+        )
+
+    def check(self, history: History | None = None) -> Outcome:
+        """Judge the run's history (or ``history``, as the self-test tampered with it):
+        a new outcome each time, also kept as :attr:`outcome`."""
+        outcome = self.outcome = dataclasses.replace(self.outcome, problems=[])
+        outcome.seconds = time.monotonic() - self._started
+        history = history or self.history()
+        verdict = judge(history)
+        outcome.messages = len(history.written)
+        outcome.lost = verdict.lost
+        outcome.wire_duplicates = verdict.wire_duplicates
+        outcome.applied_twice = verdict.applied_twice
+        outcome.order_violations = verdict.order_violations
         outcome.inbox_skips = sum(
             len(p.events("consumer.duplicate")) for p in self.fleet.relays if p.kind == "consumer"
         )
-        problems = outcome.problems
-        _note(problems, "lost", sorted(lost))
-        _note(problems, "order broken", wire.order_violations)
-        _note(problems, "applied twice", [i for i, c in effects.items() if c > 1])
-        _note(problems, "content changed on the wire", wire.mismatches)
-        _note(problems, "on the wire but never committed", wire.unexpected)
-        phantom = sorted(set(statuses) - committed)
-        _note(problems, "outbox rows no committed transaction wrote", phantom)
-        _note(problems, "committed without an outbox row", sorted(committed - set(statuses)))
-        _note(problems, "dead-lettered rows", [i for i, s in statuses.items() if s == "dead"])
-        _note(problems, "effects of messages never committed", sorted(set(effects) - committed))
-        rolled_back = self.writer.rolled_back.ids()
-        touched = rolled_back & (set(statuses) | self.seen_on_wire() | set(effects))
-        _note(problems, "rows of rolled-back transactions seen", sorted(touched))
+        outcome.problems = [*self.settle_problems, *verdict.problems]
         return outcome
-
-
-def _note(problems: list[str], what: str, items: list[str]) -> None:
-    if items:
-        problems.append(f"{len(items)} {what}: {items[:5]}")
 
 
 #: The ``make_run`` fixture: ``make_run(scenario, endpoints, **options)`` builds a :class:`Run`.

@@ -11,7 +11,9 @@ profile CI runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,9 @@ from sqlalchemy.orm import Session
 from postroom.brokers import publisher_from_url
 from postroom.message import Message
 from postroom.schema.sql import quoted_table
-from tests.faults.harness import LEASE, PROFILE, Direct, Endpoints, Run, RunFactory
+from tests.faults.checks import LateCommit
+from tests.faults.harness import LEASE, Direct, Endpoints, Run, RunFactory
+from tests.faults.profile import PROFILE
 from tests.support.network import address, free_port, replace_address
 from tests.support.private_postgres import PrivatePostgres
 from tests.support.processes import ServiceProcess, TansuBroker
@@ -30,6 +34,8 @@ from tests.support.waiting import wait_until
 from tests.support.writing import CrashWriter, make_message
 
 BROKERS = ["rabbitmq", "kafka"]
+CLAIM_FRAGMENT = "octet_length(o.payload)"
+"""A piece of the relay's claim statement only (``schema/relay_sql.py``), to catch one."""
 
 pytestmark = [pytest.mark.timeout(PROFILE.timeout), pytest.mark.parametrize("broker", BROKERS)]
 
@@ -43,11 +49,14 @@ async def test_relay_killed_at_random_moments(
     """Two relays under a steady write load; SIGKILL one at a random moment, start another."""
     async with make_run("relay SIGKILL", endpoints(broker)) as run:
         await run.start(relays=2)
+        killed = 0
         for _ in range(PROFILE.relay_kills):
             await run.pause(0.3, 2.0)
-            run.rng.choice(run.relays()).kill()
+            victim = run.rng.choice(run.relays())
+            victim.kill()
+            killed += victim.returncode == -signal.SIGKILL
             run.start_relay()
-        await run.finish(faults=PROFILE.relay_kills)
+        await run.finish(count=PROFILE.relay_kills, faults={"relays SIGKILLed": killed})
 
 
 # ----------------------------------------------------------------------------- 2. paused relays
@@ -65,15 +74,30 @@ async def test_relay_paused_past_its_lease(
     heavy = {"rows_per_transaction": 10, "write_interval": 0.02, "handler_pause": 0.002}
     async with make_run("relay SIGSTOP past lease", endpoints(broker), **heavy) as run:
         await run.start(relays=3)
-        for _ in range(PROFILE.pauses):
+        pauses = 0
+        # Past the profile's pauses, pause on until a batch was fenced (at most 8 more).
+        while pauses < PROFILE.pauses or (not _fenced(run) and pauses < PROFILE.pauses + 8):
             await run.pause(0.5, 1.5)
             victim = run.rng.choice(run.relays())
+            # Freeze it while it claims, so it wakes with a batch its lease no longer covers.
+            with contextlib.suppress(TimeoutError):
+                await wait_until(
+                    lambda: asyncio.to_thread(run.backends_running, victim, CLAIM_FRAGMENT),
+                    within=3.0,
+                    interval=0.005,
+                    error=TimeoutError,
+                )
             victim.pause()
             await run.pause(LEASE + 0.5, LEASE + 3.0)
             victim.resume()
-        await run.pause(1.0, 1.5)
-        fenced = sum(len(p.events("relay.mark_fenced")) for p in run.fleet.relays)
-        await run.finish(faults=PROFILE.pauses, note=f"{fenced} batches fenced")
+            pauses += 1
+            await run.pause(1.0, 1.5)
+        faults = {"relays paused past the lease": pauses, "batches fenced": _fenced(run)}
+        await run.finish(count=pauses, faults=faults)
+
+
+def _fenced(run: Run) -> int:
+    return sum(len(p.events("relay.mark_fenced")) for p in run.fleet.relays)
 
 
 # ----------------------------------------------------------------------------- 3. broker outages
@@ -105,12 +129,15 @@ async def test_broker_unreachable_then_back(
         proxy = FaultProxy(*address(direct.readback, 5672), lifetime=3600).start()
         through = dataclasses.replace(direct, service_broker_url=proxy.url_for(direct.readback))
     modes: list[str] = []
+    hit: dict[str, int] = {"cuts": 0, "black holes": 0, "slowdowns": 0}
     try:
         async with make_run("broker outage", through) as run:
             await run.start(relays=2)
             for number in range(PROFILE.broker_outages):
                 await run.pause(0.5, 1.5)
                 mode = ("cut", "black hole", "slow")[number % 3]
+                # An outage counts when it caught connections of the services.
+                hit[("cuts", "black holes", "slowdowns")[number % 3]] += proxy.active > 0
                 if mode == "cut":
                     proxy.cut()
                 elif mode == "black hole":
@@ -124,7 +151,7 @@ async def test_broker_unreachable_then_back(
                 proxy.restore()
                 modes.append(mode)
             note = ", ".join(f"{modes.count(m)} {m}" for m in sorted(set(modes)))
-            await run.finish(faults=len(modes), note=note)
+            await run.finish(count=len(modes), faults=hit, note=note)
     finally:
         proxy.close()
         if tansu is not None:
@@ -157,13 +184,13 @@ async def test_database_connections_killed_and_database_unreachable(
                     running = run.relays() + run.consumers()
                     terminated += await asyncio.to_thread(run.terminate_backends, running)
                 else:
+                    cuts += proxy.active > 0  # a cut counts when it caught connections
                     proxy.cut()
                     await run.pause(0.3, 2.5)
                     proxy.restore()
-                    cuts += 1
             assert all(p.alive for p in services), run.fleet.tails(25)
-            note = f"{terminated} backends terminated, {cuts} cuts"
-            await run.finish(faults=PROFILE.database_faults, note=note)
+            faults = {"backends terminated": terminated, "database cuts": cuts}
+            await run.finish(count=PROFILE.database_faults, faults=faults)
     finally:
         proxy.close()
 
@@ -178,30 +205,40 @@ async def test_consumer_killed_mid_handler(
     committed), start another; no effect may be lost or applied twice."""
     async with make_run("consumer SIGKILL", endpoints(broker), handler_pause=0.03) as run:
         await run.start(relays=1)
-        mid_handler = 0
-        for _ in range(PROFILE.consumer_kills):
+        kills = mid_handler = 0
+        # Past the profile's kills, kill on until one landed mid-handler (at most 10 more).
+        while kills < PROFILE.consumer_kills or (
+            not mid_handler and kills < PROFILE.consumer_kills + 10
+        ):
             victim = run.consumers()[0]
             await run.pause(0.2, 1.0)
-            if await _wait_mid_handler(run, victim, within=20.0):
-                mid_handler += 1
-            victim.kill()
+            mid_handler += await _kill_mid_handler(run, victim, within=20.0)
+            kills += 1
             run.start_consumer()
-        note = f"{mid_handler} mid-handler"
-        await run.finish(faults=PROFILE.consumer_kills, note=note)
+        faults = {"consumers SIGKILLed": kills, "kills mid-handler": mid_handler}
+        await run.finish(count=kills, faults=faults)
 
 
-async def _wait_mid_handler(run: Run, consumer: ServiceProcess, *, within: float) -> bool:
-    """Wait until ``consumer`` has a transaction open (a handler between write and commit)."""
+async def _kill_mid_handler(run: Run, consumer: ServiceProcess, *, within: float) -> bool:
+    """SIGKILL ``consumer`` once a handler of it wrote its effect and has not committed;
+    True if the kill landed there (that transaction then ended without its effect)."""
     try:
-        await wait_until(
-            lambda: asyncio.to_thread(run.backends, [consumer], "idle in transaction"),
+        ((pid, xid), *_) = await wait_until(
+            lambda: asyncio.to_thread(run.open_effects, consumer),
             within=within,
             interval=0.005,
             error=TimeoutError,
         )
     except TimeoutError:
+        consumer.kill()
         return False
-    return True
+    consumer.kill()
+    (rolled_back,) = await wait_until(
+        lambda: asyncio.to_thread(run.rolled_back_effect, pid, xid),
+        within=30.0,
+        what=f"the killed consumer's backend {pid} to end",
+    )
+    return rolled_back
 
 
 # ----------------------------------------------------------------------------- 6. storms
@@ -227,7 +264,7 @@ async def test_duplicate_storms(broker: str, make_run: RunFactory, endpoints: Di
                 injected += len(copies)
         finally:
             await publisher.close()
-        await run.finish(faults=PROFILE.storms, note=f"{injected} copies")
+        await run.finish(count=PROFILE.storms, faults={"copies injected": injected})
 
 
 def _storm(run: Run, copies: int) -> list[Message]:
@@ -255,16 +292,20 @@ def _storm(run: Run, copies: int) -> list[Message]:
 async def test_long_transactions_commit_after_later_rows_were_published(
     broker: str, make_run: RunFactory, endpoints: Direct
 ) -> None:
-    """A transaction enqueues a row, then stays open while later rows are published (and,
-    every other time, a relay is killed meanwhile); then it commits, or rolls back. The
-    late row must still be published and handled; a rolled-back one must never appear."""
+    """A transaction enqueues a row on a key whose earlier rows are already on the wire,
+    then stays open while later rows are published (and, every other time, a relay is
+    killed meanwhile); then it commits, or rolls back (the first always rolls back, the
+    second always commits, the others a third of the time). The late row must still be
+    published and handled, in its key's order as docs/relay.md promises for late commits;
+    a rolled-back one must never appear."""
     later_rows = 50 if PROFILE.name == "full" else 20
     async with make_run("long transaction", endpoints(broker)) as run:
         await run.start(relays=2)
         rolled_back = kills = 0
         for number in range(PROFILE.long_transactions):
             await run.pause(0.2, 0.8)
-            message = make_message(run.outbox, run.topic, f"late-{number}", 0)
+            key = await _published_key(run)
+            message = make_message(run.outbox, run.topic, key, 100_000 + number)
             session = Session(run.engine)
             try:
                 session.begin()
@@ -275,17 +316,41 @@ async def test_long_transactions_commit_after_later_rows_were_published(
                     run.start_relay()
                     kills += 1
                 await _wait_published_after(run, position, later_rows, within=60.0)
-                if run.rng.random() < 0.3:
+                if number == 0 or (number > 1 and run.rng.random() < 0.3):
                     session.rollback()
                     run.writer.rolled_back.add([message], [0])
                     rolled_back += 1
                 else:
+                    before = frozenset(run.writer.written.ids())
                     session.commit()
-                    run.writer.written.add([message], [0])
+                    visible = await asyncio.to_thread(run.scalar, _max_position(run))
+                    run.writer.written.add([message], [-1])
+                    run.late.append(
+                        LateCommit(str(message.id), key, position, int(visible), before)
+                    )
             finally:
                 session.close()
-        note = f"{rolled_back} rolled back, {kills} relay kills while open"
-        await run.finish(faults=PROFILE.long_transactions, note=note)
+        faults = {
+            "rolled back": rolled_back,
+            "committed late on a published key": len(run.late),
+            "relay kills while open": kills,
+        }
+        await run.finish(count=PROFILE.long_transactions, faults=faults)
+
+
+async def _published_key(run: Run) -> str:
+    """A key of the writer's with rows already on the wire (waits for one)."""
+
+    def keys() -> list[str]:
+        seen = run.seen_on_wire()
+        return sorted({str(m.key) for m in run.writer.written.of([run.topic]) if str(m.id) in seen})
+
+    found = await wait_until(keys, within=30.0, what="a key with rows on the wire")
+    return run.rng.choice(found)
+
+
+def _max_position(run: Run) -> str:
+    return f"SELECT max(position) FROM {quoted_table(run.tables.outbox)}"
 
 
 def _position(run: Run, session: Session, message: Message) -> int:
@@ -334,8 +399,10 @@ async def test_database_crashed_and_restarted(
     async with make_private_run("database crash", endpoints(broker), **options) as run:
         services = await run.start(relays=2)
         crashes: list[str] = []
+        restarts = 0
         for number in range(PROFILE.database_crashes):
             await run.pause(1.0, 3.0)
+            started = await asyncio.to_thread(run.scalar, "SELECT pg_postmaster_start_time()")
             if number % 2 == 1:
                 await asyncio.to_thread(private_postgres.stop_immediate)
                 crashes.append("immediate stop")
@@ -346,6 +413,9 @@ async def test_database_crashed_and_restarted(
             await run.pause(0.1, 1.5)
             private_postgres.launch()
             await private_postgres.wait_ready_async()
+            # A crash counts once a new server (crash recovery done) answers.
+            restarted = await asyncio.to_thread(run.scalar, "SELECT pg_postmaster_start_time()")
+            restarts += restarted > started
         await run.settle()
         assert all(p.alive for p in services), run.fleet.tails(25)
         writer = run.writer
@@ -356,4 +426,4 @@ async def test_database_crashed_and_restarted(
             f"{writer.unknown_committed + writer.unknown_rolled_back} COMMITs unknown "
             f"({writer.unknown_committed} found committed)"
         )
-        await run.finish(faults=len(crashes), note=note)
+        await run.finish(count=len(crashes), faults={"crashes, then restarts": restarts}, note=note)
