@@ -123,6 +123,7 @@ def claim_reorders_keys() -> None:
 _RELAY = "tests/integration/test_relay.py::"
 _POISON = "tests/integration/test_relay_poison.py::"
 _PROCESSES = "tests/integration/test_relay_processes.py::"
+_FENCING = "tests/integration/test_relay_fencing.py::"
 _CONSUMER = "tests/integration/test_consumer.py::"
 _CONSUMER_PROCESS = "tests/integration/test_consumer_process.py::"
 _HARDENING = "tests/integration/test_hardening_consumer.py::"
@@ -164,7 +165,11 @@ MUTANTS: tuple[Mutant, ...] = (
         name="mark-ignores-fencing-token",
         breaks="a relay whose lease was taken over still marks its batch",
         patch=mark_ignores_fencing_token,
-        detecting=(_RELAY + "test_a_stalled_relay_cannot_mark_rows_another_relay_took_over",),
+        detecting=(
+            _RELAY + "test_a_stalled_relay_cannot_mark_rows_another_relay_took_over",
+            _FENCING + "test_a_stale_failure_cannot_undo_the_new_owners_confirm[rejected]",
+            _FENCING + "test_a_stale_failure_cannot_undo_the_new_owners_confirm[refused]",
+        ),
         quick=_RELAY + "test_a_stalled_relay_cannot_mark_rows_another_relay_took_over",
     ),
     Mutant(
