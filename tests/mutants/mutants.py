@@ -129,6 +129,7 @@ _CONSUMER_PROCESS = "tests/integration/test_consumer_process.py::"
 _HARDENING = "tests/integration/test_hardening_consumer.py::"
 _FAULTS = "tests/faults/test_faults.py::"
 
+#: Every mutant, in the order the harness runs them.
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="mark-without-confirm",

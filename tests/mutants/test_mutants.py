@@ -25,3 +25,11 @@ def test_the_quickest_detecting_test_catches_the_mutant(
     if verdict.skipped:
         pytest.skip(f"{mutant.quick}: {verdict.reason}")
     assert verdict.caught, f"{mutant.name} ({mutant.breaks}) was not caught: {verdict.reason}"
+
+
+def test_every_mutant_has_its_own_name_and_its_quick_test_among_its_detecting_tests() -> None:
+    names = [m.name for m in MUTANTS]
+    assert len(set(names)) == len(names), names
+    for mutant in MUTANTS:
+        assert mutant.quick in mutant.detecting, mutant.name
+        assert len(set(mutant.detecting)) == len(mutant.detecting), mutant.name
