@@ -120,6 +120,16 @@ def claim_reorders_keys() -> None:
     setattr(relay_sql, "claim_sql", patched)
 
 
+def claim_skips_key_wait() -> None:
+    """The claim takes a key's later rows while an earlier row of the key backs off."""
+    from postroom.schema import relay_sql
+
+    wait = re.compile(r"\s+AND NOT EXISTS \(.*?e\.next_attempt_at > now\(\)\s*\)", re.DOTALL)
+    patched = _patched_sql(relay_sql.claim_sql, wait, "", "claim_sql")
+    patched(_sample_tables())
+    setattr(relay_sql, "claim_sql", patched)
+
+
 _RELAY = "tests/integration/test_relay.py::"
 _POISON = "tests/integration/test_relay_poison.py::"
 _PROCESSES = "tests/integration/test_relay_processes.py::"
@@ -186,6 +196,18 @@ MUTANTS: tuple[Mutant, ...] = (
             _FAULTS + "test_long_transactions_commit_after_later_rows_were_published[kafka]",
         ),
         quick=_RELAY + "test_hot_keys_stay_in_order_across_many_batches",
+    ),
+    Mutant(
+        name="claim-skips-key-wait",
+        breaks="a key's later row goes out while an earlier row of the key backs off",
+        patch=claim_skips_key_wait,
+        detecting=(
+            _RELAY + "test_poison_row_retries_with_backoff_then_is_dead_lettered_while_others_flow",
+            _POISON + "test_unroutable_rabbitmq_row_is_retried_on_the_backoff_then_dead_and_"
+            "its_key_flows",
+        ),
+        quick=_RELAY
+        + "test_poison_row_retries_with_backoff_then_is_dead_lettered_while_others_flow",
     ),
 )
 
