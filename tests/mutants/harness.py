@@ -4,8 +4,8 @@
 detecting tests, one test per pytest run, and prints a table; ``--quick`` runs only each
 mutant's quickest test and skips the runs without the mutant. A test *catches* a mutant
 when it passes without the mutant and fails with it: pytest exits with status 1 and names
-the test as FAILED (an error in set-up, a collection error or an interrupted run is not a
-catch). The run without the mutant is what keeps a broken test from counting.
+the test as FAILED (an error in set-up, a collection error, a skip or an interrupted run
+is not a catch). The run without the mutant is what keeps a broken test from counting.
 """
 
 from __future__ import annotations
