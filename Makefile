@@ -21,7 +21,7 @@ PG18_SHORT := tests/integration/test_pg_matrix.py tests/integration/test_migrati
 	tests/integration/test_enqueue.py tests/integration/test_relay.py \
 	tests/integration/test_relay_poison.py tests/integration/test_consumer.py -k "not kafka"
 
-.PHONY: help venv services demo test test-pg18 test-pg18-short faults abuse lint bench format clean
+.PHONY: help venv services demo test test-pg18 test-pg18-short faults abuse mutants mutants-short lint bench format clean
 
 help: ## List the tasks
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -42,7 +42,7 @@ demo: $(STAMP) ## Set up everything and run examples/ end to end (on Kafka when 
 	$(BIN)/postroom db upgrade
 	$(BIN)/python examples/demo.py
 
-test: services ## Set up everything, run the whole test suite, then the short PostgreSQL 18 profile
+test: services ## Set up everything, run the whole test suite (with the short mutant check), then the short PostgreSQL 18 profile
 	@$(BIN)/pytest; status=$$?; \
 		$(MAKE) --no-print-directory test-pg18-short || status=1; \
 		echo "services after the tests (the machine's are left running):"; \
@@ -64,6 +64,12 @@ faults: services ## The fault suite with the full counts, both brokers (SEED=n r
 
 abuse: services ## The abuse suite with the full sizes and repetitions, both brokers
 	POSTROOM_ABUSE=full $(BIN)/pytest tests/abuse
+
+mutants: services ## Every mutant against all its detecting tests, each run with and without it (ONLY=name)
+	$(BIN)/python -m tests.mutants.harness $(ONLY)
+
+mutants-short: services ## Each mutant against its quickest test only (what `make test` runs)
+	$(BIN)/python -m tests.mutants.harness --quick $(ONLY)
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

@@ -430,7 +430,9 @@ class RelayFleet:
         ]
         process_env = dict(env or {})
         if pythonpath is not None:
-            process_env["PYTHONPATH"] = pythonpath
+            # In front of the inherited path, which a mutant run (tests/mutants) relies on.
+            inherited = os.environ.get("PYTHONPATH")
+            process_env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, inherited]))
         return self._launch("consumer", consumer_id, args, process_env)
 
     def _launch(

@@ -1,0 +1,1 @@
+"""Broken builds of postroom that the suite must catch (``make mutants``)."""
