@@ -8,7 +8,9 @@ from postroom.backoff import Backoff
 from postroom.brokers.base import Outcome
 from postroom.brokers.memory import MemoryBroker
 from postroom.message import Message
+from postroom.relay.batches import Batches
 from postroom.relay.ordering import publish_in_key_order, rounds_by_key
+from postroom.relay.store import Claim
 
 
 def batch(*keys: str | None) -> list[Message]:
@@ -63,6 +65,43 @@ async def test_publishing_stops_when_the_lease_runs_low() -> None:
     assert results[0] is not None
     assert results[1:] == [None, None]
     assert len(broker.messages()) == 1
+
+
+async def test_an_earlier_batchs_failure_holds_back_only_the_later_rows_of_its_key() -> None:
+    broker = MemoryBroker()
+    messages = batch("a", "b", "a", "c")
+    results = await publish_in_key_order(
+        broker.publisher(),
+        messages,
+        stalled_keys={"a": 15, "b": 5},
+        positions=[10, 11, 20, 21],
+    )
+    # "a" at 10 comes before the unconfirmed 15 and goes; "a" at 20 and "b" at 11 wait.
+    assert [r.outcome if r else None for r in results] == [
+        Outcome.CONFIRMED,
+        None,
+        None,
+        Outcome.CONFIRMED,
+    ]
+    assert [m.id for m in broker.messages()] == [messages[0].id, messages[3].id]
+
+
+async def test_without_positions_a_stalled_key_is_held_back_whole() -> None:
+    broker = MemoryBroker()
+    messages = batch("a", "b")
+    results = await publish_in_key_order(broker.publisher(), messages, stalled_keys={"a": 0})
+    assert results[0] is None
+    assert results[1] is not None
+
+
+def test_batches_keep_each_keys_first_unconfirmed_position() -> None:
+    batches = Batches()
+    first = batches.claimed(Claim(rows=[], tokens={}))
+    second = batches.claimed(Claim(rows=[], tokens={}))
+    batches.published(first, {"a": 30, "b": 4})
+    batches.published(second, {"a": 12})
+    assert batches.stalled_keys(frozenset({first, second})) == {"a": 12, "b": 4}
+    assert batches.stalled_keys(frozenset({first})) == {"a": 30, "b": 4}
 
 
 @pytest.mark.parametrize("attempt", range(1, 15))

@@ -14,12 +14,13 @@ KEEP_RECORDED = 3
 @dataclass(slots=True)
 class Batch:
     """One claimed batch: its rows until its outcomes are recorded, and the keys that
-    were not confirmed in it once it is published."""
+    were not confirmed in it (with the first position not confirmed) once published."""
 
     number: int
     rows: dict[int, int]
     """Position → partition of the rows whose outcomes are not recorded yet."""
-    stalled_keys: set[str] = field(default_factory=set)
+    stalled_keys: dict[str, int] = field(default_factory=dict)
+    """Key → position of its first row not confirmed in this batch (failed or held back)."""
     recorded: bool = False
 
 
@@ -27,8 +28,8 @@ class Batches:
     """Batches from their claim until no claim read before their record can need them.
 
     Until a batch's outcomes are committed its rows are left out of claims (and their
-    partitions kept by the heartbeat), and a claim read before then holds back the keys
-    that failed in it.
+    partitions kept by the heartbeat), and a claim read before then holds back the rows
+    of the keys that failed in it that come after the first failed row of their key.
     """
 
     def __init__(self) -> None:
@@ -54,17 +55,20 @@ class Batches:
         """Partitions with rows whose outcomes are not recorded yet."""
         return frozenset(p for b in self._batches.values() for p in b.rows.values())
 
-    def stalled_keys(self, numbers: frozenset[int]) -> set[str]:
-        """Keys not confirmed in any of the batches ``numbers``."""
-        keys: set[str] = set()
+    def stalled_keys(self, numbers: frozenset[int]) -> dict[str, int]:
+        """Keys not confirmed in any of the batches ``numbers``, each with the first
+        position not confirmed among them."""
+        keys: dict[str, int] = {}
         for number in numbers:
             batch = self._batches.get(number)
             if batch is not None:
-                keys |= batch.stalled_keys
+                for key, position in batch.stalled_keys.items():
+                    keys[key] = min(position, keys.get(key, position))
         return keys
 
-    def published(self, number: int, stalled_keys: set[str]) -> None:
-        """Batch ``number`` was published: keep the keys not confirmed in it, and forget
+    def published(self, number: int, stalled_keys: dict[str, int]) -> None:
+        """Batch ``number`` was published: keep the keys not confirmed in it (each with
+        its first position not confirmed), and forget
         recorded batches too old for any claim in hand to need."""
         self._batches[number].stalled_keys = stalled_keys
         for old in [

@@ -9,7 +9,7 @@ batches hold at most one message per key and go out in a single round.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from postroom.brokers.base import Outcome, Publisher, PublishResult
 from postroom.message import Message
@@ -35,20 +35,36 @@ async def publish_in_key_order(
     publisher: Publisher,
     messages: Sequence[Message],
     may_continue: Callable[[], bool] = lambda: True,
-    stalled_keys: Iterable[str] = (),
+    stalled_keys: Mapping[str, int] | None = None,
+    positions: Sequence[int] = (),
 ) -> list[PublishResult | None]:
     """Publish ``messages``; None marks a message held back (not sent, no attempt spent).
 
     A message is held back when an earlier message of its key was not confirmed (in this
-    batch, or in an earlier one whose failure is not recorded yet: ``stalled_keys``), when
-    the broker became unavailable, or when ``may_continue`` says the lease is running out.
+    batch, or in an earlier one whose failure is not recorded yet), when the broker became
+    unavailable, or when ``may_continue`` says the lease is running out.
+
+    ``stalled_keys`` maps a key to the position of its first message not confirmed in
+    those earlier batches, and ``positions`` gives each message's position (increasing,
+    as claimed). A message of a stalled key is held back only if it comes after that
+    position (without ``positions``: every message of the key). One that comes before it
+    has no unconfirmed predecessor there and may go; holding it too would let two
+    batches in flight hold a key back for ever, each for the rows the other left
+    unconfirmed.
     """
     results: list[PublishResult | None] = [None] * len(messages)
-    stalled = set(stalled_keys)
+    earlier = stalled_keys or {}
+    held: set[int] = set()
+    for index, message in enumerate(messages):
+        first = earlier.get(message.key) if message.key is not None else None
+        if first is not None and (not positions or positions[index] > first):
+            held.add(index)
+    stalled: set[str] = set()
     for round_ in rounds_by_key(messages):
         if not may_continue():
             break
-        sendable = [i for i in round_ if messages[i].key not in stalled]
+        # Within a batch a held message's later ones come after it: held back as well.
+        sendable = [i for i in round_ if i not in held and messages[i].key not in stalled]
         if not sendable:
             continue
         outcomes = await publisher.publish([messages[i] for i in sendable])

@@ -250,8 +250,9 @@ class Relay:
         Under a backlog (a full batch) three batches overlap: while one is published, the
         next is read and the previous one's outcomes are recorded; otherwise the next batch
         is read after the publish. Until a batch's outcomes are committed, its rows are
-        left out of claims, and a claim read before then holds back the keys that failed
-        in it (kept in memory per batch), so the overlap never reorders a key.
+        left out of claims, and a claim read before then holds back the rows that come
+        after a row that failed in it, key by key (kept in memory per batch), so the
+        overlap never reorders a key.
         """
         started = time.monotonic()
         prefetch, self._prefetch = self._prefetch, None
@@ -270,15 +271,9 @@ class Relay:
             [row.message for row in claim.rows],
             may_continue=lambda: self._still_owns(claim),
             stalled_keys=self._batches.stalled_keys(unrecorded),
+            positions=[row.position for row in claim.rows],
         )
-        self._batches.published(
-            number,
-            {
-                row.message.key
-                for row, result in zip(claim.rows, results, strict=True)
-                if row.message.key is not None and (result is None or not result.confirmed)
-            },
-        )
+        self._batches.published(number, _first_unconfirmed(claim.rows, results))
         unavailable = [r for r in results if r is not None and r.outcome is Outcome.UNAVAILABLE]
         if unavailable:
             self._set_broker_ready(False, unavailable[0].error)
@@ -509,6 +504,18 @@ class Relay:
             )
             if purged:
                 log.info("relay.purged", rows=purged, older_than_seconds=retention)
+
+
+def _first_unconfirmed(
+    rows: list[ClaimedRow], results: list[PublishResult | None]
+) -> dict[str, int]:
+    """Key → position of its first row (rows are in position order) not confirmed."""
+    first: dict[str, int] = {}
+    for row, result in zip(rows, results, strict=True):
+        key = row.message.key
+        if key is not None and (result is None or not result.confirmed):
+            first.setdefault(key, row.position)
+    return first
 
 
 def _housekeeping_failed(exc: Exception) -> None:
