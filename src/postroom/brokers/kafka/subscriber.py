@@ -153,6 +153,11 @@ class KafkaSubscriber:
         self._outstanding: dict[Partition, int] = {}
         self._paused: dict[Partition, int] = {}
         self._next_offset: dict[Partition, int] = {}
+        # A jump past the next offset is fetched again once from where it should go on
+        # (``_gaps``: the offset asked for again); the rest of that fetch is left alone
+        # (``_refetching``, emptied on every consume()).
+        self._gaps: dict[Partition, int] = {}
+        self._refetching: set[Partition] = set()
         self._poller: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
 
@@ -314,6 +319,7 @@ class KafkaSubscriber:
             consumer = self._consumer
             if consumer is None:
                 return
+            self._refetching.clear()
             try:
                 records = consumer.consume(num_messages=500, timeout=0)
             except (KafkaException, RuntimeError) as exc:
@@ -352,14 +358,18 @@ class KafkaSubscriber:
         self._outstanding.pop(key, None)
         self._paused.pop(key, None)
         self._next_offset.pop(key, None)
+        self._gaps.pop(key, None)
 
     def _accept(self, record: Any) -> None:
         key = (record.topic(), record.partition())
         offset = record.offset()
-        if key not in self._assigned or key in self._paused:
+        if key not in self._assigned or key in self._paused or key in self._refetching:
             return
-        if offset < self._next_offset.get(key, -1):
+        expected = self._next_offset.get(key, -1)
+        if offset < expected:
             return  # fetched again after a pause; already handed out
+        if 0 <= expected < offset and self._skipped_gap(key, expected, offset):
+            return
         if self._outstanding.get(key, 0) >= self.prefetch:
             self._pause(key, offset)
             return
@@ -370,6 +380,35 @@ class KafkaSubscriber:
         self._queue.put_nowait(
             KafkaDelivery(self, record, self._epochs.get(key, 0), redelivered=redelivered)
         )
+
+    def _skipped_gap(self, key: Partition, expected: int, offset: int) -> bool:
+        """True when a record past a hole in the partition is left for a second fetch.
+
+        A broker may answer a fetch with a later batch while an earlier one is still
+        being written (seen on a Kafka-compatible broker under concurrent producers):
+        handing the later records out would commit past the missing ones for good. So
+        the first jump past ``expected`` fetches again from there; a jump that is still
+        there on the second fetch is a real hole (compacted records, transaction
+        markers) and is gone through.
+        """
+        if self._gaps.get(key) == expected:
+            del self._gaps[key]
+            _log.info("Kafka offset gap kept", partition=key, expected=expected, got=offset)
+            return False
+        self._gaps[key] = expected
+        self._refetching.add(key)
+        _log.warning(
+            "Kafka offset gap",
+            partition=key,
+            expected=expected,
+            got=offset,
+            action="fetching the partition again from the expected offset",
+        )
+        try:
+            self._consumer.seek(confluent_kafka.TopicPartition(key[0], key[1], expected))
+        except (KafkaException, RuntimeError) as exc:
+            _log.warning("Kafka seek back failed", partition=key, error=str(exc))
+        return True
 
     def _pause(self, key: Partition, offset: int) -> None:
         self._paused[key] = offset
