@@ -141,7 +141,7 @@ def test_rabbitmq_unreachable_exits_3_and_a_bad_target_exits_2(
     assert stderr.startswith("error: cannot reach RabbitMQ at 127.0.0.1:1")
     assert "Traceback" not in stderr
     result = run_postroom("broker", "setup", "no_such_module:consumer", clean=True)
-    assert result.returncode == 2
+    assert result.returncode == 3  # not found, as `postroom consume` says it
     assert "cannot find module 'no_such_module'" in result.stderr
     result = run_postroom("broker", "setup", "setup_app", env=app_env(app, consumer, topics))
     assert result.returncode == 2

@@ -10,11 +10,9 @@ from typing import Annotated
 import typer
 
 from postroom.cli import broker, db, dead_letter, inbox, outbox
-from postroom.cli.boundary import EXIT_CODES, PostroomGroup, report
-from postroom.cli.common import EXIT_FAILED
+from postroom.cli.boundary import EXIT_CODES, PostroomGroup, unexpected
 from postroom.cli.consume import consume
 from postroom.cli.relay import relay
-from postroom.urls import redact_text
 
 app = typer.Typer(
     name="postroom",
@@ -85,7 +83,4 @@ def main() -> None:
         app()
     except Exception as exc:
         debugging = os.environ.get("POSTROOM_DEBUG", "").lower() in {"1", "true", "yes", "on"}
-        message = f"unexpected {type(exc).__name__}: {redact_text(str(exc)) or 'no message'}"
-        if not debugging:
-            message += " (run with --debug for the traceback)"
-        sys.exit(report(exc, message, EXIT_FAILED, debugging))
+        sys.exit(unexpected(exc, debugging))

@@ -65,13 +65,17 @@ class PostroomGroup(TyperGroup):
         except PostroomError as exc:
             raise typer.Exit(report(exc, str(exc), exc.exit_code, debugging)) from None
         except Exception as exc:
-            message = (
-                f"unexpected {type(exc).__name__}: {redact_text(str(exc)) or 'no message'}"
-                + ("" if debugging else " (run with --debug for the traceback)")
-            )
-            raise typer.Exit(report(exc, message, EXIT_FAILED, debugging)) from None
+            raise typer.Exit(unexpected(exc, debugging)) from None
         finally:
             debug_mode.reset(token)
+
+
+def unexpected(exc: BaseException, debugging: bool) -> int:
+    """Report an error postroom did not raise on purpose (exit 3); the exit code."""
+    message = f"unexpected {type(exc).__name__}: {redact_text(str(exc)) or 'no message'}"
+    if not debugging:
+        message += " (run with --debug for the traceback)"
+    return report(exc, message, EXIT_FAILED, debugging)
 
 
 def report(exc: BaseException, message: str, code: int, debugging: bool) -> int:

@@ -6,19 +6,15 @@ import asyncio
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from postroom.backoff import Backoff
-from postroom.cli.common import EXIT_FAILED, console, error_console, fail, with_settings
+from postroom.cli.common import user_errors, with_settings
 from postroom.cli.consume import load_consumer
 from postroom.cli.options import DryRun
+from postroom.cli.output import say, warn
 from postroom.config import MAX_SETTING_INT, Settings
 from postroom.consumer.runner import check_settings
-from postroom.errors import BrokerUnavailableError, ConfigurationError, MissingExtraError
 from postroom.log import configure_logging
-
-#: Exit code of a bad target, URL or option.
-EXIT_USAGE = 2
 
 app = typer.Typer(
     help="Prepare the broker: declare a consumer's queues or create its topics ahead of time.",
@@ -90,19 +86,17 @@ def setup(
     backoff options) and its dead-letter queue: the same declarations `postroom consume`
     makes. Kafka: each handled topic and NAME.dead-letter. One line per object: created,
     exists, bound (a binding on a queue that existed), or, with --dry-run (which declares
-    nothing), would create / would bind. Exit 2 for a bad target or option, 3 when the
-    broker cannot be reached or refuses.
+    nothing), would create / would bind. Exit 2 for a malformed target or a bad option, 3
+    when its module is not found or the broker cannot be reached or refuses.
     """
-    try:
+    with user_errors():
         check_settings(settings)  # a bad option is said before the module is imported
         consumer = load_consumer(target)
-    except ConfigurationError as exc:
-        fail(str(exc), EXIT_USAGE)
     from postroom.brokers.setup import set_up_consumer
 
     # The client libraries' own log lines would repeat the one error sentence below.
     configure_logging(json=False, level="critical")
-    try:
+    with user_errors():
         steps = asyncio.run(
             set_up_consumer(
                 settings.broker_url,
@@ -114,23 +108,16 @@ def setup(
                 dry_run=dry_run,
             )
         )
-    except (ConfigurationError, MissingExtraError) as exc:
-        fail(str(exc), EXIT_USAGE)
-    except BrokerUnavailableError as exc:
-        fail(str(exc), EXIT_FAILED)
     if not consumer.topics:
-        error_console.print(
-            f"warning: consumer {escape(consumer.name)!r} has no handlers; register one with "
-            "@consumer.handler(topic) so it has topics to bind or create",
-            highlight=False,
+        warn(
+            f"warning: consumer {consumer.name!r} has no handlers; register one with "
+            "@consumer.handler(topic) so it has topics to bind or create"
         )
     if not steps:
-        console.print(
-            "memory:// brokers live inside one process; nothing to declare", highlight=False
-        )
+        say("memory:// brokers live inside one process; nothing to declare")
     for step in steps:
-        console.print(f"{escape(step.what)}: {step.state}", highlight=False)
+        say(f"{step.what}: {step.state}")
         if step.warning:
-            error_console.print(f"warning: {escape(step.warning)}", highlight=False)
+            warn(f"warning: {step.warning}")
     if dry_run:
-        error_console.print("dry run: nothing was declared", highlight=False)
+        warn("dry run: nothing was declared")

@@ -32,11 +32,9 @@ from postroom.cli.tables import timestamp as timestamp
 from postroom.cli.text import printable as printable
 from postroom.config import Settings, parse_duration
 from postroom.database import readable_errors
+from postroom.errors import EXIT_USAGE as EXIT_USAGE
 from postroom.errors import ConfigurationError
 from postroom.urls import psycopg_conninfo
-
-#: Exit code of bad usage (as click uses for bad options).
-EXIT_USAGE = 2
 
 #: What :func:`printable` keeps in a block of several lines (an error, a payload).
 NEWLINE = "\n"
