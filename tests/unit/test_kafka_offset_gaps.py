@@ -94,3 +94,22 @@ def test_records_in_order_are_never_fetched_again() -> None:
     offsets, seeks = handed_out([[0, 1, 2], [3, 4], [5]])
     assert offsets == [0, 1, 2, 3, 4, 5]
     assert seeks == []
+
+
+def test_a_failed_seek_hands_the_records_out_as_they_came() -> None:
+    subscriber = KafkaSubscriber.from_url("kafka://127.0.0.1:1", prefetch=100)
+
+    class Unseekable(ScriptedConsumer):
+        def seek(self, partition: Any) -> None:
+            raise RuntimeError("consumer closed")
+
+    consumer = Unseekable(subscriber, [[0, 1, 5, 6], [7]])
+    subscriber._consumer = consumer
+    subscriber._assigned.add((TOPIC, 0))
+    subscriber.idle_poll_interval = 0
+    asyncio.run(subscriber._poll_forever())
+    offsets = []
+    while not subscriber._queue.empty():
+        offsets.append(subscriber._queue.get_nowait().offset)
+    # Nothing dropped that no second fetch would bring back.
+    assert offsets == [0, 1, 5, 6, 7]

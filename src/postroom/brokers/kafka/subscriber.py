@@ -395,19 +395,22 @@ class KafkaSubscriber:
             del self._gaps[key]
             _log.info("Kafka offset gap kept", partition=key, expected=expected, got=offset)
             return False
+        try:
+            self._consumer.seek(confluent_kafka.TopicPartition(key[0], key[1], expected))
+        except (KafkaException, RuntimeError) as exc:
+            # Without the seek the next fetch goes on past the hole: dropping the rest of
+            # this one would lose it for good, so it is handed out as it came.
+            _log.warning("Kafka seek back failed", partition=key, error=str(exc))
+            return False
         self._gaps[key] = expected
         self._refetching.add(key)
-        _log.warning(
+        _log.info(
             "Kafka offset gap",
             partition=key,
             expected=expected,
             got=offset,
             action="fetching the partition again from the expected offset",
         )
-        try:
-            self._consumer.seek(confluent_kafka.TopicPartition(key[0], key[1], expected))
-        except (KafkaException, RuntimeError) as exc:
-            _log.warning("Kafka seek back failed", partition=key, error=str(exc))
         return True
 
     def _pause(self, key: Partition, offset: int) -> None:
