@@ -199,23 +199,22 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 async def alternating(
-    first: Callable[[], Awaitable[dict[str, Any]]],
-    second: Callable[[], Awaitable[dict[str, Any]]],
-    rounds: int = 2,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run two measurements ``rounds`` times each in ABBA order and keep the best ``rate``
-    of each (the least disturbed by whatever else the machine ran); every rate is kept
-    in the result's ``rates``."""
-    runs: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+    *measurements: Callable[[], Awaitable[dict[str, Any]]], rounds: int = 2
+) -> tuple[dict[str, Any], ...]:
+    """Run each measurement ``rounds`` times, in order and then in reverse order (ABBA,
+    ABCCBA, ...), and keep the best ``rate`` of each (the least disturbed by whatever else
+    the machine ran); every rate is kept in the result's ``rates``. Results come back in
+    the order the measurements were given."""
+    runs: list[list[dict[str, Any]]] = [[] for _ in measurements]
     for i in range(rounds):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
+        order = range(len(measurements)) if i % 2 == 0 else reversed(range(len(measurements)))
         for which in order:
-            runs[which].append(await (first, second)[which]())
+            runs[which].append(await measurements[which]())
     best = []
     for results in runs:
         top = max(results, key=lambda r: r["rate"])
         best.append({**top, "rates": [round(r["rate"]) for r in results]})
-    return best[0], best[1]
+    return tuple(best)
 
 
 def create_kafka_topic(topic: str, partitions: int = 8) -> None:
