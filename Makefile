@@ -100,13 +100,13 @@ bench: services $(BENCH_STAMP) ## Every benchmark beside its same-run baseline: 
 	$(BIN)/python bench/run.py $(if $(FULL),--full) $(if $(ONLY),--only $(ONLY))
 
 lint: $(STAMP) ## ruff (lint and format check) and mypy --strict
-	$(BIN)/ruff check src tests examples bench
-	$(BIN)/ruff format --check src tests examples bench
+	$(BIN)/ruff check src tests examples bench deploy
+	$(BIN)/ruff format --check src tests examples bench deploy
 	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix src tests examples bench
-	$(BIN)/ruff format src tests examples bench
+	$(BIN)/ruff check --fix src tests examples bench deploy
+	$(BIN)/ruff format src tests examples bench deploy
 
 clean: ## Remove the virtualenv and caches (services keep running)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

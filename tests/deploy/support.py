@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from postroom.brokers.kafka.settings import ENV_PREFIX as KAFKA_ENV_PREFIX
 from postroom.consumer.metrics import ConsumerMetrics
 from postroom.metrics import RelayMetrics
 from tests.support.bad_options import commands
@@ -132,11 +133,14 @@ def check_place(
     assert resolved, f"{where}: runs no postroom command"
     readers = ROOT_ENVVARS.union(*(c.envvars for c in resolved))
     for name in shared:
-        if not name.startswith("POSTROOM_"):
-            continue
-        assert name in every_envvar(), f"{where}: {name} is no postroom setting"
+        if name.startswith("POSTROOM_") and not name.startswith(KAFKA_ENV_PREFIX):
+            assert name in every_envvar(), f"{where}: {name} is no postroom setting"
     for name in envvars:
         if not name.startswith("POSTROOM_"):
+            continue
+        if name.startswith(KAFKA_ENV_PREFIX):
+            # librdkafka settings (sasl.*, ssl.*), read wherever a broker URL is
+            assert "POSTROOM_BROKER_URL" in readers, f"{where}: {name} is read by no command"
             continue
         assert name in every_envvar(), f"{where}: {name} is no postroom setting"
         assert name in readers, (

@@ -16,6 +16,7 @@ from tests.deploy.support import check_place, metric_names
         ([["relay"]], ["POSTROOM_RELAY_BATCHBYTES"], [], "is no postroom setting"),
         ([["consume", "x:y"]], ["POSTROOM_RELAY_ID"], [], "is read by none of ['consume']"),
         ([["db", "upgrade"]], [], ["POSTROOM_DATABASE_ULR"], "is no postroom setting"),
+        ([["db", "upgrade"]], ["POSTROOM_KAFKA_SASL_PASSWORD"], [], "is read by no command"),
     ],
 )
 def test_it_refuses_what_the_cli_does_not_have(
@@ -30,7 +31,7 @@ def test_it_takes_real_commands_options_and_variables() -> None:
     check_place(
         "here",
         [["relay", "--create-topics"], ["db", "check"]],
-        ["POSTROOM_RELAY_ID", "POSTROOM_DATABASE_URL", "OTHER"],
+        ["POSTROOM_RELAY_ID", "POSTROOM_DATABASE_URL", "POSTROOM_KAFKA_SASL_PASSWORD", "OTHER"],
         shared=["POSTROOM_BROKER_URL"],
     )
 
