@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from postroom.outbox import Outbox
 from postroom.schema import Tables
 from tests.deploy.support import DEPLOY, RULES, exported_metric_names, recorded_names, tool
+from tests.support.cli import run_postroom
 from tests.support.network import address, free_port, http_get, listens
 from tests.support.processes import RelayFleet, die_with_parent
 from tests.support.proxy import FaultProxy
@@ -148,13 +149,29 @@ def test_prometheus_records_the_rules_from_live_services_and_alerts_on_a_cut_bro
         tmp_path, {"postroom-relay": relay_port, "postroom-consumer": consumer_port}
     )
     fleet = RelayFleet(database_url, schema=str(tables.schema), log_dir=tmp_path / "logs")
+    name = f"billing-{uuid.uuid4().hex[:8]}"
+    # As the deploy files do: the consumer's queue and bindings first, with its own image's
+    # module, then the services.
+    setup = run_postroom(
+        "broker",
+        "setup",
+        "billing:consumer",
+        env={
+            "POSTROOM_BROKER_URL": vhost,
+            "BILLING_CONSUMER_NAME": name,
+            "PYTHONPATH": str(DEPLOY / "example"),
+        },
+        clean=True,
+    )
+    assert setup.returncode == 0, setup.stderr
+    assert f"queue {name}" in setup.stdout, setup.stdout
     with FaultProxy(*address(vhost, 5672)) as proxy:
         try:
             consumer = fleet.start_consumer(
                 "billing:consumer",
                 broker_url=vhost,
                 metrics_port=consumer_port,
-                env={"BILLING_CONSUMER_NAME": f"billing-{uuid.uuid4().hex[:8]}"},
+                env={"BILLING_CONSUMER_NAME": name},
                 pythonpath=str(DEPLOY / "example"),
             )
             relay = fleet.start(
