@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from postroom.brokers.kafka.settings import ENV_PREFIX as KAFKA_ENV_PREFIX
+from postroom.config import Settings
 from postroom.consumer.metrics import ConsumerMetrics
 from postroom.metrics import RelayMetrics
 from tests.support.bad_options import commands
@@ -146,6 +147,36 @@ def check_place(
         assert name in readers, (
             f"{where}: {name} is read by none of {sorted(c.path for c in resolved)}"
         )
+
+
+# ----------------------------------------------------------------------------- memory
+
+MIB = 1024 * 1024
+#: Interpreter, clients and code of a relay or consumer before any message (measured ~100
+#: MB at start, docs/benchmarks.md).
+BASELINE = 100 * MIB
+#: Room for allocator fragmentation, decoded copies and the broker clients' own queues.
+HEADROOM = 2
+
+
+def relay_memory_needed(env: Mapping[str, str]) -> int:
+    """Bytes a relay with these variables may need: three batches in memory at once, in
+    three copies each, each up to one row (one payload) past the byte budget."""
+    defaults = Settings()
+    budget = int(env.get("POSTROOM_RELAY_BATCH_BYTES", defaults.relay_batch_bytes))
+    payload = int(env.get("POSTROOM_MAX_PAYLOAD_BYTES", defaults.max_payload_bytes))
+    return HEADROOM * (BASELINE + 3 * 3 * (budget + payload))
+
+
+def consumer_memory_needed(env: Mapping[str, str]) -> int:
+    """Bytes a consumer with these variables may need: its prefetched messages at their
+    largest."""
+    defaults = Settings()
+    prefetch = int(env.get("POSTROOM_CONSUMER_PREFETCH", defaults.consumer_prefetch))
+    largest = int(
+        env.get("POSTROOM_CONSUMER_MAX_MESSAGE_BYTES", defaults.consumer_max_message_bytes)
+    )
+    return HEADROOM * (BASELINE + prefetch * largest)
 
 
 # ----------------------------------------------------------------------------- metrics

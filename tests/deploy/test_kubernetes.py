@@ -7,14 +7,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from postroom.config import Settings
-from tests.deploy.support import DEPLOY, check_place, load_yaml_documents, run, tool
+from tests.deploy.support import (
+    DEPLOY,
+    MIB,
+    check_place,
+    consumer_memory_needed,
+    load_yaml_documents,
+    relay_memory_needed,
+    run,
+    tool,
+)
 
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
-MIB = 1024 * 1024
-#: Interpreter, clients and code of a relay or consumer before any message (measured ~100
-#: MB at start, docs/benchmarks.md), rounded up.
-BASELINE = 100 * MIB
 
 
 def resources() -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -107,22 +111,15 @@ def test_workloads_run_locked_down_with_probes_limits_and_disruption_budgets() -
 
 
 def test_memory_limits_hold_what_the_settings_let_a_service_keep_in_memory() -> None:
-    defaults = Settings()
     deployments = of_kind("Deployment")
     (relay,) = deployments["postroom-relay"]["spec"]["template"]["spec"]["containers"]
-    env = env_of(relay)
-    budget = int(env.get("POSTROOM_RELAY_BATCH_BYTES", defaults.relay_batch_bytes))
-    payload = int(env.get("POSTROOM_MAX_PAYLOAD_BYTES", defaults.max_payload_bytes))
-    # Three batches in memory, three copies each, each batch up to one row past its budget.
-    needed = BASELINE + 3 * 3 * (budget + payload)
-    assert mebibytes(relay["resources"]["limits"]["memory"]) >= needed
+    limit = mebibytes(relay["resources"]["limits"]["memory"])
+    assert limit >= relay_memory_needed(env_of(relay))
     (consumer,) = deployments["postroom-consumer-billing"]["spec"]["template"]["spec"]["containers"]
-    env = env_of(consumer)
-    prefetch = int(env.get("POSTROOM_CONSUMER_PREFETCH", defaults.consumer_prefetch))
-    largest = int(
-        env.get("POSTROOM_CONSUMER_MAX_MESSAGE_BYTES", defaults.consumer_max_message_bytes)
-    )
-    assert mebibytes(consumer["resources"]["limits"]["memory"]) >= BASELINE + prefetch * largest
+    limit = mebibytes(consumer["resources"]["limits"]["memory"])
+    assert limit >= consumer_memory_needed(env_of(consumer))
+    # The consumer's settings matter: with the defaults, the same limit would be too small.
+    assert limit < consumer_memory_needed({})
 
 
 def test_every_command_and_variable_is_the_clis() -> None:

@@ -6,7 +6,15 @@ import configparser
 import shlex
 from pathlib import Path
 
-from tests.deploy.support import DEPLOY, check_place, run, tool
+from tests.deploy.support import (
+    DEPLOY,
+    MIB,
+    check_place,
+    consumer_memory_needed,
+    relay_memory_needed,
+    run,
+    tool,
+)
 from tests.support.cli import postroom_command
 
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
@@ -54,4 +62,7 @@ def test_units_run_real_commands_with_real_settings() -> None:
         assert service["DynamicUser"] == "yes"
         assert service["ProtectSystem"] == "strict"
         assert service["Restart"] == "on-failure"
+        env = dict(item.split("=", 1) for item in shlex.split(service.get("Environment", "")))
+        needed = relay_memory_needed if lines[-1][1] == "relay" else consumer_memory_needed
+        assert int(service["MemoryMax"].removesuffix("M")) * MIB >= needed(env), path.name
     assert kinds == {"relay", "consume"}
