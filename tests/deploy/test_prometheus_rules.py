@@ -12,6 +12,7 @@ from tests.deploy.support import (
     OPERATIONS,
     RULES,
     RULES_TEST,
+    WITH_APT,
     exported_metric_names,
     metric_names,
     recorded_names,
@@ -23,7 +24,7 @@ from tests.deploy.support import (
 
 def promtool() -> str:
     """promtool from Debian's prometheus package."""
-    return tool("promtool", package="Debian's prometheus")
+    return tool("promtool", install=WITH_APT)
 
 
 def alerts() -> dict[str, dict[str, object]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from tests.deploy.support import (
     DEPLOY,
     MIB,
+    WITH_APT,
     check_place,
     consumer_memory_needed,
     relay_memory_needed,
@@ -39,7 +40,7 @@ def test_systemd_analyze_verifies_the_units_without_a_word(tmp_path: Path) -> No
         copy = tmp_path / path.name
         copy.write_text(text.replace(INSTALLED, script))
         copies.append(str(copy))
-    result = run(tool("systemd-analyze", package="systemd"), "verify", *copies)
+    result = run(tool("systemd-analyze", install=WITH_APT), "verify", *copies)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 

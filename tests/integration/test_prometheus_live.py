@@ -24,7 +24,14 @@ from sqlalchemy.orm import Session
 
 from postroom.outbox import Outbox
 from postroom.schema import Tables
-from tests.deploy.support import DEPLOY, RULES, exported_metric_names, recorded_names, tool
+from tests.deploy.support import (
+    DEPLOY,
+    RULES,
+    WITH_APT,
+    exported_metric_names,
+    recorded_names,
+    tool,
+)
 from tests.support.cli import run_postroom
 from tests.support.network import address, free_port, http_get, listens
 from tests.support.processes import RelayFleet, die_with_parent
@@ -63,7 +70,7 @@ class Prometheus:
 
     def start(self) -> None:
         """Start it and wait until its API answers."""
-        binary = tool("prometheus", package="Debian's prometheus")
+        binary = tool("prometheus", install=WITH_APT)
         with self.log.open("ab") as log:
             self.popen = subprocess.Popen(
                 [
