@@ -21,7 +21,7 @@ PG18_SHORT := tests/integration/test_pg_matrix.py tests/integration/test_migrati
 	tests/integration/test_enqueue.py tests/integration/test_relay.py \
 	tests/integration/test_relay_poison.py tests/integration/test_consumer.py -k "not kafka"
 
-.PHONY: help venv services demo test test-pg18 test-pg18-short faults abuse mutants mutants-short lint bench format clean
+.PHONY: help venv services deploy-tools deploy-check demo test test-pg18 test-pg18-short faults abuse mutants mutants-short lint bench format clean
 
 help: ## List the tasks
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -42,7 +42,26 @@ demo: $(STAMP) ## Set up everything and run examples/ end to end (on Kafka when 
 	$(BIN)/postroom db upgrade
 	$(BIN)/python examples/demo.py
 
-test: services ## Set up everything, run the whole test suite (with the short mutant check), then the short PostgreSQL 18 profile
+# promtool and prometheus (Debian's prometheus package) and systemd-analyze, for the deploy
+# checks in tests/deploy and tests/integration/test_prometheus_live.py.
+deploy-tools: ## Install the deploy checks' system tools if missing (Debian's prometheus, systemd)
+	@missing=""; \
+		command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="prometheus"; \
+		command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+		if [ -n "$$missing" ]; then \
+			echo "installing $$missing (apt-get)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				--no-install-recommends $$missing >/dev/null; \
+		fi
+
+deploy-check: $(STAMP) deploy-tools ## Lint and validate deploy/: hadolint, kubernetes-validate, systemd-analyze, promtool
+	$(BIN)/hadolint deploy/Dockerfile
+	$(BIN)/kubernetes-validate --strict --quiet $$(ls deploy/kubernetes/*.yaml | grep -v servicemonitor)
+	promtool check config deploy/prometheus/prometheus.yml
+	cd tests/deploy && promtool test rules rules_test.yml
+	$(BIN)/pytest -q tests/deploy
+
+test: services deploy-tools ## Set up everything, run the whole test suite (with the short mutant check), then the short PostgreSQL 18 profile
 	@$(BIN)/pytest; status=$$?; \
 		$(MAKE) --no-print-directory test-pg18-short || status=1; \
 		echo "services after the tests (the machine's are left running):"; \
@@ -81,13 +100,13 @@ bench: services $(BENCH_STAMP) ## Every benchmark beside its same-run baseline: 
 	$(BIN)/python bench/run.py $(if $(FULL),--full) $(if $(ONLY),--only $(ONLY))
 
 lint: $(STAMP) ## ruff (lint and format check) and mypy --strict
-	$(BIN)/ruff check src tests examples bench
-	$(BIN)/ruff format --check src tests examples bench
+	$(BIN)/ruff check src tests examples bench deploy
+	$(BIN)/ruff format --check src tests examples bench deploy
 	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix src tests examples bench
-	$(BIN)/ruff format src tests examples bench
+	$(BIN)/ruff check --fix src tests examples bench deploy
+	$(BIN)/ruff format src tests examples bench deploy
 
 clean: ## Remove the virtualenv and caches (services keep running)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
