@@ -104,6 +104,9 @@ class FaultProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
+        self._holder: socket.socket | None = None
+        """While cut: a socket bound to the port but not listening (connections are refused),
+        so that no other process on the machine takes the port before :meth:`restore`."""
         self._links: set[_Link] = set()
         self._serving: set[asyncio.Task[Any]] = set()
         self._flowing: asyncio.Event | None = None
@@ -215,6 +218,7 @@ class FaultProxy:
         self._expiry = self._loop.call_later(self.lifetime, self._expire)
 
     async def _listen(self) -> None:
+        self._release_port()
         if self._server is None:
             self._server = await asyncio.start_server(
                 self._serve, self.host, self.port, reuse_address=True
@@ -224,6 +228,7 @@ class FaultProxy:
         if self._server is not None:
             self._server.close()
             self._server = None
+            self._hold_port()
         for link in list(self._links):
             link.reset()
         self._links.clear()
@@ -249,10 +254,26 @@ class FaultProxy:
         if self._expiry is not None:
             self._expiry.cancel()
         await self._cut()
+        self._release_port()
         for task in self._serving:
             task.cancel()
         await asyncio.gather(*self._serving, return_exceptions=True)
         self.mode = "stopped"
+
+    def _hold_port(self) -> None:
+        holder = socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind((self.host, self.port))
+        except OSError:  # taken in the instant between close and bind: restore will say so
+            holder.close()
+            return
+        self._holder = holder
+
+    def _release_port(self) -> None:
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
 
     def _expire(self) -> None:
         # A forgotten proxy must not outlive its test by much: stop it.
