@@ -129,9 +129,14 @@ def _import_failed(module_name: str, exc: Exception) -> TargetImportError:
 async def _run(consumer: Consumer, settings: Settings) -> None:
     from postroom.brokers import subscriber_from_url
     from postroom.consumer import ConsumerService
-    from postroom.schema import migrate
+    from postroom.schema import grants, migrate
+    from postroom.schema.grants import Role
 
     with readable_errors(settings.database_url):
+        # The rights first: without them the schema's revision cannot even be read.
+        await asyncio.to_thread(
+            grants.require_rights, settings.database_url, tables_for(settings), Role.CONSUMER
+        )
         await asyncio.to_thread(
             migrate.require_current, settings.database_url, tables_for(settings), "consumer"
         )

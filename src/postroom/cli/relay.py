@@ -48,7 +48,8 @@ def relay(*, settings: Settings) -> None:
 async def _run(settings: Settings) -> None:
     from postroom.brokers import publisher_from_url
     from postroom.relay import Relay
-    from postroom.schema import migrate
+    from postroom.schema import grants, migrate
+    from postroom.schema.grants import Role
 
     options = {}
     if settings.relay_create_topics and settings.broker_url.startswith("kafka:"):
@@ -56,6 +57,10 @@ async def _run(settings: Settings) -> None:
     # a bad URL is said before the database
     publisher = publisher_from_url(settings.broker_url, **options)
     with readable_errors(settings.database_url):
+        # The rights first: without them the schema's revision cannot even be read.
+        await asyncio.to_thread(
+            grants.require_rights, settings.database_url, tables_for(settings), Role.RELAY
+        )
         await asyncio.to_thread(
             migrate.require_current, settings.database_url, tables_for(settings), "relay"
         )

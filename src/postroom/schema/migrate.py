@@ -15,7 +15,7 @@ from sqlalchemy import Connection, func, select, text
 
 from postroom.database import create_engine, readable_errors
 from postroom.errors import ConfigurationError, SchemaMissingError
-from postroom.schema.sql import quote_identifier
+from postroom.schema.steps import create_schema_if_missing
 from postroom.schema.tables import Tables
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -129,9 +129,7 @@ def run_environment(context: Any) -> None:
         "target_metadata": tables.metadata,
         "transactional_ddl": True,
     }
-    create_schema = (
-        f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(tables.schema)}" if tables.schema else None
-    )
+    create_schema = create_schema_if_missing(tables.schema) if tables.schema else None
     if context.is_offline_mode():
         context.configure(
             dialect_name="postgresql",
