@@ -93,6 +93,12 @@ def check(role: CheckedRole = None, *, settings: Settings) -> None:
     where = f"{describe_url(settings.database_url)} schema {settings.schema}"
     if role is not None:
         _check_rights(settings, role, where)
+        if not grants.reads_revision(role):
+            console.print(
+                f"the {role} does not read postroom's revision; check it with `postroom db "
+                "check` as a relay, consumer, operator or the migrator"
+            )
+            return
     with user_errors():
         state = migrate.status(settings.database_url, tables_for(settings))
     if state.up_to_date:

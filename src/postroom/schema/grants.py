@@ -139,6 +139,11 @@ def rights_for(tables: Tables, role: Role) -> list[Right]:
     return rights
 
 
+def reads_revision(role: Role) -> bool:
+    """Whether ``role`` may read the migrations' revision (the writer never needs to)."""
+    return role is not Role.WRITER
+
+
 def grant_statements(tables: Tables, role: Role, role_name: str) -> list[str]:
     """The statements that leave ``role_name`` with exactly the rights ``role`` needs on
     postroom's tables: every right on them revoked first, then granted; the schema's other
