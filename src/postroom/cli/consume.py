@@ -12,7 +12,12 @@ from typing import Annotated
 
 import typer
 
-from postroom.cli.common import configure_service_logging, user_errors, with_settings
+from postroom.cli.common import (
+    allow_insecure_tls,
+    configure_service_logging,
+    user_errors,
+    with_settings,
+)
 from postroom.config import Settings
 from postroom.consumer import Consumer
 from postroom.consumer.decoding import IdSource
@@ -37,6 +42,7 @@ CONSUME_FIELDS = (
     "metrics_host",
     "health_timeout",
     "log_format",
+    "allow_insecure_tls",
 )
 
 
@@ -64,6 +70,7 @@ def consume(
         IdSource.parse(settings.consumer_id_source)
         consumer = load_consumer(target)
         configure_service_logging(settings)
+        allow_insecure_tls(settings)
         consumer.configure(settings)
         asyncio.run(_run(consumer, settings))
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from postroom.cli.common import configure_service_logging, user_errors, with_settings
+from postroom.cli.common import (
+    allow_insecure_tls,
+    configure_service_logging,
+    user_errors,
+    with_settings,
+)
 from postroom.config import Settings
 from postroom.database import readable_errors
 from postroom.lifecycle import run_until_signalled
@@ -27,6 +32,7 @@ RELAY_FIELDS = (
     "metrics_host",
     "health_timeout",
     "log_format",
+    "allow_insecure_tls",
 )
 
 
@@ -41,6 +47,7 @@ def relay(*, settings: Settings) -> None:
     Kafka, each topic is created before the first publish to it.
     """
     configure_service_logging(settings)
+    allow_insecure_tls(settings)
     with user_errors():
         asyncio.run(_run(settings))
 

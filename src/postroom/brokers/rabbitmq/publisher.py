@@ -18,6 +18,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from postroom.brokers.base import CONFIRMED, Outcome, PublishResult, too_large, wire_size
+from postroom.brokers.rabbitmq.tls import connection_url
 from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
 from postroom.log import get_logger
 from postroom.message import Message
@@ -89,7 +90,7 @@ class RabbitMQPublisher:
             raise ConfigurationError(
                 f"max_message_bytes must be a positive number of bytes, got {max_message_bytes}"
             )
-        self._url = url
+        self._url = connection_url(url)
         self._password = parts.password or ""
         self.exchange = exchange
         """Name of the durable topic exchange messages are published to."""
