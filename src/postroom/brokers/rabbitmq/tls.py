@@ -10,6 +10,8 @@ value in the URL wins) and refuses ``no_verify_ssl``.
 from __future__ import annotations
 
 import os
+import re
+import ssl
 from collections.abc import Mapping
 from typing import Final
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -47,3 +49,15 @@ def connection_url(url: str, environ: Mapping[str, str] | None = None) -> str:
     if not tls:
         return url
     return parts._replace(query=urlencode(query)).geturl()
+
+
+_VERIFY_FAILED: Final = re.compile(r"certificate verify failed: ([^(\]\n]+)", re.IGNORECASE)
+
+
+def untrusted_certificate(exc: BaseException) -> str | None:
+    """Why the broker's certificate was not trusted, if that is what ``exc`` (a connection
+    failure, which aiormq wraps in its own error) says; None otherwise."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return exc.verify_message or "certificate verify failed"
+    found = _VERIFY_FAILED.search(str(exc))
+    return f"certificate verify failed: {found.group(1).strip()}" if found else None

@@ -1,0 +1,110 @@
+"""The relay and the consumer over TLS to RabbitMQ (amqps://), through a TLS-terminating
+proxy with a throwaway CA; a broker certificate from another CA, and a URL that turns the
+certificate check off, are refused in one sentence."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from postroom.message import Message
+from postroom.outbox import Outbox
+from postroom.schema import Tables
+from tests.support.apps import app_env, write_consumer_app
+from tests.support.database import count
+from tests.support.processes import RelayFleet
+from tests.support.readback import delete_consumer_queues
+from tests.support.tls import CertificateAuthority, TlsProxy
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+MESSAGES = 5
+
+
+def _upstream(amqp_url: str) -> tuple[str, int]:
+    parts = urlsplit(amqp_url)
+    return parts.hostname or "127.0.0.1", parts.port or 5672
+
+
+def _amqps_url(amqp_url: str, port: int) -> str:
+    parts = urlsplit(amqp_url)
+    credentials = parts.netloc.rpartition("@")[0]
+    return parts._replace(scheme="amqps", netloc=f"{credentials}@127.0.0.1:{port}").geturl()
+
+
+async def test_relay_and_consumer_run_over_tls_and_an_untrusted_certificate_is_refused(
+    rabbitmq: str, database_url: str, tables: Tables, engine: Engine, tmp_path: Path
+) -> None:
+    authority = CertificateAuthority.create(tmp_path, "postroom test CA")
+    stranger = CertificateAuthority.create(tmp_path, "some other CA")
+    server = authority.issue(tmp_path, hosts=["127.0.0.1", "localhost"])
+    name = f"tls-{uuid.uuid4().hex[:8]}"
+    topic = f"tls-{uuid.uuid4().hex[:8]}"
+    app = tmp_path / "app"
+    write_consumer_app(app, "tls_app")
+    fleet = RelayFleet(database_url, schema=str(tables.schema), log_dir=tmp_path / "logs")
+    trusted = {"POSTROOM_AMQP_CA_FILE": str(authority.cert_path)}
+    with TlsProxy(server, upstream=_upstream(rabbitmq)) as proxy:
+        url = _amqps_url(rabbitmq, proxy.port)
+        try:
+            consumer = fleet.start_consumer(
+                "tls_app:consumer",
+                broker_url=url,
+                env={**app_env(app, name, [topic]), **trusted},
+                pythonpath=str(app),
+            )
+            await consumer.wait_ready_async(30)
+            with engine.begin() as connection:
+                Outbox(tables).enqueue_many(
+                    connection, [Message.create(topic, {"n": n}) for n in range(MESSAGES)]
+                )
+            relay = fleet.start(broker_url=url, poll_interval=0.2, env=trusted)
+            inbox = f'SELECT count(*) FROM "{tables.schema}".inbox WHERE consumer = :c'
+
+            def watch() -> None:
+                relay.check_alive()
+                consumer.check_alive()
+
+            await wait_until(
+                lambda: count(engine, inbox, c=name) == MESSAGES,
+                within=40,
+                what="every message relayed and handled over TLS",
+                watch=watch,
+            )
+            assert relay.terminate(30) == 0, relay.tail()
+            assert consumer.terminate(30) == 0, consumer.tail()
+
+            # The same proxy, but the client trusts another CA.
+            untrusting = fleet.start(
+                broker_url=url, env={"POSTROOM_AMQP_CA_FILE": str(stranger.cert_path)}
+            )
+            assert untrusting.popen is not None
+            assert untrusting.popen.wait(30) == 3, untrusting.tail()
+            errors = [line for line in untrusting.lines() if line.startswith("error:")]
+            assert len(errors) == 1, untrusting.tail()
+            assert "presented a TLS certificate this client does not trust" in errors[0]
+            assert "certificate verify failed" in errors[0]
+            assert "POSTROOM_AMQP_CA_FILE" in errors[0]
+            assert untrusting.events("relay.broker_refused"), untrusting.tail()
+        finally:
+            fleet.stop_all()
+            await delete_consumer_queues(rabbitmq, name)
+
+
+def test_a_url_that_turns_the_certificate_check_off_is_refused(
+    database_url: str, tables: Tables, tmp_path: Path
+) -> None:
+    fleet = RelayFleet(database_url, schema=str(tables.schema), log_dir=tmp_path / "logs")
+    url = "amqps://guest:guest@127.0.0.1:5671/?no_verify_ssl=1"
+    relay = fleet.start(broker_url=url)
+    assert relay.popen is not None
+    assert relay.popen.wait(30) == 2, relay.tail()
+    errors = [line for line in relay.lines() if line.startswith("error:")]
+    assert len(errors) == 1, relay.tail()
+    assert "no_verify_ssl" in errors[0]
+    assert "POSTROOM_ALLOW_INSECURE_TLS=true (--allow-insecure-tls)" in errors[0]
