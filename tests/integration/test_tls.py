@@ -16,7 +16,7 @@ from postroom.outbox import Outbox
 from postroom.schema import Tables
 from tests.support.apps import app_env, write_consumer_app
 from tests.support.database import count
-from tests.support.processes import RelayFleet
+from tests.support.processes import RelayFleet, all_alive
 from tests.support.readback import delete_consumer_queues
 from tests.support.tls import CertificateAuthority, TlsProxy
 from tests.support.waiting import wait_until
@@ -66,15 +66,11 @@ async def test_relay_and_consumer_run_over_tls_and_an_untrusted_certificate_is_r
             relay = fleet.start(broker_url=url, poll_interval=0.2, env=trusted)
             inbox = f'SELECT count(*) FROM "{tables.schema}".inbox WHERE consumer = :c'
 
-            def watch() -> None:
-                relay.check_alive()
-                consumer.check_alive()
-
             await wait_until(
                 lambda: count(engine, inbox, c=name) == MESSAGES,
                 within=40,
                 what="every message relayed and handled over TLS",
-                watch=watch,
+                watch=all_alive(relay, consumer),
             )
             assert relay.terminate(30) == 0, relay.tail()
             assert consumer.terminate(30) == 0, consumer.tail()
