@@ -1,9 +1,11 @@
-"""The relay and the consumer over TLS to RabbitMQ (amqps://), through a TLS-terminating
-proxy with a throwaway CA; a broker certificate from another CA, and a URL that turns the
-certificate check off, are refused in one sentence."""
+"""The relay and the consumer over TLS, through a TLS-terminating proxy with a throwaway CA:
+to RabbitMQ (amqps://), where a broker certificate from another CA is refused in one
+sentence, and to a private Kafka-compatible broker with its TLS settings from the
+environment. A URL that turns the certificate check off is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -11,12 +13,15 @@ from urllib.parse import urlsplit
 import pytest
 from sqlalchemy.engine import Engine
 
+from postroom.brokers.kafka.settings import parse_kafka_url
 from postroom.message import Message
 from postroom.outbox import Outbox
 from postroom.schema import Tables
 from tests.support.apps import app_env, write_consumer_app
+from tests.support.consuming import KAFKA_GROUP_SETTINGS
 from tests.support.database import count
-from tests.support.processes import RelayFleet, all_alive
+from tests.support.network import free_port
+from tests.support.processes import RelayFleet, TansuBroker, all_alive
 from tests.support.readback import delete_consumer_queues
 from tests.support.tls import CertificateAuthority, TlsProxy
 from tests.support.waiting import wait_until
@@ -90,6 +95,68 @@ async def test_relay_and_consumer_run_over_tls_and_an_untrusted_certificate_is_r
         finally:
             fleet.stop_all()
             await delete_consumer_queues(rabbitmq, name)
+
+
+async def test_relay_and_consumer_reach_kafka_over_tls_with_settings_from_the_environment(
+    tansu: str, database_url: str, tables: Tables, engine: Engine, tmp_path: Path
+) -> None:
+    authority = CertificateAuthority.create(tmp_path, "postroom test CA")
+    server = authority.issue(tmp_path, hosts=["127.0.0.1", "localhost"])
+    name = f"tls-{uuid.uuid4().hex[:8]}"
+    topic = f"tls-{uuid.uuid4().hex[:8]}"
+    app = tmp_path / "app"
+    write_consumer_app(app, "tls_app")
+    fleet = RelayFleet(database_url, schema=str(tables.schema), log_dir=tmp_path / "logs")
+    # Kafka clients connect where the broker says it is: a private broker that advertises
+    # the proxy keeps every connection on TLS.
+    proxy_port = free_port()
+    broker = TansuBroker(tansu, advertised_port=proxy_port, log_path=tmp_path / "tansu.log")
+    tls = {
+        "POSTROOM_KAFKA_SECURITY_PROTOCOL": "SSL",
+        "POSTROOM_KAFKA_SSL_CA_LOCATION": str(authority.cert_path),
+    }
+    with (
+        broker,
+        TlsProxy(server, upstream=("127.0.0.1", broker.port), port=proxy_port),
+    ):
+        url = f"kafka://127.0.0.1:{proxy_port}?{KAFKA_GROUP_SETTINGS}"
+        await asyncio.to_thread(_create_topic, url, topic, tls)
+        try:
+            consumer = fleet.start_consumer(
+                "tls_app:consumer",
+                broker_url=url,
+                env={**app_env(app, name, [topic]), **tls},
+                pythonpath=str(app),
+            )
+            await consumer.wait_ready_async(30)
+            with engine.begin() as connection:
+                Outbox(tables).enqueue_many(
+                    connection, [Message.create(topic, {"n": n}) for n in range(MESSAGES)]
+                )
+            relay = fleet.start(broker_url=url, poll_interval=0.2, env=tls)
+            inbox = f'SELECT count(*) FROM "{tables.schema}".inbox WHERE consumer = :c'
+            await wait_until(
+                lambda: count(engine, inbox, c=name) == MESSAGES,
+                within=40,
+                what="every message relayed and handled over TLS to Kafka",
+                watch=all_alive(relay, consumer),
+            )
+            assert relay.terminate(30) == 0, relay.tail()
+            assert consumer.terminate(30) == 0, consumer.tail()
+        finally:
+            fleet.stop_all()
+
+
+def _create_topic(url: str, topic: str, environ: dict[str, str]) -> None:
+    """Create ``topic`` through the TLS proxy, with the same settings as the services."""
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    servers, settings = parse_kafka_url(url, environ)
+    group_only = {"session.timeout.ms", "heartbeat.interval.ms", "max.poll.interval.ms"}
+    config = {k: v for k, v in settings.items() if k not in group_only}
+    admin = AdminClient({"bootstrap.servers": servers, **config})
+    for future in admin.create_topics([NewTopic(topic, 1)], request_timeout=15).values():
+        future.result(20)
 
 
 def test_a_url_that_turns_the_certificate_check_off_is_refused(

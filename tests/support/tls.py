@@ -139,11 +139,13 @@ class CertificateAuthority:
 class TlsProxy:
     """Terminates TLS on ``port`` (127.0.0.1) and forwards the plain stream to ``upstream``."""
 
-    def __init__(self, server: ServerCertificate, upstream: tuple[str, int]) -> None:
+    def __init__(
+        self, server: ServerCertificate, upstream: tuple[str, int], *, port: int | None = None
+    ) -> None:
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(server.cert_path, server.key_path)
         self.upstream = upstream
-        self.port = free_port()
+        self.port = port or free_port()
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tls-proxy", daemon=True)
