@@ -6,10 +6,12 @@ environment. A URL that turns the certificate check off is refused."""
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 from sqlalchemy.engine import Engine
 
@@ -17,13 +19,17 @@ from postroom.brokers.kafka.settings import parse_kafka_url
 from postroom.message import Message
 from postroom.outbox import Outbox
 from postroom.schema import Tables
+from postroom.urls import psycopg_conninfo
 from tests.support.apps import app_env, write_consumer_app
+from tests.support.cli import run_postroom
 from tests.support.consuming import KAFKA_GROUP_SETTINGS
 from tests.support.database import count
 from tests.support.network import free_port
+from tests.support.private_postgres import PrivatePostgres
 from tests.support.processes import RelayFleet, TansuBroker, all_alive
 from tests.support.readback import delete_consumer_queues
-from tests.support.tls import CertificateAuthority, TlsProxy
+from tests.support.services import require_service
+from tests.support.tls import CertificateAuthority, TlsProxy, postgres_with_ssl
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -171,3 +177,45 @@ def test_a_url_that_turns_the_certificate_check_off_is_refused(
     assert len(errors) == 1, relay.tail()
     assert "no_verify_ssl" in errors[0]
     assert "POSTROOM_ALLOW_INSECURE_TLS=true (--allow-insecure-tls)" in errors[0]
+
+
+def test_postgresql_over_tls_with_verify_full_and_a_wrong_ca_refused(tmp_path: Path) -> None:
+    authority = CertificateAuthority.create(tmp_path, "postroom test CA")
+    stranger = CertificateAuthority.create(tmp_path, "some other CA")
+    binaries = postgres_with_ssl()
+    if binaries is None:
+        require_service("PostgreSQL server binaries", "pg_config --bindir names no server")
+    server = PrivatePostgres(log_path=tmp_path / "postgres.log", binaries=binaries)
+    server.initdb()
+    certificate = authority.issue(server.data, hosts=["127.0.0.1", "localhost"])
+    for path in (certificate.cert_path, certificate.key_path):
+        path.chmod(0o600)
+        if server.account.uid is not None:
+            os.chown(path, server.account.uid, server.account.gid or -1)
+    with (server.data / "postgresql.conf").open("a") as conf:
+        conf.write(
+            f"ssl = on\nssl_cert_file = '{certificate.cert_path}'\n"
+            f"ssl_key_file = '{certificate.key_path}'\n"
+        )
+
+    def url(ca: Path) -> str:
+        return f"{server.url}?sslmode=verify-full&sslrootcert={ca}"
+
+    with server:
+        upgraded = run_postroom(
+            "db", "upgrade", env={"POSTROOM_DATABASE_URL": url(authority.cert_path)}, clean=True
+        )
+        assert upgraded.returncode == 0, upgraded.stderr
+        with psycopg.connect(psycopg_conninfo(url(authority.cert_path))) as connection:
+            row = connection.execute(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()
+        assert row == (True,)
+
+        refused = run_postroom(
+            "db", "check", env={"POSTROOM_DATABASE_URL": url(stranger.cert_path)}, clean=True
+        )
+        assert refused.returncode == 3, refused.stderr
+        assert refused.stderr.startswith("error: cannot reach PostgreSQL at"), refused.stderr
+        assert "certificate verify failed" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr

