@@ -1,4 +1,5 @@
-"""``postroom db``: create and upgrade postroom's tables, check them, print their DDL."""
+"""``postroom db``: create and upgrade postroom's tables, check them, print their DDL, and
+grant each process the rights it needs on them."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from postroom.database import create_engine, readable_errors, translate
 from postroom.errors import (
     ConfigurationError,
     DatabaseError,
-    PostroomError,
     SchemaMissingError,
 )
 from postroom.schema import grants, migrate
@@ -33,7 +33,8 @@ from postroom.schema.tables import tables_for
 from postroom.urls import describe_url, scrub
 
 app = typer.Typer(
-    help="Create, upgrade and check postroom's tables (outbox and inbox).",
+    help="Create, upgrade and check postroom's tables (outbox and inbox), and grant each "
+    "process the rights it needs on them.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
@@ -241,7 +242,7 @@ def _run_grant(connection: Connection, statement: str, database_url: str) -> Non
         connection.exec_driver_sql(statement)
     except sa_exc.ProgrammingError as exc:
         known = translate(exc, database_url)
-        if isinstance(known, PostroomError):
+        if isinstance(known, SchemaMissingError):
             raise known from exc
         said = scrub(str(exc.orig).strip(), database_url).splitlines()[0]
         raise DatabaseError(

@@ -31,9 +31,6 @@ class Role(enum.StrEnum):
     MIGRATOR = "migrator"
 
 
-#: The roles whose rights are plain grants (the migrator owns the tables instead).
-GRANTED_ROLES: tuple[Role, ...] = (Role.WRITER, Role.RELAY, Role.CONSUMER, Role.OPERATOR)
-
 _ALL = ("SELECT", "INSERT", "UPDATE", "DELETE")
 
 
