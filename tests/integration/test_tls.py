@@ -6,8 +6,10 @@ environment. A URL that turns the certificate check off is refused."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -48,46 +50,64 @@ def _amqps_url(amqp_url: str, port: int) -> str:
     return parts._replace(scheme="amqps", netloc=f"{credentials}@127.0.0.1:{port}").geturl()
 
 
+@dataclass
+class Flow:
+    """A consumer app and a fleet on this test's tables, to send messages through a broker."""
+
+    tables: Tables
+    engine: Engine
+    fleet: RelayFleet
+    app: Path
+    name: str = dataclasses.field(default_factory=lambda: f"tls-{uuid.uuid4().hex[:8]}")
+    topic: str = dataclasses.field(default_factory=lambda: f"tls-{uuid.uuid4().hex[:8]}")
+
+    @classmethod
+    def create(cls, database_url: str, tables: Tables, engine: Engine, tmp_path: Path) -> Flow:
+        """The app written to ``tmp_path``/app, the fleet logging to ``tmp_path``/logs."""
+        write_consumer_app(tmp_path / "app", "tls_app")
+        fleet = RelayFleet(database_url, schema=str(tables.schema), log_dir=tmp_path / "logs")
+        return cls(tables, engine, fleet, tmp_path / "app")
+
+    async def relay_and_consume(self, url: str, env: dict[str, str]) -> None:
+        """Run a consumer and a relay at ``url`` with ``env``; every message is handled."""
+        consumer = self.fleet.start_consumer(
+            "tls_app:consumer",
+            broker_url=url,
+            env={**app_env(self.app, self.name, [self.topic]), **env},
+            pythonpath=str(self.app),
+        )
+        await consumer.wait_ready_async(30)
+        with self.engine.begin() as connection:
+            Outbox(self.tables).enqueue_many(
+                connection, [Message.create(self.topic, {"n": n}) for n in range(MESSAGES)]
+            )
+        relay = self.fleet.start(broker_url=url, poll_interval=0.2, env=env)
+        inbox = f'SELECT count(*) FROM "{self.tables.schema}".inbox WHERE consumer = :c'
+        await wait_until(
+            lambda: count(self.engine, inbox, c=self.name) == MESSAGES,
+            within=40,
+            what=f"every message relayed and handled over TLS ({url.split(':')[0]})",
+            watch=all_alive(relay, consumer),
+        )
+        assert relay.terminate(30) == 0, relay.tail()
+        assert consumer.terminate(30) == 0, consumer.tail()
+
+
 async def test_relay_and_consumer_run_over_tls_and_an_untrusted_certificate_is_refused(
     rabbitmq: str, database_url: str, tables: Tables, engine: Engine, tmp_path: Path
 ) -> None:
     authority = CertificateAuthority.create(tmp_path, "postroom test CA")
     stranger = CertificateAuthority.create(tmp_path, "some other CA")
     server = authority.issue(tmp_path, hosts=["127.0.0.1", "localhost"])
-    name = f"tls-{uuid.uuid4().hex[:8]}"
-    topic = f"tls-{uuid.uuid4().hex[:8]}"
-    app = tmp_path / "app"
-    write_consumer_app(app, "tls_app")
-    fleet = RelayFleet(database_url, schema=str(tables.schema), log_dir=tmp_path / "logs")
+    flow = Flow.create(database_url, tables, engine, tmp_path)
     trusted = {"POSTROOM_AMQP_CA_FILE": str(authority.cert_path)}
     with TlsProxy(server, upstream=_upstream(rabbitmq)) as proxy:
         url = _amqps_url(rabbitmq, proxy.port)
         try:
-            consumer = fleet.start_consumer(
-                "tls_app:consumer",
-                broker_url=url,
-                env={**app_env(app, name, [topic]), **trusted},
-                pythonpath=str(app),
-            )
-            await consumer.wait_ready_async(30)
-            with engine.begin() as connection:
-                Outbox(tables).enqueue_many(
-                    connection, [Message.create(topic, {"n": n}) for n in range(MESSAGES)]
-                )
-            relay = fleet.start(broker_url=url, poll_interval=0.2, env=trusted)
-            inbox = f'SELECT count(*) FROM "{tables.schema}".inbox WHERE consumer = :c'
-
-            await wait_until(
-                lambda: count(engine, inbox, c=name) == MESSAGES,
-                within=40,
-                what="every message relayed and handled over TLS",
-                watch=all_alive(relay, consumer),
-            )
-            assert relay.terminate(30) == 0, relay.tail()
-            assert consumer.terminate(30) == 0, consumer.tail()
+            await flow.relay_and_consume(url, trusted)
 
             # The same proxy, but the client trusts another CA.
-            untrusting = fleet.start(
+            untrusting = flow.fleet.start(
                 broker_url=url, env={"POSTROOM_AMQP_CA_FILE": str(stranger.cert_path)}
             )
             assert untrusting.popen is not None
@@ -99,8 +119,8 @@ async def test_relay_and_consumer_run_over_tls_and_an_untrusted_certificate_is_r
             assert "POSTROOM_AMQP_CA_FILE" in errors[0]
             assert untrusting.events("relay.broker_refused"), untrusting.tail()
         finally:
-            fleet.stop_all()
-            await delete_consumer_queues(rabbitmq, name)
+            flow.fleet.stop_all()
+            await delete_consumer_queues(rabbitmq, flow.name)
 
 
 async def test_relay_and_consumer_reach_kafka_over_tls_with_settings_from_the_environment(
@@ -108,11 +128,7 @@ async def test_relay_and_consumer_reach_kafka_over_tls_with_settings_from_the_en
 ) -> None:
     authority = CertificateAuthority.create(tmp_path, "postroom test CA")
     server = authority.issue(tmp_path, hosts=["127.0.0.1", "localhost"])
-    name = f"tls-{uuid.uuid4().hex[:8]}"
-    topic = f"tls-{uuid.uuid4().hex[:8]}"
-    app = tmp_path / "app"
-    write_consumer_app(app, "tls_app")
-    fleet = RelayFleet(database_url, schema=str(tables.schema), log_dir=tmp_path / "logs")
+    flow = Flow.create(database_url, tables, engine, tmp_path)
     # Kafka clients connect where the broker says it is: a private broker that advertises
     # the proxy keeps every connection on TLS.
     proxy_port = free_port()
@@ -126,31 +142,11 @@ async def test_relay_and_consumer_reach_kafka_over_tls_with_settings_from_the_en
         TlsProxy(server, upstream=("127.0.0.1", broker.port), port=proxy_port),
     ):
         url = f"kafka://127.0.0.1:{proxy_port}?{KAFKA_GROUP_SETTINGS}"
-        await asyncio.to_thread(_create_topic, url, topic, tls)
+        await asyncio.to_thread(_create_topic, url, flow.topic, tls)
         try:
-            consumer = fleet.start_consumer(
-                "tls_app:consumer",
-                broker_url=url,
-                env={**app_env(app, name, [topic]), **tls},
-                pythonpath=str(app),
-            )
-            await consumer.wait_ready_async(30)
-            with engine.begin() as connection:
-                Outbox(tables).enqueue_many(
-                    connection, [Message.create(topic, {"n": n}) for n in range(MESSAGES)]
-                )
-            relay = fleet.start(broker_url=url, poll_interval=0.2, env=tls)
-            inbox = f'SELECT count(*) FROM "{tables.schema}".inbox WHERE consumer = :c'
-            await wait_until(
-                lambda: count(engine, inbox, c=name) == MESSAGES,
-                within=40,
-                what="every message relayed and handled over TLS to Kafka",
-                watch=all_alive(relay, consumer),
-            )
-            assert relay.terminate(30) == 0, relay.tail()
-            assert consumer.terminate(30) == 0, consumer.tail()
+            await flow.relay_and_consume(url, tls)
         finally:
-            fleet.stop_all()
+            flow.fleet.stop_all()
 
 
 def _create_topic(url: str, topic: str, environ: dict[str, str]) -> None:
