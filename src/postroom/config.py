@@ -97,6 +97,12 @@ class Settings:
         "consumer: or one handler run has lasted this long); keep it above your slowest handler.",
     )
     log_format: str = _setting("auto", "Log format: json, console, or auto (json unless a tty).")
+    allow_insecure_tls: bool = _setting(
+        False,
+        "Accept broker settings that turn off TLS certificate checks (no_verify_ssl, "
+        "enable.ssl.certificate.verification=false, ...) or load code "
+        "(plugin.library.paths, ...); refused by default.",
+    )
     consumer_prefetch: int = _setting(
         32,
         "Consumer: messages received ahead of handling (RabbitMQ prefetch; per Kafka partition).",

@@ -12,7 +12,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
-from postroom.errors import ConfigurationError, DatabaseError, SchemaMissingError
+from postroom.errors import (
+    ConfigurationError,
+    DatabaseError,
+    MissingRightsError,
+    SchemaMissingError,
+)
 from postroom.urls import describe_url, normalize_database_url, scrub
 
 
@@ -59,6 +64,12 @@ def translate(exc: BaseException, database_url: str, *, always: bool = False) ->
         return SchemaMissingError(
             f"postroom's tables are missing in {where} ({first_line}); "
             "create them with `postroom db upgrade`"
+        )
+    if isinstance(original, psycopg.errors.InsufficientPrivilege):
+        return MissingRightsError(
+            f"the role connected to {where} lacks a right postroom needs ({first_line}); "
+            "`postroom db check --role writer|relay|consumer|operator` names what is missing "
+            "and `postroom db grants` prints the grants"
         )
     if isinstance(original, psycopg.ProgrammingError) and first_line.startswith(_BAD_DSN):
         return ConfigurationError(

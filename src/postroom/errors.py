@@ -115,6 +115,14 @@ class SchemaMissingError(DatabaseError):
     """postroom's tables are not in the database (or are behind the installed version)."""
 
 
+class MissingRightsError(DatabaseError):
+    """The database role lacks a privilege this process needs on postroom's tables.
+
+    Raised at start-up, so a relay or consumer never runs with rights it will miss later;
+    ``postroom db grants`` prints what each process needs.
+    """
+
+
 class MissingExtraError(PostroomError, ImportError):
     """An optional dependency (a broker client) is not installed."""
 

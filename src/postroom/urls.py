@@ -6,6 +6,7 @@ engines and broker adapters can all use it without importing each other.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any, Final
@@ -205,3 +206,24 @@ def describe_url(database_url: str) -> str:
     """``user@host:port/db`` without the password, for messages."""
     url = make_url(normalize_database_url(database_url))
     return f"{url.username or ''}@{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+
+
+#: Environment variable that lets broker settings turn off certificate checks or load code.
+ALLOW_INSECURE_TLS_ENV: Final = "POSTROOM_ALLOW_INSECURE_TLS"
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+
+
+def insecure_tls_allowed(environ: Mapping[str, str] | None = None) -> bool:
+    """True if ``POSTROOM_ALLOW_INSECURE_TLS`` (or ``--allow-insecure-tls``) is set."""
+    env = os.environ if environ is None else environ
+    return env.get(ALLOW_INSECURE_TLS_ENV, "").strip().lower() in _TRUE
+
+
+def refuse_insecure(setting: str, why: str, environ: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigurationError for ``setting`` (which ``why`` explains) unless insecure
+    broker settings are explicitly allowed."""
+    if not insecure_tls_allowed(environ):
+        raise ConfigurationError(
+            f"the broker setting {setting} {why}, so postroom refuses it; remove it, or set "
+            f"{ALLOW_INSECURE_TLS_ENV}=true (--allow-insecure-tls) if you really mean it"
+        )

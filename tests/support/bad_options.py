@@ -35,6 +35,7 @@ BAD_VALUES: Mapping[str, tuple[str, ...]] = {
     "consumer-name": ("", "a{x}"),
     "target": ("nocolon", ".relative:consumer"),
     "revision": ("bogus",),
+    "role-name": ("x" * 64,),
     "text:metrics_host": ("not a host!",),
     "text:log_format": ("bogus",),
     "text:consumer_id_source": ("bogus", "header:"),
@@ -149,6 +150,8 @@ def kind_of(param: Any, path: str) -> str:
         return "identifier"
     if name in {"ids", "message_id", "message_ids"}:
         return "message-id" if path.split()[0] in _UUID_COMMANDS else "recorded-id"
+    if param.metavar == "ROLE":
+        return "role-name"
     if name == "consumer":
         return "consumer-name"
     if name in {"target", "revision"}:

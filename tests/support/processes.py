@@ -325,6 +325,17 @@ class ServiceProcess:
         return f"ServiceProcess({self.kind}, {self.relay_id!r}, {state})"
 
 
+def all_alive(*processes: ServiceProcess) -> Callable[[], None]:
+    """A ``watch`` for waits: fails at once, with the log's tail, when one of ``processes``
+    has exited."""
+
+    def watch() -> None:
+        for process in processes:
+            process.check_alive()
+
+    return watch
+
+
 class RelayFleet:
     """Starts relays (and consumers) on one schema and stops every one of them on exit."""
 

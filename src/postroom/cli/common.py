@@ -7,6 +7,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import os
 import re
 import typing
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from postroom.errors import EXIT_FAILED as EXIT_FAILED
 from postroom.errors import EXIT_USAGE as EXIT_USAGE
 from postroom.errors import PostroomError
 from postroom.log import configure_logging
+from postroom.urls import ALLOW_INSECURE_TLS_ENV
 
 #: Exit codes: 0 success, 1 refused, aborted or a check failed, 2 bad usage,
 #: 3 cannot reach or not found (the operation failed), 130 interrupted.
@@ -137,6 +139,13 @@ def configure_service_logging(settings: Settings) -> None:
     """structlog set-up for a long-running command (relay, consume) from its settings."""
     use_json = None if settings.log_format == "auto" else settings.log_format == "json"
     configure_logging(json=use_json)
+
+
+def allow_insecure_tls(settings: Settings) -> None:
+    """Pass ``--allow-insecure-tls`` on to the broker modules, which read it from this
+    process's environment (POSTROOM_ALLOW_INSECURE_TLS), as library users set it."""
+    if settings.allow_insecure_tls:
+        os.environ[ALLOW_INSECURE_TLS_ENV] = "true"
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:

@@ -12,7 +12,12 @@ from typing import Annotated
 
 import typer
 
-from postroom.cli.common import configure_service_logging, user_errors, with_settings
+from postroom.cli.common import (
+    allow_insecure_tls,
+    configure_service_logging,
+    user_errors,
+    with_settings,
+)
 from postroom.config import Settings
 from postroom.consumer import Consumer
 from postroom.consumer.decoding import IdSource
@@ -37,6 +42,7 @@ CONSUME_FIELDS = (
     "metrics_host",
     "health_timeout",
     "log_format",
+    "allow_insecure_tls",
 )
 
 
@@ -64,6 +70,7 @@ def consume(
         IdSource.parse(settings.consumer_id_source)
         consumer = load_consumer(target)
         configure_service_logging(settings)
+        allow_insecure_tls(settings)
         consumer.configure(settings)
         asyncio.run(_run(consumer, settings))
 
@@ -129,9 +136,14 @@ def _import_failed(module_name: str, exc: Exception) -> TargetImportError:
 async def _run(consumer: Consumer, settings: Settings) -> None:
     from postroom.brokers import subscriber_from_url
     from postroom.consumer import ConsumerService
-    from postroom.schema import migrate
+    from postroom.schema import grants, migrate
+    from postroom.schema.grants import Role
 
     with readable_errors(settings.database_url):
+        # The rights first: without them the schema's revision cannot even be read.
+        await asyncio.to_thread(
+            grants.require_rights, settings.database_url, tables_for(settings), Role.CONSUMER
+        )
         await asyncio.to_thread(
             migrate.require_current, settings.database_url, tables_for(settings), "consumer"
         )

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from postroom.cli.common import configure_service_logging, user_errors, with_settings
+from postroom.cli.common import (
+    allow_insecure_tls,
+    configure_service_logging,
+    user_errors,
+    with_settings,
+)
 from postroom.config import Settings
 from postroom.database import readable_errors
 from postroom.lifecycle import run_until_signalled
@@ -27,6 +32,7 @@ RELAY_FIELDS = (
     "metrics_host",
     "health_timeout",
     "log_format",
+    "allow_insecure_tls",
 )
 
 
@@ -41,6 +47,7 @@ def relay(*, settings: Settings) -> None:
     Kafka, each topic is created before the first publish to it.
     """
     configure_service_logging(settings)
+    allow_insecure_tls(settings)
     with user_errors():
         asyncio.run(_run(settings))
 
@@ -48,7 +55,8 @@ def relay(*, settings: Settings) -> None:
 async def _run(settings: Settings) -> None:
     from postroom.brokers import publisher_from_url
     from postroom.relay import Relay
-    from postroom.schema import migrate
+    from postroom.schema import grants, migrate
+    from postroom.schema.grants import Role
 
     options = {}
     if settings.relay_create_topics and settings.broker_url.startswith("kafka:"):
@@ -56,6 +64,10 @@ async def _run(settings: Settings) -> None:
     # a bad URL is said before the database
     publisher = publisher_from_url(settings.broker_url, **options)
     with readable_errors(settings.database_url):
+        # The rights first: without them the schema's revision cannot even be read.
+        await asyncio.to_thread(
+            grants.require_rights, settings.database_url, tables_for(settings), Role.RELAY
+        )
         await asyncio.to_thread(
             migrate.require_current, settings.database_url, tables_for(settings), "relay"
         )

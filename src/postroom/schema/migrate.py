@@ -16,6 +16,7 @@ from sqlalchemy import Connection, func, select, text
 from postroom.database import create_engine, readable_errors
 from postroom.errors import ConfigurationError, SchemaMissingError
 from postroom.schema.sql import quote_identifier
+from postroom.schema.steps import create_schema_if_missing
 from postroom.schema.tables import Tables
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -129,10 +130,13 @@ def run_environment(context: Any) -> None:
         "target_metadata": tables.metadata,
         "transactional_ddl": True,
     }
-    create_schema = (
-        f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(tables.schema)}" if tables.schema else None
-    )
     if context.is_offline_mode():
+        # For a DBA to read and run: plain DDL, run by a role that may create the schema.
+        create_schema = (
+            f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(tables.schema)}"
+            if tables.schema
+            else None
+        )
         context.configure(
             dialect_name="postgresql",
             literal_binds=True,
@@ -146,8 +150,8 @@ def run_environment(context: Any) -> None:
         return
     connection: Connection = context.config.attributes["connection"]
     connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
-    if create_schema:
-        connection.execute(text(create_schema))
+    if tables.schema:
+        connection.execute(text(create_schema_if_missing(tables.schema)))
     context.configure(connection=connection, **options)
     with context.begin_transaction():
         context.run_migrations()

@@ -38,12 +38,24 @@ _INITIAL_PARTIAL_INDEXES: tuple[tuple[str, list[str], str], ...] = (
 )
 
 
+def create_schema_if_missing(schema: str) -> str:
+    """SQL that creates ``schema`` only when it is missing: a role that may create tables in
+    an existing schema but not schemas in the database (CREATE SCHEMA IF NOT EXISTS asks
+    for that right even when the schema exists) can then run the migrations."""
+    literal = schema.replace("'", "''")
+    return (
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_namespace "
+        f"WHERE nspname = '{literal}') THEN CREATE SCHEMA {quote_identifier(schema)}; "
+        "END IF; END $$"
+    )
+
+
 def _initial_upgrade(op: Operations, tables: Tables) -> None:
     schema = tables.schema
     outbox = tables.outbox.name
     inbox = tables.inbox.name
     if schema is not None:
-        op.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(schema)}")
+        op.execute(create_schema_if_missing(schema))
     op.create_table(
         outbox,
         sa.Column("position", sa.BigInteger, sa.Identity(always=True), nullable=False),

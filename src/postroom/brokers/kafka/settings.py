@@ -15,7 +15,7 @@ from postroom.brokers.base import Outcome, PublishResult
 from postroom.errors import ConfigurationError
 from postroom.log import get_logger
 from postroom.message import Message
-from postroom.urls import redact_url
+from postroom.urls import redact_url, refuse_insecure
 
 #: Port assumed for a broker given without one in a ``kafka://`` URL.
 DEFAULT_PORT: Final = 9092
@@ -176,7 +176,40 @@ def parse_kafka_url(
         )
     settings = settings_from_environment(environ)
     settings.update(parse_qsl(parts.query, keep_blank_values=True))
+    check_security(settings, environ)
     return ",".join(servers), settings
+
+
+#: Settings that turn off a TLS check when they have this value.
+_UNVERIFIED: Final = {
+    "enable.ssl.certificate.verification": (
+        "false",
+        "turns off the check of the brokers' TLS certificates",
+    ),
+    "ssl.endpoint.identification.algorithm": (
+        "none",
+        "turns off the check that a broker's certificate names its host",
+    ),
+}
+#: Settings that make librdkafka load or run code from the machine, whatever their value.
+_LOADS_CODE: Final = {
+    "plugin.library.paths": "loads plugin libraries into the process",
+    "ssl.engine.location": "loads an OpenSSL engine library into the process",
+    "ssl.providers": "loads OpenSSL providers into the process",
+    "sasl.kerberos.kinit.cmd": "runs a shell command",
+}
+
+
+def check_security(settings: Mapping[str, str], environ: Mapping[str, str] | None = None) -> None:
+    """Refuse settings that turn off certificate checks or load code (unless allowed by
+    ``POSTROOM_ALLOW_INSECURE_TLS``); one sentence naming the first such setting."""
+    for name, value in settings.items():
+        key = name.strip().lower()
+        unverified = _UNVERIFIED.get(key)
+        if unverified and str(value).strip().lower() == unverified[0]:
+            refuse_insecure(f"{key}={value}", unverified[1], environ)
+        if key in _LOADS_CODE:
+            refuse_insecure(key, _LOADS_CODE[key], environ)
 
 
 def _server(item: str, url: str) -> str:

@@ -37,6 +37,7 @@ from postroom.brokers.dead_letters import (
 )
 from postroom.brokers.rabbitmq.publisher import _address, describe_amqp_error
 from postroom.brokers.rabbitmq.subscriber import _header_text
+from postroom.brokers.rabbitmq.tls import connection_url
 from postroom.errors import BrokerUnavailableError
 from postroom.message import HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, OCTET_STREAM
 
@@ -51,7 +52,7 @@ class RabbitMQDeadLetters:
 
     def __init__(self, url: str, consumer: str) -> None:
         parts = urlsplit(url)
-        self._url = url
+        self._url = connection_url(url)
         self.address = _address(parts)
         self.consumer = consumer
         self.queue = dead_letter_name(consumer)

@@ -18,6 +18,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from postroom.brokers.base import CONFIRMED, Outcome, PublishResult, too_large, wire_size
+from postroom.brokers.rabbitmq.tls import connection_url, untrusted_certificate
 from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
 from postroom.log import get_logger
 from postroom.message import Message
@@ -89,7 +90,7 @@ class RabbitMQPublisher:
             raise ConfigurationError(
                 f"max_message_bytes must be a positive number of bytes, got {max_message_bytes}"
             )
-        self._url = url
+        self._url = connection_url(url)
         self._password = parts.password or ""
         self.exchange = exchange
         """Name of the durable topic exchange messages are published to."""
@@ -388,6 +389,13 @@ def refusal(exc: BaseException, address: str, url: str) -> BrokerRefusedError | 
     (login, unknown or forbidden vhost), or None for other failures (outages)."""
     parts = urlsplit(url)
     user = unquote(parts.username or "guest")
+    untrusted = untrusted_certificate(exc)
+    if untrusted is not None:
+        return BrokerRefusedError(
+            f"RabbitMQ at {address} presented a TLS certificate this client does not trust "
+            f"({untrusted}); point POSTROOM_AMQP_CA_FILE (or cafile= in the broker URL) at "
+            "the CA that signed RabbitMQ's certificate, and connect by a name it is issued for"
+        )
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return BrokerRefusedError(
             f"RabbitMQ at {address} refused the login of user {user!r} (ACCESS_REFUSED); "

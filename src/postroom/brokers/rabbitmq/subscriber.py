@@ -21,6 +21,7 @@ from postroom.brokers.rabbitmq.publisher import (
     describe_amqp_error,
     refusal,
 )
+from postroom.brokers.rabbitmq.tls import connection_url
 from postroom.brokers.rabbitmq.topology import (
     Queue,
     consumer_topology,
@@ -216,7 +217,7 @@ class RabbitMQSubscriber:
                 "a RabbitMQ URL must start with amqp:// or amqps://, "
                 "e.g. amqp://user:password@host:5672/vhost"
             )
-        self._url = url
+        self._url = connection_url(url)
         self.exchange = exchange
         self.prefetch = prefetch
         self.connect_timeout = connect_timeout

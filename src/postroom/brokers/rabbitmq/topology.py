@@ -27,6 +27,7 @@ from postroom.brokers.rabbitmq.publisher import (
     describe_amqp_error,
     refusal,
 )
+from postroom.brokers.rabbitmq.tls import connection_url
 from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
 
 #: A retry queue nobody declared for this long is deleted by RabbitMQ (``x-expires``),
@@ -232,7 +233,7 @@ async def set_up(
     address = _address(urlsplit(url))
     try:
         connection = await aio_pika.connect(
-            url,
+            connection_url(url),
             timeout=connect_timeout,
             client_properties={"connection_name": "postroom broker setup"},
         )
