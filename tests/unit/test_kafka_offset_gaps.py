@@ -113,3 +113,26 @@ def test_a_failed_seek_hands_the_records_out_as_they_came() -> None:
         offsets.append(subscriber._queue.get_nowait().offset)
     # Nothing dropped that no second fetch would bring back.
     assert offsets == [0, 1, 5, 6, 7]
+
+
+class BrokenConsumer:
+    """A consumer whose consume() fails with something the poll loop does not expect."""
+
+    def consume(self, num_messages: int, timeout: float) -> list[Record]:
+        raise ValueError("something unforeseen")
+
+
+def test_a_poll_loop_that_died_is_raised_by_deliveries_not_waited_on_for_ever() -> None:
+    async def scenario() -> None:
+        subscriber = KafkaSubscriber.from_url("kafka://127.0.0.1:1", prefetch=100)
+        subscriber._consumer = BrokenConsumer()
+        subscriber._poller = asyncio.create_task(subscriber._poll_forever())
+        deliveries = subscriber.deliveries()
+        try:
+            await asyncio.wait_for(anext(deliveries), 5)
+        except ValueError as exc:
+            assert str(exc) == "something unforeseen"
+        else:
+            raise AssertionError("deliveries() handed something out")
+
+    asyncio.run(scenario())

@@ -246,9 +246,18 @@ class KafkaSubscriber:
             try:
                 delivery = await asyncio.wait_for(self._queue.get(), 0.5)
             except TimeoutError:
+                self._raise_if_polling_died()
                 continue
             if self._owns(delivery):
                 yield delivery
+
+    def _raise_if_polling_died(self) -> None:
+        """Raise what ended the polling task, if it ended: no record would come again."""
+        poller = self._poller
+        if poller is not None and poller.done() and not poller.cancelled():
+            error = poller.exception()
+            if error is not None:
+                raise error
 
     async def close(self) -> None:
         """Stop polling and leave the group (nothing more is committed), close the producer."""
@@ -333,7 +342,11 @@ class KafkaSubscriber:
                     _log.warning("Kafka consumer error", error=_describe(error))
             await asyncio.sleep(0 if records else self.idle_poll_interval)
 
-    def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        # librdkafka keeps a partition's pause across a revoke and a re-assignment, while
+        # each assignment starts afresh here: one paused before would never deliver again.
+        consumer.assign(partitions)
+        consumer.resume(partitions)
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._assigned.add(key)
