@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from postroom.brokers.kafka import KafkaSubscriber
 
 TOPIC = "orders"
@@ -127,12 +129,7 @@ def test_a_poll_loop_that_died_is_raised_by_deliveries_not_waited_on_for_ever() 
         subscriber = KafkaSubscriber.from_url("kafka://127.0.0.1:1", prefetch=100)
         subscriber._consumer = BrokenConsumer()
         subscriber._poller = asyncio.create_task(subscriber._poll_forever())
-        deliveries = subscriber.deliveries()
-        try:
-            await asyncio.wait_for(anext(deliveries), 5)
-        except ValueError as exc:
-            assert str(exc) == "something unforeseen"
-        else:
-            raise AssertionError("deliveries() handed something out")
+        with pytest.raises(ValueError, match="something unforeseen"):
+            await asyncio.wait_for(anext(subscriber.deliveries()), 5)
 
     asyncio.run(scenario())
