@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import psycopg
 
 from tests.support.network import address, free_port, listens
-from tests.support.pg_matrix import remove_private_server, run_services
+from tests.support.pg_matrix import SERVICES_SCRIPT, remove_private_server, run_services
 
 
 def test_a_private_postgresql_starts_where_nothing_answers_and_stops_on_request() -> None:
@@ -40,10 +43,17 @@ def test_a_private_postgresql_starts_where_nothing_answers_and_stops_on_request(
         remove_private_server(url, port)
 
 
-def test_stop_postgres_leaves_a_server_it_did_not_start_running(database_url: str) -> None:
+def test_stop_postgres_leaves_a_server_it_did_not_start_running(
+    database_url: str, tmp_path: Path
+) -> None:
     host, port = address(database_url, 5432)
+    # The script as another checkout holds it: whoever started the test database's server
+    # (the machine, or this checkout's own scripts/services), that copy did not.
+    elsewhere = tmp_path / "scripts" / "services"
+    elsewhere.parent.mkdir()
+    shutil.copy2(SERVICES_SCRIPT, elsewhere)
 
-    stopped = run_services(database_url, "stop-postgres", str(port))
+    stopped = run_services(database_url, "stop-postgres", str(port), script=elsewhere)
 
     assert stopped.returncode == 0, stopped.stderr
     assert "left alone" in stopped.stdout

@@ -49,11 +49,14 @@ def expected_major() -> int | None:
 SERVICES_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "services"
 
 
-def run_services(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``scripts/services ARGS`` for ``database_url``; its output, stdout and stderr."""
+def run_services(
+    database_url: str, *args: str, script: Path = SERVICES_SCRIPT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``scripts/services ARGS`` (or ``script``) for ``database_url``; its output,
+    stdout and stderr."""
     env = {**os.environ, "POSTROOM_DATABASE_URL": database_url, "PYTHON": sys.executable}
     return subprocess.run(
-        [str(SERVICES_SCRIPT), *args],
+        [str(script), *args],
         env=env,
         capture_output=True,
         text=True,
