@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from postroom.database import create_engine
 from postroom.schema import Tables, build_tables, migrate
 from tests.faults.harness import REPO_ROOT, Direct, Endpoints, Run, RunFactory
-from tests.faults.profile import PROFILE, SEED
+from tests.faults.profile import BOTH_BROKERS_ALWAYS, ONE_BROKER, PROFILE, SEED, broker_for
 from tests.faults.report import OUTCOMES, report_table, write_report
 from tests.support.database import unique_schema
 from tests.support.private_postgres import PrivatePostgres, postgres_binaries
@@ -104,6 +104,30 @@ def make_private_run(
     return make
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a profile that takes one broker per scenario, deselect the other broker's run of
+    each scenario (but those in ``BOTH_BROKERS_ALWAYS``)."""
+    if not ONE_BROKER:
+        return
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        scenario = getattr(item, "originalname", "")
+        if (
+            callspec is None
+            or "broker" not in callspec.params
+            or not item.nodeid.startswith("tests/faults/test_faults.py::")
+            or scenario in BOTH_BROKERS_ALWAYS
+        ):
+            kept.append(item)
+            continue
+        chosen = broker_for(scenario, SEED, ["rabbitmq", "kafka"])
+        (kept if callspec.params["broker"] == chosen else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print the fault table and write it as JSON, if any scenario ran."""
     if not OUTCOMES:
@@ -111,6 +135,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     path = Path(os.environ.get("POSTROOM_FAULTS_REPORT") or REPO_ROOT / ".faults" / "report.json")
     write_report(path, OUTCOMES)
     terminalreporter.section(f"fault suite: profile {PROFILE.name}, seed {SEED}")
+    if ONE_BROKER:
+        terminalreporter.write_line(
+            "one broker per scenario, drawn from the seed (the database crash on both); "
+            "POSTROOM_FAULTS_BROKERS=both runs all, as make faults does"
+        )
     terminalreporter.write_line(report_table(OUTCOMES))
     terminalreporter.write_line(f"written to {path}")
     terminalreporter.write_line(

@@ -32,6 +32,9 @@ class Profile:
     fails: no more rows published, seen on the wire or handled."""
     timeout: float
     """pytest-timeout per scenario run."""
+    one_broker: bool = False
+    """Run each scenario on one broker, chosen by the seed (the database crash on both);
+    ``POSTROOM_FAULTS_BROKERS=both`` runs every scenario on both."""
 
 
 PROFILES = {
@@ -48,6 +51,7 @@ PROFILES = {
         database_crashes=2,
         drain=45,
         timeout=150,
+        one_broker=True,
     ),
     "full": Profile(
         "full",
@@ -87,5 +91,25 @@ def seed_from_env() -> int:
         raise ValueError(f"POSTROOM_FAULTS_SEED={given!r} is not an integer") from None
 
 
+def one_broker_from_env(profile: Profile) -> bool:
+    """Whether this run takes one broker per scenario: the profile's choice, unless
+    ``POSTROOM_FAULTS_BROKERS=both``."""
+    given = os.environ.get("POSTROOM_FAULTS_BROKERS", "").strip().lower()
+    if given not in {"", "both", "one"}:
+        raise ValueError(f"POSTROOM_FAULTS_BROKERS={given!r} is not one of: both, one")
+    return profile.one_broker if not given else given == "one"
+
+
+#: Scenarios that run on both brokers even when the profile takes one broker per scenario.
+BOTH_BROKERS_ALWAYS = frozenset({"test_database_crashed_and_restarted"})
+
+
+def broker_for(scenario: str, seed: int, brokers: list[str]) -> str:
+    """The broker ``scenario`` runs on when one is taken: drawn from the seed, so a replay
+    with the same seed runs the same ones."""
+    return random.Random(f"{seed}:{scenario}").choice(brokers)
+
+
 PROFILE = profile_from_env()
 SEED = seed_from_env()
+ONE_BROKER = one_broker_from_env(PROFILE)

@@ -78,6 +78,7 @@ def run_pytest(tests: Sequence[str], mutant: str | None = None) -> PytestRun:
     env = dict(os.environ)
     for name in (VARIABLE, LOG_VARIABLE):
         env.pop(name, None)
+    env["POSTROOM_FAULTS_BROKERS"] = "both"  # a fault scenario named by its id runs as named
     with tempfile.TemporaryDirectory(prefix="postroom-mutant-") as directory:
         log = Path(directory) / "applied.log"
         if mutant is not None:
