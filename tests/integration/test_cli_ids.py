@@ -29,6 +29,9 @@ SPELLINGS = [
     ID.hex,
     f"  {ID}  ",
 ]
+#: Two of them for commands that take one id per run (the normalising itself is proved for
+#: every spelling in tests/unit/test_hardening_ids.py).
+SOME_SPELLINGS = [SPELLINGS[2], SPELLINGS[3]]
 
 
 def cli(tables: Tables, *args: str) -> subprocess.CompletedProcess[str]:
@@ -115,12 +118,12 @@ def test_inbox_forget_refuses_ids_the_consumer_never_recorded(
     assert inbox_entries(engine, tables) == inbox
 
 
-@pytest.mark.parametrize("spelling", SPELLINGS)
 def test_inbox_forget_finds_the_id_in_any_spelling(
-    engine: Engine, tables: Tables, inbox: set[tuple[str, str]], spelling: str
+    engine: Engine, tables: Tables, inbox: set[tuple[str, str]]
 ) -> None:
+    # Every spelling names the same entry: two entries match, not one per spelling.
     done = as_json(
-        cli(tables, "inbox", "forget", "-c", "billing", spelling, "order-17", "--yes", "--json")
+        cli(tables, "inbox", "forget", "-c", "billing", *SPELLINGS, "order-17", "--yes", "--json")
     )
     assert (done["matched"], done["changed"]) == (2, 2)
     assert inbox_entries(engine, tables) == {("shipping", str(ID))}
@@ -142,7 +145,7 @@ def test_inbox_ls_checks_ids_in_any_spelling(tables: Tables, inbox: set[tuple[st
     assert "is not a valid UUID" in one_line_error(bad, 2)
 
 
-@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("spelling", SOME_SPELLINGS)
 def test_outbox_show_takes_the_postroom_id_in_any_spelling(
     engine: Engine, tables: Tables, spelling: str
 ) -> None:
@@ -178,7 +181,7 @@ async def test_rabbitmq_dead_letters_answer_to_postroom_id_and_amqp_message_id()
 
         listed = as_json(await dead_letter_cli(AMQP_URL, "ls", "-c", name, "--json"))
         assert sorted(letter["id"] for letter in listed["items"]) == sorted([str(ID), "order-18"])
-        for spelling in [*SPELLINGS, "amqp-17"]:
+        for spelling in [*SOME_SPELLINGS, "amqp-17"]:
             shown = as_json(await dead_letter_cli(AMQP_URL, "show", "-c", name, spelling, "--json"))
             assert (shown["id"], shown["amqp_message_id"]) == (str(ID), "amqp-17"), spelling
         table = await dead_letter_cli(AMQP_URL, "show", "-c", name, str(ID))
@@ -212,7 +215,7 @@ async def test_kafka_dead_letters_answer_to_the_postroom_id_in_any_spelling() ->
     topic = unique("orders")
     await kafka_dead_letter(KAFKA_URL, name, Message.create(topic, {"n": 1}, message_id=ID))
 
-    for spelling in SPELLINGS:
+    for spelling in SOME_SPELLINGS:
         shown = as_json(await dead_letter_cli(broker_url, "show", "-c", name, spelling, "--json"))
         assert (shown["id"], shown["topic"]) == (str(ID), topic), spelling
     done = as_json(
