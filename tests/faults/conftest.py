@@ -109,7 +109,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     each scenario (but those in ``BOTH_BROKERS_ALWAYS``)."""
     if not ONE_BROKER:
         return
-    kept, dropped = [], []
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
     for item in items:
         callspec = getattr(item, "callspec", None)
         scenario = getattr(item, "originalname", "")
