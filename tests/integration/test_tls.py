@@ -127,6 +127,7 @@ async def test_relay_and_consumer_reach_kafka_over_tls_with_settings_from_the_en
     tansu: str, database_url: str, tables: Tables, engine: Engine, tmp_path: Path
 ) -> None:
     authority = CertificateAuthority.create(tmp_path, "postroom test CA")
+    stranger = CertificateAuthority.create(tmp_path, "some other CA")
     server = authority.issue(tmp_path, hosts=["127.0.0.1", "localhost"])
     flow = Flow.create(database_url, tables, engine, tmp_path)
     # Kafka clients connect where the broker says it is: a private broker that advertises
@@ -145,6 +146,18 @@ async def test_relay_and_consumer_reach_kafka_over_tls_with_settings_from_the_en
         await asyncio.to_thread(_create_topic, url, flow.topic, tls)
         try:
             await flow.relay_and_consume(url, tls)
+
+            # The same broker, but the relay trusts another CA: refused, not retried.
+            untrusting = flow.fleet.start(
+                broker_url=url,
+                env={**tls, "POSTROOM_KAFKA_SSL_CA_LOCATION": str(stranger.cert_path)},
+            )
+            assert untrusting.popen is not None
+            assert untrusting.popen.wait(45) == 3, untrusting.tail()
+            errors = [line for line in untrusting.lines() if line.startswith("error:")]
+            assert len(errors) == 1, untrusting.tail()
+            assert "presented a TLS certificate this client does not trust" in errors[0]
+            assert "POSTROOM_KAFKA_SSL_CA_LOCATION" in errors[0]
         finally:
             flow.fleet.stop_all()
 

@@ -21,12 +21,14 @@ from postroom.brokers.kafka.settings import (
     DEFAULT_MESSAGE_TIMEOUT_MS,
     DELIVERY_GRACE,
     REFUSED_CODES,
+    UNTRUSTED_CERTIFICATE,
     _describe,
     _LibrdkafkaLog,
     _log,
     _unavailable_after_failure,
     classify_error,
     parse_kafka_url,
+    untrusted_certificate,
 )
 from postroom.brokers.kafka.topics import TopicCreator
 from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
@@ -264,6 +266,12 @@ class KafkaPublisher:
         )
 
     def _raise_if_refused(self, producer: _Producer) -> None:
+        if producer.refused is not None and UNTRUSTED_CERTIFICATE in producer.refused:
+            raise BrokerRefusedError(
+                f"Kafka at {self.bootstrap_servers} presented a TLS certificate this client "
+                f"does not trust ({producer.refused}); set POSTROOM_KAFKA_SSL_CA_LOCATION "
+                "(ssl.ca.location) to the CA that signed the broker's certificate"
+            )
         if producer.refused is not None:
             raise BrokerRefusedError(
                 f"Kafka at {self.bootstrap_servers} refused this client ({producer.refused}); "
@@ -503,7 +511,7 @@ class _Producer:
                 _log.exception("Kafka poll failed")
 
     def _on_error(self, error: KafkaError) -> None:
-        if error.code() in REFUSED_CODES:
+        if error.code() in REFUSED_CODES or untrusted_certificate(error):
             self.to_loop(setattr, self, "refused", _describe(error))
             return
         if error.fatal():

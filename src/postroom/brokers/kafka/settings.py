@@ -79,6 +79,16 @@ REFUSED_CODES: Final = frozenset(
         KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
     }
 )
+#: What librdkafka says when the broker's certificate is not signed by a trusted CA.
+UNTRUSTED_CERTIFICATE: Final = "certificate verify failed"
+
+
+def untrusted_certificate(error: KafkaError) -> bool:
+    """True if ``error`` is a TLS handshake that failed on the broker's certificate: a
+    setting to fix, not an outage to wait out."""
+    return error.code() == KafkaError._SSL and UNTRUSTED_CERTIFICATE in error.str()
+
+
 _REJECTED_CODES: Final = frozenset(
     {
         KafkaError.MSG_SIZE_TOO_LARGE,
