@@ -403,8 +403,10 @@ class Processor:
                     await connection.execute(forget, params)
                 async with AsyncSession(bind=connection, **_JOINED) as session:
                     await spec.function(argument, session)
-                    await session.commit()
-                await connection.commit()
+                    await session.flush()
+                    # Committed while the session is open: its savepoint goes with the
+                    # transaction (no RELEASE round trip; closing it after rolls nothing back).
+                    await connection.commit()
             except BaseException:
                 with contextlib.suppress(Exception):
                     await connection.rollback()
@@ -442,8 +444,8 @@ class Processor:
                     connection.execute(forget, params)
                 with Session(bind=connection, **_JOINED) as session:
                     spec.function(argument, session)
-                    session.commit()
-                connection.commit()
+                    session.flush()
+                    connection.commit()  # as in _run_async
             except BaseException:
                 with contextlib.suppress(Exception):
                     connection.rollback()

@@ -101,8 +101,12 @@ class ConsumerService:
             identity={"consumer": consumer.name},
         )
         self._stopping = self._lifecycle.stopping
+        # No pre-ping: a statement on a dropped connection fails as an outage, which costs
+        # the message no attempt and is tried again on a fresh connection.
         self._async_engine = create_async_engine(
-            self.settings.database_url, pool_size=self.settings.consumer_concurrency + 1
+            self.settings.database_url,
+            pool_size=self.settings.consumer_concurrency + 1,
+            pre_ping=False,
         )
         self._sync_engine: Engine | None = None
         self._slots = asyncio.Semaphore(self.settings.consumer_concurrency)
@@ -131,7 +135,9 @@ class ConsumerService:
     def _get_sync_engine(self) -> Engine:
         if self._sync_engine is None:
             self._sync_engine = create_engine(
-                self.settings.database_url, pool_size=self.settings.consumer_concurrency
+                self.settings.database_url,
+                pool_size=self.settings.consumer_concurrency,
+                pre_ping=False,
             )
         return self._sync_engine
 
