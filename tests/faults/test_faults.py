@@ -241,6 +241,56 @@ async def _kill_mid_handler(run: Run, consumer: ServiceProcess, *, within: float
     return rolled_back
 
 
+async def test_consumer_killed_mid_batch(
+    broker: str, make_run: RunFactory, endpoints: Direct
+) -> None:
+    """Batched consumers (async handler, batches of up to 8): SIGKILL one after some
+    handlers of a batch ran and before its commit, start another; the whole batch is
+    handled again, and no effect may be lost or applied twice."""
+    options = {"handler_pause": 0.03, "batch_size": 8}
+    async with make_run("consumer SIGKILL mid-batch", endpoints(broker), **options) as run:
+        await run.start(relays=1)
+        kills = mid_batch = 0
+        # Past the profile's kills, kill on until one landed mid-batch (at most 10 more).
+        while kills < PROFILE.consumer_kills or (
+            not mid_batch and kills < PROFILE.consumer_kills + 10
+        ):
+            victim = run.consumers()[0]
+            await run.pause(0.2, 1.0)
+            mid_batch += await _kill_mid_batch(run, victim, within=20.0)
+            kills += 1
+            run.start_consumer()
+        faults = {"consumers SIGKILLed": kills, "kills mid-batch": mid_batch}
+        await run.finish(count=kills, faults=faults)
+        assert mid_batch, "no kill landed after two handlers of one batch ran"
+
+
+async def _kill_mid_batch(run: Run, consumer: ServiceProcess, *, within: float) -> bool:
+    """SIGKILL ``consumer`` once two handlers ran in one of its open transactions; True if
+    the kill landed there and none of that batch's effects was committed."""
+
+    def batch_open() -> list[tuple[int, str]]:
+        found = run.open_effects(consumer)
+        return [(pid, xid) for pid, xid in found if len(run.runs_in(consumer, xid)) >= 2]
+
+    try:
+        ((pid, xid), *_) = await wait_until(
+            lambda: asyncio.to_thread(batch_open), within=within, interval=0.005, error=TimeoutError
+        )
+    except TimeoutError:
+        consumer.kill()
+        return False
+    consumer.kill()
+    await wait_until(
+        lambda: asyncio.to_thread(run.rolled_back_effect, pid, xid),
+        within=30.0,
+        what=f"the killed consumer's backend {pid} to end",
+    )
+    # Every handler of the batch ran in that transaction (and perhaps more after the check).
+    ids = run.runs_in(consumer, xid)
+    return await asyncio.to_thread(run.effects_kept, consumer, ids) == 0
+
+
 # ----------------------------------------------------------------------------- 6. storms
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from postroom.backoff import Backoff
 from postroom.brokers.base import Delivery, Subscriber
 from postroom.config import Settings
+from postroom.consumer.batching import BatchProcessor
 from postroom.consumer.decoding import describe_error
 from postroom.consumer.metrics import ConsumerMetrics
 from postroom.consumer.processing import Disposition, Processor, Result
@@ -54,13 +55,23 @@ def retry_window(settings: Settings) -> float:
 
 def check_settings(settings: Settings) -> None:
     """Raise ConfigurationError for consumer settings that cannot work."""
-    for name in ("consumer_prefetch", "consumer_concurrency", "consumer_max_attempts"):
+    for name in (
+        "consumer_prefetch",
+        "consumer_concurrency",
+        "consumer_max_attempts",
+        "consumer_batch_size",
+    ):
         if getattr(settings, name) < 1:
             raise ConfigurationError(
                 f"{name} must be at least 1, got {getattr(settings, name)} "
                 f"(set POSTROOM_{name.upper()})"
             )
-    for name in ("consumer_backoff_initial", "consumer_backoff_max", "inbox_retention"):
+    for name in (
+        "consumer_backoff_initial",
+        "consumer_backoff_max",
+        "consumer_batch_linger",
+        "inbox_retention",
+    ):
         if getattr(settings, name) < 0:
             raise ConfigurationError(f"{name} must not be negative (set POSTROOM_{name.upper()})")
 
@@ -119,6 +130,11 @@ class ConsumerService:
             stopping=self._stopping,
             slots=self._slots,
         )
+        self.batches = BatchProcessor(self.processor)
+        self._batch_size = self.settings.consumer_batch_size
+        self._batch_linger = self.settings.consumer_batch_linger
+        # Deliveries without a lane, waiting for a batch worker (when batching).
+        self._pool: asyncio.Queue[Delivery] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lanes: dict[object, asyncio.Queue[Delivery]] = {}
         # Deliveries without a lane in hand at once (the broker's prefetch bounds it too).
@@ -190,6 +206,9 @@ class ConsumerService:
         """Subscribe, then receive until stopping or until receiving fails."""
         if not await self._subscribe(topics):
             return
+        if self._batch_size > 1:
+            for _ in range(self.settings.consumer_concurrency):
+                self._spawn(self._pool_worker())
         receive = asyncio.create_task(self._receive(), name="postroom-consumer-receive")
         stopping = asyncio.create_task(self._stopping.wait())
         await asyncio.wait({receive, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -234,7 +253,10 @@ class ConsumerService:
                     return
                 if delivery.lane is None:
                     await self._unordered.acquire()
-                    self._spawn(self._one(delivery))
+                    if self._batch_size > 1:
+                        self._pool.put_nowait(delivery)
+                    else:
+                        self._spawn(self._one(delivery))
                 else:
                     queue = self._lanes.get(delivery.lane)
                     if queue is None:
@@ -291,17 +313,75 @@ class ConsumerService:
                     continue
                 if delivery.revoked or self._is_broken(delivery):
                     continue
-                result = await self._handle(delivery)
-                if not _settled(result):
-                    if self._stopping.is_set():
-                        return
-                    # Nothing after it may be acknowledged: release it and drop the later
-                    # records in hand; the broker hands them out again.
-                    await self._unsettled(delivery, result)
+                batch = [delivery, *await self._more(queue)]
+                results = await self._handle_batch(batch)
+                for delivery, batched in zip(batch, results, strict=True):
+                    if batched is None and (delivery.revoked or self._is_broken(delivery)):
+                        continue
+                    result = batched if batched is not None else await self._handle(delivery)
+                    if not _settled(result):
+                        if self._stopping.is_set():
+                            return
+                        # Nothing after it may be acknowledged: release it and drop the
+                        # later records in hand; the broker hands them out again.
+                        await self._unsettled(delivery, result)
                 idle_since = time.monotonic()
         finally:
             if self._lanes.get(lane) is queue:
                 del self._lanes[lane]
+
+    async def _pool_worker(self) -> None:
+        """Take batches of deliveries without a lane and handle them, until stopping."""
+        while not self._stopping.is_set():
+            try:
+                first = await asyncio.wait_for(self._pool.get(), 0.25)
+            except TimeoutError:
+                continue
+            batch = [first, *await self._more(self._pool)]
+            try:
+                results = await self._handle_batch(batch)
+                for delivery, batched in zip(batch, results, strict=True):
+                    result = batched if batched is not None else await self._handle(delivery)
+                    if not _settled(result):
+                        await self._unsettled(delivery, result)
+            finally:
+                for _ in batch:
+                    self._unordered.release()
+
+    async def _more(self, queue: asyncio.Queue[Delivery]) -> list[Delivery]:
+        """Up to batch size - 1 more deliveries from ``queue``: those waiting, then those
+        arriving within the linger. A lane's revoked or stopped records are dropped."""
+        more: list[Delivery] = []
+        if self._batch_size <= 1:
+            return more
+        deadline = time.monotonic() + self._batch_linger
+        while len(more) < self._batch_size - 1:
+            try:
+                delivery = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    delivery = await asyncio.wait_for(queue.get(), left)
+                except TimeoutError:
+                    break
+            if delivery.lane is not None and (delivery.revoked or self._is_broken(delivery)):
+                continue
+            more.append(delivery)
+        return more
+
+    async def _handle_batch(self, batch: list[Delivery]) -> list[Result | None]:
+        """Results of handling ``batch`` together (None: to be handled alone, in order)."""
+        if len(batch) == 1:
+            return [None]
+        try:
+            return await self.batches.process(batch)
+        except Exception:
+            # A bug: every delivery goes on alone; one the batch committed and acknowledged
+            # finds its inbox row and is acknowledged again as a duplicate.
+            log.exception("consumer.batch_error", consumer=self.consumer.name)
+            return [None] * len(batch)
 
     async def _handle(self, delivery: Delivery) -> Result | None:
         try:
