@@ -42,6 +42,13 @@ def effects(engine: Engine, tables: Tables) -> str:
     return name
 
 
+async def _write_effect(session: AsyncSession, effects: str, message: Message) -> None:
+    await session.execute(
+        text(f"INSERT INTO {effects} (message_id, n) VALUES (:i, :n)"),
+        {"i": str(message.id), "n": message.payload["n"]},
+    )
+
+
 def _rows(engine: Engine, sql: str, **params: Any) -> list[Any]:
     with engine.connect() as connection:
         return [row[0] for row in connection.execute(text(sql), params)]
@@ -96,10 +103,7 @@ async def test_batch_commits_once_then_acks_and_a_failing_handler_alone_is_retri
     async def handle(message: Message, session: AsyncSession) -> None:
         n = message.payload["n"]
         log.append(f"run {n}")
-        await session.execute(
-            text(f"INSERT INTO {effects} (message_id, n) VALUES (:i, :n)"),
-            {"i": str(message.id), "n": n},
-        )
+        await _write_effect(session, effects, message)
         if n == 2:
             raise RuntimeError("no")
 
@@ -134,10 +138,7 @@ async def test_duplicates_in_and_before_a_batch_are_acknowledged_without_running
 
     @consumer.handler("t")
     async def handle(message: Message, session: AsyncSession) -> None:
-        await session.execute(
-            text(f"INSERT INTO {effects} (message_id, n) VALUES (:i, :n)"),
-            {"i": str(message.id), "n": message.payload["n"]},
-        )
+        await _write_effect(session, effects, message)
 
     earlier, fresh = Message.create("t", {"n": 0}), Message.create("t", {"n": 1})
     processor, async_engine = _processor(consumer, database_url)
@@ -186,10 +187,7 @@ async def test_failed_commit_leaves_the_whole_batch_unacknowledged_and_applies_n
     async def handle(message: Message, session: AsyncSession) -> None:
         n = message.payload["n"]
         runs.append(n)
-        await session.execute(
-            text(f"INSERT INTO {effects} (message_id, n) VALUES (:i, :n)"),
-            {"i": str(message.id), "n": n},
-        )
+        await _write_effect(session, effects, message)
         if n == 1:  # breaks the deferred unique constraint: only COMMIT finds out
             await session.execute(text(f"INSERT INTO {checks} (n, u) VALUES (2, 7)"))
 
@@ -225,10 +223,7 @@ async def test_lane_batch_keeps_order_past_a_failing_record_and_acks_after_commi
     @consumer.handler("t")
     async def handle(message: Message, session: AsyncSession) -> None:
         n = message.payload["n"]
-        await session.execute(
-            text(f"INSERT INTO {effects} (message_id, n) VALUES (:i, :n)"),
-            {"i": str(message.id), "n": n},
-        )
+        await _write_effect(session, effects, message)
         if fails.get(n, 0) > 0:
             fails[n] -= 1
             raise RuntimeError("once")
@@ -273,10 +268,7 @@ async def test_batched_consumer_handles_each_once_and_dead_letters_the_poison_al
 
     @consumer.handler(topic)
     async def handle(message: Message, session: AsyncSession) -> None:
-        await session.execute(
-            text(f"INSERT INTO {effects} (message_id, n) VALUES (:i, :n)"),
-            {"i": str(message.id), "n": message.payload["n"]},
-        )
+        await _write_effect(session, effects, message)
         if message.payload["n"] == 13:
             poison_runs.append(1)
             raise RuntimeError("poison")
