@@ -213,6 +213,39 @@ async def test_failed_commit_leaves_the_whole_batch_unacknowledged_and_applies_n
     assert _inbox(engine, tables, consumer.name) == {str(messages[0].id), str(messages[2].id)}
 
 
+async def test_handler_that_committed_then_failed_leaves_the_batch_to_one_by_one(
+    database_url: str, tables: Tables, engine: Engine, effects: str
+) -> None:
+    """Its commit released its savepoint, so it cannot be rolled back alone: the whole
+    batch rolls back, and each message goes alone, where its failure undoes all of it."""
+    consumer = postroom.Consumer(unique("selfcommit"), settings_for(database_url, tables))
+    failures = {1: 1}
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        await _write_effect(session, effects, message)
+        await session.commit()
+        n = message.payload["n"]
+        if failures.get(n, 0) > 0:
+            failures[n] -= 1
+            raise RuntimeError("after the commit")
+
+    log: list[str] = []
+    messages = [Message.create("t", {"n": n}) for n in range(3)]
+    deliveries = _deliveries(consumer, messages, log)
+    processor, async_engine = _processor(consumer, database_url)
+    try:
+        assert await BatchProcessor(processor).process(deliveries) == [None, None, None]
+        assert _rows(engine, f"SELECT n FROM {effects}") == []
+        assert log == []
+        alone = [await processor.process(d) for d in deliveries]
+    finally:
+        await async_engine.dispose()
+    assert [r.disposition for r in alone] == [Disposition.HANDLED] * 3
+    assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 1, 2]
+    assert _inbox(engine, tables, consumer.name) == {str(m.id) for m in messages}
+
+
 async def test_lane_batch_keeps_order_past_a_failing_record_and_acks_after_commits(
     database_url: str, tables: Tables, engine: Engine, effects: str
 ) -> None:

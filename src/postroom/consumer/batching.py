@@ -2,18 +2,20 @@
 
 Deliveries that arrive together (up to ``consumer_batch_size``, waiting at most
 ``consumer_batch_linger`` for more) are handled in one database transaction: one statement
-records all their ids in the inbox, each handler runs under a savepoint of its own, one
-commit makes them durable together, and only then are they acknowledged (on Kafka with one
-offset commit for a partition's batch). A handler that raises is rolled back to its
-savepoint, its inbox row is deleted before the commit, and it takes the retry path once the
-others are committed; on a lane (a Kafka partition) the batch stops there, and the
-deliveries after it are handled one by one after it, in order.
+records all their ids in the inbox, each handler runs under a savepoint of its own (its
+session's, as on the one-message path), one commit makes them durable together, and only
+then are they acknowledged (on Kafka with one offset commit for a partition's batch). A
+handler that raises is rolled back to its savepoint, its inbox row is deleted before the
+commit, and it takes the retry path once the others are committed; on a lane (a Kafka
+partition) the batch stops there, and the deliveries after it are handled one by one after
+it, in order.
 
 What a batch cannot decide is left to the per-message path, with nothing of it committed:
 a redelivery (it may be the one that killed the last process, see ``isolation``), a message
 without a handler or with an id or payload that does not decode, a ``def`` handler (it runs
-in a worker thread), a second copy of an id in the same batch, and any failure of the
-database or of the batch's own statements, the commit included.
+in a worker thread), a second copy of an id in the same batch, a handler that committed its
+session and then failed, and any failure of the database or of the batch's own statements,
+the commit included.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
 
 from postroom.brokers.base import HEADER_FOR_CONSUMER, AcknowledgedByLater, Delivery
 from postroom.consumer.decoding import describe_error, to_message, to_model
@@ -61,6 +64,18 @@ class _Item:
 
 class _LeftToSingles(Exception):
     """The batch cannot finish; nothing of it committed: each delivery goes on alone."""
+
+
+_COMMITTED = "postroom_committed"
+
+
+class _CommitNoting(Session):
+    """A handler's session in a batch, noting in its ``info`` that it was committed."""
+
+    def commit(self) -> None:
+        """Release the handler's savepoint (see :class:`Processor`), noted."""
+        self.info[_COMMITTED] = True
+        super().commit()
 
 
 @dataclass
@@ -183,25 +198,29 @@ class BatchProcessor:
     async def _handle(
         self, connection: AsyncConnection, sessions: contextlib.AsyncExitStack, item: _Item
     ) -> Exception | None:
-        """Run one handler under its own savepoint; its failure (rolled back), or None.
+        """Run one handler; its failure (rolled back), or None.
 
-        A handler's session stays open until the batch's transaction ended: closing it
-        would roll back to its savepoint, and releasing that would cost a round trip.
+        The handler's session takes a savepoint at its first statement, as on the
+        one-message path, and that is the handler's own savepoint in the batch: a failure
+        rolls back to it. A handler that committed its session (which releases the
+        savepoint) and then failed cannot be rolled back alone: the whole batch is then
+        left to the one-message path. A session stays open until the batch's transaction
+        ended: closing it would roll back to its savepoint, releasing would cost a round trip.
         """
-        savepoint = await connection.begin_nested()
-        session = AsyncSession(bind=connection, **JOINED)
+        session = AsyncSession(bind=connection, sync_session_class=_CommitNoting, **JOINED)
         try:
             await item.spec.function(item.argument, session)
             await session.flush()
         except BaseException as exc:
+            committed = session.sync_session.info.get(_COMMITTED, False)
             with contextlib.suppress(Exception):  # a lost connection: the batch is over
-                await session.close()
+                await session.close()  # rolls back to the handler's savepoint
             failure = _attempt_failure(exc)
-        else:
-            sessions.push_async_callback(session.close)
-            return None
-        await savepoint.rollback()
-        return failure
+            if committed:
+                raise _LeftToSingles("a handler committed its session and then failed") from exc
+            return failure
+        sessions.push_async_callback(session.close)
+        return None
 
     async def _settle_done(
         self,

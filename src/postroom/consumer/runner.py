@@ -207,8 +207,7 @@ class ConsumerService:
         if not await self._subscribe(topics):
             return
         if self._batch_size > 1:
-            for _ in range(self.settings.consumer_concurrency):
-                self._spawn(self._pool_worker())
+            self._spawn(self._batch_pool())
         receive = asyncio.create_task(self._receive(), name="postroom-consumer-receive")
         stopping = asyncio.create_task(self._stopping.wait())
         await asyncio.wait({receive, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -313,7 +312,7 @@ class ConsumerService:
                     continue
                 if delivery.revoked or self._is_broken(delivery):
                     continue
-                batch = [delivery, *await self._more(queue)]
+                batch = [delivery, *await self._more(queue, self._batch_linger)]
                 results = await self._handle_batch(batch)
                 for delivery, batched in zip(batch, results, strict=True):
                     if batched is None and (delivery.revoked or self._is_broken(delivery)):
@@ -330,31 +329,41 @@ class ConsumerService:
             if self._lanes.get(lane) is queue:
                 del self._lanes[lane]
 
-    async def _pool_worker(self) -> None:
-        """Take batches of deliveries without a lane and handle them, until stopping."""
+    async def _batch_pool(self) -> None:
+        """Form batches of the deliveries without a lane and hand each to a task of its
+        own, up to ``consumer_concurrency`` at a time, until stopping. A batch is formed
+        only once a task may start, so deliveries that come while all are busy wait for
+        the next batch together."""
+        running = asyncio.Semaphore(self.settings.consumer_concurrency)
         while not self._stopping.is_set():
+            await running.acquire()
             try:
                 first = await asyncio.wait_for(self._pool.get(), 0.25)
             except TimeoutError:
+                running.release()
                 continue
-            batch = [first, *await self._more(self._pool)]
-            try:
-                results = await self._handle_batch(batch)
-                for delivery, batched in zip(batch, results, strict=True):
-                    result = batched if batched is not None else await self._handle(delivery)
-                    if not _settled(result):
-                        await self._unsettled(delivery, result)
-            finally:
-                for _ in batch:
-                    self._unordered.release()
+            batch = [first, *await self._more(self._pool, self._batch_linger)]
+            self._spawn(self._pooled_batch(batch, running))
 
-    async def _more(self, queue: asyncio.Queue[Delivery]) -> list[Delivery]:
+    async def _pooled_batch(self, batch: list[Delivery], running: asyncio.Semaphore) -> None:
+        try:
+            results = await self._handle_batch(batch)
+            for delivery, batched in zip(batch, results, strict=True):
+                result = batched if batched is not None else await self._handle(delivery)
+                if not _settled(result):
+                    await self._unsettled(delivery, result)
+        finally:
+            running.release()
+            for _ in batch:
+                self._unordered.release()
+
+    async def _more(self, queue: asyncio.Queue[Delivery], linger: float) -> list[Delivery]:
         """Up to batch size - 1 more deliveries from ``queue``: those waiting, then those
-        arriving within the linger. A lane's revoked or stopped records are dropped."""
+        arriving within ``linger`` seconds. A lane's revoked or stopped records are dropped."""
         more: list[Delivery] = []
         if self._batch_size <= 1:
             return more
-        deadline = time.monotonic() + self._batch_linger
+        deadline = time.monotonic() + linger
         while len(more) < self._batch_size - 1:
             try:
                 delivery = queue.get_nowait()
