@@ -278,6 +278,38 @@ async def test_lane_batch_keeps_order_past_a_failing_record_and_acks_after_commi
     assert len(commits) < 12, "records were not batched"
 
 
+async def test_consumer_with_only_def_handlers_runs_them_side_by_side_unbatched(
+    database_url: str, tables: Tables
+) -> None:
+    """Batches take ``async def`` handlers only; a consumer without any must not gather
+    its ``def`` handlers' messages into batches handled one after another."""
+    import threading
+    import time
+
+    settings = settings_for(database_url, tables, consumer_batch_linger=0.05)
+    consumer = postroom.Consumer(unique("sync"), settings)
+    lock = threading.Lock()
+    running = [0]
+    peak = [0]
+
+    @consumer.handler("t")
+    def handle(message: Message, session: Any) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+
+    rig = Rig("memory")
+    service = ConsumerService(consumer, rig.subscriber(settings), settings)
+    handled = service.metrics.handled.labels("t")
+    async with rig.running(service, consumer.name):
+        await rig.publish([Message.create("t", {"n": n}) for n in range(4)])
+        await wait_until(lambda: handled._value.get() >= 4, within=20, what="4 handled")
+    assert peak[0] >= 2, "the def handlers ran one after another"
+
+
 def test_batch_settings_are_checked() -> None:
     from postroom.consumer.runner import check_settings
 

@@ -206,6 +206,9 @@ class ConsumerService:
         """Subscribe, then receive until stopping or until receiving fails."""
         if not await self._subscribe(topics):
             return
+        if not any(self._is_async(topic) for topic in topics):
+            # Only async handlers run in batches: waiting to fill one would only delay.
+            self._batch_size = 1
         if self._batch_size > 1:
             self._spawn(self._batch_pool())
         receive = asyncio.create_task(self._receive(), name="postroom-consumer-receive")
@@ -218,6 +221,10 @@ class ConsumerService:
             exc = await asyncio.gather(receive, return_exceptions=True)
             if exc and isinstance(exc[0], Exception):
                 raise exc[0]
+
+    def _is_async(self, topic: str) -> bool:
+        spec = self.consumer.handler_for(topic)
+        return spec is not None and spec.is_async
 
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
