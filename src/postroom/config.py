@@ -124,7 +124,7 @@ class Settings:
         "own savepoint (Kafka: of one partition; 1: a transaction per message).",
     )
     consumer_batch_linger: float = _setting(
-        0.002, "Consumer: longest wait for more deliveries to fill a batch, in seconds."
+        0.002, "Consumer: longest wait for more deliveries to fill a batch."
     )
     consumer_max_message_bytes: int = _setting(
         16 * 1024 * 1024,
