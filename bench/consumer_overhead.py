@@ -7,13 +7,15 @@ one ``async`` handler that inserts one row into a table drains it. The clock run
 first handler call to the last acknowledged-and-committed message (Kafka's group join is
 not counted).
 
-Two baselines, measured in the same run on the same backlog (ABCCBA order, best of two):
+postroom runs at its default settings (batched transactions) and with
+``consumer_batch_size=1`` (a transaction per message). Two baselines, measured in the same
+run on the same backlog (ABCDDCBA order, best of two):
 
 - the consumer a team would write by hand (:mod:`hand_written`: aio-pika or confluent-kafka
   plus psycopg, one transaction per message with the inbox insert, same concurrency and
   prefetch) — the ratio users care about;
 - the very same postroom service with the inbox insert switched off (the ``Processor``'s
-  inbox statement replaced by ``SELECT 1``, which answers "new" and records nothing): the
+  inbox statements replaced by ones that answer "new" and record nothing): the
   ratio is the cost of writing the inbox row (target <= 15 %).
 
     python bench/consumer_overhead.py [--messages 20000] [--brokers rabbitmq,kafka]
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -94,8 +97,11 @@ async def delete_rabbitmq_queues(*queues: str) -> None:
 
 
 POSTROOM = "postroom"
+ONE_BY_ONE = "postroom, batch size 1"
 NO_INBOX = "postroom, no inbox"
 HAND_WRITTEN = "hand-written"
+#: postroom one message per transaction (batching off) against the hand-written loop.
+TARGET_ONE_BY_ONE = 1.0
 
 
 async def consume(broker: str, count: int, kind: str) -> dict[str, Any]:
@@ -127,7 +133,14 @@ async def consume(broker: str, count: int, kind: str) -> dict[str, Any]:
                     elapsed = await hand_written.consume_kafka(topic, count, lanes, name)
             else:
                 elapsed = await _consume_with_postroom(
-                    schema.name, sink, broker_url, name, topic, count, inbox=kind == POSTROOM
+                    schema.name,
+                    sink,
+                    broker_url,
+                    name,
+                    topic,
+                    count,
+                    inbox=kind != NO_INBOX,
+                    batch_size=1 if kind == ONE_BY_ONE else None,
                 )
         finally:
             if broker == "rabbitmq":
@@ -145,9 +158,18 @@ async def consume(broker: str, count: int, kind: str) -> dict[str, Any]:
 
 
 async def _consume_with_postroom(
-    schema: str, sink: str, broker_url: str, name: str, topic: str, count: int, *, inbox: bool
+    schema: str,
+    sink: str,
+    broker_url: str,
+    name: str,
+    topic: str,
+    count: int,
+    *,
+    inbox: bool,
+    batch_size: int | None = None,
 ) -> float:
-    """Seconds a ``ConsumerService`` with a one-row handler takes to drain ``count``."""
+    """Seconds a ``ConsumerService`` with a one-row handler takes to drain ``count``
+    (default settings, or ``batch_size``)."""
     settings = Settings(
         database_url=DATABASE_URL,
         schema=schema,
@@ -155,6 +177,8 @@ async def _consume_with_postroom(
         metrics_port=0,
         inbox_retention=0,
     )
+    if batch_size is not None:
+        settings = dataclasses.replace(settings, consumer_batch_size=batch_size)
     consumer = Consumer(name, settings)
     insert = text(f"INSERT INTO {sink} (message_id, customer, total) VALUES (:i, :c, :t)")
     first: list[float] = []
@@ -177,6 +201,9 @@ async def _consume_with_postroom(
         # The inbox insert becomes a statement that answers with a row ("a new message")
         # and records nothing: the handler runs in the same transaction as before.
         service.processor._insert = text("SELECT 1")
+        service.batches._insert = text(
+            "SELECT unnest(CAST(:message_ids AS text[])) WHERE CAST(:consumer AS text) IS NOT NULL"
+        )
     handled = service.metrics.handled.labels(topic)
     task = asyncio.create_task(service.run())
     try:
@@ -194,14 +221,15 @@ async def _consume_with_postroom(
 
 
 async def scenario(count: int, brokers: list[str]) -> list[dict[str, Any]]:
-    """Summary rows of scenario 3, two per broker: postroom's consumer against the
-    hand-written loop, and against itself without the inbox."""
+    """Summary rows of scenario 3, three per broker: postroom's consumer (defaults, and
+    batch size 1) against the hand-written loop, and against itself without the inbox."""
     rows = []
     for broker in brokers:
-        with_inbox, plain, hand = await alternating(
+        with_inbox, plain, hand, single = await alternating(
             functools.partial(consume, broker, count, POSTROOM),
             functools.partial(consume, broker, count, NO_INBOX),
             functools.partial(consume, broker, count, HAND_WRITTEN),
+            functools.partial(consume, broker, count, ONE_BY_ONE),
         )
         against_hand = with_inbox["rate"] / hand["rate"]
         rows.append(
@@ -215,6 +243,21 @@ async def scenario(count: int, brokers: list[str]) -> list[dict[str, Any]]:
                 against_hand >= TARGET_AGAINST_HAND,
                 messages=count,
                 postroom=with_inbox,
+                hand_written=hand,
+            )
+        )
+        one_by_one = single["rate"] / hand["rate"]
+        rows.append(
+            result_row(
+                f"3 consumer batch size 1 vs hand-written, {count:,} msgs",
+                broker,
+                f"{single['rate']:,.0f} msg/s postroom, batch size 1",
+                f"{hand['rate']:,.0f} msg/s by hand",
+                one_by_one,
+                f">= {TARGET_ONE_BY_ONE:.1f}x",
+                one_by_one >= TARGET_ONE_BY_ONE,
+                messages=count,
+                postroom=single,
                 hand_written=hand,
             )
         )

@@ -124,6 +124,14 @@ class Settings:
         "Consumer: where a message's id is read: postroom (the postroom-id header), amqp "
         "(AMQP message_id), cloudevents (ce_id), or header:<name>.",
     )
+    consumer_batch_size: int = _setting(
+        16,
+        "Consumer: deliveries handled in one database transaction, each handler under its "
+        "own savepoint (Kafka: of one partition; 1: a transaction per message).",
+    )
+    consumer_batch_linger: float = _setting(
+        0.002, "Consumer: longest wait for more deliveries to fill a batch."
+    )
     consumer_max_message_bytes: int = _setting(
         16 * 1024 * 1024,
         "Consumer: largest message (body and headers) handed to a handler (default 16 MiB); "

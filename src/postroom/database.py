@@ -21,17 +21,23 @@ from postroom.errors import (
 from postroom.urls import describe_url, normalize_database_url, scrub
 
 
-def create_engine(database_url: str, *, pool_size: int = 5) -> Engine:
-    """A sync engine on the psycopg driver, with pre-ping so dropped connections are replaced."""
+def create_engine(database_url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
+    """A sync engine on the psycopg driver, with pre-ping so dropped connections are replaced.
+
+    ``pre_ping=False`` saves a round trip per checkout, for callers that treat a failed
+    statement on a dropped connection as an outage and try again (the consumer).
+    """
     return sa_create_engine(
-        normalize_database_url(database_url), pool_size=pool_size, pool_pre_ping=True
+        normalize_database_url(database_url), pool_size=pool_size, pool_pre_ping=pre_ping
     )
 
 
-def create_async_engine(database_url: str, *, pool_size: int = 5) -> AsyncEngine:
-    """An asyncio engine on the psycopg driver, with pre-ping."""
+def create_async_engine(
+    database_url: str, *, pool_size: int = 5, pre_ping: bool = True
+) -> AsyncEngine:
+    """An asyncio engine on the psycopg driver, with pre-ping (see :func:`create_engine`)."""
     return sa_create_async_engine(
-        normalize_database_url(database_url), pool_size=pool_size, pool_pre_ping=True
+        normalize_database_url(database_url), pool_size=pool_size, pool_pre_ping=pre_ping
     )
 
 

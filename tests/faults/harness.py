@@ -123,6 +123,7 @@ class Run:
         rows_per_transaction: int = 5,
         write_interval: float = 0.05,
         writer: type[PacedWriter] = PacedWriter,
+        batch_size: int | None = None,
     ) -> None:
         assert tables.schema is not None
         self.scenario = scenario
@@ -137,6 +138,9 @@ class Run:
         self.consumer_name = f"faults-{self.topic}"
         self.effects = f'"{tables.schema}"."effects"'
         self.handler_pause = handler_pause
+        self.batch_size = batch_size
+        """With a size: the consumers' handler is async and batched, and logs its runs."""
+        self.log_dir = log_dir
         self.fleet = RelayFleet(
             endpoints.service_database_url or database_url,
             schema=tables.schema,
@@ -218,9 +222,36 @@ class Run:
                 # by design (the abuse suite proves that); here every kill is the harness's,
                 # so no message may be blamed for them.
                 "POSTROOM_CONSUMER_MAX_ATTEMPTS": "1000",
+                **self._batching(),
             },
             pythonpath=str(REPO_ROOT),
         )
+
+    def _batching(self) -> dict[str, str]:
+        if self.batch_size is None:
+            return {}
+        number = len(self.fleet.relays) + 1
+        return {
+            "POSTROOM_CONSUMER_BATCH_SIZE": str(self.batch_size),
+            "POSTROOM_CONSUMER_BATCH_LINGER": "0.2",
+            "FAULTS_RUN_LOG": str(self.log_dir / f"handler-runs-{number}.log"),
+        }
+
+    @staticmethod
+    def runs_in(process: ServiceProcess, xid: str) -> list[str]:
+        """Ids of the messages the batched consumer ``process`` handled in transaction
+        ``xid`` (committed or not)."""
+        try:
+            lines = Path(process.env["FAULTS_RUN_LOG"]).read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [line.split()[1] for line in lines if line.split()[0] == xid]
+
+    def effects_kept(self, process: ServiceProcess, ids: list[str]) -> int:
+        """Effect rows ``process`` wrote for the messages ``ids`` that are committed."""
+        sql = f"SELECT count(*) FROM {self.effects} WHERE pid = :pid AND message_id = ANY(:ids)"
+        with self.engine.connect() as connection:
+            return int(connection.execute(text(sql), {"pid": process.pid, "ids": ids}).scalar_one())
 
     async def ready(self, *processes: ServiceProcess, within: float = 45.0) -> None:
         """Wait until each relay owns partitions and each consumer is subscribed."""

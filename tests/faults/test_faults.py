@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -204,41 +205,83 @@ async def test_consumer_killed_mid_handler(
     """SIGKILL the consumer while a handler's transaction is open (its effect written, not
     committed), start another; no effect may be lost or applied twice."""
     async with make_run("consumer SIGKILL", endpoints(broker), handler_pause=0.03) as run:
-        await run.start(relays=1)
-        kills = mid_handler = 0
-        # Past the profile's kills, kill on until one landed mid-handler (at most 10 more).
-        while kills < PROFILE.consumer_kills or (
-            not mid_handler and kills < PROFILE.consumer_kills + 10
-        ):
-            victim = run.consumers()[0]
-            await run.pause(0.2, 1.0)
-            mid_handler += await _kill_mid_handler(run, victim, within=20.0)
-            kills += 1
-            run.start_consumer()
-        faults = {"consumers SIGKILLed": kills, "kills mid-handler": mid_handler}
-        await run.finish(count=kills, faults=faults)
+        await _kill_consumers(run, _kill_mid_handler, landed="kills mid-handler")
 
 
-async def _kill_mid_handler(run: Run, consumer: ServiceProcess, *, within: float) -> bool:
-    """SIGKILL ``consumer`` once a handler of it wrote its effect and has not committed;
-    True if the kill landed there (that transaction then ended without its effect)."""
+async def test_consumer_killed_mid_batch(
+    broker: str, make_run: RunFactory, endpoints: Direct
+) -> None:
+    """Batched consumers (async handler, batches of up to 8): SIGKILL one after some
+    handlers of a batch ran and before its commit, start another; the whole batch is
+    handled again, and no effect may be lost or applied twice."""
+    options = {"handler_pause": 0.03, "batch_size": 8}
+    async with make_run("consumer SIGKILL mid-batch", endpoints(broker), **options) as run:
+        mid_batch = await _kill_consumers(run, _kill_mid_batch, landed="kills mid-batch")
+        assert mid_batch, "no kill landed after two handlers of one batch ran"
+
+
+Kill = Callable[[Run, ServiceProcess], Awaitable[bool]]
+
+
+async def _kill_consumers(run: Run, kill: Kill, *, landed: str) -> int:
+    """Start a relay and a consumer; ``kill`` the consumer and start another, the profile's
+    number of times and on until one kill landed where aimed (at most 10 more); check the
+    run. The number of kills that landed."""
+    await run.start(relays=1)
+    kills = hits = 0
+    while kills < PROFILE.consumer_kills or (not hits and kills < PROFILE.consumer_kills + 10):
+        victim = run.consumers()[0]
+        await run.pause(0.2, 1.0)
+        hits += await kill(run, victim)
+        kills += 1
+        run.start_consumer()
+    await run.finish(count=kills, faults={"consumers SIGKILLed": kills, landed: hits})
+    return hits
+
+
+async def _kill_when_open(
+    run: Run, consumer: ServiceProcess, open_: Callable[[], list[tuple[int, str]]]
+) -> tuple[str, bool] | None:
+    """SIGKILL ``consumer`` once ``open_()`` names one of its transactions (backend pid,
+    xid), or after 20 s. Once that backend ended: the xid, and whether the transaction's
+    own effect rows are gone; None if nothing was open."""
     try:
         ((pid, xid), *_) = await wait_until(
-            lambda: asyncio.to_thread(run.open_effects, consumer),
-            within=within,
-            interval=0.005,
-            error=TimeoutError,
+            lambda: asyncio.to_thread(open_), within=20.0, interval=0.005, error=TimeoutError
         )
     except TimeoutError:
         consumer.kill()
-        return False
+        return None
     consumer.kill()
     (rolled_back,) = await wait_until(
         lambda: asyncio.to_thread(run.rolled_back_effect, pid, xid),
         within=30.0,
         what=f"the killed consumer's backend {pid} to end",
     )
-    return rolled_back
+    return xid, rolled_back
+
+
+async def _kill_mid_handler(run: Run, consumer: ServiceProcess) -> bool:
+    """SIGKILL ``consumer`` once a handler of it wrote its effect and has not committed;
+    True if the kill landed there (that transaction then ended without its effect)."""
+    killed = await _kill_when_open(run, consumer, lambda: run.open_effects(consumer))
+    return killed is not None and killed[1]
+
+
+async def _kill_mid_batch(run: Run, consumer: ServiceProcess) -> bool:
+    """SIGKILL ``consumer`` once two handlers ran in one of its open transactions; True if
+    the kill landed there and none of that batch's effects was committed."""
+
+    def batch_open() -> list[tuple[int, str]]:
+        found = run.open_effects(consumer)
+        return [(pid, xid) for pid, xid in found if len(run.runs_in(consumer, xid)) >= 2]
+
+    killed = await _kill_when_open(run, consumer, batch_open)
+    if killed is None:
+        return False
+    # Every handler of the batch ran in that transaction (perhaps more after the check).
+    ids = run.runs_in(consumer, killed[0])
+    return await asyncio.to_thread(run.effects_kept, consumer, ids) == 0
 
 
 # ----------------------------------------------------------------------------- 6. storms

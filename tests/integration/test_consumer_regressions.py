@@ -179,9 +179,9 @@ async def test_lane_without_release_never_acknowledges_past_an_unsettled_deliver
 
     log: list[tuple[Any, ...]] = []
     script = [LaneDelivery(log, ("t", 0), n) for n in range(3)] + [LaneDelivery(log, ("t", 1), 9)]
-    service = ConsumerService(
-        consumer, ScriptedSubscriber(script), settings_for(database_url, tables)
-    )
+    # One message at a time: the failure is injected into the per-message path.
+    settings = settings_for(database_url, tables, consumer_batch_size=1)
+    service = ConsumerService(consumer, ScriptedSubscriber(script), settings)
     original = service.processor.process
 
     async def process(delivery: Any) -> Any:

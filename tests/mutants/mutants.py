@@ -79,7 +79,7 @@ def mark_without_confirm() -> None:
 
 def consumer_skips_inbox() -> None:
     """The consumer runs the handler without inserting the inbox row."""
-    from postroom.consumer import processing
+    from postroom.consumer import batching, processing
     from postroom.schema.inbox_sql import insert_inbox_sql as original
 
     if "INSERT INTO" not in original(_sample_tables()):
@@ -92,7 +92,14 @@ def consumer_skips_inbox() -> None:
             "AND CAST(:message_id AS text) IS NOT NULL"
         )
 
+    def insert_inbox_batch_sql(tables: Any) -> str:
+        # Every id back, as for new messages, and nothing written (the batched path).
+        return (
+            "SELECT unnest(CAST(:message_ids AS text[])) WHERE CAST(:consumer AS text) IS NOT NULL"
+        )
+
     setattr(processing, "insert_inbox_sql", insert_inbox_sql)
+    setattr(batching, "insert_inbox_batch_sql", insert_inbox_batch_sql)
 
 
 def mark_ignores_fencing_token() -> None:

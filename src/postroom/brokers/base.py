@@ -166,6 +166,17 @@ class Delivery(Protocol):
 
 
 @runtime_checkable
+class AcknowledgedByLater(Protocol):
+    """A delivery whose lane is acknowledged cumulatively (a Kafka offset commit covers
+    every earlier record of its partition): of several acknowledged together, all but the
+    last can be settled here without a message to the broker."""
+
+    def settle_for_later_ack(self) -> None:
+        """Count it settled; the ack of a later delivery of its lane tells the broker."""
+        ...
+
+
+@runtime_checkable
 class Subscriber(Protocol):
     """Receives the messages of some topics for one consumer, as :class:`Delivery` objects."""
 

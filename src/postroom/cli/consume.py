@@ -37,6 +37,8 @@ CONSUME_FIELDS = (
     "consumer_backoff_max",
     "consumer_id_source",
     "consumer_max_message_bytes",
+    "consumer_batch_size",
+    "consumer_batch_linger",
     "inbox_retention",
     "metrics_port",
     "metrics_host",

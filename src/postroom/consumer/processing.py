@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -83,12 +83,12 @@ class Result:
     message_id: str | None = None
 
 
-class _DatabaseUnavailable(Exception):
+class DatabaseUnavailable(Exception):
     """The database could not be reached; no attempt is counted."""
 
 
-#: How a handler's Session joins the Processor's transaction (see _run_async).
-_JOINED: Final[dict[str, Any]] = {
+#: How a handler's Session joins the Processor's transaction (see _run_async and batching).
+JOINED: Final[dict[str, Any]] = {
     "expire_on_commit": False,
     "join_transaction_mode": "create_savepoint",
 }
@@ -121,6 +121,14 @@ def _is_bad_value(exc: sa_exc.DBAPIError) -> bool:
     return isinstance(exc, sa_exc.DataError) or isinstance(exc.orig, psycopg.DataError)
 
 
+def handler_cancelled() -> HandlerCancelledError:
+    """The failure of a handler that let CancelledError escape while nothing was stopping."""
+    return HandlerCancelledError(
+        "the handler raised CancelledError (it awaited something that was "
+        "cancelled) while the consumer was not stopping"
+    )
+
+
 def message_size(delivery: Delivery) -> int:
     """Bytes of ``delivery``'s body and headers (names and values, UTF-8)."""
     headers = sum(
@@ -130,7 +138,8 @@ def message_size(delivery: Delivery) -> int:
     return len(delivery.body) + headers
 
 
-def _being_cancelled() -> bool:
+def being_cancelled() -> bool:
+    """True when the current task is being cancelled (the consumer is stopping)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
 
@@ -173,8 +182,13 @@ class Processor:
         """Consecutive 'database unavailable' rounds after which the error is raised."""
         self._running: dict[object, float] = {}
         """Handler runs in progress and when (monotonic) each began."""
-        self._gate = HandlerGate()
+        self.gate = HandlerGate()
         """Redelivered messages run alone, so a crash is pinned on the right one."""
+
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The engine handler runs and batches take their connections from."""
+        return self._async_engine
 
     def longest_run(self) -> float:
         """Seconds the oldest handler run in progress has lasted (0 when none runs)."""
@@ -183,18 +197,23 @@ class Processor:
 
     async def process(self, delivery: Delivery) -> Result:
         """Handle ``delivery`` under the retry policy and settle it with the broker."""
+        return await self.process_from(delivery, max(1, delivery.attempt))
+
+    async def process_from(self, delivery: Delivery, attempt: int) -> Result:
+        """:meth:`process`, with ``attempt`` as the number of the first run here (earlier
+        ones were made elsewhere, in a batch)."""
         meant_for = delivery.headers.get(HEADER_FOR_CONSUMER)
         if meant_for is not None and meant_for != self.consumer.name:
             if is_requeue_copy(delivery.headers):
                 # A dead letter of another consumer, requeued to the topic both read.
-                self.metrics.skipped.labels(self._label(delivery.topic)).inc()
-                log.debug("consumer.skipped", **self._about(delivery.topic), for_consumer=meant_for)
-                await self._ack(delivery)
+                self.metrics.skipped.labels(self.label(delivery.topic)).inc()
+                log.debug("consumer.skipped", **self.about(delivery.topic), for_consumer=meant_for)
+                await self.acknowledge(delivery)
                 return Result(Disposition.SKIPPED)
             # Not a copy postroom made: the header means nothing; handle the message.
             log.warning(
                 "consumer.foreign_for_consumer_header",
-                **self._about(delivery.topic),
+                **self.about(delivery.topic),
                 for_consumer=meant_for[:MAX_NAME_CHARS],
                 advice=(
                     f"the {HEADER_FOR_CONSUMER} header is only honoured on postroom's own "
@@ -213,7 +232,6 @@ class Processor:
                 "reference to the data instead, or raise POSTROOM_CONSUMER_MAX_MESSAGE_BYTES"
             )
             return await self._dead_letter(delivery, error, 0, None)
-        attempt = max(1, delivery.attempt)
         outages = 0
         message_id: str | None = None
         counted = not delivery.redelivered
@@ -228,7 +246,7 @@ class Processor:
                         f"{delivery.topic!r}; register one with @consumer.handler"
                         f"({delivery.topic!r}) and replay the message"
                     )
-                gate = self._gate.alone() if delivery.redelivered else self._gate.shared()
+                gate = self.gate.alone() if delivery.redelivered else self.gate.shared()
                 async with gate:
                     if not counted:
                         ended = await self._count_ending(message_id)
@@ -240,7 +258,7 @@ class Processor:
                     )
             except UndecodableMessageError as exc:
                 return await self._dead_letter(delivery, str(exc), attempt, message_id)
-            except _DatabaseUnavailable as exc:
+            except DatabaseUnavailable as exc:
                 outages += 1
                 self.metrics.database_unavailable.inc()
                 if self._max_outages is not None and outages >= self._max_outages:
@@ -256,36 +274,43 @@ class Processor:
                     return Result(Disposition.ABANDONED, str(exc), attempt - 1, message_id)
                 continue
             except Exception as exc:
-                error = describe_error(exc)
-                self.metrics.failures.labels(self._label(delivery.topic)).inc()
-                final = attempt >= self.max_attempts
-                delay = 0.0 if final else self.backoff.delay(attempt)
-                log.warning(
-                    "consumer.failed",
-                    **self._about(delivery.topic, message_id=message_id),
-                    attempt=attempt,
-                    error=error,
-                    **(
-                        {"final": True}
-                        if final
-                        else {"retry_in": round(delay, 3), "exc_info": True}
-                    ),
-                )
-                if final:
-                    return await self._dead_letter(delivery, error, attempt, message_id)
-                if delivery.redeliverable:
-                    try:
-                        await delivery.retry_later(delay, error)
-                    except DeliveryLostError:
-                        return Result(Disposition.ABANDONED, error, attempt, message_id)
-                    return Result(Disposition.RETRYING, error, attempt, message_id)
-                if not await self._wait(delay) or delivery.revoked:
-                    # Stopping, or the partition went to another member, which takes over.
-                    return Result(Disposition.ABANDONED, error, attempt, message_id)
+                failed = await self.failed(delivery, exc, attempt, message_id)
+                if failed is not None:
+                    return failed
                 attempt += 1
                 continue
-            await self._ack(delivery)
+            await self.acknowledge(delivery)
             return Result(disposition, None, attempt, message_id)
+
+    async def failed(
+        self, delivery: Delivery, exc: Exception, attempt: int, message_id: str | None
+    ) -> Result | None:
+        """Settle a failed ``attempt`` by the retry policy: dead-letter it after the last
+        attempt, hand it back to the broker for later, or wait the backoff in place and
+        return None (the caller runs attempt + 1)."""
+        error = describe_error(exc)
+        self.metrics.failures.labels(self.label(delivery.topic)).inc()
+        final = attempt >= self.max_attempts
+        delay = 0.0 if final else self.backoff.delay(attempt)
+        log.warning(
+            "consumer.failed",
+            **self.about(delivery.topic, message_id=message_id),
+            attempt=attempt,
+            error=error,
+            **({"final": True} if final else {"retry_in": round(delay, 3), "exc_info": True}),
+        )
+        if final:
+            return await self._dead_letter(delivery, error, attempt, message_id)
+        if delivery.redeliverable:
+            try:
+                await delivery.retry_later(delay, error)
+            except DeliveryLostError:
+                return Result(Disposition.ABANDONED, error, attempt, message_id)
+            return Result(Disposition.RETRYING, error, attempt, message_id)
+        if not await self._wait(delay) or delivery.revoked:
+            # Stopping, or the partition went to another member, which takes over.
+            return Result(Disposition.ABANDONED, error, attempt, message_id)
+        return None
 
     async def _count_ending(self, message_id: str) -> int:
         """Count one more redelivery of ``message_id`` (its own committed transaction) and
@@ -294,10 +319,10 @@ class Processor:
         params = {"consumer": self.consumer.name, "message_id": message_id}
         try:
             async with self._async_engine.begin() as connection:
-                with self._inbox_errors():
+                with self.inbox_errors():
                     return int((await connection.execute(self._count_redelivery, params)).one()[0])
         except sa_exc.DBAPIError as exc:  # beginning or committing failed
-            raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
+            raise DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
 
     async def _crash_looped(self, delivery: Delivery, ended: int, message_id: str) -> Result:
         error = (
@@ -317,7 +342,7 @@ class Processor:
         except Exception as exc:
             log.warning(
                 "consumer.redelivery_count_not_cleared",
-                **self._about(topic, message_id=message_id),
+                **self.about(topic, message_id=message_id),
                 error=describe_error(exc),
             )
 
@@ -332,11 +357,8 @@ class Processor:
         argument = to_model(message, spec.model) if spec.model is not None else message
         params = {"consumer": self.consumer.name, "message_id": message_id}
         forget_sql = self._forget_redeliveries if forget else None
-        async with self._slots if self._slots is not None else contextlib.nullcontext():
+        async with self.handler_run():
             started = time.perf_counter()
-            self.metrics.in_flight.inc()
-            run = object()
-            self._running[run] = time.monotonic()
             try:
                 if spec.is_async:
                     new = await self._run_async(spec, argument, params, forget_sql)
@@ -346,40 +368,48 @@ class Processor:
                     )
             except sa_exc.DBAPIError as exc:
                 if connection_failed(exc):
-                    raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
+                    raise DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
                 raise
             except asyncio.CancelledError as exc:
-                if _being_cancelled():
+                if being_cancelled():
                     raise
                 # Not the consumer stopping: the handler let a cancelled sub-task's
                 # CancelledError escape. That is a failure of this attempt.
-                raise HandlerCancelledError(
-                    "the handler raised CancelledError (it awaited something that was "
-                    "cancelled) while the consumer was not stopping"
-                ) from exc
-            finally:
-                self.metrics.in_flight.dec()
-                del self._running[run]
+                raise handler_cancelled() from exc
         if not new:
-            self.metrics.duplicates.labels(self._label(message.topic)).inc()
-            log.info("consumer.duplicate", **self._about(message.topic, message_id=message_id))
+            self.metrics.duplicates.labels(self.label(message.topic)).inc()
+            log.info("consumer.duplicate", **self.about(message.topic, message_id=message_id))
             return Disposition.DUPLICATE
         seconds = time.perf_counter() - started
-        self.metrics.latency.labels(self._label(message.topic)).observe(seconds)
-        self.metrics.handled.labels(self._label(message.topic)).inc()
+        self.metrics.latency.labels(self.label(message.topic)).observe(seconds)
+        self.metrics.handled.labels(self.label(message.topic)).inc()
         log.debug(
             "consumer.handled",
-            **self._about(message.topic, message_id=message_id),
+            **self.about(message.topic, message_id=message_id),
             seconds=round(seconds, 4),
         )
         return Disposition.HANDLED
 
-    def _label(self, topic: str) -> str:
+    @contextlib.asynccontextmanager
+    async def handler_run(self) -> AsyncIterator[None]:
+        """Hold a concurrency slot for one handler run (or one batch of them), counted in
+        flight and for the health probe's longest run."""
+        async with self._slots if self._slots is not None else contextlib.nullcontext():
+            self.metrics.in_flight.inc()
+            run = object()
+            self._running[run] = time.monotonic()
+            try:
+                yield
+            finally:
+                self.metrics.in_flight.dec()
+                del self._running[run]
+
+    def label(self, topic: str) -> str:
         """The metric label of ``topic``: itself if the consumer handles it, else ``other``
         (labels come from a closed set, whatever topics arrive)."""
         return topic if self.consumer.handler_for(topic) is not None else OTHER_TOPIC
 
-    def _about(self, topic: str, **fields: Any) -> dict[str, Any]:
+    def about(self, topic: str, **fields: Any) -> dict[str, Any]:
         """The fields that name a message in this consumer's log events, with ``fields``."""
         return {"consumer": self.consumer.name, "topic": topic, **fields}
 
@@ -394,17 +424,19 @@ class Processor:
         async with self._async_engine.connect() as connection:
             await connection.begin()
             try:
-                with self._inbox_errors():
+                with self.inbox_errors():
                     inserted = (await connection.execute(self._insert, params)).first()
                 if inserted is None:
                     await connection.rollback()
                     return False
                 if forget is not None:
                     await connection.execute(forget, params)
-                async with AsyncSession(bind=connection, **_JOINED) as session:
+                async with AsyncSession(bind=connection, **JOINED) as session:
                     await spec.function(argument, session)
-                    await session.commit()
-                await connection.commit()
+                    await session.flush()
+                    # Committed while the session is open: its savepoint goes with the
+                    # transaction (no RELEASE round trip; closing it after rolls nothing back).
+                    await connection.commit()
             except BaseException:
                 with contextlib.suppress(Exception):
                     await connection.rollback()
@@ -413,7 +445,7 @@ class Processor:
 
     @staticmethod
     @contextlib.contextmanager
-    def _inbox_errors() -> Iterator[None]:
+    def inbox_errors() -> Iterator[None]:
         """Turn a failed inbox insert into a dead letter (a bad id) or an outage."""
         try:
             yield
@@ -425,7 +457,7 @@ class Processor:
                     f"({describe_error(exc.orig or exc)}); it is dead-lettered: fix the producer"
                 ) from exc
             # Not the message's fault (database down, tables missing): no attempt is spent.
-            raise _DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
+            raise DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
 
     def _run_sync(
         self, spec: HandlerSpec, argument: Any, params: dict[str, str], forget: Any
@@ -433,17 +465,17 @@ class Processor:
         with self._sync_engine().connect() as connection:
             connection.begin()
             try:
-                with self._inbox_errors():
+                with self.inbox_errors():
                     inserted = connection.execute(self._insert, params).first()
                 if inserted is None:
                     connection.rollback()
                     return False
                 if forget is not None:
                     connection.execute(forget, params)
-                with Session(bind=connection, **_JOINED) as session:
+                with Session(bind=connection, **JOINED) as session:
                     spec.function(argument, session)
-                    session.commit()
-                connection.commit()
+                    session.flush()
+                    connection.commit()  # as in _run_async
             except BaseException:
                 with contextlib.suppress(Exception):
                     connection.rollback()
@@ -472,16 +504,16 @@ class Processor:
                 delay = self._reconnect.delay(failures)
                 log.error(
                     "consumer.dead_letter_failed",
-                    **self._about(delivery.topic, message_id=message_id),
+                    **self.about(delivery.topic, message_id=message_id),
                     error=describe_error(exc),
                     retry_in=round(delay, 2),
                 )
                 if not await self._wait(delay):
                     return Result(Disposition.ABANDONED, error, attempts, message_id)
-        self.metrics.dead_lettered.labels(self._label(delivery.topic)).inc()
+        self.metrics.dead_lettered.labels(self.label(delivery.topic)).inc()
         log.warning(
             "consumer.dead_lettered",
-            **self._about(delivery.topic, message_id=message_id),
+            **self.about(delivery.topic, message_id=message_id),
             attempts=attempts,
             error=error,
         )
@@ -489,13 +521,15 @@ class Processor:
             await self._forget_count(delivery.topic, message_id)
         return Result(Disposition.DEAD_LETTERED, error, attempts, message_id)
 
-    async def _ack(self, delivery: Delivery) -> None:
+    async def acknowledge(self, delivery: Delivery) -> None:
+        """Acknowledge ``delivery`` after its commit; a failed ack is only logged (a
+        redelivery finds the inbox row)."""
         try:
             await delivery.ack()
         except Exception as exc:
             # The transaction committed: a redelivery finds the inbox row and is acknowledged.
             log.warning(
-                "consumer.ack_failed", **self._about(delivery.topic), error=describe_error(exc)
+                "consumer.ack_failed", **self.about(delivery.topic), error=describe_error(exc)
             )
 
     async def _wait(self, seconds: float) -> bool:

@@ -98,6 +98,9 @@ class Consumer:
         handler (or in a library it calls) only releases a savepoint and a ``rollback()``
         only undoes the handler's writes since the last one. Nothing is durable until the
         handler returns; if it raises after committing, that work is rolled back too.
+        Messages that arrive together may share one transaction (``consumer_batch_size``):
+        each ``async def`` handler then runs under its own savepoint, and its writes commit
+        with those of the others in its batch.
 
         With ``model`` (or a first parameter annotated with a class that has
         ``model_validate``, such as a pydantic model), the handler receives the payload

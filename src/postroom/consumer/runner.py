@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from postroom.backoff import Backoff
 from postroom.brokers.base import Delivery, Subscriber
 from postroom.config import Settings
+from postroom.consumer.batching import BatchProcessor
 from postroom.consumer.decoding import describe_error
 from postroom.consumer.metrics import ConsumerMetrics
 from postroom.consumer.processing import Disposition, Processor, Result
@@ -54,13 +55,23 @@ def retry_window(settings: Settings) -> float:
 
 def check_settings(settings: Settings) -> None:
     """Raise ConfigurationError for consumer settings that cannot work."""
-    for name in ("consumer_prefetch", "consumer_concurrency", "consumer_max_attempts"):
+    for name in (
+        "consumer_prefetch",
+        "consumer_concurrency",
+        "consumer_max_attempts",
+        "consumer_batch_size",
+    ):
         if getattr(settings, name) < 1:
             raise ConfigurationError(
                 f"{name} must be at least 1, got {getattr(settings, name)} "
                 f"(set POSTROOM_{name.upper()})"
             )
-    for name in ("consumer_backoff_initial", "consumer_backoff_max", "inbox_retention"):
+    for name in (
+        "consumer_backoff_initial",
+        "consumer_backoff_max",
+        "consumer_batch_linger",
+        "inbox_retention",
+    ):
         if getattr(settings, name) < 0:
             raise ConfigurationError(f"{name} must not be negative (set POSTROOM_{name.upper()})")
 
@@ -101,8 +112,12 @@ class ConsumerService:
             identity={"consumer": consumer.name},
         )
         self._stopping = self._lifecycle.stopping
+        # No pre-ping: a statement on a dropped connection fails as an outage, which costs
+        # the message no attempt and is tried again on a fresh connection.
         self._async_engine = create_async_engine(
-            self.settings.database_url, pool_size=self.settings.consumer_concurrency + 1
+            self.settings.database_url,
+            pool_size=self.settings.consumer_concurrency + 1,
+            pre_ping=False,
         )
         self._sync_engine: Engine | None = None
         self._slots = asyncio.Semaphore(self.settings.consumer_concurrency)
@@ -115,6 +130,11 @@ class ConsumerService:
             stopping=self._stopping,
             slots=self._slots,
         )
+        self.batches = BatchProcessor(self.processor)
+        self._batch_size = self.settings.consumer_batch_size
+        self._batch_linger = self.settings.consumer_batch_linger
+        # Deliveries without a lane, waiting for a batch worker (when batching).
+        self._pool: asyncio.Queue[Delivery] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lanes: dict[object, asyncio.Queue[Delivery]] = {}
         # Deliveries without a lane in hand at once (the broker's prefetch bounds it too).
@@ -131,7 +151,9 @@ class ConsumerService:
     def _get_sync_engine(self) -> Engine:
         if self._sync_engine is None:
             self._sync_engine = create_engine(
-                self.settings.database_url, pool_size=self.settings.consumer_concurrency
+                self.settings.database_url,
+                pool_size=self.settings.consumer_concurrency,
+                pre_ping=False,
             )
         return self._sync_engine
 
@@ -184,6 +206,11 @@ class ConsumerService:
         """Subscribe, then receive until stopping or until receiving fails."""
         if not await self._subscribe(topics):
             return
+        if not any(self._is_async(topic) for topic in topics):
+            # Only async handlers run in batches: waiting to fill one would only delay.
+            self._batch_size = 1
+        if self._batch_size > 1:
+            self._spawn(self._batch_pool())
         receive = asyncio.create_task(self._receive(), name="postroom-consumer-receive")
         stopping = asyncio.create_task(self._stopping.wait())
         await asyncio.wait({receive, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -194,6 +221,10 @@ class ConsumerService:
             exc = await asyncio.gather(receive, return_exceptions=True)
             if exc and isinstance(exc[0], Exception):
                 raise exc[0]
+
+    def _is_async(self, topic: str) -> bool:
+        spec = self.consumer.handler_for(topic)
+        return spec is not None and spec.is_async
 
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
@@ -228,7 +259,10 @@ class ConsumerService:
                     return
                 if delivery.lane is None:
                     await self._unordered.acquire()
-                    self._spawn(self._one(delivery))
+                    if self._batch_size > 1:
+                        self._pool.put_nowait(delivery)
+                    else:
+                        self._spawn(self._one(delivery))
                 else:
                     queue = self._lanes.get(delivery.lane)
                     if queue is None:
@@ -285,17 +319,85 @@ class ConsumerService:
                     continue
                 if delivery.revoked or self._is_broken(delivery):
                     continue
-                result = await self._handle(delivery)
-                if not _settled(result):
-                    if self._stopping.is_set():
-                        return
-                    # Nothing after it may be acknowledged: release it and drop the later
-                    # records in hand; the broker hands them out again.
-                    await self._unsettled(delivery, result)
+                batch = [delivery, *await self._more(queue, self._batch_linger)]
+                results = await self._handle_batch(batch)
+                for delivery, batched in zip(batch, results, strict=True):
+                    if batched is None and (delivery.revoked or self._is_broken(delivery)):
+                        continue
+                    result = batched if batched is not None else await self._handle(delivery)
+                    if not _settled(result):
+                        if self._stopping.is_set():
+                            return
+                        # Nothing after it may be acknowledged: release it and drop the
+                        # later records in hand; the broker hands them out again.
+                        await self._unsettled(delivery, result)
                 idle_since = time.monotonic()
         finally:
             if self._lanes.get(lane) is queue:
                 del self._lanes[lane]
+
+    async def _batch_pool(self) -> None:
+        """Form batches of the deliveries without a lane and hand each to a task of its
+        own, up to ``consumer_concurrency`` at a time, until stopping. A batch is formed
+        only once a task may start, so deliveries that come while all are busy wait for
+        the next batch together."""
+        running = asyncio.Semaphore(self.settings.consumer_concurrency)
+        while not self._stopping.is_set():
+            await running.acquire()
+            try:
+                first = await asyncio.wait_for(self._pool.get(), 0.25)
+            except TimeoutError:
+                running.release()
+                continue
+            batch = [first, *await self._more(self._pool, self._batch_linger)]
+            self._spawn(self._pooled_batch(batch, running))
+
+    async def _pooled_batch(self, batch: list[Delivery], running: asyncio.Semaphore) -> None:
+        try:
+            results = await self._handle_batch(batch)
+            for delivery, batched in zip(batch, results, strict=True):
+                result = batched if batched is not None else await self._handle(delivery)
+                if not _settled(result):
+                    await self._unsettled(delivery, result)
+        finally:
+            running.release()
+            for _ in batch:
+                self._unordered.release()
+
+    async def _more(self, queue: asyncio.Queue[Delivery], linger: float) -> list[Delivery]:
+        """Up to batch size - 1 more deliveries from ``queue``: those waiting, then those
+        arriving within ``linger`` seconds. A lane's revoked or stopped records are dropped."""
+        more: list[Delivery] = []
+        if self._batch_size <= 1:
+            return more
+        deadline = time.monotonic() + linger
+        while len(more) < self._batch_size - 1:
+            try:
+                delivery = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    delivery = await asyncio.wait_for(queue.get(), left)
+                except TimeoutError:
+                    break
+            if delivery.lane is not None and (delivery.revoked or self._is_broken(delivery)):
+                continue
+            more.append(delivery)
+        return more
+
+    async def _handle_batch(self, batch: list[Delivery]) -> list[Result | None]:
+        """Results of handling ``batch`` together (None: to be handled alone, in order)."""
+        if len(batch) == 1:
+            return [None]
+        try:
+            return await self.batches.process(batch)
+        except Exception:
+            # A bug: every delivery goes on alone; one the batch committed and acknowledged
+            # finds its inbox row and is acknowledged again as a duplicate.
+            log.exception("consumer.batch_error", consumer=self.consumer.name)
+            return [None] * len(batch)
 
     async def _handle(self, delivery: Delivery) -> Result | None:
         try:

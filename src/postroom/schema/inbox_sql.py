@@ -30,6 +30,30 @@ def insert_inbox_sql(tables: Tables) -> str:
 
 
 @functools.cache
+def insert_inbox_batch_sql(tables: Tables) -> str:
+    """Record every id of the array ``:message_ids`` as handled by ``:consumer`` in one
+    statement; returns the ids that were new (waits on concurrent inserts as the single one).
+    """
+    inbox = quoted_table(tables.inbox)
+    return (
+        f"INSERT INTO {inbox} (consumer, message_id) "
+        "SELECT :consumer, unnest(CAST(:message_ids AS text[])) "
+        "ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id"
+    )
+
+
+@functools.cache
+def delete_inbox_sql(tables: Tables) -> str:
+    """Delete the inbox rows of the ids in the array ``:message_ids`` for ``:consumer`` (a
+    batch's handlers that failed or did not run)."""
+    inbox = quoted_table(tables.inbox)
+    return (
+        f"DELETE FROM {inbox} WHERE consumer = :consumer "
+        "AND message_id = ANY(CAST(:message_ids AS text[]))"
+    )
+
+
+@functools.cache
 def purge_inbox_sql(tables: Tables) -> str:
     """Delete up to ``:limit`` rows of ``:consumer`` older than ``:retention`` seconds.
 

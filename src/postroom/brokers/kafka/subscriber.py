@@ -85,6 +85,12 @@ class KafkaDelivery:
         """Commit the offset after this record (skipped if the partition was revoked)."""
         await self._subscriber._commit(self)
 
+    def settle_for_later_ack(self) -> None:
+        """Count it settled without an offset commit (the commit of a later record of its
+        partition covers it)."""
+        if self._subscriber._owns(self):
+            self._subscriber._settled((self.topic, self.partition))
+
     async def release(self) -> bool:
         """Give it back unsettled: seek its partition back to it, so it and every later
         record come again (the ones in hand become stale). False if that failed."""

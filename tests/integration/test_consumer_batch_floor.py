@@ -1,0 +1,117 @@
+"""The per-message path without its extra round trips: no pool pre-ping on the consumer's
+engines, and no RELEASE of the handler's savepoint. What that must not change: a dropped
+connection is an outage that costs no attempt, and a handler that rolls its session back
+and returns still commits its inbox row with what it wrote after the rollback.
+
+Real PostgreSQL; the memory broker's deliveries (nothing broker-specific is tested here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+import postroom
+from postroom import testing
+from postroom.brokers.memory import MemoryBroker, MemoryDelivery, MemorySubscriber
+from postroom.consumer import ConsumerService
+from postroom.consumer.processing import Disposition
+from postroom.message import Message
+from postroom.schema import Tables
+from postroom.schema.sql import quoted_table
+from tests.support.consuming import settings_for, unique
+
+
+def _inbox_ids(engine: Engine, tables: Tables, consumer: str) -> list[str]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(f"SELECT message_id FROM {quoted_table(tables.inbox)} WHERE consumer = :c"),
+            {"c": consumer},
+        )
+        return [row[0] for row in rows]
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_handler_that_rolls_back_and_returns_commits_its_inbox_row_and_later_writes(
+    database_url: str, tables: Tables, engine: Engine, kind: str
+) -> None:
+    ledger = f'"{tables.schema}".ledger'
+    with engine.begin() as connection:
+        connection.execute(text(f"CREATE TABLE {ledger} (step text)"))
+    consumer = postroom.Consumer(unique("rollback"), settings_for(database_url, tables))
+
+    if kind == "async":
+
+        @consumer.handler("t")
+        async def handle(message: Message, session: AsyncSession) -> None:
+            await session.execute(text(f"INSERT INTO {ledger} VALUES ('undone')"))
+            await session.rollback()
+            await session.execute(text(f"INSERT INTO {ledger} VALUES ('kept')"))
+
+    else:
+
+        @consumer.handler("t")
+        def handle_sync(message: Message, session: Session) -> None:
+            session.execute(text(f"INSERT INTO {ledger} VALUES ('undone')"))
+            session.rollback()
+            session.execute(text(f"INSERT INTO {ledger} VALUES ('kept')"))
+
+    message = Message.create("t", {})
+    report = await testing.deliver(consumer, message)
+    again = await testing.deliver(consumer, message)
+    assert (report.disposition, report.acknowledged) == (Disposition.HANDLED, True)
+    assert again.disposition is Disposition.DUPLICATE
+    with engine.connect() as connection:
+        steps = [row[0] for row in connection.execute(text(f"SELECT step FROM {ledger}"))]
+    assert steps == ["kept"]
+    assert _inbox_ids(engine, tables, consumer.name) == [str(message.id)]
+
+
+async def test_consumer_engine_has_no_pre_ping_and_a_dropped_connection_costs_no_attempt(
+    database_url: str, tables: Tables, engine: Engine
+) -> None:
+    consumer = postroom.Consumer(unique("noping"), settings_for(database_url, tables))
+    backends: list[int] = []
+    runs: list[str] = []
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        backends.append((await session.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+        runs.append(str(message.id))
+
+    subscriber = MemorySubscriber(MemoryBroker())
+    subscriber.consumer = consumer.name
+    service = ConsumerService(consumer, subscriber, consumer.settings)
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    processor = service.processor
+    sync_engine = processor._async_engine.sync_engine
+    assert sync_engine.pool._pre_ping is False
+    event.listen(sync_engine, "before_cursor_execute", record)
+    try:
+        first = MemoryDelivery(subscriber, Message.create("t", {}), 1)
+        assert (await processor.process(first)).disposition is Disposition.HANDLED
+        assert not any(s.strip().lower() == "select 1" for s in statements)
+        # The pooled connection dies (as in a database restart); the next message finds out
+        # on its first statement: an outage, tried again on a new connection, no attempt spent.
+        with engine.begin() as connection:
+            connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backends[0]})
+        second = MemoryDelivery(subscriber, Message.create("t", {}), 1)
+        result = await processor.process(second)
+    finally:
+        await processor._async_engine.dispose()
+    assert result.disposition is Disposition.HANDLED
+    assert result.attempts == 1
+    assert service.metrics.database_unavailable._value.get() == 1
+    assert second.settled == "acked"
+    assert len(runs) == 2
+    assert backends[1] != backends[0]
+    assert sorted(_inbox_ids(engine, tables, consumer.name)) == sorted(runs)
