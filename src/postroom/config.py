@@ -125,9 +125,10 @@ class Settings:
         "(AMQP message_id), cloudevents (ce_id), or header:<name>.",
     )
     consumer_batch_size: int = _setting(
-        16,
-        "Consumer: deliveries handled in one database transaction, each handler under its "
-        "own savepoint (Kafka: of one partition; 1: a transaction per message).",
+        1,
+        "Consumer: deliveries of async handlers handled in one database transaction, each "
+        "handler under its own savepoint (Kafka: of one partition); 1 (the default): a "
+        "transaction per message.",
     )
     consumer_batch_linger: float = _setting(
         0.002, "Consumer: longest wait for more deliveries to fill a batch."

@@ -32,6 +32,9 @@ from tests.support.consuming import Rig, settings_for, unique
 from tests.support.services import kafka_available, rabbitmq_available
 from tests.support.waiting import wait_until
 
+#: Batching is opt-in (the default is 1): these tests ask for batches of up to 16.
+BATCH = 16
+
 
 @pytest.fixture
 def effects(engine: Engine, tables: Tables) -> str:
@@ -96,7 +99,9 @@ def _deliveries(
 async def test_batch_commits_once_then_acks_and_a_failing_handler_alone_is_retried(
     database_url: str, tables: Tables, engine: Engine, effects: str
 ) -> None:
-    consumer = postroom.Consumer(unique("batch"), settings_for(database_url, tables))
+    consumer = postroom.Consumer(
+        unique("batch"), settings_for(database_url, tables, consumer_batch_size=BATCH)
+    )
     log: list[str] = []
 
     @consumer.handler("t")
@@ -133,7 +138,9 @@ async def test_batch_commits_once_then_acks_and_a_failing_handler_alone_is_retri
 async def test_duplicates_in_and_before_a_batch_are_acknowledged_without_running_again(
     database_url: str, tables: Tables, engine: Engine, effects: str
 ) -> None:
-    consumer = postroom.Consumer(unique("dups"), settings_for(database_url, tables))
+    consumer = postroom.Consumer(
+        unique("dups"), settings_for(database_url, tables, consumer_batch_size=BATCH)
+    )
     log: list[str] = []
 
     @consumer.handler("t")
@@ -180,7 +187,9 @@ async def test_failed_commit_leaves_the_whole_batch_unacknowledged_and_applies_n
             )
         )
         connection.execute(text(f"INSERT INTO {checks} (n, u) VALUES (1, 7)"))
-    consumer = postroom.Consumer(unique("commitfail"), settings_for(database_url, tables))
+    consumer = postroom.Consumer(
+        unique("commitfail"), settings_for(database_url, tables, consumer_batch_size=BATCH)
+    )
     runs: list[int] = []
 
     @consumer.handler("t")
@@ -218,7 +227,9 @@ async def test_handler_that_committed_then_failed_leaves_the_batch_to_one_by_one
 ) -> None:
     """Its commit released its savepoint, so it cannot be rolled back alone: the whole
     batch rolls back, and each message goes alone, where its failure undoes all of it."""
-    consumer = postroom.Consumer(unique("selfcommit"), settings_for(database_url, tables))
+    consumer = postroom.Consumer(
+        unique("selfcommit"), settings_for(database_url, tables, consumer_batch_size=BATCH)
+    )
     failures = {1: 1}
 
     @consumer.handler("t")
@@ -286,7 +297,9 @@ async def test_consumer_with_only_def_handlers_runs_them_side_by_side_unbatched(
     import threading
     import time
 
-    settings = settings_for(database_url, tables, consumer_batch_linger=0.05)
+    settings = settings_for(
+        database_url, tables, consumer_batch_size=BATCH, consumer_batch_linger=0.05
+    )
     consumer = postroom.Consumer(unique("sync"), settings)
     lock = threading.Lock()
     running = [0]
