@@ -161,6 +161,14 @@ class HandlerCancelledError(PostroomError):
     """
 
 
+class AbortedTransactionError(PostroomError):
+    """A handler returned normally although PostgreSQL had aborted its transaction.
+
+    It caught a database error and carried on: nothing it wrote can commit, so the attempt
+    fails (and is retried) instead of being acknowledged without its effect.
+    """
+
+
 class UndecodableMessageError(PostroomError):
     """A received message has no usable id or a payload that cannot be decoded.
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from typing import Any
 
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 import postroom
@@ -366,3 +368,43 @@ async def test_batched_consumer_handles_each_once_and_dead_letters_the_poison_al
     assert counts == {n: 1 for n in range(40) if n != 13}
     poison = str(messages[13].id)
     assert _inbox(engine, tables, name) == {str(m.id) for m in messages} - {poison}
+
+
+async def test_a_handler_swallowing_a_database_error_in_a_batch_fails_alone(
+    database_url: str, tables: Tables, engine: Engine, effects: str
+) -> None:
+    """Its caught error aborted the transaction: its savepoint is rolled back and it is
+    retried, while the others of the batch (also those after it) commit and are acked."""
+    unique_n = f'"{tables.schema}".unique_n'
+    with engine.begin() as connection:
+        connection.execute(text(f"CREATE TABLE {unique_n} (n int PRIMARY KEY)"))
+        connection.execute(text(f"INSERT INTO {unique_n} VALUES (2)"))
+    consumer = postroom.Consumer(
+        unique("swallow"), settings_for(database_url, tables, consumer_batch_size=BATCH)
+    )
+    log: list[str] = []
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        await _write_effect(session, effects, message)
+        with contextlib.suppress(IntegrityError):  # n == 2 is taken
+            await session.execute(
+                text(f"INSERT INTO {unique_n} VALUES (:n)"), {"n": message.payload["n"]}
+            )
+
+    messages = [Message.create("t", {"n": n}) for n in range(4)]
+    deliveries = _deliveries(consumer, messages, log)
+    processor, async_engine = _processor(consumer, database_url)
+    try:
+        results = await BatchProcessor(processor).process(deliveries)
+    finally:
+        await async_engine.dispose()
+    assert [r.disposition if r else None for r in results] == [
+        Disposition.HANDLED,
+        Disposition.HANDLED,
+        Disposition.RETRYING,
+        Disposition.HANDLED,
+    ]
+    assert deliveries[2].settled == "retried"
+    assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 1, 3]
+    assert _inbox(engine, tables, consumer.name) == {str(messages[n].id) for n in (0, 1, 3)}

@@ -8,11 +8,13 @@ Real PostgreSQL; the memory broker's deliveries (nothing broker-specific is test
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -115,3 +117,40 @@ async def test_consumer_engine_has_no_pre_ping_and_a_dropped_connection_costs_no
     assert len(runs) == 2
     assert backends[1] != backends[0]
     assert sorted(_inbox_ids(engine, tables, consumer.name)) == sorted(runs)
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_handler_that_swallows_a_database_error_fails_and_commits_nothing(
+    database_url: str, tables: Tables, engine: Engine, kind: str
+) -> None:
+    """The statement fails, PostgreSQL aborts the transaction, the handler catches the
+    error and returns: a COMMIT would silently roll back, so the attempt must fail instead
+    of being acknowledged with neither its effect nor its inbox row."""
+    ledger = f'"{tables.schema}".ledger'
+    with engine.begin() as connection:
+        connection.execute(text(f"CREATE TABLE {ledger} (step text PRIMARY KEY)"))
+        connection.execute(text(f"INSERT INTO {ledger} VALUES ('taken')"))
+    consumer = postroom.Consumer(unique("swallow"), settings_for(database_url, tables))
+    insert = text(f"INSERT INTO {ledger} VALUES ('taken')")
+
+    if kind == "async":
+
+        @consumer.handler("t")
+        async def handle(message: Message, session: AsyncSession) -> None:
+            with contextlib.suppress(IntegrityError):
+                await session.execute(insert)
+
+    else:
+
+        @consumer.handler("t")
+        def handle_sync(message: Message, session: Session) -> None:
+            with contextlib.suppress(IntegrityError):
+                session.execute(insert)
+
+    message = Message.create("t", {})
+    report = await testing.deliver(consumer, message)
+    assert report.disposition is Disposition.FAILED
+    assert report.acknowledged is False
+    assert report.error is not None
+    assert "PostgreSQL had aborted its transaction" in report.error
+    assert _inbox_ids(engine, tables, consumer.name) == []

@@ -43,6 +43,7 @@ from postroom.consumer.processing import (
     handler_cancelled,
     log,
     message_size,
+    raise_if_aborted,
 )
 from postroom.schema.inbox_sql import delete_inbox_sql, insert_inbox_batch_sql
 from postroom.schema.tables import tables_for
@@ -211,6 +212,7 @@ class BatchProcessor:
         try:
             await item.spec.function(item.argument, session)
             await session.flush()
+            await raise_if_aborted(connection)
         except BaseException as exc:
             committed = session.sync_session.info.get(_COMMITTED, False)
             with contextlib.suppress(Exception):  # a lost connection: the batch is over

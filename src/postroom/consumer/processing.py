@@ -37,7 +37,12 @@ from postroom.consumer.decoding import (
 )
 from postroom.consumer.isolation import HandlerGate
 from postroom.consumer.metrics import OTHER_TOPIC, ConsumerMetrics
-from postroom.errors import DeliveryLostError, HandlerCancelledError, UndecodableMessageError
+from postroom.errors import (
+    AbortedTransactionError,
+    DeliveryLostError,
+    HandlerCancelledError,
+    UndecodableMessageError,
+)
 from postroom.log import get_logger
 from postroom.message import Message
 from postroom.schema.inbox_sql import (
@@ -115,6 +120,29 @@ def connection_failed(exc: BaseException) -> bool:
     if sqlstate is None:
         return isinstance(exc, psycopg.OperationalError)
     return sqlstate.startswith("08") or sqlstate in _SERVER_GONE
+
+
+ABORTED: Final = (
+    "the handler returned normally, but PostgreSQL had aborted its transaction (it caught a "
+    "database error and carried on): nothing of this attempt is committed; let the error "
+    "propagate, or run the statement that may fail in session.begin_nested()"
+)
+
+
+def transaction_aborted(driver_connection: Any) -> bool:
+    """True if PostgreSQL aborted the transaction of ``driver_connection`` (a psycopg
+    connection): an error was caught and swallowed, and a COMMIT would silently roll back.
+    Read from the connection's state, without a round trip."""
+    status = driver_connection.info.transaction_status
+    return bool(status == psycopg.pq.TransactionStatus.INERROR)
+
+
+async def raise_if_aborted(connection: Any) -> None:
+    """Raise :class:`AbortedTransactionError` if ``connection``'s (an SQLAlchemy
+    ``AsyncConnection``) transaction was aborted by an error a handler swallowed."""
+    raw = await connection.get_raw_connection()
+    if transaction_aborted(raw.driver_connection):
+        raise AbortedTransactionError(ABORTED)
 
 
 def _is_bad_value(exc: sa_exc.DBAPIError) -> bool:
@@ -434,6 +462,7 @@ class Processor:
                 async with AsyncSession(bind=connection, **JOINED) as session:
                     await spec.function(argument, session)
                     await session.flush()
+                    await raise_if_aborted(connection)
                     # Committed while the session is open: its savepoint goes with the
                     # transaction (no RELEASE round trip; closing it after rolls nothing back).
                     await connection.commit()
@@ -475,6 +504,8 @@ class Processor:
                 with Session(bind=connection, **JOINED) as session:
                     spec.function(argument, session)
                     session.flush()
+                    if transaction_aborted(connection.connection.driver_connection):
+                        raise AbortedTransactionError(ABORTED)
                     connection.commit()  # as in _run_async
             except BaseException:
                 with contextlib.suppress(Exception):
