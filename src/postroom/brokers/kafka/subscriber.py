@@ -106,6 +106,17 @@ class KafkaDelivery:
         await self.ack()
 
 
+def _cooperative(settings: Mapping[str, Any]) -> str | None:
+    """The setting that asks for incremental (cooperative) rebalancing, named, if any."""
+    strategy = str(settings.get("partition.assignment.strategy", ""))
+    if "cooperative" in strategy.lower():
+        return f"partition.assignment.strategy={strategy}"
+    protocol = str(settings.get("group.protocol", "classic"))
+    if protocol.strip().lower() != "classic":
+        return f"group.protocol={protocol}"
+    return None
+
+
 class KafkaSubscriber:
     """A consumer-group member: group ``<consumer>``, offsets committed only by ack().
 
@@ -137,6 +148,13 @@ class KafkaSubscriber:
                 f"the Kafka subscriber sets {', '.join(owned)} itself; remove them "
                 "(the group id is the consumer's name)"
             )
+        cooperative = _cooperative(settings)
+        if cooperative:
+            raise ConfigurationError(
+                f"the Kafka subscriber does not support {cooperative}: it keeps each partition "
+                "in order across rebalances with the eager protocol; remove the setting (the "
+                "default range,roundrobin assignors are eager)"
+            )
         self.bootstrap_servers = bootstrap_servers
         self.prefetch = max(1, prefetch)
         self.connect_timeout = connect_timeout
@@ -148,6 +166,7 @@ class KafkaSubscriber:
         self._topics: list[str] = []
         self._missing: set[str] = set()
         self._fresh: set[Partition] = set()
+        self._assign_failed: Exception | None = None
         self._refused: KafkaError | None = None
         self.group = ""
         self._dead_letter_topic = ""
@@ -340,6 +359,11 @@ class KafkaSubscriber:
             except (KafkaException, RuntimeError) as exc:
                 _log.warning("Kafka consume failed", error=str(exc))
                 records = []
+            if self._assign_failed is not None:
+                raise BrokerUnavailableError(
+                    f"Kafka partitions could not be taken over ({self._assign_failed}); the "
+                    "consumer stops so that a restart joins the group afresh"
+                )
             for record in records:
                 error = record.error()
                 if error is None:
@@ -351,8 +375,14 @@ class KafkaSubscriber:
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         # librdkafka keeps a partition's pause across a revoke and a re-assignment, while
         # each assignment starts afresh here: one paused before would never deliver again.
-        consumer.assign(partitions)
-        consumer.resume(partitions)
+        try:
+            consumer.assign(partitions)
+            consumer.resume(partitions)
+        except (KafkaException, RuntimeError) as exc:
+            # Not assigned, or still paused: these partitions would never deliver. The
+            # poll loop raises it, so the consumer stops loudly instead of idling.
+            self._assign_failed = exc
+            return
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._assigned.add(key)

@@ -1,0 +1,58 @@
+"""The Kafka subscriber's assignments: incremental (cooperative) rebalancing is refused up
+front, and a take-over librdkafka refuses stops the consumer instead of idling in silence."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from postroom.brokers.kafka import KafkaSubscriber
+from postroom.errors import BrokerUnavailableError, ConfigurationError
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "partition.assignment.strategy=cooperative-sticky",
+        "partition.assignment.strategy=range,cooperative-sticky",
+        "group.protocol=consumer",
+    ],
+)
+def test_incremental_rebalancing_is_refused_naming_the_setting(setting: str) -> None:
+    with pytest.raises(ConfigurationError, match=setting.split("=")[0]) as raised:
+        KafkaSubscriber.from_url(f"kafka://127.0.0.1:1?{setting}")
+    assert "eager" in str(raised.value)
+
+
+def test_eager_assignors_are_accepted() -> None:
+    subscriber = KafkaSubscriber.from_url(
+        "kafka://127.0.0.1:1?partition.assignment.strategy=roundrobin&group.protocol=classic"
+    )
+    assert subscriber.bootstrap_servers == "127.0.0.1:1"
+
+
+class RefusingConsumer:
+    """A consumer whose assign() librdkafka refuses; consume() serves the rebalance."""
+
+    def __init__(self, subscriber: KafkaSubscriber) -> None:
+        self.subscriber = subscriber
+
+    def assign(self, partitions: list[Any]) -> None:
+        raise KafkaException(KafkaError(KafkaError._STATE, "must use incremental_assign()"))
+
+    def resume(self, partitions: list[Any]) -> None:
+        raise AssertionError("resume after a refused assign")
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        self.subscriber._on_assign(self, [])
+        return []
+
+
+def test_a_refused_take_over_stops_the_poll_loop_loudly() -> None:
+    subscriber = KafkaSubscriber.from_url("kafka://127.0.0.1:1")
+    subscriber._consumer = RefusingConsumer(subscriber)
+    with pytest.raises(BrokerUnavailableError, match="could not be taken over"):
+        asyncio.run(subscriber._poll_forever())
