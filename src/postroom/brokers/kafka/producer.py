@@ -21,7 +21,6 @@ from postroom.brokers.kafka.settings import (
     DEFAULT_MESSAGE_TIMEOUT_MS,
     DELIVERY_GRACE,
     REFUSED_CODES,
-    UNTRUSTED_CERTIFICATE,
     _describe,
     _LibrdkafkaLog,
     _log,
@@ -260,18 +259,23 @@ class KafkaPublisher:
                 break
             await asyncio.sleep(0.05)
         self._raise_if_refused(producer)
+        # Only when no broker answered: one broker's certificate (expired, mid-rotation)
+        # while others serve is an outage of that broker, not a refusal of this client.
+        self._raise_if_untrusted(producer)
         raise BrokerUnavailableError(
             f"cannot reach Kafka at {self.bootstrap_servers}: {reason}; check that the "
             "brokers run and that the broker URL (POSTROOM_BROKER_URL) is right"
         )
 
-    def _raise_if_refused(self, producer: _Producer) -> None:
-        if producer.refused is not None and UNTRUSTED_CERTIFICATE in producer.refused:
+    def _raise_if_untrusted(self, producer: _Producer) -> None:
+        if producer.untrusted is not None:
             raise BrokerRefusedError(
                 f"Kafka at {self.bootstrap_servers} presented a TLS certificate this client "
-                f"does not trust ({producer.refused}); set POSTROOM_KAFKA_SSL_CA_LOCATION "
+                f"does not trust ({producer.untrusted}); set POSTROOM_KAFKA_SSL_CA_LOCATION "
                 "(ssl.ca.location) to the CA that signed the broker's certificate"
             )
+
+    def _raise_if_refused(self, producer: _Producer) -> None:
         if producer.refused is not None:
             raise BrokerRefusedError(
                 f"Kafka at {self.bootstrap_servers} refused this client ({producer.refused}); "
@@ -418,6 +422,9 @@ class _Producer:
         self.all_brokers_down: str | None = None
         self.refused: str | None = None
         """Set when the cluster refused this client (authentication, authorization)."""
+        self.untrusted: str | None = None
+        """Set when a broker's TLS certificate failed verification (a refusal only if no
+        broker answered)."""
         self.progress = asyncio.Event()
         self.waiting_for_room = False
         """Set when a publish waits for queue room: the next report wakes it."""
@@ -511,9 +518,11 @@ class _Producer:
                 _log.exception("Kafka poll failed")
 
     def _on_error(self, error: KafkaError) -> None:
-        if error.code() in REFUSED_CODES or untrusted_certificate(error):
+        if error.code() in REFUSED_CODES:
             self.to_loop(setattr, self, "refused", _describe(error))
             return
+        if untrusted_certificate(error):
+            self.to_loop(setattr, self, "untrusted", _describe(error))
         if error.fatal():
             _log.error("Kafka producer failed fatally", error=_describe(error))
             self.to_loop(self._mark_broken, _describe(error))
