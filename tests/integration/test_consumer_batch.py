@@ -332,6 +332,9 @@ def test_batch_settings_are_checked() -> None:
         check_settings(postroom.Settings(consumer_batch_size=0))
     with pytest.raises(ConfigurationError, match="POSTROOM_CONSUMER_BATCH_LINGER"):
         check_settings(postroom.Settings(consumer_batch_linger=-1))
+    with pytest.raises(ConfigurationError, match="at most 64, got 65"):
+        check_settings(postroom.Settings(consumer_batch_size=65))
+    check_settings(postroom.Settings(consumer_batch_size=64))
 
 
 @pytest.mark.parametrize("broker", ["rabbitmq", "kafka"])

@@ -157,7 +157,7 @@ class BatchProcessor:
         processor = self.processor
         consumer = processor.consumer.name
         outcome = _Outcome([], [])
-        async with processor.gate.shared(), processor.handler_run():
+        async with processor.gate.shared(), processor.handler_run() as handler_started:
             try:
                 async with (
                     processor.async_engine.connect() as connection,
@@ -174,6 +174,7 @@ class BatchProcessor:
                             if item.message_id not in new:
                                 outcome.done.append((item, Disposition.DUPLICATE))
                                 continue
+                            handler_started()
                             failure = await self._handle(connection, sessions, item)
                             if failure is None:
                                 outcome.done.append((item, Disposition.HANDLED))

@@ -419,15 +419,20 @@ class Processor:
         return Disposition.HANDLED
 
     @contextlib.asynccontextmanager
-    async def handler_run(self) -> AsyncIterator[None]:
+    async def handler_run(self) -> AsyncIterator[Callable[[], None]]:
         """Hold a concurrency slot for one handler run (or one batch of them), counted in
-        flight and for the health probe's longest run."""
+        flight and for the health probe's longest run; yields a function a batch calls as
+        each of its handlers starts, so that the probe times one handler, not the batch."""
         async with self._slots if self._slots is not None else contextlib.nullcontext():
             self.metrics.in_flight.inc()
             run = object()
             self._running[run] = time.monotonic()
+
+            def handler_started() -> None:
+                self._running[run] = time.monotonic()
+
             try:
-                yield
+                yield handler_started
             finally:
                 self.metrics.in_flight.dec()
                 del self._running[run]

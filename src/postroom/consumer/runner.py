@@ -36,6 +36,9 @@ LANE_IDLE = 30.0
 RECEIVE_TURN = 1.0
 #: Seconds a stopping consumer waits for handlers in flight.
 STOP_GRACE = 30.0
+#: Most deliveries one batch may hold: one savepoint each, and PostgreSQL keeps 64 a
+#: transaction in its subtransaction cache.
+MAX_BATCH_SIZE = 64
 
 
 @runtime_checkable
@@ -66,6 +69,13 @@ def check_settings(settings: Settings) -> None:
                 f"{name} must be at least 1, got {getattr(settings, name)} "
                 f"(set POSTROOM_{name.upper()})"
             )
+    if settings.consumer_batch_size > MAX_BATCH_SIZE:
+        raise ConfigurationError(
+            f"consumer_batch_size must be at most {MAX_BATCH_SIZE}, got "
+            f"{settings.consumer_batch_size}: each handler of a batch holds a savepoint, and "
+            "past 64 of them PostgreSQL's subtransaction cache overflows and slows every "
+            "session's snapshots (set POSTROOM_CONSUMER_BATCH_SIZE)"
+        )
     for name in (
         "consumer_backoff_initial",
         "consumer_backoff_max",
