@@ -275,6 +275,42 @@ def create_topics(bootstrap: str, topics: Sequence[str], *, partitions: int = 4)
                 raise AssertionError(f"cannot create Kafka topic {topic}: {exc}") from exc
 
 
+class _OffsetFollower:
+    """Hands out a partition's records in offset order without skipping any: a fetch that
+    jumps past offsets not seen yet is fetched again from the first missing one, once (the
+    local Kafka-compatible broker can answer a fetch with a later batch while an earlier one
+    is still being written); a jump still there on the second fetch is a real hole."""
+
+    def __init__(
+        self, consumer: Any, topic_partition: Any, partitions: Iterable[tuple[str, int]] = ()
+    ) -> None:
+        self._consumer = consumer
+        self._topic_partition = topic_partition
+        self._next: dict[tuple[str, int], int] = dict.fromkeys(partitions, 0)
+        self._retried: dict[tuple[str, int], int] = {}
+
+    def in_order(self, records: Sequence[Any]) -> list[Any]:
+        """The records of one fetch that come next, each once."""
+        taken: list[Any] = []
+        refetching: set[tuple[str, int]] = set()
+        for record in records:
+            if record.error() is not None:
+                continue
+            key = (record.topic(), record.partition())
+            offset = record.offset()
+            expected = self._next.get(key)
+            if key in refetching or (expected is not None and offset < expected):
+                continue
+            if expected is not None and offset > expected and self._retried.get(key) != expected:
+                self._retried[key] = expected
+                refetching.add(key)
+                self._consumer.seek(self._topic_partition(key[0], key[1], expected))
+                continue
+            self._next[key] = offset + 1
+            taken.append(record)
+        return taken
+
+
 class KafkaReadback(_Collector):
     """Every partition of ``topics``, consumed from the beginning on a background thread.
 
@@ -341,10 +377,10 @@ class KafkaReadback(_Collector):
             self.assigned = assignment
             self._ready.set()
             deadline = time.monotonic() + self.lifetime
+            following = _OffsetFollower(consumer, TopicPartition, assignment)
             while not self._stop.is_set() and time.monotonic() < deadline:
-                for record in consumer.consume(num_messages=1000, timeout=0.1):
-                    if record.error() is not None:
-                        continue
+                records = consumer.consume(num_messages=1000, timeout=0.1)
+                for record in following.in_order(records):
                     self._add(self._delivered(record))
         except BaseException as exc:
             self._error = exc
