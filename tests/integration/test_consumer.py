@@ -140,7 +140,9 @@ async def test_always_failing_handler_is_retried_with_growing_delays_then_dead_l
         # RabbitMQ's per-message expiry counts whole milliseconds: 20 ms of tolerance.
         planned = backoff.nominal(attempt)
         assert planned / 2 - 0.02 <= gap <= planned + 1.0, (attempt, gaps)
-    assert gaps[2] > gaps[0], gaps
+    # Growth, measured against the plan: the third wait is longer than the first could
+    # ever be (the first failure also pays one-time costs, such as its first traceback).
+    assert gaps[2] > backoff.nominal(1), gaps
     # The good messages were handled while the bad one was still being retried.
     assert min(good_done_at) < attempts[-1]
     body, headers = letters[0]
