@@ -106,7 +106,8 @@ class Lifecycle:
     async def pause(self, seconds: float) -> bool:
         """Wait ``seconds`` unless the service stops first; False if it is stopping."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self.stopping.wait()
         return not self.stopping.is_set()
 
     async def run(

@@ -241,7 +241,8 @@ async def serve_http(
         text = "text/plain; charset=utf-8"
         try:
             try:
-                path = await asyncio.wait_for(_read_path(reader), REQUEST_TIMEOUT)
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    path = await _read_path(reader)
             except _BadRequest as bad:
                 log.debug("metrics.bad_request", status=bad.status, reason=str(bad))
                 writer.write(_response(bad.status, text, f"{bad}\n".encode()))

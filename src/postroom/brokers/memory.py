@@ -350,7 +350,8 @@ class MemorySubscriber:
         while not self._closed.is_set():
             self._take_published()
             try:
-                delivery = await asyncio.wait_for(self._queue.get(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    delivery = await self._queue.get()
             except TimeoutError:
                 continue
             yield delivery

@@ -576,7 +576,8 @@ class Processor:
         if self.stopping.is_set():
             return False
         try:
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self.stopping.wait()
         except TimeoutError:
             return True
         return False

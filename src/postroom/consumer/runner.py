@@ -322,7 +322,8 @@ class ConsumerService:
             idle_since = time.monotonic()
             while not self._stopping.is_set():
                 try:
-                    delivery = await asyncio.wait_for(queue.get(), 0.25)
+                    async with asyncio.timeout(0.25):
+                        delivery = await queue.get()
                 except TimeoutError:
                     if queue.empty() and time.monotonic() - idle_since > LANE_IDLE:
                         return
@@ -355,7 +356,8 @@ class ConsumerService:
         while not self._stopping.is_set():
             await running.acquire()
             try:
-                first = await asyncio.wait_for(self._pool.get(), 0.25)
+                async with asyncio.timeout(0.25):
+                    first = await self._pool.get()
             except TimeoutError:
                 running.release()
                 continue
@@ -389,7 +391,8 @@ class ConsumerService:
                 if left <= 0:
                     break
                 try:
-                    delivery = await asyncio.wait_for(queue.get(), left)
+                    async with asyncio.timeout(left):
+                        delivery = await queue.get()
                 except TimeoutError:
                     break
             if delivery.lane is not None and (delivery.revoked or self._is_broken(delivery)):
@@ -435,7 +438,8 @@ class ConsumerService:
             self._unsettled_streak += 1
             delay = self.processor._reconnect.delay(self._unsettled_streak)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
         released = False
         try:
             released = await delivery.release()

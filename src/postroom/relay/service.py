@@ -163,7 +163,8 @@ class Relay:
         if task is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=self.settings.relay_lease / 2)
+            async with asyncio.timeout(self.settings.relay_lease / 2):
+                await asyncio.shield(task)
         except (TimeoutError, DatabaseError, asyncio.CancelledError) as exc:
             task.cancel()
             with contextlib.suppress(BaseException):

@@ -37,7 +37,8 @@ class Wakeup:
     async def wait(self, seconds: float) -> None:
         """Return on the next notification, or after ``seconds``."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._event.wait()
         self._event.clear()
 
     async def run(self) -> None:

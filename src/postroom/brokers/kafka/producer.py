@@ -315,7 +315,8 @@ class KafkaPublisher:
             producer.progress.clear()
             producer.waiting_for_room = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(producer.progress.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await producer.progress.wait()
 
 
 class _Reports:

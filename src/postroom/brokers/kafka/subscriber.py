@@ -269,7 +269,8 @@ class KafkaSubscriber:
         """The records, in order per partition, until close()."""
         while not self._closed.is_set():
             try:
-                delivery = await asyncio.wait_for(self._queue.get(), 0.5)
+                async with asyncio.timeout(0.5):
+                    delivery = await self._queue.get()
             except TimeoutError:
                 self._raise_if_polling_died()
                 continue

@@ -173,7 +173,8 @@ class RabbitMQDeadLetters:
             ) from None
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), BROKER_TIMEOUT)
+                async with asyncio.timeout(BROKER_TIMEOUT):
+                    await connection.close()
 
     @contextlib.asynccontextmanager
     async def _reading(self, connection: Any) -> AsyncIterator[Any]:

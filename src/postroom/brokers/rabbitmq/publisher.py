@@ -137,7 +137,8 @@ class RabbitMQPublisher:
     async def close(self) -> None:
         """Wait (up to the confirm timeout) for publishes in flight, then close."""
         try:
-            await asyncio.wait_for(self._idle.wait(), self.confirm_timeout)
+            async with asyncio.timeout(self.confirm_timeout):
+                await self._idle.wait()
         except TimeoutError:
             _log.warning("closing with publishes in flight", broker=self.address)
         async with self._connect_lock:
@@ -347,7 +348,8 @@ class RabbitMQPublisher:
                 with contextlib.suppress(
                     aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError
                 ):
-                    await asyncio.wait_for(resource.close(), self.connect_timeout)
+                    async with asyncio.timeout(self.connect_timeout):
+                        await resource.close()
 
     def _unavailable(self, exc: BaseException, doing: str = "connect to") -> BrokerUnavailableError:
         return BrokerUnavailableError(

@@ -285,7 +285,8 @@ class RabbitMQSubscriber:
         """The deliveries, until close()."""
         while not self._closed.is_set():
             try:
-                delivery = await asyncio.wait_for(self._queue.get(), 0.5)
+                async with asyncio.timeout(0.5):
+                    delivery = await self._queue.get()
             except TimeoutError:
                 continue
             yield delivery
@@ -296,7 +297,8 @@ class RabbitMQSubscriber:
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), self.connect_timeout)
+                async with asyncio.timeout(self.connect_timeout):
+                    await connection.close()
 
     async def _retry_queue(self, delay: float) -> str:
         name = retry_queue_name(self.queue_name, delay)

@@ -260,7 +260,8 @@ async def set_up(
         ) from None
     finally:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(connection.close(), connect_timeout)
+            async with asyncio.timeout(connect_timeout):
+                await connection.close()
 
 
 async def _set_up(
