@@ -52,10 +52,12 @@ from tests.faults.settling import (
 )
 from tests.support.processes import RelayFleet, ServiceProcess
 from tests.support.readback import (
+    Delivered,
     KafkaReadback,
     RabbitMQReadback,
     create_topics,
     delete_consumer_queues,
+    read_kafka_to_end,
 )
 from tests.support.writing import PacedWriter
 
@@ -451,6 +453,9 @@ class Run:
                     text(f"SELECT applied, message_id, topic FROM {self.effects}")
                 )
             ]
+        delivered = self.readback.received
+        if self.endpoints.kafka and {str(m.id) for m in messages} - {d.id for d in delivered}:
+            delivered = self.reread(delivered)
         return History(
             kafka=self.endpoints.kafka,
             topic=self.topic,
@@ -458,11 +463,24 @@ class Run:
             sequence=sequence,
             rolled_back=self.writer.rolled_back.ids(),
             outbox=outbox_rows,
-            delivered=self.readback.received,
+            delivered=delivered,
             effects=effects,
             late=list(self.late),
             faults=dict(self.faults),
         )
+
+    def reread(self, delivered: list[Delivered]) -> list[Delivered]:
+        """The topic read again from its start: the live read-back missed ids (its fetch
+        raced a write, or it stopped), and what is on the wire is judged on a full read."""
+        assert isinstance(self.readback, KafkaReadback)
+        failure = self.readback.failure()
+        again = read_kafka_to_end(self.endpoints.readback, [self.topic])
+        found = len({d.id for d in again} - {d.id for d in delivered})
+        print(
+            f"[{self.scenario} / kafka] read-back missed {found} ids that a full re-read found"
+            + (f" (it had failed: {failure!r})" if failure else "")
+        )
+        return again
 
     def check(self, history: History | None = None) -> Outcome:
         """Judge the run's history (or ``history``, as the self-test tampered with it):

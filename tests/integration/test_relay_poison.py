@@ -31,7 +31,7 @@ from postroom.relay import Relay
 from postroom.schema import Tables
 from postroom.schema.sql import quoted_table
 from tests.support.processes import RelayFleet, ServiceProcess
-from tests.support.readback import KafkaReadback, RabbitMQReadback
+from tests.support.readback import KafkaReadback, RabbitMQReadback, read_kafka_to_end
 from tests.support.relaying import TimedPublisher, relay_settings, running_relay
 from tests.support.spacing import assert_spaced, failure_times
 from tests.support.waiting import stays_false, wait_until
@@ -205,6 +205,9 @@ async def test_kafka_record_over_message_max_bytes_is_dead_at_once_and_its_key_f
     assert row(engine, tables, follower).published_at >= dead.dead_lettered_at
     assert received.index(str(follower.id)) < received.index(str(later.id))
     assert sorted(received) == sorted(str(m.id) for m in [follower, later, *others])
+    # The fault suite's final word on the wire, a fresh read to the end, agrees.
+    reread = await asyncio.to_thread(read_kafka_to_end, kafka, [topic])
+    assert sorted(d.id for d in reread) == sorted(received)
     (failed,) = relay.events("relay.publish_failed")
     assert (failed["message_id"], failed["attempt"], failed["permanent"]) == (str(big.id), 1, True)
     assert row(engine, tables, big).attempts == 1
