@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from postroom.cloudevents import DEFAULT_SOURCE, CloudEvents, check_source
 from postroom.errors import ConfigurationError
 from postroom.message import DEFAULT_MAX_PAYLOAD_BYTES
 from postroom.metrics import DEFAULT_METRICS_HOST
@@ -80,6 +81,17 @@ class Settings:
         "cluster's default partitions and replication factor). No effect on RabbitMQ: the "
         "relay declares its exchange there, and queues are the consumers' (postroom broker "
         "setup).",
+    )
+    cloudevents: str = _setting(
+        "off",
+        "Relay: publish as CloudEvents (binary content mode: ce_* headers on Kafka, "
+        "cloudEvents_* and ce-* headers on RabbitMQ) the messages of these topics: off, all, "
+        "or a comma-separated list of topics and glob patterns (orders.*,payments).",
+    )
+    cloudevents_source: str = _setting(
+        DEFAULT_SOURCE,
+        "Relay: the CloudEvents source attribute of the messages it publishes as CloudEvents "
+        "(a URI reference, e.g. /shop/orders).",
     )
     metrics_port: int | None = _setting(
         None,
@@ -182,6 +194,8 @@ class Settings:
                 "consumer_max_message_bytes must be between 1024 and 1073741824 bytes, got "
                 f"{self.consumer_max_message_bytes} (set {env_var('consumer_max_message_bytes')})"
             )
+        check_source(self.cloudevents_source)
+        self.cloudevents_policy()
         if self.log_format not in {"auto", "json", "console"}:
             raise ConfigurationError(
                 f"log_format must be json, console or auto, got {self.log_format!r}"
@@ -208,6 +222,11 @@ class Settings:
                 values[f.name] = _parse(f.name, raw, field_type(f.name))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def cloudevents_policy(self) -> CloudEvents | None:
+        """The topics the relay publishes as CloudEvents and their source (None: off);
+        raises ConfigurationError for an unusable ``cloudevents`` or ``cloudevents_source``."""
+        return CloudEvents.parse(self.cloudevents, self.cloudevents_source)
 
     def metrics_port_for(self, service: str) -> int:
         """The metrics port of ``service`` (``relay`` or ``consumer``): ``metrics_port`` if

@@ -39,6 +39,8 @@ BAD_VALUES: Mapping[str, tuple[str, ...]] = {
     "text:metrics_host": ("not a host!",),
     "text:log_format": ("bogus",),
     "text:consumer_id_source": ("bogus", "header:"),
+    "text:cloudevents": ("orders created", "orders,,payments"),
+    "text:cloudevents_source": (" ",),
     # Free text: any value is a valid filter, name or key.
     "text:relay_id": (),
     "text:error": (),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
@@ -64,13 +64,16 @@ class SetupStep:
     """A difference from what was asked that set-up leaves as it is, with what to do."""
 
 
-def wire_size(message: Message) -> int:
+def wire_size(message: Message, extra_headers: Mapping[str, str] | None = None) -> int:
     """Bytes a message takes on the wire before the broker's own framing: body, key and
-    every header name and value (postroom's and the user's), UTF-8 encoded."""
+    every header name and value (postroom's, the user's and ``extra_headers``, such as
+    the CloudEvents attributes), UTF-8 encoded."""
     size = len(message.body)
     if message.key is not None:
         size += len(message.key.encode("utf-8", "surrogatepass"))
-    for name, value in message.wire_headers().items():
+    headers = message.wire_headers()
+    headers.update(extra_headers or {})
+    for name, value in headers.items():
         size += len(name.encode("utf-8", "surrogatepass"))
         size += len(value.encode("utf-8", "surrogatepass"))
     return size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from postroom.cli.common import (
     allow_insecure_tls,
@@ -28,6 +29,8 @@ RELAY_FIELDS = (
     "relay_backoff_max",
     "relay_retention",
     "relay_create_topics",
+    "cloudevents",
+    "cloudevents_source",
     "metrics_port",
     "metrics_host",
     "health_timeout",
@@ -58,9 +61,12 @@ async def _run(settings: Settings) -> None:
     from postroom.schema import grants, migrate
     from postroom.schema.grants import Role
 
-    options = {}
+    options: dict[str, Any] = {}
     if settings.relay_create_topics and settings.broker_url.startswith("kafka:"):
         options["create_topics"] = True
+    cloudevents = settings.cloudevents_policy()
+    if cloudevents is not None and not settings.broker_url.startswith("memory:"):
+        options["cloudevents"] = cloudevents
     # a bad URL is said before the database
     publisher = publisher_from_url(settings.broker_url, **options)
     with readable_errors(settings.database_url):

@@ -30,6 +30,7 @@ from postroom.brokers.kafka.settings import (
     untrusted_certificate,
 )
 from postroom.brokers.kafka.topics import TopicCreator
+from postroom.cloudevents import CloudEvents
 from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
 from postroom.message import Message
 
@@ -51,6 +52,8 @@ class KafkaPublisher:
     ``murmur2_random``, which places keys on the same partitions as the Java client.
     With ``create_topics``, a topic not met before is created (the cluster's default
     partitions and replication factor) before the first message to it is produced.
+    With ``cloudevents``, messages of the topics it covers also carry the CloudEvents
+    binary-mode headers (``ce_id``, ``ce_source``, ..., ``content-type``).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class KafkaPublisher:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         config: Mapping[str, Any] | None = None,
         create_topics: bool = False,
+        cloudevents: CloudEvents | None = None,
     ) -> None:
         servers = (
             bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
@@ -123,6 +127,8 @@ class KafkaPublisher:
         self.connect_timeout = connect_timeout
         """Seconds connect() waits for the cluster to answer."""
         self._settings = settings
+        self.cloudevents = cloudevents
+        """Which topics carry the CloudEvents headers (None: none)."""
         self._topics: TopicCreator | None = None
         if create_topics:
             self._topics = TopicCreator(servers, {**settings, "client.id": "postroom-admin"})
@@ -167,10 +173,10 @@ class KafkaPublisher:
             await self._topics.ensure(message.topic for message in batch)
         async with self._lock:
             producer = await self._ensure_producer()
-        reports = _Reports(producer, batch)
+        reports = _Reports(producer, batch, self.cloudevents)
         limit = self.max_message_bytes
         for index, message in enumerate(batch):
-            size = wire_size(message) + RECORD_OVERHEAD_BYTES
+            size = wire_size(message, reports.extra_headers(index)) + RECORD_OVERHEAD_BYTES
             if size > limit:
                 reports.refused(index, too_large(size, limit, "the producer's message.max.bytes"))
         producer.pending.add(reports)
@@ -333,15 +339,22 @@ class _Reports:
         "_lock",
         "_reported",
         "_sealed",
+        "cloudevents",
         "future",
         "messages",
         "producer",
         "results",
     )
 
-    def __init__(self, producer: _Producer, messages: Sequence[Message]) -> None:
+    def __init__(
+        self,
+        producer: _Producer,
+        messages: Sequence[Message],
+        cloudevents: CloudEvents | None = None,
+    ) -> None:
         self.producer = producer
         self.messages = messages
+        self.cloudevents = cloudevents
         self.results: list[PublishResult | None] = [None] * len(messages)
         self.future: asyncio.Future[None] = producer.loop.create_future()
         self._lock = threading.Lock()
@@ -352,6 +365,18 @@ class _Reports:
         """True once every message was produced or got its result: no more are expected."""
         self._closed = False
         """True once publish() read the results: later reports are ignored."""
+
+    def extra_headers(self, index: int) -> dict[str, str]:
+        """The headers message ``index`` carries beside its own: its CloudEvents attributes."""
+        if self.cloudevents is None:
+            return {}
+        return self.cloudevents.kafka_headers(self.messages[index])
+
+    def headers(self, index: int) -> list[tuple[str, str]]:
+        """Every header of message ``index`` on the wire: postroom's, the user's, CloudEvents'."""
+        headers = self.messages[index].wire_headers()
+        headers.update(self.extra_headers(index))
+        return list(headers.items())
 
     def expect(self, produced: int) -> None:
         """``produced`` more messages were handed to librdkafka (event loop thread)."""
@@ -462,7 +487,7 @@ class _Producer:
                         message.topic,
                         value=message.body,
                         key=message.key,
-                        headers=list(message.wire_headers().items()),
+                        headers=reports.headers(index),
                         timestamp=int(message.created_at.timestamp() * 1000),
                         on_delivery=functools.partial(report, index),
                     )

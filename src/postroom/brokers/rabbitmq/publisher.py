@@ -19,6 +19,7 @@ from pamqp.header import ContentHeader
 
 from postroom.brokers.base import CONFIRMED, Outcome, PublishResult, too_large, wire_size
 from postroom.brokers.rabbitmq.tls import connection_url, untrusted_certificate
+from postroom.cloudevents import CloudEvents
 from postroom.errors import BrokerRefusedError, BrokerUnavailableError, ConfigurationError
 from postroom.log import get_logger
 from postroom.message import Message
@@ -56,6 +57,8 @@ class RabbitMQPublisher:
     pipelined on one channel in order, then every confirm is awaited: an unroutable return
     or a nack is REJECTED; a confirm timeout or a lost connection is UNAVAILABLE. The
     connection is not "robust": a failure is reported, and the next publish() reconnects.
+    With ``cloudevents``, messages of the topics it covers also carry the CloudEvents
+    binary-mode headers (``cloudEvents_id``, ... and ``ce-id``, ...).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class RabbitMQPublisher:
         confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        cloudevents: CloudEvents | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in {"amqp", "amqps"}:
@@ -101,6 +105,8 @@ class RabbitMQPublisher:
         self.max_message_bytes = max_message_bytes
         """Larger messages (body, key and headers) are REJECTED unsent, permanently
         (RabbitMQ would close the channel on them)."""
+        self.cloudevents = cloudevents
+        """Which topics carry the CloudEvents headers (None: none)."""
         self.address = _address(parts)
         """``host:port`` (and vhost) of the broker for messages; never includes the password."""
         self._connection: aio_pika.abc.AbstractConnection | None = None
@@ -159,8 +165,9 @@ class RabbitMQPublisher:
 
     async def _publish(self, batch: Sequence[Message]) -> list[PublishResult]:
         results: dict[int, PublishResult] = {}
+        extra = [self._extra_headers(message) for message in batch]
         for index, message in enumerate(batch):
-            size = wire_size(message)
+            size = wire_size(message, extra[index])
             if size > self.max_message_bytes:
                 results[index] = too_large(
                     size,
@@ -179,7 +186,7 @@ class RabbitMQPublisher:
         for index, message in enumerate(batch):
             if index in results:
                 continue
-            properties[index] = _properties(message)
+            properties[index] = _properties(message, extra[index])
             refused = _header_frame_too_large(message, properties[index], frame_max)
             if refused is not None:
                 results[index] = refused
@@ -218,6 +225,11 @@ class RabbitMQPublisher:
                 else:
                     results[index] = self._outcome(task, batch[index])
         return [results[index] for index in range(len(batch))]
+
+    def _extra_headers(self, message: Message) -> dict[str, str]:
+        if self.cloudevents is None:
+            return {}
+        return self.cloudevents.amqp_headers(message)
 
     def _outcome(self, task: asyncio.Task[Any], message: Message) -> PublishResult:
         exc = asyncio.CancelledError() if task.cancelled() else task.exception()
@@ -366,13 +378,15 @@ class RabbitMQPublisher:
         return f"{type(exc).__name__}: {text}"
 
 
-def _properties(message: Message) -> Basic.Properties:
+def _properties(message: Message, extra_headers: dict[str, str]) -> Basic.Properties:
+    headers: dict[str, Any] = message.wire_headers()
+    headers.update(extra_headers)
     return Basic.Properties(
         content_type=message.content_type,
         delivery_mode=2,
         message_id=str(message.id),
         timestamp=message.created_at,
-        headers=dict(message.wire_headers()),
+        headers=headers,
     )
 
 

@@ -1,0 +1,36 @@
+"""The CloudEvents settings: off unless asked for, and a bad value refused with what to set."""
+
+from __future__ import annotations
+
+import pytest
+
+from postroom import Settings
+from postroom.errors import ConfigurationError
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "words"),
+    [
+        ("cloudevents", "orders created", "not a topic name or glob pattern"),
+        ("cloudevents", "orders,,payments", "has an empty topic"),
+        ("cloudevents_source", "  ", "not a usable CloudEvents source"),
+    ],
+)
+def test_a_bad_cloudevents_setting_is_refused_saying_what_to_set(
+    setting: str, value: str, words: str
+) -> None:
+    env = {"POSTROOM_CLOUDEVENTS": "all", f"POSTROOM_{setting.upper()}": value}
+    with pytest.raises(ConfigurationError) as refused:
+        Settings.from_env(env)
+    assert words in str(refused.value)
+    assert "POSTROOM_CLOUDEVENTS" in str(refused.value)
+
+
+def test_cloudevents_are_off_unless_asked_for() -> None:
+    assert Settings.from_env({}).cloudevents_policy() is None
+    policy = Settings.from_env({"POSTROOM_CLOUDEVENTS": "orders.*, payments"}).cloudevents_policy()
+    assert policy is not None
+    assert policy.applies_to("orders.created")
+    assert policy.applies_to("payments")
+    assert not policy.applies_to("payments.refunded")
+    assert policy.source == "postroom"
