@@ -45,7 +45,8 @@ MAX_TRACEPARENT_CHARS: Final = 512
 INSTRUMENTATION: Final = "postroom"
 
 _provider: TracerProvider | None = None
-_tracers: dict[int, Tracer] = {}
+_cached: tuple[object, Tracer] | None = None
+"""The last provider asked and postroom's tracer from it."""
 _propagator: Any = TraceContextTextMapPropagator() if trace is not None else None
 
 
@@ -68,10 +69,10 @@ def _tracer() -> Tracer | None:
     provider = _provider or trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None
-    tracer = _tracers.get(id(provider))
-    if tracer is None:
-        tracer = _tracers[id(provider)] = provider.get_tracer(INSTRUMENTATION)
-    return tracer
+    global _cached
+    if _cached is None or _cached[0] is not provider:
+        _cached = (provider, provider.get_tracer(INSTRUMENTATION))
+    return _cached[1]
 
 
 def trace_headers() -> dict[str, str]:
@@ -79,7 +80,10 @@ def trace_headers() -> dict[str, str]:
     if trace is None or not trace.get_current_span().get_span_context().is_valid:
         return {}
     carrier: dict[str, str] = {}
-    _propagator.inject(carrier)
+    try:
+        _propagator.inject(carrier)
+    except Exception:  # tracing is best effort: it never fails an enqueue
+        return {}
     return carrier
 
 
@@ -121,14 +125,7 @@ def _attributes(system: str, topic: str, message_id: str, operation: str) -> dic
     }
 
 
-async def publish(publisher: Publisher, batch: Sequence[Message]) -> list[PublishResult]:
-    """``publisher.publish(batch)``, each message in a PRODUCER span ``<topic> publish``
-    linked to the span context stored with it; a message not confirmed ends its span with
-    an error status naming the outcome."""
-    tracer = _tracer()
-    if tracer is None:
-        return await publisher.publish(batch)
-    system = messaging_system(publisher)
+def _publish_spans(tracer: Tracer, system: str, batch: Sequence[Message]) -> list[Span]:
     spans: list[Span] = []
     for message in batch:
         origin = trace.get_current_span(_extracted(message.headers)).get_span_context()
@@ -141,6 +138,20 @@ async def publish(publisher: Publisher, batch: Sequence[Message]) -> list[Publis
                 links=[trace.Link(origin)] if origin.is_valid else None,
             )
         )
+    return spans
+
+
+async def publish(publisher: Publisher, batch: Sequence[Message]) -> list[PublishResult]:
+    """``publisher.publish(batch)``, each message in a PRODUCER span ``<topic> publish``
+    linked to the span context stored with it; a message not confirmed ends its span with
+    an error status naming the outcome."""
+    tracer = _tracer()
+    if tracer is None:
+        return await publisher.publish(batch)
+    try:
+        spans = _publish_spans(tracer, messaging_system(publisher), batch)
+    except Exception:  # a tracing failure must never hold messages back
+        return await publisher.publish(batch)
     try:
         results = await publisher.publish(batch)
     except BaseException as exc:
@@ -149,7 +160,7 @@ async def publish(publisher: Publisher, batch: Sequence[Message]) -> list[Publis
             span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
             span.end()
         raise
-    for span, result in zip(spans, results, strict=False):
+    for span, result in zip(spans, results, strict=True):
         if not result.confirmed:
             span.set_attribute("error.type", result.outcome.value)
             span.set_status(trace.StatusCode.ERROR, result.error or result.outcome.value)
