@@ -19,7 +19,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanContext, SpanKind, Tracer
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode, Tracer
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,29 +43,33 @@ LATER = 3600
 
 
 @pytest.fixture(scope="module")
-def exporter() -> Iterator[InMemorySpanExporter]:
-    """postroom's spans (and the tests' own) in memory, for this module only."""
-    exporter = InMemorySpanExporter()
+def exporter() -> InMemorySpanExporter:
+    """Where the module's spans go."""
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module")
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    """postroom's spans (and the tests' own) to the in-memory exporter, for this module
+    only (the global tracer provider can be set once per process)."""
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing.use_provider(provider)
-    yield exporter
+    yield provider
     tracing.use_provider(None)
     provider.shutdown()
 
 
 @pytest.fixture
-def spans(exporter: InMemorySpanExporter) -> InMemorySpanExporter:
+def spans(provider: TracerProvider, exporter: InMemorySpanExporter) -> InMemorySpanExporter:
     """The exporter, emptied for this test."""
     exporter.clear()
     return exporter
 
 
 @pytest.fixture
-def tracer(exporter: InMemorySpanExporter) -> Tracer:
+def tracer(provider: TracerProvider) -> Tracer:
     """A tracer of the tests' own, exporting to the same place as postroom's spans."""
-    provider = tracing._provider
-    assert provider is not None
     return provider.get_tracer("tests")
 
 
@@ -251,3 +255,43 @@ def test_postroom_enqueues_without_opentelemetry_installed(
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
     assert [headers_of(row) for row in rows(engine, tables, "bare")] == [{}]
+
+
+async def test_a_failed_handler_run_is_recorded_on_its_span(
+    database_url: str, tables: Tables, spans: InMemorySpanExporter
+) -> None:
+    rabbitmq_available()
+    rig = Rig("rabbitmq")
+    name = unique("failing")
+    (topic,) = await rig.topics("orders", consumer=name)
+    settings = settings_for(database_url, tables)
+    consumer = postroom.Consumer(name, settings)
+    runs: list[str] = []
+
+    @consumer.handler(topic)
+    async def flaky(message: postroom.Message, session: AsyncSession) -> None:
+        runs.append(str(message.id))
+        if len(runs) == 1:
+            raise RuntimeError("card declined")
+
+    service = ConsumerService(consumer, rig.subscriber(settings), settings)
+    async with rig.running(service, name):
+        await rig.publish([Message.create(topic, {"order": 3})])
+        await wait_until(
+            lambda: (
+                len([s for s in spans.get_finished_spans() if s.name == f"{topic} process"]) == 2
+            ),
+            within=10,
+            what="two consumer spans",
+        )
+
+    failed, succeeded = sorted(
+        (s for s in spans.get_finished_spans() if s.name == f"{topic} process"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert failed.status.status_code is StatusCode.ERROR
+    assert [e.attributes["exception.type"] for e in failed.events if e.attributes] == [
+        "RuntimeError"
+    ]
+    assert succeeded.status.status_code is not StatusCode.ERROR
+    assert len(runs) == 2
