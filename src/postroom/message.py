@@ -57,6 +57,12 @@ HEADER_CREATED_AT: Final = "postroom-created-at"
 HEADER_KEY: Final = "postroom-key"
 #: The headers :meth:`Message.wire_headers` derives from the envelope's own fields.
 ENVELOPE_HEADERS: Final = (HEADER_ID, HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_KEY)
+HEADER_CORRELATION_ID: Final = "postroom-correlation-id"
+"""The conversation a message belongs to: set on follow-ups enqueued in a handler."""
+HEADER_CAUSATION_ID: Final = "postroom-causation-id"
+"""The id of the message whose handler enqueued this one."""
+#: The ``postroom-`` headers a user may also set (postroom never overwrites them).
+USER_SETTABLE_HEADERS: Final = frozenset({HEADER_CORRELATION_ID, HEADER_CAUSATION_ID})
 
 
 class MessageOptions(TypedDict, total=False):
@@ -216,10 +222,11 @@ def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
                 f"header {_shown(name)} has a {type(value).__name__} value; "
                 "header values must be str"
             )
-        if name.lower().startswith(RESERVED_HEADER_PREFIX):
+        if name.lower().startswith(RESERVED_HEADER_PREFIX) and name not in USER_SETTABLE_HEADERS:
             raise InvalidHeaderError(
                 f"header {_shown(name)} uses the reserved prefix {RESERVED_HEADER_PREFIX!r}; "
-                "rename it"
+                "rename it (of postroom's headers only "
+                f"{', '.join(sorted(USER_SETTABLE_HEADERS))} may be set)"
             )
         if "\x00" in name or "\x00" in value:
             raise InvalidHeaderError(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Unpack
 
 import psycopg
@@ -14,7 +15,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from postroom import tracing
 from postroom.config import Settings
+from postroom.correlation import follow_up_headers
 from postroom.encoding import JsonDefault
 from postroom.errors import (
     InvalidMessageError,
@@ -22,7 +25,15 @@ from postroom.errors import (
     SchemaMissingError,
     UnsupportedTargetError,
 )
-from postroom.message import DEFAULT_MAX_PAYLOAD_BYTES, Message, MessageOptions, check_message
+from postroom.message import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_HEADERS,
+    Message,
+    MessageOptions,
+    check_message,
+    message_size,
+    validate_headers,
+)
 from postroom.schema.sql import insert_outbox_sql
 from postroom.schema.tables import Tables, build_tables, partition_for, tables_for
 
@@ -78,14 +89,20 @@ class Outbox:
         """Write one message into ``target``'s open transaction and return it.
 
         ``options`` are those of :meth:`Message.create`: ``key``, ``headers``, ``delay``,
-        ``message_id``, ``content_type`` and ``json_default``.
+        ``message_id``, ``content_type`` and ``json_default``. The message written (and
+        returned) also carries the context headers of :meth:`enqueue_many`.
         """
         message = self.message(topic, payload, **options)
-        self.enqueue_many(target, [message])
-        return message
+        return self.enqueue_many(target, [message])[0]
 
     def enqueue_many(self, target: SyncTarget, messages: Iterable[Message]) -> list[Message]:
-        """Write a batch of messages into ``target``'s open transaction with one statement."""
+        """Write a batch of messages into ``target``'s open transaction with one statement.
+
+        Returns the messages as written: each with the context headers it did not set
+        itself, when there are any: the W3C ``traceparent``/``tracestate`` of the active
+        OpenTelemetry span (with the ``otel`` extra) and, inside a handler, the
+        ``postroom-correlation-id``/``postroom-causation-id`` of the consumed message.
+        """
         batch = self._checked(messages)
         if not batch:
             return batch
@@ -109,13 +126,13 @@ class Outbox:
     ) -> Message:
         """Write one message into ``target``'s open transaction (async) and return it."""
         message = self.message(topic, payload, **options)
-        await self.enqueue_many_async(target, [message])
-        return message
+        return (await self.enqueue_many_async(target, [message]))[0]
 
     async def enqueue_many_async(
         self, target: AsyncTarget, messages: Iterable[Message]
     ) -> list[Message]:
-        """Write a batch of messages into ``target``'s open transaction with one statement."""
+        """Write a batch of messages into ``target``'s open transaction with one statement
+        (with context headers, as :meth:`enqueue_many`)."""
         batch = self._checked(messages)
         if not batch:
             return batch
@@ -147,7 +164,29 @@ class Outbox:
                     "build them with outbox.message(...) or Message.create(...)"
                 )
             check_message(message, self.max_payload_bytes)
-        return batch
+        context = {**tracing.trace_headers(), **follow_up_headers()}
+        if not context:
+            return batch
+        return [self._with_context(message, context) for message in batch]
+
+    def _with_context(self, message: Message, context: Mapping[str, str]) -> Message:
+        """``message`` with the ``context`` headers it does not set itself; unchanged when
+        there are none to add, or they would not fit its limits (context is best effort:
+        it never makes a valid message fail)."""
+        own = {name.lower() for name in message.headers}
+        added = {name: value for name, value in context.items() if name not in own}
+        if not added:
+            return message
+        headers = {**message.headers, **added}
+        if len(headers) > MAX_HEADERS:
+            return message
+        if message_size(message.body, headers) > self.max_payload_bytes:
+            return message
+        try:
+            validate_headers(added)
+        except InvalidMessageError:
+            return message
+        return dataclasses.replace(message, headers=headers)
 
     def _params(self, batch: Sequence[Message]) -> dict[str, Any]:
         return {

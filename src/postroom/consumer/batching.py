@@ -41,6 +41,7 @@ from postroom.consumer.processing import (
     being_cancelled,
     connection_failed,
     handler_cancelled,
+    handler_context,
     log,
     message_size,
     raise_if_aborted,
@@ -211,9 +212,10 @@ class BatchProcessor:
         """
         session = AsyncSession(bind=connection, sync_session_class=_CommitNoting, **JOINED)
         try:
-            await item.spec.function(item.argument, session)
-            await session.flush()
-            await raise_if_aborted(connection)
+            with handler_context(item.delivery, item.message_id, self.processor.consumer.name):
+                await item.spec.function(item.argument, session)
+                await session.flush()
+                await raise_if_aborted(connection)
         except BaseException as exc:
             committed = session.sync_session.info.get(_COMMITTED, False)
             with contextlib.suppress(Exception):  # a lost connection: the batch is over

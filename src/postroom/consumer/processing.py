@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from postroom import correlation, tracing
 from postroom.backoff import Backoff
 from postroom.brokers.base import HEADER_FOR_CONSUMER, Delivery
 from postroom.config import Settings
@@ -166,6 +167,19 @@ def message_size(delivery: Delivery) -> int:
     return len(delivery.body) + headers
 
 
+@contextlib.contextmanager
+def handler_context(delivery: Delivery, message_id: str, consumer: str) -> Iterator[None]:
+    """The context a handler of ``delivery`` runs in: its CONSUMER span (see
+    :mod:`postroom.tracing`), and the correlation and causation ids messages enqueued in it
+    get (see :mod:`postroom.correlation`)."""
+    system = tracing.messaging_system(delivery)
+    with (
+        tracing.processing(delivery.headers, delivery.topic, message_id, consumer, system),
+        correlation.handling(delivery.headers, message_id),
+    ):
+        yield
+
+
 def being_cancelled() -> bool:
     """True when the current task is being cancelled (the consumer is stopping)."""
     task = asyncio.current_task()
@@ -281,9 +295,10 @@ class Processor:
                         counted = True
                         if ended > self.max_attempts:
                             return await self._crash_looped(delivery, ended, message_id)
-                    disposition = await self.attempt(
-                        spec, message, message_id, forget=delivery.redelivered
-                    )
+                    with handler_context(delivery, message_id, self.consumer.name):
+                        disposition = await self.attempt(
+                            spec, message, message_id, forget=delivery.redelivered
+                        )
             except UndecodableMessageError as exc:
                 return await self._dead_letter(delivery, str(exc), attempt, message_id)
             except DatabaseUnavailable as exc:

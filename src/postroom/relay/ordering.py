@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from postroom import tracing
 from postroom.brokers.base import Outcome, Publisher, PublishResult
 from postroom.message import Message
 
@@ -67,7 +68,7 @@ async def publish_in_key_order(
         sendable = [i for i in round_ if i not in held and messages[i].key not in stalled]
         if not sendable:
             continue
-        outcomes = await publisher.publish([messages[i] for i in sendable])
+        outcomes = await tracing.publish(publisher, [messages[i] for i in sendable])
         broker_down = False
         for index, result in zip(sendable, outcomes, strict=True):
             results[index] = result
