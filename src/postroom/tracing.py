@@ -10,6 +10,8 @@ is configured, every function here does nothing (or returns nothing) at near-zer
 - :func:`processing`: the consumer runs a handler in a CONSUMER span ``<topic> process``
   whose parent is the context in the message's headers; follow-ups enqueued in the handler
   carry that span's ``traceparent``.
+- :func:`processing_batch`: a batch handler called with several messages runs in one
+  CONSUMER span ``<topic> process``, a new trace linked to each message's span context.
 
 Attributes follow the OpenTelemetry messaging semantic conventions: span names as in
 v1.24 (``<destination> <operation>``), and both ``messaging.operation`` (v1.24) and
@@ -186,5 +188,43 @@ def processing(
         context=_extracted(headers),
         kind=trace.SpanKind.CONSUMER,
         attributes=attributes,
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def processing_batch(
+    messages: Sequence[tuple[Mapping[str, str], str]], topic: str, consumer: str, system: str
+) -> Iterator[None]:
+    """Run the block (a batch handler) in a CONSUMER span ``<topic> process``, current
+    while it runs: a new trace, linked to the span context in each of ``messages``' headers
+    (``(headers, message id)`` pairs), with ``messaging.batch.message_count``."""
+    tracer = _tracer()
+    if tracer is None:
+        yield
+        return
+    try:
+        links = []
+        for headers, _ in messages:
+            origin = trace.get_current_span(_extracted(headers)).get_span_context()
+            if origin.is_valid:
+                links.append(trace.Link(origin))
+    except Exception:  # tracing never fails a message
+        links = []
+    attributes: dict[str, Any] = {
+        "messaging.system": system,
+        "messaging.destination.name": topic,
+        "messaging.operation": "process",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.consumer.group.name": consumer,
+        "messaging.batch.message_count": len(messages),
+    }
+    with tracer.start_as_current_span(
+        f"{topic} process",
+        context=otel_context.Context(),
+        kind=trace.SpanKind.CONSUMER,
+        attributes=attributes,
+        links=links,
     ):
         yield

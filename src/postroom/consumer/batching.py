@@ -10,6 +10,13 @@ commit, and it takes the retry path once the others are committed; on a lane (a 
 partition) the batch stops there, and the deliveries after it are handled one by one after
 it, in order.
 
+A topic's batch handler (``@consumer.batch_handler``) is called once per batch with all of
+the batch's new messages of its topic, in delivery order, under one savepoint. If it
+raises, the savepoint and those messages' inbox rows are rolled back, the others of the
+batch commit, and each of its messages is left to the per-message path (a list of one),
+in order: the failed call is counted as an attempt of none of them, so one poison message
+never takes the good ones of its batch to the dead letters with it.
+
 What a batch cannot decide is left to the per-message path, with nothing of it committed:
 a redelivery (it may be the one that killed the last process, see ``isolation``), a message
 without a handler or with an id or payload that does not decode, a ``def`` handler (it runs
@@ -32,6 +39,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
+from postroom import tracing
 from postroom.brokers.base import HEADER_FOR_CONSUMER, AcknowledgedByLater, Delivery
 from postroom.consumer.decoding import describe_error, to_message, to_model
 from postroom.consumer.processing import (
@@ -120,6 +128,9 @@ class BatchProcessor:
             return results
         seconds = time.perf_counter() - started
         index = {id(delivery): number for number, delivery in enumerate(deliveries)}
+        # In delivery order (a batch handler's messages are done together): on a lane, the
+        # last one acknowledged is then the latest.
+        outcome.done.sort(key=lambda done: index[id(done[0].delivery)])
         await self._settle_done(outcome.done, seconds, results, index)
         for item, exc in outcome.failed:
             results[index[id(item.delivery)]] = await self._settle_failed(item, exc)
@@ -171,12 +182,31 @@ class BatchProcessor:
                             self._insert, {"consumer": consumer, "message_ids": ids}
                         )
                         new = set(inserted.scalars())
-                        for item in items:
+                        called: set[str] = set()  # topics whose batch handler ran
+                        for number, item in enumerate(items):
                             if item.message_id not in new:
                                 outcome.done.append((item, Disposition.DUPLICATE))
                                 continue
+                            if item.spec.batch:
+                                if item.spec.topic in called:
+                                    continue
+                                called.add(item.spec.topic)
+                                group = [
+                                    i
+                                    for i in items[number:]
+                                    if i.spec is item.spec and i.message_id in new
+                                ]
+                                handler_started()
+                                failure = await self._handle(connection, sessions, group)
+                                if failure is None:
+                                    outcome.done.extend((i, Disposition.HANDLED) for i in group)
+                                    continue
+                                self._left_alone(group, failure)
+                                if ordered:
+                                    break
+                                continue
                             handler_started()
-                            failure = await self._handle(connection, sessions, item)
+                            failure = await self._handle(connection, sessions, [item])
                             if failure is None:
                                 outcome.done.append((item, Disposition.HANDLED))
                                 continue
@@ -198,10 +228,23 @@ class BatchProcessor:
                 raise _LeftToSingles(describe_error(exc)) from exc
         return outcome
 
+    def _left_alone(self, group: list[_Item], failure: Exception) -> None:
+        """Log a batch handler's failed call; its messages are handled alone after the
+        batch (their results stay None)."""
+        item = group[0]
+        log.warning(
+            "consumer.batch_handler_failed",
+            **self.processor.about(item.spec.topic),
+            size=len(group),
+            error=describe_error(failure),
+            advice="each of its messages is handled alone now, then retried as usual",
+        )
+
     async def _handle(
-        self, connection: AsyncConnection, sessions: contextlib.AsyncExitStack, item: _Item
+        self, connection: AsyncConnection, sessions: contextlib.AsyncExitStack, items: list[_Item]
     ) -> Exception | None:
-        """Run one handler; its failure (rolled back), or None.
+        """Run one handler (a batch handler: with all of ``items``, else with the one
+        item); its failure (rolled back), or None.
 
         The handler's session takes a savepoint at its first statement, as on the
         one-message path, and that is the handler's own savepoint in the batch: a failure
@@ -212,8 +255,10 @@ class BatchProcessor:
         """
         session = AsyncSession(bind=connection, sync_session_class=_CommitNoting, **JOINED)
         try:
-            with handler_context(item.delivery, item.message_id, self.processor.consumer.name):
-                await item.spec.function(item.argument, session)
+            spec = items[0].spec
+            argument = [i.argument for i in items] if spec.batch else items[0].argument
+            with self._context(items):
+                await spec.function(argument, session)
                 await session.flush()
                 await raise_if_aborted(connection)
         except BaseException as exc:
@@ -226,6 +271,21 @@ class BatchProcessor:
             return failure
         sessions.push_async_callback(session.close)
         return None
+
+    def _context(self, items: list[_Item]) -> contextlib.AbstractContextManager[None]:
+        """What a handler runs in: for one message its span and correlation ids (see
+        :func:`handler_context`); for several, one span linked to each of theirs, and no
+        causation id (follow-ups have no single cause)."""
+        consumer = self.processor.consumer.name
+        first = items[0]
+        if len(items) == 1:
+            return handler_context(first.delivery, first.message_id, consumer)
+        return tracing.processing_batch(
+            [(i.delivery.headers, i.message_id) for i in items],
+            first.spec.topic,
+            consumer,
+            tracing.messaging_system(first.delivery),
+        )
 
     async def _settle_done(
         self,

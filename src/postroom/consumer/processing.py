@@ -398,6 +398,8 @@ class Processor:
         (only redelivered deliveries can have one, so first deliveries skip the statement).
         """
         argument = to_model(message, spec.model) if spec.model is not None else message
+        if spec.batch:  # a batch handler handles a message alone as a list of one
+            argument = [argument]
         params = {"consumer": self.consumer.name, "message_id": message_id}
         forget_sql = self._forget_redeliveries if forget else None
         async with self.handler_run():

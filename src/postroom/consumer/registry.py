@@ -1,7 +1,12 @@
-"""The Consumer: a named set of handlers, one per topic, registered with a decorator."""
+"""The Consumer: a named set of handlers, one per topic, registered with a decorator.
+
+A topic has one handler: either a per-message one (:meth:`Consumer.handler`) or a batch
+handler (:meth:`Consumer.batch_handler`) that receives the messages of a batch as a list.
+"""
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import typing
 from collections.abc import Awaitable, Callable
@@ -26,6 +31,8 @@ class HandlerSpec:
     function: Callable[..., Any]
     is_async: bool
     model: Any = None
+    batch: bool = False
+    """True for a batch handler: it is called with a list of messages (or models)."""
 
     @property
     def name(self) -> str:
@@ -100,7 +107,8 @@ class Consumer:
         handler returns; if it raises after committing, that work is rolled back too.
         Messages that arrive together may share one transaction (``consumer_batch_size``):
         each ``async def`` handler then runs under its own savepoint, and its writes commit
-        with those of the others in its batch.
+        with those of the others in its batch. To receive them as one list (bulk inserts),
+        register a :meth:`batch_handler` instead.
 
         With ``model`` (or a first parameter annotated with a class that has
         ``model_validate``, such as a pydantic model), the handler receives the payload
@@ -109,14 +117,7 @@ class Consumer:
         validate_topic(topic)
 
         def register(function: F) -> F:
-            if topic in self._handlers:
-                raise HandlerRegistrationError(
-                    f"topic {topic!r} already has a handler in consumer {self.name!r} "
-                    f"({self._handlers[topic].name}); one handler per topic and consumer, "
-                    "or use a second Consumer with another name"
-                )
-            if not callable(function):
-                raise HandlerRegistrationError(f"the handler of {topic!r} is not callable")
+            self._check_free(topic, function, batch=False)
             self._handlers[topic] = HandlerSpec(
                 topic=topic,
                 function=function,
@@ -126,6 +127,62 @@ class Consumer:
             return function
 
         return register
+
+    def batch_handler(self, topic: str, *, model: Any = None) -> Callable[[F], F]:
+        """Register the decorated ``async def h(messages, session: AsyncSession)`` as the
+        batch handler of ``topic``: it receives a list of messages at once (for bulk inserts).
+
+        The list holds the messages of ``topic`` in the current batch (see
+        ``consumer_batch_size``) that are not duplicates, in delivery order; the call runs
+        in the batch's transaction under one savepoint, so its writes commit with the inbox
+        rows of all of them, or none. With batch size 1 (the default), and for messages
+        handled alone (a redelivery, a retry), it is called with a list of one.
+
+        If it raises, its savepoint and the inbox rows of its messages are rolled back and
+        nothing of them is acknowledged; each of them is then handled alone (a list of one),
+        right after the batch's commit (on Kafka in partition order): those that succeed
+        are committed and acknowledged, one that fails alone takes the retry path as any
+        message does (attempts counted, backoff, dead letter after
+        ``consumer_max_attempts``). The failed batch call counts as no one's attempt.
+
+        With ``model`` (or a first parameter annotated ``list[Model]``, for a class with
+        ``model_validate``), it receives the payloads converted to it. A topic has either a
+        handler or a batch handler; ``def`` functions are refused (a batch runs on the
+        event loop, in one async transaction).
+        """
+        validate_topic(topic)
+
+        def register(function: F) -> F:
+            self._check_free(topic, function, batch=True)
+            if not inspect.iscoroutinefunction(function):
+                raise HandlerRegistrationError(
+                    f"the batch handler of {topic!r} must be an 'async def' function taking "
+                    "(messages, session: AsyncSession); for a 'def' function use "
+                    "@consumer.handler, which runs it in a worker thread per message"
+                )
+            self._handlers[topic] = HandlerSpec(
+                topic=topic,
+                function=function,
+                is_async=True,
+                model=model if model is not None else _declared_model(function, batch=True),
+                batch=True,
+            )
+            return function
+
+        return register
+
+    def _check_free(self, topic: str, function: Any, *, batch: bool) -> None:
+        existing = self._handlers.get(topic)
+        if existing is not None:
+            kind = "a batch handler" if existing.batch else "a handler"
+            raise HandlerRegistrationError(
+                f"topic {topic!r} already has {kind} in consumer {self.name!r} "
+                f"({existing.name}); a topic has one handler or one batch handler per "
+                "consumer: remove one, or use a second Consumer with another name"
+            )
+        if not callable(function):
+            what = "batch handler" if batch else "handler"
+            raise HandlerRegistrationError(f"the {what} of {topic!r} is not callable")
 
     async def run(
         self, subscriber: Subscriber | None = None, *, broker_url: str | None = None
@@ -142,7 +199,9 @@ class Consumer:
         await ConsumerService(self, subscriber, self.settings).run()
 
 
-def _declared_model(function: Callable[..., Any]) -> Any:
+def _declared_model(function: Callable[..., Any], *, batch: bool = False) -> Any:
+    """The model class the first parameter is annotated with (``list[Model]`` for a batch
+    handler), or None."""
     try:
         hints = typing.get_type_hints(function)
         first = next(iter(inspect.signature(function).parameters), None)
@@ -151,6 +210,10 @@ def _declared_model(function: Callable[..., Any]) -> Any:
     if first is None:
         return None
     hint = hints.get(first)
+    if batch:
+        if typing.get_origin(hint) not in _LISTS or len(typing.get_args(hint)) != 1:
+            return None
+        hint = typing.get_args(hint)[0]
     if (
         isinstance(hint, type)
         and hint is not Message
@@ -159,5 +222,7 @@ def _declared_model(function: Callable[..., Any]) -> Any:
         return hint
     return None
 
+
+_LISTS = (list, collections.abc.Sequence, collections.abc.Iterable)
 
 Handler = Callable[[Message, Any], Awaitable[None] | None]
