@@ -13,13 +13,20 @@ from typing import Any
 
 import pydantic
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import postroom
-from postroom import testing
-from postroom.consumer import ConsumerService, Disposition
+from postroom import testing, tracing
+from postroom.brokers.memory import MemoryBroker, MemoryDelivery, MemorySubscriber
+from postroom.consumer import ConsumerService, Disposition, Processor
+from postroom.consumer.batching import BatchProcessor
+from postroom.database import create_async_engine, create_engine
 from postroom.errors import ConfigurationError
 from postroom.message import Message
 from postroom.schema import Tables
@@ -215,3 +222,51 @@ def test_a_topic_takes_a_handler_or_a_batch_handler_not_both() -> None:
     assert spec is not None
     assert spec.batch
     assert spec.function is many_b
+
+
+async def test_a_call_with_several_messages_runs_in_one_span_linked_to_each_of_theirs(
+    database_url: str, tables: Tables, engine: Engine, effects: str
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    consumer = postroom.Consumer(
+        unique("spans"), settings_for(database_url, tables, consumer_batch_size=16)
+    )
+
+    @consumer.batch_handler("rows")
+    async def insert_all(messages: list[Message], session: AsyncSession) -> None:
+        await _insert_all(session, effects, messages, 1)
+
+    traces = [f"{n:032x}" for n in range(1, 4)]
+    messages = [
+        Message.create("rows", {"n": n}, headers={"traceparent": f"00-{t}-{n + 1:016x}-01"})
+        for n, t in enumerate(traces)
+    ]
+    subscriber = MemorySubscriber(MemoryBroker())
+    subscriber.consumer = consumer.name
+    deliveries = [MemoryDelivery(subscriber, m, 1) for m in messages]
+    async_engine = create_async_engine(database_url, pool_size=2)
+    processor = Processor(
+        consumer,
+        consumer.settings,
+        async_engine=async_engine,
+        sync_engine=lambda: create_engine(database_url),
+    )
+    tracing.use_provider(provider)
+    try:
+        results = await BatchProcessor(processor).process(deliveries)
+    finally:
+        tracing.use_provider(None)
+        await async_engine.dispose()
+    assert [r.disposition if r else None for r in results] == [Disposition.HANDLED] * 3
+    assert [d.settled for d in deliveries] == ["acked"] * 3
+    assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 1, 2]
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "rows process"
+    assert span.kind is SpanKind.CONSUMER
+    assert span.attributes is not None
+    assert span.attributes["messaging.batch.message_count"] == 3
+    assert span.context is not None
+    assert span.context.trace_id not in {int(t, 16) for t in traces}  # a trace of its own
+    assert [link.context.trace_id for link in span.links] == [int(t, 16) for t in traces]
