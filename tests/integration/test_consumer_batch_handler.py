@@ -222,6 +222,67 @@ def test_a_topic_takes_a_handler_or_a_batch_handler_not_both() -> None:
     assert spec.function is many_b
 
 
+def _memory(consumer: postroom.Consumer, messages: list[Message]) -> list[MemoryDelivery]:
+    subscriber = MemorySubscriber(MemoryBroker())
+    subscriber.consumer = consumer.name
+    return [MemoryDelivery(subscriber, m, 1) for m in messages]
+
+
+def _processor(consumer: postroom.Consumer, database_url: str) -> Processor:
+    return Processor(
+        consumer,
+        consumer.settings,
+        async_engine=create_async_engine(database_url, pool_size=2),
+        sync_engine=lambda: create_engine(database_url),
+    )
+
+
+async def test_failed_call_beside_a_handler_leaves_its_messages_unacked_for_one_by_one(
+    database_url: str, tables: Tables, engine: Engine, effects: str
+) -> None:
+    """In a batch of two topics, the batch handler's failure leaves the other handler's
+    messages committed and acknowledged, and its own unacknowledged, with nothing written;
+    handled alone afterwards, the good one commits and the poison is retried."""
+    consumer = postroom.Consumer(
+        unique("mixed"), settings_for(database_url, tables, consumer_batch_size=16)
+    )
+    calls: list[list[int]] = []
+
+    @consumer.handler("one")
+    async def one(message: Message, session: AsyncSession) -> None:
+        await _insert_all(session, effects, [message], 0)
+
+    @consumer.batch_handler("many")
+    async def many(messages: list[Message], session: AsyncSession) -> None:
+        calls.append([m.payload["n"] for m in messages])
+        await _insert_all(session, effects, messages, len(calls))
+        if 2 in calls[-1]:
+            raise RuntimeError("poison")
+
+    topics = ["one", "many", "many", "one"]
+    messages = [Message.create(t, {"n": n}) for n, t in enumerate(topics)]
+    deliveries = _memory(consumer, messages)
+    processor = _processor(consumer, database_url)
+    try:
+        results = await BatchProcessor(processor).process(deliveries)
+        assert [r.disposition if r else None for r in results] == [
+            Disposition.HANDLED,
+            None,  # handled alone by the caller, after the batch
+            None,
+            Disposition.HANDLED,
+        ]
+        assert [d.settled for d in deliveries] == ["acked", None, None, "acked"]
+        assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 3]
+        assert len(_inbox(engine, tables, consumer.name)) == 2
+        alone = [await processor.process(d) for d in deliveries[1:3]]
+    finally:
+        await processor.async_engine.dispose()
+    assert calls == [[1, 2], [1], [2]]
+    assert [r.disposition for r in alone] == [Disposition.HANDLED, Disposition.RETRYING]
+    assert [d.settled for d in deliveries] == ["acked", "acked", "retried", "acked"]
+    assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 1, 3]
+
+
 async def test_a_call_with_several_messages_runs_in_one_span_linked_to_each_of_theirs(
     database_url: str, tables: Tables, engine: Engine, effects: str
 ) -> None:
@@ -241,22 +302,14 @@ async def test_a_call_with_several_messages_runs_in_one_span_linked_to_each_of_t
         Message.create("rows", {"n": n}, headers={"traceparent": f"00-{t}-{n + 1:016x}-01"})
         for n, t in enumerate(traces)
     ]
-    subscriber = MemorySubscriber(MemoryBroker())
-    subscriber.consumer = consumer.name
-    deliveries = [MemoryDelivery(subscriber, m, 1) for m in messages]
-    async_engine = create_async_engine(database_url, pool_size=2)
-    processor = Processor(
-        consumer,
-        consumer.settings,
-        async_engine=async_engine,
-        sync_engine=lambda: create_engine(database_url),
-    )
+    deliveries = _memory(consumer, messages)
+    processor = _processor(consumer, database_url)
     tracing.use_provider(provider)
     try:
         results = await BatchProcessor(processor).process(deliveries)
     finally:
         tracing.use_provider(None)
-        await async_engine.dispose()
+        await processor.async_engine.dispose()
     assert [r.disposition if r else None for r in results] == [Disposition.HANDLED] * 3
     assert [d.settled for d in deliveries] == ["acked"] * 3
     assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 1, 2]
