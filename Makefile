@@ -61,8 +61,26 @@ deploy-check: $(STAMP) deploy-tools ## Lint and validate deploy/: hadolint, kube
 	cd tests/deploy && promtool test rules rules_test.yml
 	$(BIN)/pytest -q tests/deploy
 
-test: services deploy-tools ## Set up everything, run the whole test suite (with the short mutant check), then the short PostgreSQL 18 profile
-	@$(BIN)/pytest; status=$$?; \
+# `make test` runs the suite as two pytest processes at once: most of a test's time is spent
+# waiting on a broker, a database or a child process, so two halves share the 2 cores well.
+# The second half (the fault, abuse, mutant and contract suites and the slowest process
+# tests) writes to .test-second-half.log, shown when both are done; `$(BIN)/pytest` alone
+# runs everything in one process.
+TEST_SECOND_HALF := tests/faults tests/abuse tests/mutants tests/contract \
+	tests/integration/test_relay_processes.py \
+	tests/integration/test_consumer_hardening_crashes.py \
+	tests/integration/test_cli_dead_letter.py
+TEST_SECOND_LOG := .test-second-half.log
+
+test: services deploy-tools ## Set up everything, run the whole test suite in two halves at once (with the short mutant check), then the short PostgreSQL 18 profile
+	@echo "the second half of the suite runs beside this one; its log: $(TEST_SECOND_LOG)"; \
+		( $(BIN)/pytest -p no:cacheprovider $(TEST_SECOND_HALF) >$(TEST_SECOND_LOG) 2>&1; \
+			echo $$? >$(TEST_SECOND_LOG).status ) & \
+		$(BIN)/pytest $(addprefix --ignore=,$(TEST_SECOND_HALF)); status=$$?; \
+		wait; \
+		echo "===== the second half: $(TEST_SECOND_HALF)"; \
+		cat $(TEST_SECOND_LOG); \
+		[ "$$(cat $(TEST_SECOND_LOG).status)" = 0 ] || status=1; \
 		$(MAKE) --no-print-directory test-pg18-short || status=1; \
 		echo "services after the tests (the machine's are left running):"; \
 		PYTHON=$(BIN)/python scripts/services status; \
