@@ -13,6 +13,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
+from postroom.brokers.kafka.lag import partition_lag
 from postroom.brokers.kafka.producer import KafkaPublisher
 from postroom.brokers.kafka.settings import (
     _CONSUMER_ONLY_SETTINGS,
@@ -308,33 +309,13 @@ class KafkaSubscriber:
 
     async def lag(self) -> dict[tuple[str, int | None], int]:
         """Per assigned partition: its high watermark minus the offset of the first record
-        not yet acknowledged (before any record came: the fetch position), never below 0.
-
-        Read from what librdkafka already knows (the high watermark of each fetch response;
-        no request to the broker), on the event loop's thread like every other call on the
-        consumer. A partition whose watermark or position is not known yet is left out.
-        """
-        consumer = self._consumer
-        if consumer is None or self._closed.is_set():
+        not yet acknowledged (see :func:`partition_lag`); empty unless subscribed."""
+        if self._consumer is None or self._closed.is_set():
             return {}
-        lag: dict[tuple[str, int | None], int] = {}
-        for key in sorted(self._assigned):
-            tp = confluent_kafka.TopicPartition(key[0], key[1])
-            try:
-                _low, high = consumer.get_watermark_offsets(tp, cached=True)
-                handed = self._next_offset.get(key)
-                if handed is not None:
-                    first_unacknowledged = handed - self._outstanding.get(key, 0)
-                else:
-                    (position,) = consumer.position([tp])
-                    first_unacknowledged = position.offset
-            except (KafkaException, RuntimeError) as exc:
-                _log.debug("Kafka lag not known", partition=key, error=str(exc))
-                continue
-            if high is None or high < 0 or first_unacknowledged < 0:
-                continue
-            lag[key] = max(0, high - first_unacknowledged)
-        return lag
+        handed = self._next_offset.items()
+        first = {key: offset - self._outstanding.get(key, 0) for key, offset in handed}
+        lag = partition_lag(self._consumer, sorted(self._assigned), first)
+        return {(topic, partition): count for (topic, partition), count in lag.items()}
 
     def missing_topics(self) -> list[str]:
         """Subscribed topics Kafka does not know (yet); checked every few seconds."""
