@@ -9,8 +9,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncSession
+from structlog.testing import capture_logs
 
 import postroom
+from postroom.brokers.memory import MemoryBroker, MemorySubscriber
 from postroom.consumer import ConsumerService, runner
 from postroom.message import Message
 from postroom.schema import Tables
@@ -97,3 +99,48 @@ async def test_lag_counts_the_backlog_and_falls_to_zero_once_drained(
             what="the lag back to 0",
         )
         assert drained
+
+
+class UntellingSubscriber(MemorySubscriber):
+    """A memory subscriber whose broker cannot tell its lag the first ``failures`` times."""
+
+    def __init__(self, broker: MemoryBroker, failures: int) -> None:
+        super().__init__(broker)
+        self.failures = failures
+
+    async def lag(self) -> dict[tuple[str, int | None], int]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("queue statistics unavailable")
+        return await super().lag()
+
+
+async def test_a_lag_that_cannot_be_told_is_logged_once_and_handling_goes_on(
+    database_url: str, tables: Tables, unused_tcp_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "LAG_SAMPLE_INTERVAL", 0.05)
+    name, topic = unique("lag-fails"), unique("orders")
+    settings = settings_for(database_url, tables, metrics_port=unused_tcp_port)
+    consumer = postroom.Consumer(name, settings)
+    handled: list[object] = []
+
+    @consumer.handler(topic)
+    async def record(message: postroom.Message, session: AsyncSession) -> None:
+        handled.append(message.payload)
+
+    broker = MemoryBroker()
+    subscriber = UntellingSubscriber(broker, failures=5)
+    service = ConsumerService(consumer, subscriber, settings)
+    with capture_logs() as logs:
+        async with Rig("memory").running(service, name):
+            await broker.publisher().publish([Message.create(topic, {"n": 1})])
+            await wait_until(lambda: handled == [{"n": 1}], within=5, what="the message handled")
+            lag = await wait_until(
+                lambda: asyncio.to_thread(lambda: lag_series(unused_tcp_port) or None),
+                within=5,
+                what="a lag sample once the broker tells it",
+            )
+    assert lag == {(name, ""): 0.0}
+    failed = [e for e in logs if e["event"] == "consumer.lag_sample_failed"]
+    assert len(failed) == 1, failed
+    assert "queue statistics unavailable" in failed[0]["error"]
