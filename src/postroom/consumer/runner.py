@@ -38,6 +38,8 @@ RECEIVE_TURN = 1.0
 STOP_GRACE = 30.0
 #: Seconds between samples of the subscriber's lag (``postroom_consumer_lag_messages``).
 LAG_SAMPLE_INTERVAL = 5.0
+#: Longest wait for one lag sample (a broker that does not answer counts as a failure).
+LAG_SAMPLE_TIMEOUT = 10.0
 #: Most deliveries one batch may hold: one savepoint each, and PostgreSQL keeps 64 a
 #: transaction in its subtransaction cache.
 MAX_BATCH_SIZE = 64
@@ -538,7 +540,8 @@ class ConsumerService:
         if not self._subscribed or not isinstance(subscriber, ReportsLag):
             return
         try:
-            lag = await subscriber.lag()
+            async with asyncio.timeout(LAG_SAMPLE_TIMEOUT):
+                lag = await subscriber.lag()
         except Exception as exc:  # a broker that cannot tell now is no reason to stop
             if not self._lag_failing:
                 self._lag_failing = True

@@ -302,12 +302,12 @@ class RabbitMQSubscriber:
         connection = self._connection
         if connection is None or self._closed.is_set() or not self.queue_name:
             return {}
-        channel = self._lag_channel
-        if channel is None or channel.is_closed:
-            channel = self._lag_channel = await connection.channel(publisher_confirms=False)
         async with asyncio.timeout(self.connect_timeout):
-            # On the underlying channel: aio-pika's robust channel answers a passive
-            # declaration of a queue it declared before from its cache, with the old count.
+            channel = self._lag_channel
+            if channel is None or channel.is_closed:
+                channel = self._lag_channel = await connection.channel(publisher_confirms=False)
+            # On the underlying channel: aio-pika's robust channel answers a repeated
+            # passive declaration from its cache, with the first count.
             underlay = await channel.get_underlay_channel()
             declared = await underlay.queue_declare(self.queue_name, passive=True)
         return {(self.queue_name, None): int(declared.message_count or 0)}
