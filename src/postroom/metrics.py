@@ -101,9 +101,9 @@ class Metrics:
         """A counter on this registry, with ``labels`` if any."""
         return Counter(name, documentation, labels, registry=self.registry)
 
-    def gauge(self, name: str, documentation: str) -> Gauge:
-        """A gauge on this registry."""
-        return Gauge(name, documentation, registry=self.registry)
+    def gauge(self, name: str, documentation: str, *labels: str) -> Gauge:
+        """A gauge on this registry, with ``labels`` if any."""
+        return Gauge(name, documentation, labels, registry=self.registry)
 
     def histogram(self, name: str, documentation: str, *labels: str) -> Histogram:
         """A histogram of seconds (:data:`LATENCY_BUCKETS`) on this registry."""
@@ -143,6 +143,16 @@ class RelayMetrics(Metrics):
             "(a delayed row counts from when it is due).",
         )
         self.dead_rows = gauge("postroom_outbox_dead", "Dead-lettered rows in the outbox.")
+        self.dead_tuples = gauge(
+            "postroom_outbox_dead_tuples",
+            "Dead tuples in the outbox table and its partitions, as PostgreSQL's statistics "
+            "count them (pg_stat_user_tables.n_dead_tup); vacuum removes them.",
+        )
+        self.oldest_transaction_age = gauge(
+            "postroom_database_oldest_transaction_age_seconds",
+            "Seconds the oldest transaction holding back vacuum in the outbox's database has "
+            "been open (only the relay role's own sessions without pg_read_all_stats).",
+        )
         self.owned_partitions = gauge(
             "postroom_relay_owned_partitions", "Partitions this relay holds."
         )

@@ -209,6 +209,11 @@ def test_prometheus_records_the_rules_from_live_services_and_alerts_on_a_cut_bro
                 'job:postroom_relay_owned_partitions:sum{job="postroom-relay"}'
             )
             assert float(owned["value"][1]) > 0
+            # The consumer's lag: its RabbitMQ queue (Prometheus drops the empty partition).
+            (lag,) = prometheus.series('postroom_consumer_lag_messages{job="postroom-consumer"}')
+            assert lag["metric"]["topic"] == name
+            assert "partition" not in lag["metric"]
+            assert prometheus.series("job:postroom_outbox_dead_tuples:max")
             assert prometheus.firing() == set(), "nothing alerts while all is well"
 
             # The relay's exported names are its live /metrics (the registry the deploy

@@ -196,6 +196,30 @@ class Subscriber(Protocol):
         ...
 
 
+#: Messages waiting for a consumer, by (topic or queue, partition): see :class:`ReportsLag`.
+Lag = dict[tuple[str, int | None], int]
+
+
+@runtime_checkable
+class ReportsLag(Protocol):
+    """A subscriber that can tell how many messages wait for its consumer (every broker
+    postroom ships: Kafka, RabbitMQ, memory). The consumer samples it every few seconds
+    into ``postroom_consumer_lag_messages``."""
+
+    async def lag(self) -> Lag:
+        """Messages not yet handled, by (topic or queue, partition).
+
+        Kafka: per assigned partition, its high watermark minus the offset of the first
+        record not yet acknowledged (or the fetch position before any came). RabbitMQ: the
+        ready messages of the consumer's queue, ``(queue, None)`` (messages already handed
+        to a consumer count once they are requeued). Memory: the messages of the
+        subscribed topics not yet handed out, ``(consumer, None)``. Empty before
+        :meth:`Subscriber.start` and after :meth:`Subscriber.close`; raises when the
+        broker cannot tell now (the caller keeps the last numbers).
+        """
+        ...
+
+
 #: Headers postroom adds to messages it retries or dead-letters.
 HEADER_ATTEMPTS = "postroom-attempts"
 """Attempts made so far (failed handler runs), carried on retried and dead-lettered copies."""

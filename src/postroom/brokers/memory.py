@@ -356,6 +356,16 @@ class MemorySubscriber:
                 continue
             yield delivery
 
+    async def lag(self) -> dict[tuple[str, int | None], int]:
+        """Messages of the subscribed topics not yet handed out (stored on the broker or
+        waiting in this subscriber), as ``{(consumer, None): count}``; empty unless started."""
+        if self.consumer is None or self._closed.is_set():
+            return {}
+        with self.broker._lock:
+            fresh = self.broker._messages[self._cursor :]
+            waiting = sum(1 for message in fresh if message.topic in self.topics)
+        return {(self.consumer, None): waiting + self._queue.qsize()}
+
     async def close(self) -> None:
         """Stop handing out deliveries and cancel pending retries."""
         self._closed.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from postroom.brokers.base import Lag
 from postroom.metrics import Metrics
 
 #: The ``topic`` label of deliveries on topics the consumer has no handler for: labels
@@ -59,8 +60,32 @@ class ConsumerMetrics(Metrics):
         self.in_flight = self.gauge(
             "postroom_consumer_in_flight", "Messages being handled right now."
         )
+        self.lag = self.gauge(
+            "postroom_consumer_lag_messages",
+            "Messages waiting for this consumer: per assigned Kafka partition, its high "
+            "watermark minus the first offset not yet acknowledged; on RabbitMQ the ready "
+            "messages of the consumer's queue (topic is the queue, partition is empty).",
+            "topic",
+            "partition",
+        )
+        self._lag_labels: set[tuple[str, str]] = set()
         self.latency = self.histogram(
             "postroom_consumer_handler_seconds",
             "One handler run with its transaction (inbox insert, handler, commit).",
             "topic",
         )
+
+    def set_lag(self, lag: Lag) -> None:
+        """Set the lag gauge to ``lag`` and drop the series of partitions no longer reported
+        (revoked): labels come from the subscriber's own topics, queue and partitions."""
+        values = {(topic, _partition_label(part)): count for (topic, part), count in lag.items()}
+        for gone in self._lag_labels - values.keys():
+            self.lag.remove(*gone)
+        for labels, messages in values.items():
+            self.lag.labels(*labels).set(messages)
+        self._lag_labels = set(values)
+
+
+def _partition_label(partition: int | None) -> str:
+    """A partition as its label: its number, or empty for a queue (RabbitMQ, memory)."""
+    return "" if partition is None else str(partition)

@@ -12,7 +12,7 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.engine import Engine
 
 from postroom.backoff import Backoff
-from postroom.brokers.base import Delivery, Subscriber
+from postroom.brokers.base import Delivery, ReportsLag, Subscriber
 from postroom.config import Settings
 from postroom.consumer.batching import BatchProcessor
 from postroom.consumer.decoding import describe_error
@@ -36,6 +36,10 @@ LANE_IDLE = 30.0
 RECEIVE_TURN = 1.0
 #: Seconds a stopping consumer waits for handlers in flight.
 STOP_GRACE = 30.0
+#: Seconds between samples of the subscriber's lag (``postroom_consumer_lag_messages``).
+LAG_SAMPLE_INTERVAL = 5.0
+#: Longest wait for one lag sample (a broker that does not answer counts as a failure).
+LAG_SAMPLE_TIMEOUT = 10.0
 #: Most deliveries one batch may hold: one savepoint each, and PostgreSQL keeps 64 a
 #: transaction in its subtransaction cache.
 MAX_BATCH_SIZE = 64
@@ -155,6 +159,7 @@ class ConsumerService:
         self._broken: dict[object, object] = {}
         self._unsettled_streak = 0
         self._subscribed = False
+        self._lag_failing = False
         self.started = asyncio.Event()
         """Set once the subscriber is connected and subscribed."""
 
@@ -199,6 +204,8 @@ class ConsumerService:
         background: list[Background] = []
         if self.settings.inbox_retention:
             background.append(("postroom-inbox-purge", self._purge_forever))
+        if isinstance(self.subscriber, ReportsLag):
+            background.append(("postroom-consumer-lag", self._sample_lag_forever))
         await self._lifecycle.run(
             lambda: self._work(topics),
             background=background,
@@ -518,6 +525,35 @@ class ConsumerService:
             await purge_round(deleting(counts))
 
         await repeat(round_, PURGE_INTERVAL, on_error=failed)
+
+    async def _sample_lag_forever(self) -> None:
+        """Sample the subscriber's lag into ``postroom_consumer_lag_messages`` every
+        :data:`LAG_SAMPLE_INTERVAL` seconds while subscribed."""
+        while True:
+            await self._sample_lag()
+            await asyncio.sleep(LAG_SAMPLE_INTERVAL)
+
+    async def _sample_lag(self) -> None:
+        """One sample. A failure is logged once (until a sample works again) and keeps the
+        last numbers: the lag must never hold back or stop the consumer."""
+        subscriber = self.subscriber
+        if not self._subscribed or not isinstance(subscriber, ReportsLag):
+            return
+        try:
+            async with asyncio.timeout(LAG_SAMPLE_TIMEOUT):
+                lag = await subscriber.lag()
+        except Exception as exc:  # a broker that cannot tell now is no reason to stop
+            if not self._lag_failing:
+                self._lag_failing = True
+                log.warning(
+                    "consumer.lag_sample_failed",
+                    consumer=self.consumer.name,
+                    error=describe_error(exc),
+                    advice="postroom_consumer_lag_messages keeps its last value",
+                )
+            return
+        self._lag_failing = False
+        self.metrics.set_lag(lag)
 
 
 def _settled(result: Result | None) -> bool:

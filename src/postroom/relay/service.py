@@ -115,6 +115,7 @@ class Relay:
         self._broker_state: tuple[str, str | None] = (BROKER_CONNECTING, None)
         self.leases.broker_state = lambda: self._broker_state
         self._database_ready = False
+        self._hygiene_failing = False
 
     def stop(self) -> None:
         """Ask the relay to finish the batch in flight, release its partitions and return."""
@@ -498,6 +499,7 @@ class Relay:
         self.metrics.backlog.set(pending)
         self.metrics.oldest_pending_age.set(oldest)
         self.metrics.dead_rows.set(dead)
+        await self._sample_hygiene()
         retention = self.settings.relay_retention
         if retention > 0 and self._purge_due.due():
             purged = await purge_round(
@@ -505,6 +507,26 @@ class Relay:
             )
             if purged:
                 log.info("relay.purged", rows=purged, older_than_seconds=retention)
+
+    async def _sample_hygiene(self) -> None:
+        """Refresh the dead-tuple and vacuum-horizon gauges. A failure is logged once (until
+        a sample works again) and never holds back the purge or the relay."""
+        try:
+            dead_tuples, oldest = await self._maintenance.hygiene()
+        except Exception as exc:  # a statistics view must never stop the relay
+            if not self._hygiene_failing:
+                self._hygiene_failing = True
+                log.warning(
+                    "relay.hygiene_sample_failed",
+                    error=str(exc),
+                    kind=type(exc).__name__,
+                    advice="postroom_outbox_dead_tuples and "
+                    "postroom_database_oldest_transaction_age_seconds keep their last value",
+                )
+            return
+        self._hygiene_failing = False
+        self.metrics.dead_tuples.set(dead_tuples)
+        self.metrics.oldest_transaction_age.set(oldest)
 
 
 def _first_unconfirmed(

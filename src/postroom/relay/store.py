@@ -17,6 +17,7 @@ from postroom.database import translate
 from postroom.errors import DatabaseError
 from postroom.message import Message
 from postroom.schema import relay_sql
+from postroom.schema.sql import quoted_table
 from postroom.schema.tables import Tables
 
 #: Outcome names the mark statement understands: the broker's, plus "held" (not sent) and
@@ -307,3 +308,11 @@ class OutboxStore:
         rows = await self._connection.fetch(relay_sql.backlog_sql(self._tables), {})
         pending, oldest, dead = rows[0]
         return int(pending), float(oldest), int(dead)
+
+    async def hygiene(self) -> tuple[int, float]:
+        """Dead tuples of the outbox table, and seconds the oldest transaction holding back
+        vacuum in this database has been open."""
+        outbox = quoted_table(self._tables.outbox)
+        rows = await self._connection.fetch(relay_sql.hygiene_sql(), {"outbox": outbox})
+        dead_tuples, oldest = rows[0]
+        return int(dead_tuples), max(0.0, float(oldest))

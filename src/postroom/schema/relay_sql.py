@@ -1,4 +1,4 @@
-"""The relay's statements: claim, mark, leases, purge and backlog, for psycopg.
+"""The relay's statements: claim, mark, leases, purge, backlog and table hygiene, for psycopg.
 
 Parameters are ``%(name)s``. The per-row arrays of the hot statements arrive as array
 literals in one text parameter (``'{1,2,3}'``, built with ``str.join``) and are cast in
@@ -248,4 +248,26 @@ SELECT count(*),
                 FILTER (WHERE available_at <= now())), 0)::float8,
        (SELECT count(*) FROM {outbox} WHERE status = '{DEAD}')
 FROM {outbox} WHERE status = '{PENDING}'
+"""
+
+
+def hygiene_sql() -> str:
+    """Dead tuples of the outbox table (and of its partitions, if a DBA partitioned it), and
+    seconds the oldest transaction holding back vacuum in this database has been open.
+
+    Both read the statistics views only (no table is scanned). A transaction holds back
+    vacuum while it has a snapshot (``backend_xmin``) or a transaction id
+    (``backend_xid``); this sampling statement's own session is left out. A role without
+    ``pg_read_all_stats`` sees ``xact_start`` only of sessions of its own role, so the age
+    counts those (0 when none is open). Parameter: %(outbox)s, the outbox's quoted name.
+    """
+    return """
+SELECT coalesce((SELECT sum(s.n_dead_tup) FROM pg_stat_user_tables AS s
+                 WHERE s.relid = %(outbox)s::regclass
+                    OR s.relid IN (SELECT t.relid
+                                   FROM pg_partition_tree(%(outbox)s::regclass) AS t)), 0)::bigint,
+       coalesce((SELECT extract(epoch FROM now() - min(a.xact_start))
+                 FROM pg_stat_activity AS a
+                 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+                   AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)), 0)::float8
 """

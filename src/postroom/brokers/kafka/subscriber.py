@@ -13,6 +13,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
+from postroom.brokers.kafka.lag import partition_lag
 from postroom.brokers.kafka.producer import KafkaPublisher
 from postroom.brokers.kafka.settings import (
     _CONSUMER_ONLY_SETTINGS,
@@ -305,6 +306,16 @@ class KafkaSubscriber:
         """librdkafka's error callback: remember a refusal (authentication, authorization)."""
         if error.code() in _REFUSED:
             self._refused = error
+
+    async def lag(self) -> dict[tuple[str, int | None], int]:
+        """Per assigned partition: its high watermark minus the offset of the first record
+        not yet acknowledged (see :func:`partition_lag`); empty unless subscribed."""
+        if self._consumer is None or self._closed.is_set():
+            return {}
+        handed = self._next_offset.items()
+        first = {key: offset - self._outstanding.get(key, 0) for key, offset in handed}
+        lag = partition_lag(self._consumer, sorted(self._assigned), first)
+        return {(topic, partition): count for (topic, partition), count in lag.items()}
 
     def missing_topics(self) -> list[str]:
         """Subscribed topics Kafka does not know (yet); checked every few seconds."""

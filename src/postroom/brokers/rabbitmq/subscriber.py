@@ -225,6 +225,10 @@ class RabbitMQSubscriber:
         self.queue_name = ""
         self._connection: Any = None
         self._channel: Any = None
+        # Passive declarations for lag() go on a channel of their own: RabbitMQ closes the
+        # channel of one that fails (the queue was deleted), which must not be the one the
+        # deliveries come on.
+        self._lag_channel: Any = None
         self._queue: asyncio.Queue[RabbitMQDelivery] = asyncio.Queue()
         self._retry_queues: set[str] = set()
         self._retry_declared: dict[str, float] = {}
@@ -291,9 +295,27 @@ class RabbitMQSubscriber:
                 continue
             yield delivery
 
+    async def lag(self) -> dict[tuple[str, int | None], int]:
+        """The ready messages of the consumer's queue (a passive declaration), as
+        ``{(queue, None): count}``; empty unless subscribed. Messages handed to a consumer
+        and not yet acknowledged are not counted (RabbitMQ counts them apart)."""
+        connection = self._connection
+        if connection is None or self._closed.is_set() or not self.queue_name:
+            return {}
+        async with asyncio.timeout(self.connect_timeout):
+            channel = self._lag_channel
+            if channel is None or channel.is_closed:
+                channel = self._lag_channel = await connection.channel(publisher_confirms=False)
+            # On the underlying channel: aio-pika's robust channel answers a repeated
+            # passive declaration from its cache, with the first count.
+            underlay = await channel.get_underlay_channel()
+            declared = await underlay.queue_declare(self.queue_name, passive=True)
+        return {(self.queue_name, None): int(declared.message_count or 0)}
+
     async def close(self) -> None:
         """Close the connection; unacknowledged messages return to the queue."""
         self._closed.set()
+        self._lag_channel = None
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             with contextlib.suppress(Exception):
