@@ -65,7 +65,8 @@ def use_provider(provider: TracerProvider | None) -> None:
 
 
 def _tracer() -> Tracer | None:
-    """postroom's tracer, or None when no tracer provider is configured."""
+    """postroom's tracer, or None when no tracer provider is configured (or it fails to
+    give one: tracing never holds a message back)."""
     if trace is None:
         return None
     provider = _provider or trace.get_tracer_provider()
@@ -73,7 +74,10 @@ def _tracer() -> Tracer | None:
         return None
     global _cached
     if _cached is None or _cached[0] is not provider:
-        _cached = (provider, provider.get_tracer(INSTRUMENTATION))
+        try:
+            _cached = (provider, provider.get_tracer(INSTRUMENTATION))
+        except Exception:
+            return None
     return _cached[1]
 
 
@@ -157,17 +161,43 @@ async def publish(publisher: Publisher, batch: Sequence[Message]) -> list[Publis
     try:
         results = await publisher.publish(batch)
     except BaseException as exc:
-        for span in spans:
-            span.record_exception(exc)
-            span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
-            span.end()
+        with contextlib.suppress(Exception):
+            for span in spans:
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+                span.end()
         raise
-    for span, result in zip(spans, results, strict=True):
-        if not result.confirmed:
-            span.set_attribute("error.type", result.outcome.value)
-            span.set_status(trace.StatusCode.ERROR, result.error or result.outcome.value)
-        span.end()
+    # The broker has answered: a tracing failure now must not lose what it confirmed.
+    with contextlib.suppress(Exception):
+        for span, result in zip(spans, results, strict=True):
+            if not result.confirmed:
+                span.set_attribute("error.type", result.outcome.value)
+                span.set_status(trace.StatusCode.ERROR, result.error or result.outcome.value)
+            span.end()
     return results
+
+
+@contextlib.contextmanager
+def _guarded(scope: contextlib.AbstractContextManager[Any]) -> Iterator[None]:
+    """Run the block inside ``scope`` (a span); a failure of the scope itself, entering or
+    leaving it, is dropped, the block's own exception is not: tracing never fails a
+    message."""
+    try:
+        scope.__enter__()
+        entered = True
+    except Exception:
+        entered = False
+    if not entered:
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            scope.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    with contextlib.suppress(Exception):
+        scope.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
@@ -183,12 +213,17 @@ def processing(
         return
     attributes = _attributes(system, topic, message_id, "process")
     attributes["messaging.consumer.group.name"] = consumer
-    with tracer.start_as_current_span(
-        f"{topic} process",
-        context=_extracted(headers),
-        kind=trace.SpanKind.CONSUMER,
-        attributes=attributes,
-    ):
+    scope: contextlib.AbstractContextManager[Any]
+    try:
+        scope = tracer.start_as_current_span(
+            f"{topic} process",
+            context=_extracted(headers),
+            kind=trace.SpanKind.CONSUMER,
+            attributes=attributes,
+        )
+    except Exception:  # tracing never fails a message
+        scope = contextlib.nullcontext()
+    with _guarded(scope):
         yield
 
 
@@ -220,11 +255,16 @@ def processing_batch(
         "messaging.consumer.group.name": consumer,
         "messaging.batch.message_count": len(messages),
     }
-    with tracer.start_as_current_span(
-        f"{topic} process",
-        context=otel_context.Context(),
-        kind=trace.SpanKind.CONSUMER,
-        attributes=attributes,
-        links=links,
-    ):
+    scope: contextlib.AbstractContextManager[Any]
+    try:
+        scope = tracer.start_as_current_span(
+            f"{topic} process",
+            context=otel_context.Context(),
+            kind=trace.SpanKind.CONSUMER,
+            attributes=attributes,
+            links=links,
+        )
+    except Exception:  # tracing never fails a message
+        scope = contextlib.nullcontext()
+    with _guarded(scope):
         yield

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 import postroom
 from postroom import tracing
 from postroom.brokers import publisher_from_url
+from postroom.brokers.memory import MemoryBroker
 from postroom.consumer import ConsumerService
 from postroom.message import HEADER_CAUSATION_ID, HEADER_CORRELATION_ID, Message
 from postroom.outbox import Outbox
@@ -295,3 +296,88 @@ async def test_a_failed_handler_run_is_recorded_on_its_span(
     ]
     assert succeeded.status.status_code is not StatusCode.ERROR
     assert len(runs) == 2
+
+
+class _BrokenSpans:
+    """A span scope whose entering (``at="start"``) or leaving (``at="end"``) raises."""
+
+    def __init__(self, at: str) -> None:
+        self.at = at
+
+    def __enter__(self) -> None:
+        if self.at == "start":
+            raise RuntimeError("tracing SDK broken at span start")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.at == "end":
+            raise RuntimeError("tracing SDK broken at span end")
+
+
+class _BrokenTracer:
+    def __init__(self, at: str) -> None:
+        self.at = at
+
+    def start_span(self, *args: Any, **kwargs: Any) -> Any:
+        if self.at == "start":
+            raise RuntimeError("tracing SDK broken at span start")
+        return _EndlessSpan()
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> _BrokenSpans:
+        return _BrokenSpans(self.at)
+
+
+class _EndlessSpan:
+    """A producer span whose end raises."""
+
+    def set_attribute(self, *args: Any) -> None:
+        raise RuntimeError("tracing SDK broken at span end")
+
+    set_status = record_exception = end = set_attribute
+
+
+class _BrokenProvider(TracerProvider):
+    def __init__(self, at: str) -> None:
+        super().__init__()
+        self.at = at
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
+        return _BrokenTracer(self.at)
+
+
+@pytest.mark.parametrize("at", ["start", "end"])
+async def test_a_broken_tracing_sdk_never_holds_a_message_back(
+    at: str, database_url: str, tables: Tables, engine: Engine, outbox: Outbox
+) -> None:
+    previous = tracing._provider
+    tracing.use_provider(_BrokenProvider(at))
+    try:
+        broker = MemoryBroker()
+        written = [outbox.message("traced", {"n": n}) for n in range(3)]
+        with Session(engine) as session:
+            outbox.enqueue_many(session, written)
+            session.commit()
+        relay = Relay(relay_settings(database_url, tables), broker.publisher())
+        async with running_relay(relay):
+            await wait_until(lambda: len(broker.messages()) == 3, within=10, what="3 published")
+        # Published, and marked so: nothing is published again.
+        assert sorted(str(m.id) for m in broker.messages()) == sorted(str(m.id) for m in written)
+
+        rig = Rig("memory")
+        name = unique("broken-sdk")
+        (topic,) = await rig.topics("orders", consumer=name)
+        settings = settings_for(database_url, tables)
+        consumer = postroom.Consumer(name, settings)
+        runs: list[str] = []
+
+        @consumer.handler(topic)
+        async def record(message: postroom.Message, session: AsyncSession) -> None:
+            runs.append(str(message.id))
+
+        message = Message.create(topic, {"order": 1})
+        service = ConsumerService(consumer, rig.subscriber(settings), settings)
+        async with rig.running(service, name):
+            await rig.publish([message])
+            await wait_until(lambda: runs == [str(message.id)], within=10, what="one run")
+    finally:
+        tracing.use_provider(previous)
+    assert runs == [str(message.id)], "the handler ran once, its first attempt succeeded"

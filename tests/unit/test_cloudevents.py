@@ -34,3 +34,22 @@ def test_cloudevents_are_off_unless_asked_for() -> None:
     assert policy.applies_to("payments")
     assert not policy.applies_to("payments.refunded")
     assert policy.source == "postroom"
+
+
+def test_a_relay_whose_publisher_was_built_without_cloudevents_is_refused() -> None:
+    from postroom.brokers.rabbitmq import RabbitMQPublisher
+    from postroom.relay import Relay
+
+    settings = Settings.from_env(
+        {
+            "POSTROOM_DATABASE_URL": "postgresql://postroom@127.0.0.1:5432/app",
+            "POSTROOM_CLOUDEVENTS": "all",
+        }
+    )
+    with pytest.raises(ConfigurationError) as refused:
+        Relay(settings, RabbitMQPublisher("amqp://guest:guest@127.0.0.1:5672/"))
+    assert "cloudevents=settings.cloudevents_policy()" in str(refused.value)
+    wired = RabbitMQPublisher(
+        "amqp://guest:guest@127.0.0.1:5672/", cloudevents=settings.cloudevents_policy()
+    )
+    assert Relay(settings, wired).publisher is wired

@@ -65,7 +65,13 @@ async def _run(settings: Settings) -> None:
     if settings.relay_create_topics and settings.broker_url.startswith("kafka:"):
         options["create_topics"] = True
     cloudevents = settings.cloudevents_policy()
-    if cloudevents is not None and not settings.broker_url.startswith("memory:"):
+    if cloudevents is not None and settings.broker_url.startswith("memory:"):
+        get_logger("relay").warning(
+            "relay.cloudevents_ignored",
+            reason="the in-memory broker has no wire format",
+            advice="turn POSTROOM_CLOUDEVENTS off, or relay to RabbitMQ or Kafka",
+        )
+    elif cloudevents is not None:
         options["cloudevents"] = cloudevents
     # a bad URL is said before the database
     publisher = publisher_from_url(settings.broker_url, **options)

@@ -534,22 +534,27 @@ class ConsumerService:
             await asyncio.sleep(LAG_SAMPLE_INTERVAL)
 
     async def _sample_lag(self) -> None:
-        """One sample. A failure is logged once (until a sample works again) and keeps the
-        last numbers: the lag must never hold back or stop the consumer."""
+        """One sample. A failure is logged once (until a sample works again) and drops the
+        series until a sample works (a stale number would keep an alert firing): the lag
+        must never hold back or stop the consumer."""
         subscriber = self.subscriber
-        if not self._subscribed or not isinstance(subscriber, ReportsLag):
+        if not isinstance(subscriber, ReportsLag):
+            return
+        if not self._subscribed:
+            self.metrics.set_lag({})
             return
         try:
             async with asyncio.timeout(LAG_SAMPLE_TIMEOUT):
                 lag = await subscriber.lag()
         except Exception as exc:  # a broker that cannot tell now is no reason to stop
+            self.metrics.set_lag({})
             if not self._lag_failing:
                 self._lag_failing = True
                 log.warning(
                     "consumer.lag_sample_failed",
                     consumer=self.consumer.name,
                     error=describe_error(exc),
-                    advice="postroom_consumer_lag_messages keeps its last value",
+                    advice="postroom_consumer_lag_messages has no series until a sample works",
                 )
             return
         self._lag_failing = False

@@ -15,7 +15,12 @@ from typing import Final, TypeVar
 from postroom.backoff import Backoff
 from postroom.brokers.base import Outcome, Publisher, PublishResult
 from postroom.config import Settings
-from postroom.errors import BrokerRefusedError, BrokerUnavailableError, DatabaseError
+from postroom.errors import (
+    BrokerRefusedError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    DatabaseError,
+)
 from postroom.lifecycle import PURGE_INTERVAL, Every, Lifecycle, purge_round, repeat
 from postroom.log import get_logger
 from postroom.metrics import RelayMetrics
@@ -76,6 +81,13 @@ class Relay:
         *,
         metrics: RelayMetrics | None = None,
     ) -> None:
+        unwired = getattr(publisher, "cloudevents", 0) is None  # a publisher that could, unasked
+        if unwired and settings.cloudevents_policy() is not None:
+            raise ConfigurationError(
+                "cloudevents is on (POSTROOM_CLOUDEVENTS) but the relay's publisher was built "
+                "without it: pass cloudevents=settings.cloudevents_policy() to "
+                "publisher_from_url, or turn the setting off"
+            )
         self.settings = settings
         self.publisher = publisher
         self.relay_id = settings.relay_id or default_relay_id()

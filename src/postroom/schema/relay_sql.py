@@ -257,8 +257,10 @@ def hygiene_sql() -> str:
 
     Both read the statistics views only (no table is scanned). A transaction holds back
     vacuum while it has a snapshot (``backend_xmin``) or a transaction id
-    (``backend_xid``); this sampling statement's own session is left out. A role without
-    ``pg_read_all_stats`` sees ``xact_start`` only of sessions of its own role, so the age
+    (``backend_xid``), and so does a prepared transaction until it is committed or rolled
+    back; autovacuum's own transactions do not (PostgreSQL's vacuum ignores them), and only
+    client sessions are counted. This sampling statement's own session is left out. A role
+    without ``pg_read_all_stats`` sees ``xact_start`` only of sessions of its own role, so the age
     counts those (0 when none is open). Parameter: %(outbox)s, the outbox's quoted name.
     """
     return """
@@ -266,8 +268,13 @@ SELECT coalesce((SELECT sum(s.n_dead_tup) FROM pg_stat_user_tables AS s
                  WHERE s.relid = %(outbox)s::regclass
                     OR s.relid IN (SELECT t.relid
                                    FROM pg_partition_tree(%(outbox)s::regclass) AS t)), 0)::bigint,
-       coalesce((SELECT extract(epoch FROM now() - min(a.xact_start))
-                 FROM pg_stat_activity AS a
-                 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
-                   AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)), 0)::float8
+       greatest(
+           coalesce((SELECT extract(epoch FROM now() - min(a.xact_start))
+                     FROM pg_stat_activity AS a
+                     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+                       AND a.backend_type = 'client backend'
+                       AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)), 0),
+           coalesce((SELECT extract(epoch FROM now() - min(p.prepared))
+                     FROM pg_prepared_xacts AS p
+                     WHERE p.database = current_database()), 0))::float8
 """

@@ -302,10 +302,14 @@ class RabbitMQSubscriber:
         connection = self._connection
         if connection is None or self._closed.is_set() or not self.queue_name:
             return {}
+        if self._lag_channel is None:
+            # Opened once per connection and never replaced: the robust connection restores
+            # it after a reconnect (a channel opened per failed sample would pile up there).
+            self._lag_channel = connection.channel(publisher_confirms=False)
+        channel = self._lag_channel
         async with asyncio.timeout(self.connect_timeout):
-            channel = self._lag_channel
-            if channel is None or channel.is_closed:
-                channel = self._lag_channel = await connection.channel(publisher_confirms=False)
+            if not channel.is_initialized:
+                await channel
             # On the underlying channel: aio-pika's robust channel answers a repeated
             # passive declaration from its cache, with the first count.
             underlay = await channel.get_underlay_channel()
