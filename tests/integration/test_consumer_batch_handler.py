@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 import postroom
 from postroom import testing, tracing
 from postroom.brokers.memory import MemoryBroker, MemoryDelivery, MemorySubscriber
+from postroom.config import Settings
 from postroom.consumer import ConsumerService, Disposition, Processor
 from postroom.consumer.batching import BatchProcessor
 from postroom.database import create_async_engine, create_engine
@@ -77,18 +78,28 @@ def _available(broker: str) -> None:
     (rabbitmq_available if broker == "rabbitmq" else kafka_available)()
 
 
-@pytest.mark.parametrize("broker", BROKERS)
-async def test_batch_handler_gets_lists_and_each_message_once_also_when_duplicated(
-    database_url: str, tables: Tables, engine: Engine, effects: str, broker: str
-) -> None:
+async def _batching_consumer(
+    broker: str, database_url: str, tables: Tables, prefix: str
+) -> tuple[Rig, str, str, Settings, postroom.Consumer]:
+    """A rig on ``broker``, a consumer named from ``prefix`` batching up to 16 messages, its
+    topic and settings."""
     _available(broker)
     rig = Rig(broker)
-    name = unique("bulk")
+    name = unique(prefix)
     (topic,) = await rig.topics("rows", consumer=name)
     settings = settings_for(
         database_url, tables, consumer_batch_size=16, consumer_batch_linger=0.05
     )
-    consumer = postroom.Consumer(name, settings)
+    return rig, name, topic, settings, postroom.Consumer(name, settings)
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+async def test_batch_handler_gets_lists_and_each_message_once_also_when_duplicated(
+    database_url: str, tables: Tables, engine: Engine, effects: str, broker: str
+) -> None:
+    rig, name, topic, settings, consumer = await _batching_consumer(
+        broker, database_url, tables, "bulk"
+    )
     calls: list[list[str]] = []
 
     @consumer.batch_handler(topic)
@@ -120,14 +131,9 @@ async def test_batch_handler_gets_lists_and_each_message_once_also_when_duplicat
 async def test_failed_batch_call_writes_nothing_and_only_the_poison_is_dead_lettered(
     database_url: str, tables: Tables, engine: Engine, effects: str, broker: str
 ) -> None:
-    _available(broker)
-    rig = Rig(broker)
-    name = unique("bulkpoison")
-    (topic,) = await rig.topics("rows", consumer=name)
-    settings = settings_for(
-        database_url, tables, consumer_batch_size=16, consumer_batch_linger=0.05
+    rig, name, topic, settings, consumer = await _batching_consumer(
+        broker, database_url, tables, "bulkpoison"
     )
-    consumer = postroom.Consumer(name, settings)
     calls: list[list[int]] = []
     failed: list[int] = []
 
