@@ -290,7 +290,8 @@ def message_size(body: bytes, headers: Mapping[str, str]) -> int:
     """What counts toward ``max_payload_bytes``: the body plus every header name and value
     (UTF-8 bytes)."""
     return len(body) + sum(
-        len(name.encode()) + len(value.encode()) for name, value in headers.items()
+        len(name.encode(errors="surrogatepass")) + len(value.encode(errors="surrogatepass"))
+        for name, value in headers.items()
     )
 
 

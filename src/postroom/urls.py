@@ -59,9 +59,10 @@ def normalize_database_url(url: str) -> str:
 
 #: The schemes of the brokers postroom talks to.
 BROKER_SCHEMES: Final = ("amqp", "amqps", "kafka", "memory")
-_BROKER_FORMS: Final = (
-    "amqp://user:password@host:5672/vhost, amqps://..., kafka://host:9092[,host2:9092] "
-    "or memory://[name]"
+#: The broker URL forms postroom accepts, for error messages and help texts.
+BROKER_URL_FORMS: Final = (
+    "amqp://user:password@host:5672/vhost, amqps://user:password@host:5671/vhost, "
+    "kafka://host:9092[,host2:9092][?librdkafka.setting=value] or memory://[name]"
 )
 
 
@@ -74,7 +75,7 @@ def check_broker_url(url: str) -> None:
         parts = None
     if parts is None or parts.scheme.lower() not in BROKER_SCHEMES:
         raise ConfigurationError(
-            f"broker URL {redact_url(url)!r} is not one postroom can use; use {_BROKER_FORMS}"
+            f"broker URL {redact_url(url)!r} is not one postroom can use; use {BROKER_URL_FORMS}"
         )
     hosts = parts.netloc.rpartition("@")[2]
     for host in hosts.split(",") if parts.scheme.lower() != "memory" else ():
@@ -82,7 +83,7 @@ def check_broker_url(url: str) -> None:
         if port and not (port.isdigit() and 1 <= int(port) <= 65535):
             raise ConfigurationError(
                 f"broker URL {redact_url(url)!r} has port {port!r}, not a number from 1 to "
-                f"65535; use {_BROKER_FORMS}"
+                f"65535; use {BROKER_URL_FORMS}"
             )
 
 

@@ -21,6 +21,7 @@ from postroom.brokers.base import (
 )
 from postroom.brokers.dead_letters import DeadLetter, DeadLetters, Found, Listing, Requeued
 from postroom.errors import ConfigurationError
+from postroom.urls import BROKER_URL_FORMS
 
 if TYPE_CHECKING:
     from postroom.brokers.memory import MemoryBroker
@@ -44,10 +45,7 @@ __all__ = [
 ]
 
 #: The broker URL forms publisher_from_url() accepts, for error messages and help texts.
-URL_FORMS: Final = (
-    "amqp://user:password@host:5672/vhost, amqps://user:password@host:5671/vhost, "
-    "kafka://host:9092[,host2:9092][?librdkafka.setting=value] or memory://[name]"
-)
+URL_FORMS: Final = BROKER_URL_FORMS
 
 
 def publisher_from_url(url: str, **options: Any) -> Publisher:

@@ -51,9 +51,9 @@ from postroom.consumer.processing import (
     handler_cancelled,
     handler_context,
     log,
-    message_size,
     raise_if_aborted,
 )
+from postroom.message import message_size
 from postroom.schema.inbox_sql import delete_inbox_sql, insert_inbox_batch_sql
 from postroom.schema.tables import tables_for
 
@@ -152,7 +152,7 @@ class BatchProcessor:
         processor = self.processor
         if delivery.redelivered or HEADER_FOR_CONSUMER in delivery.headers:
             return None
-        if message_size(delivery) > processor.max_message_bytes:
+        if message_size(delivery.body, delivery.headers) > processor.max_message_bytes:
             return None
         spec = processor.consumer.handler_for(delivery.topic)
         if spec is None or not spec.is_async:

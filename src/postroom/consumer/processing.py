@@ -45,7 +45,7 @@ from postroom.errors import (
     UndecodableMessageError,
 )
 from postroom.log import get_logger
-from postroom.message import Message
+from postroom.message import Message, message_size
 from postroom.schema.inbox_sql import (
     count_redelivery_sql,
     forget_redeliveries_sql,
@@ -158,15 +158,6 @@ def handler_cancelled() -> HandlerCancelledError:
     )
 
 
-def message_size(delivery: Delivery) -> int:
-    """Bytes of ``delivery``'s body and headers (names and values, UTF-8)."""
-    headers = sum(
-        len(k.encode(errors="replace")) + len(v.encode(errors="replace"))
-        for k, v in delivery.headers.items()
-    )
-    return len(delivery.body) + headers
-
-
 @contextlib.contextmanager
 def handler_context(delivery: Delivery, message_id: str, consumer: str) -> Iterator[None]:
     """The context a handler of ``delivery`` runs in: its CONSUMER span (see
@@ -263,7 +254,7 @@ class Processor:
                     "producer that sets it"
                 ),
             )
-        size = message_size(delivery)
+        size = message_size(delivery.body, delivery.headers)
         if size > self.max_message_bytes:
             # Never handed to a handler, and the copy goes without the body (what is too
             # large); the headers say where it came from and why.
