@@ -376,6 +376,10 @@ class KafkaReadback(_Collector):
                     "group.id": f"readback-{uuid.uuid4().hex[:12]}",
                     "enable.auto.commit": False,
                     "enable.partition.eof": False,
+                    # A fetch the broker answers "out of range" (a seek into a hole of the
+                    # offsets) starts the partition again from its first record, whose
+                    # records already taken are skipped; "latest" would skip the rest.
+                    "auto.offset.reset": "earliest",
                     "fetch.wait.max.ms": 100,
                     "topic.metadata.refresh.interval.ms": 1000,
                     "reconnect.backoff.max.ms": 500,
