@@ -120,15 +120,18 @@ def messaging_system(broker_object: object) -> str:
     return "postroom"
 
 
-def _attributes(system: str, topic: str, message_id: str, operation: str) -> dict[str, str]:
-    return {
+def _attributes(system: str, topic: str, message_id: str | None, operation: str) -> dict[str, Any]:
+    """The messaging attributes of a span (``messaging.message.id`` unless None)."""
+    attributes: dict[str, Any] = {
         "messaging.system": system,
         "messaging.destination.name": topic,
-        "messaging.message.id": message_id,
         "messaging.operation": operation,
         "messaging.operation.type": operation,
         "messaging.operation.name": operation,
     }
+    if message_id is not None:
+        attributes["messaging.message.id"] = message_id
+    return attributes
 
 
 def _publish_spans(tracer: Tracer, system: str, batch: Sequence[Message]) -> list[Span]:
@@ -246,15 +249,9 @@ def processing_batch(
                 links.append(trace.Link(origin))
     except Exception:  # tracing never fails a message
         links = []
-    attributes: dict[str, Any] = {
-        "messaging.system": system,
-        "messaging.destination.name": topic,
-        "messaging.operation": "process",
-        "messaging.operation.type": "process",
-        "messaging.operation.name": "process",
-        "messaging.consumer.group.name": consumer,
-        "messaging.batch.message_count": len(messages),
-    }
+    attributes = _attributes(system, topic, None, "process")
+    attributes["messaging.consumer.group.name"] = consumer
+    attributes["messaging.batch.message_count"] = len(messages)
     scope: contextlib.AbstractContextManager[Any]
     try:
         scope = tracer.start_as_current_span(

@@ -176,7 +176,7 @@ class KafkaPublisher:
         reports = _Reports(producer, batch, self.cloudevents)
         limit = self.max_message_bytes
         for index, message in enumerate(batch):
-            size = wire_size(message, reports.extra_headers(index)) + RECORD_OVERHEAD_BYTES
+            size = wire_size(message, reports.extra_headers[index]) + RECORD_OVERHEAD_BYTES
             if size > limit:
                 reports.refused(index, too_large(size, limit, "the producer's message.max.bytes"))
         producer.pending.add(reports)
@@ -339,7 +339,7 @@ class _Reports:
         "_lock",
         "_reported",
         "_sealed",
-        "cloudevents",
+        "extra_headers",
         "future",
         "messages",
         "producer",
@@ -354,7 +354,11 @@ class _Reports:
     ) -> None:
         self.producer = producer
         self.messages = messages
-        self.cloudevents = cloudevents
+        self.extra_headers: list[dict[str, str]] = [
+            cloudevents.kafka_headers(message) if cloudevents is not None else {}
+            for message in messages
+        ]
+        """The headers each message carries beside its own: its CloudEvents attributes."""
         self.results: list[PublishResult | None] = [None] * len(messages)
         self.future: asyncio.Future[None] = producer.loop.create_future()
         self._lock = threading.Lock()
@@ -366,16 +370,10 @@ class _Reports:
         self._closed = False
         """True once publish() read the results: later reports are ignored."""
 
-    def extra_headers(self, index: int) -> dict[str, str]:
-        """The headers message ``index`` carries beside its own: its CloudEvents attributes."""
-        if self.cloudevents is None:
-            return {}
-        return self.cloudevents.kafka_headers(self.messages[index])
-
     def headers(self, index: int) -> list[tuple[str, str]]:
         """Every header of message ``index`` on the wire: postroom's, the user's, CloudEvents'."""
         headers = self.messages[index].wire_headers()
-        headers.update(self.extra_headers(index))
+        headers.update(self.extra_headers[index])
         return list(headers.items())
 
     def expect(self, produced: int) -> None:
