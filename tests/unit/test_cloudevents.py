@@ -14,6 +14,10 @@ from postroom.errors import ConfigurationError
         ("cloudevents", "orders created", "not a topic name or glob pattern"),
         ("cloudevents", "orders,,payments", "has an empty topic"),
         ("cloudevents_source", "  ", "not a usable CloudEvents source"),
+        ("cloudevents_source", "/shop/" + "x" * 1000, "not a usable CloudEvents source"),
+        ("cloudevents_source", "/shop\x1b[31m", "not a usable CloudEvents source"),
+        ("cloudevents", "orders." + "x" * 250, "not a topic name or glob pattern"),
+        ("cloudevents", "orders;DROP TABLE", "not a topic name or glob pattern"),
     ],
 )
 def test_a_bad_cloudevents_setting_is_refused_saying_what_to_set(
