@@ -137,6 +137,10 @@ async def test_broker_unreachable_then_back(
             for number in range(PROFILE.broker_outages):
                 await run.pause(0.5, 1.5)
                 mode = ("cut", "black hole", "slow")[number % 3]
+                # Aim at connections: after a cut the services reconnect within seconds
+                # (aio-pika waits 5 s), and an outage that finds none tests nothing.
+                with contextlib.suppress(TimeoutError):
+                    await wait_until(lambda: proxy.active > 0, within=15.0, error=TimeoutError)
                 # An outage counts when it caught connections of the services.
                 hit[("cuts", "black holes", "slowdowns")[number % 3]] += proxy.active > 0
                 if mode == "cut":
