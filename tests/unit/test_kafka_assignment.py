@@ -56,3 +56,23 @@ def test_a_refused_take_over_stops_the_poll_loop_loudly() -> None:
     subscriber._consumer = RefusingConsumer(subscriber)
     with pytest.raises(BrokerUnavailableError, match="could not be taken over"):
         asyncio.run(subscriber._poll_forever())
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [("kafka://127.0.0.1:1", 100), ("kafka://127.0.0.1:1?fetch.wait.max.ms=700", "700")],
+)
+def test_the_consumer_fetch_wait_is_short_unless_the_url_sets_it(
+    monkeypatch: pytest.MonkeyPatch, url: str, expected: object
+) -> None:
+    """librdkafka's 500 ms stalled each partition resumed after a full prefetch."""
+    configs: list[dict[str, Any]] = []
+
+    def record_config(config: dict[str, Any]) -> None:
+        configs.append(config)
+        raise KafkaException(KafkaError(KafkaError._INVALID_ARG, "recorded"))
+
+    monkeypatch.setattr("confluent_kafka.Consumer", record_config)
+    with pytest.raises(ConfigurationError, match="recorded"):
+        asyncio.run(KafkaSubscriber.from_url(url).start("group", ["topic"]))
+    assert configs[0]["fetch.wait.max.ms"] == expected

@@ -14,22 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
+from postroom._uuid7 import uuid7
 from postroom.brokers.base import (
+    HEADER_ERROR,
     HEADER_FOR_CONSUMER,
     HEADER_OFFSET,
     HEADER_PARTITION,
     HEADER_TOPIC,
+    MAX_ERROR_HEADER_CHARS,
+    Outcome,
+    dead_letter_headers,
     dead_letter_name,
 )
 from postroom.brokers.dead_letters import (
@@ -47,12 +53,14 @@ from postroom.brokers.dead_letters import (
 from postroom.brokers.kafka.producer import KafkaPublisher
 from postroom.brokers.kafka.settings import (
     _CONSUMER_ONLY_SETTINGS,
+    _log,
     parse_kafka_url,
     record_headers,
     record_key,
 )
 from postroom.errors import BrokerUnavailableError, ConfigurationError
 from postroom.message import (
+    ENVELOPE_HEADERS,
     HEADER_CONTENT_TYPE,
     HEADER_CREATED_AT,
     HEADER_ID,
@@ -61,6 +69,9 @@ from postroom.message import (
     Message,
 )
 from postroom.urls import scrub
+
+if TYPE_CHECKING:
+    from postroom.brokers.kafka.subscriber import KafkaDelivery
 
 #: Headers of the dead-letter copy that do not belong on the original topic.
 KAFKA_COPY_HEADERS: Final = frozenset(
@@ -416,3 +427,61 @@ def _listing_order(letter: DeadLetter) -> tuple[datetime, int, int]:
         letter.partition or 0,
         letter.offset or 0,
     )
+
+
+async def produce_dead_letter(
+    publisher: KafkaPublisher,
+    topic: str,
+    delivery: KafkaDelivery,
+    group: str,
+    error: str,
+    attempts: int,
+) -> None:
+    """Produce ``delivery``'s dead-letter copy to ``topic`` (acks=all) and wait for Kafka to
+    confirm it; a copy Kafka refuses as it is goes without its body (the headers say where
+    the original is). Raises BrokerUnavailableError if it is not confirmed."""
+    headers = dead_letter_headers(delivery, group, error, attempts)
+    headers[HEADER_PARTITION] = str(delivery.partition)
+    headers[HEADER_OFFSET] = str(delivery.offset)
+    try:
+        message_id = uuid.UUID(headers.get(HEADER_ID, ""))
+    except ValueError:
+        message_id = uuid7()
+    content_type = headers.pop(HEADER_CONTENT_TYPE, None) or OCTET_STREAM
+    for name in ENVELOPE_HEADERS:
+        headers.pop(name, None)
+    now = datetime.now(UTC)
+    copy = Message(
+        id=message_id,
+        topic=topic,
+        body=delivery.body,
+        content_type=content_type,
+        created_at=now,
+        available_at=now,
+        key=delivery.key,
+        headers=headers,
+    )
+    (result,) = await publisher.publish([copy])
+    if result.outcome is Outcome.REJECTED:
+        # It can never be written as it is: write what must not be lost (where the
+        # original is, and why) without the body. The original stays on its topic until
+        # its retention, readable at that partition and offset.
+        _log.error(
+            "dead-letter copy refused by Kafka; writing it without its body",
+            group=group,
+            partition=f"{delivery.topic}[{delivery.partition}]",
+            offset=delivery.offset,
+            error=result.error,
+        )
+        headers = {k: v for k, v in headers.items() if k.startswith("postroom-")}
+        headers[HEADER_ERROR] = (
+            f"{error}; the copy with its body was refused by Kafka ({result.error}), so "
+            f"it has no body: the original is at {delivery.topic}[{delivery.partition}] "
+            f"offset {delivery.offset} until that topic's retention"
+        )[:MAX_ERROR_HEADER_CHARS]
+        copy = dataclasses.replace(copy, body=b"", content_type=OCTET_STREAM, headers=headers)
+        (result,) = await publisher.publish([copy])
+    if not result.confirmed:
+        raise BrokerUnavailableError(
+            f"the dead-letter copy was not confirmed by Kafka: {result.error}"
+        )
