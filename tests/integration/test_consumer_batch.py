@@ -1,5 +1,5 @@
-"""Batched transactions: a batch's handlers share one transaction, each under its own
-savepoint; one inbox statement, one commit, then the acknowledgements.
+"""Batched transactions: a batch's handlers share one transaction (no savepoints); one inbox
+statement, one commit, then the acknowledgements; a failure sends the batch one by one.
 
 Real PostgreSQL throughout. The batch itself is driven with memory deliveries (a queue:
 no order) and scripted lane deliveries (a partition: in order); then whole consumers on
@@ -34,7 +34,7 @@ from tests.support.consuming import Rig, settings_for, unique
 from tests.support.services import kafka_available, rabbitmq_available
 from tests.support.waiting import wait_until
 
-#: Batching is opt-in (the default is 1): these tests ask for batches of up to 16.
+#: The default batch size, asked for explicitly: these tests are about batches.
 BATCH = 16
 
 
@@ -98,9 +98,48 @@ def _deliveries(
     return out
 
 
-async def test_batch_commits_once_then_acks_and_a_failing_handler_alone_is_retried(
+async def test_batch_commits_once_then_acks(
     database_url: str, tables: Tables, engine: Engine, effects: str
 ) -> None:
+    consumer = postroom.Consumer(
+        unique("batch"), settings_for(database_url, tables, consumer_batch_size=BATCH)
+    )
+    log: list[str] = []
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        log.append(f"run {message.payload['n']}")
+        await _write_effect(session, effects, message)
+
+    messages = [Message.create("t", {"n": n}) for n in range(5)]
+    deliveries = _deliveries(consumer, messages, log)
+    processor, async_engine = _processor(consumer, database_url)
+    statements: list[str] = []
+    event.listen(async_engine.sync_engine, "commit", lambda _c: log.append("commit"))
+    event.listen(
+        async_engine.sync_engine,
+        "before_cursor_execute",
+        lambda _c, _cur, sql, *_a: statements.append(sql.split()[0].upper()),
+    )
+    try:
+        results = await BatchProcessor(processor).process(deliveries)
+    finally:
+        await async_engine.dispose()
+    assert [r.disposition if r else None for r in results] == [Disposition.HANDLED] * 5
+    # One commit, after every handler ran; nothing acknowledged before it.
+    assert log == [*(f"run {n}" for n in range(5)), "commit", *(f"ack {n}" for n in range(5))]
+    # One inbox statement, each handler's insert, and no savepoint.
+    assert statements == ["INSERT"] * 6
+    assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 1, 2, 3, 4]
+    assert _inbox(engine, tables, consumer.name) == {str(m.id) for m in messages}
+
+
+async def test_a_failing_handler_rolls_the_batch_back_and_each_goes_alone(
+    database_url: str, tables: Tables, engine: Engine, effects: str
+) -> None:
+    """Nothing of the batch is committed or acknowledged; alone, in order, the others
+    commit and the failing one takes the retry path (its failed run in the batch does
+    not count as an attempt)."""
     consumer = postroom.Consumer(
         unique("batch"), settings_for(database_url, tables, consumer_batch_size=BATCH)
     )
@@ -119,20 +158,27 @@ async def test_batch_commits_once_then_acks_and_a_failing_handler_alone_is_retri
     processor, async_engine = _processor(consumer, database_url)
     event.listen(async_engine.sync_engine, "commit", lambda _c: log.append("commit"))
     try:
-        results = await BatchProcessor(processor).process(deliveries)
+        assert await BatchProcessor(processor).process(deliveries) == [None] * 5
+        assert log == ["run 0", "run 1", "run 2"]
+        assert _rows(engine, f"SELECT n FROM {effects}") == []
+        assert _inbox(engine, tables, consumer.name) == set()
+        log.clear()
+        alone = [await processor.process(d) for d in deliveries]
     finally:
         await async_engine.dispose()
-    assert [r.disposition if r else None for r in results] == [
+    assert [r.disposition for r in alone] == [
         Disposition.HANDLED,
         Disposition.HANDLED,
         Disposition.RETRYING,
         Disposition.HANDLED,
         Disposition.HANDLED,
     ]
-    # One commit, after every handler ran; nothing acknowledged before it.
-    assert log == [*(f"run {n}" for n in range(5)), "commit", "ack 0", "ack 1", "ack 3", "ack 4"]
+    assert [r.attempts for r in alone] == [1, 1, 1, 1, 1]
+    assert log == [
+        *("run 0", "commit", "ack 0", "run 1", "commit", "ack 1", "run 2"),
+        *("run 3", "commit", "ack 3", "run 4", "commit", "ack 4"),
+    ]
     assert deliveries[2].settled == "retried"
-    # The failed handler's effect and inbox row rolled back with its savepoint.
     assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 1, 3, 4]
     assert _inbox(engine, tables, consumer.name) == {str(messages[n].id) for n in (0, 1, 3, 4)}
 
@@ -227,7 +273,7 @@ async def test_failed_commit_leaves_the_whole_batch_unacknowledged_and_applies_n
 async def test_handler_that_committed_then_failed_leaves_the_batch_to_one_by_one(
     database_url: str, tables: Tables, engine: Engine, effects: str
 ) -> None:
-    """Its commit released its savepoint, so it cannot be rolled back alone: the whole
+    """Its commit only flushed (a batch's handlers have no savepoints): it fails, the whole
     batch rolls back, and each message goes alone, where its failure undoes all of it."""
     consumer = postroom.Consumer(
         unique("selfcommit"), settings_for(database_url, tables, consumer_batch_size=BATCH)
@@ -257,6 +303,42 @@ async def test_handler_that_committed_then_failed_leaves_the_batch_to_one_by_one
     assert [r.disposition for r in alone] == [Disposition.HANDLED] * 3
     assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 1, 2]
     assert _inbox(engine, tables, consumer.name) == {str(m.id) for m in messages}
+
+
+async def test_handler_rolling_back_its_session_sends_the_batch_one_by_one(
+    database_url: str, tables: Tables, engine: Engine, effects: str
+) -> None:
+    """Its rollback ends the batch's transaction (nothing after it may commit in a new
+    one): the batch goes one by one, where the rollback undoes only its own savepoint."""
+    consumer = postroom.Consumer(
+        unique("rollback"), settings_for(database_url, tables, consumer_batch_size=BATCH)
+    )
+    runs: list[int] = []
+
+    @consumer.handler("t")
+    async def handle(message: Message, session: AsyncSession) -> None:
+        n = message.payload["n"]
+        runs.append(n)
+        await _write_effect(session, effects, message)
+        if n == 1:
+            await session.rollback()
+
+    log: list[str] = []
+    messages = [Message.create("t", {"n": n}) for n in range(3)]
+    deliveries = _deliveries(consumer, messages, log)
+    processor, async_engine = _processor(consumer, database_url)
+    try:
+        assert await BatchProcessor(processor).process(deliveries) == [None] * 3
+        assert runs == [0, 1]
+        assert _rows(engine, f"SELECT n FROM {effects}") == []
+        assert log == []
+        alone = [await processor.process(d) for d in deliveries]
+    finally:
+        await async_engine.dispose()
+    assert [r.disposition for r in alone] == [Disposition.HANDLED] * 3
+    assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 2]
+    assert _inbox(engine, tables, consumer.name) == {str(m.id) for m in messages}
+    assert log == ["ack 0", "ack 1", "ack 2"]
 
 
 async def test_lane_batch_keeps_order_past_a_failing_record_and_acks_after_commits(
@@ -365,8 +447,12 @@ async def test_batched_consumer_handles_each_once_and_dead_letters_the_poison_al
         await wait_until(lambda: dead._value.get() >= 1, within=60, what="poison dead-lettered")
         await wait_until(lambda: handled._value.get() >= 39, within=60, what="39 handled")
         letters = await rig.dead_letters(name, 1)
-    assert len(poison_runs) == settings.consumer_max_attempts
+    # Alone it spent its attempts; each batch it was in failed too, uncounted (a batch
+    # holds it at most once per attempt: a retry comes back as a new delivery).
+    max_attempts = settings.consumer_max_attempts
+    assert max_attempts <= len(poison_runs) <= 2 * max_attempts
     assert letters[0][1]["postroom-error"] == "RuntimeError: poison"
+    assert letters[0][1]["postroom-attempts"] == str(max_attempts)
     counts = collections.Counter(_rows(engine, f"SELECT n FROM {effects}"))
     assert counts == {n: 1 for n in range(40) if n != 13}
     poison = str(messages[13].id)
@@ -376,8 +462,8 @@ async def test_batched_consumer_handles_each_once_and_dead_letters_the_poison_al
 async def test_a_handler_swallowing_a_database_error_in_a_batch_fails_alone(
     database_url: str, tables: Tables, engine: Engine, effects: str
 ) -> None:
-    """Its caught error aborted the transaction: its savepoint is rolled back and it is
-    retried, while the others of the batch (also those after it) commit and are acked."""
+    """Its caught error aborted the batch's transaction: the batch is rolled back, and
+    alone the others (also those after it) commit and are acked while it is retried."""
     unique_n = f'"{tables.schema}".unique_n'
     with engine.begin() as connection:
         connection.execute(text(f"CREATE TABLE {unique_n} (n int PRIMARY KEY)"))
@@ -399,10 +485,12 @@ async def test_a_handler_swallowing_a_database_error_in_a_batch_fails_alone(
     deliveries = _deliveries(consumer, messages, log)
     processor, async_engine = _processor(consumer, database_url)
     try:
-        results = await BatchProcessor(processor).process(deliveries)
+        assert await BatchProcessor(processor).process(deliveries) == [None] * 4
+        assert _rows(engine, f"SELECT n FROM {effects}") == []
+        alone = [await processor.process(d) for d in deliveries]
     finally:
         await async_engine.dispose()
-    assert [r.disposition if r else None for r in results] == [
+    assert [r.disposition for r in alone] == [
         Disposition.HANDLED,
         Disposition.HANDLED,
         Disposition.RETRYING,

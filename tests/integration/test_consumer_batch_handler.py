@@ -1,8 +1,8 @@
 """Batch handlers (``@consumer.batch_handler``): a topic's messages of a batch in one call.
 
-The call runs under one savepoint in the batch's transaction; if it raises, nothing of it
-is written and each of its messages is handled alone (a list of one), where a failure
-takes the usual retry path. Real PostgreSQL, RabbitMQ and Kafka.
+The call runs in the batch's transaction; if it raises, nothing of the batch is written
+and each of its messages is handled alone (a list of one), where a failure takes the
+usual retry path. Real PostgreSQL, RabbitMQ and Kafka.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ async def test_failed_batch_call_writes_nothing_and_only_the_poison_is_dead_lett
         await wait_until(lambda: handled._value.get() >= 29, within=20, what="29 handled")
         letters = await rig.dead_letters(name, 1)
     assert any(len(calls[number - 1]) > 1 for number in failed), f"no batch failed: {calls}"
-    # Each failed call rolled back to its savepoint: none of its rows was committed.
+    # Each failed call rolled its batch back: none of its rows was committed.
     assert _rows(engine, f"SELECT count(*) FROM {effects} WHERE call = ANY(ARRAY{failed})") == [0]
     counts = collections.Counter(_rows(engine, f"SELECT n FROM {effects}"))
     assert counts == {n: 1 for n in range(30) if n != POISON}
@@ -243,12 +243,12 @@ def _processor(consumer: postroom.Consumer, database_url: str) -> Processor:
     )
 
 
-async def test_failed_call_beside_a_handler_leaves_its_messages_unacked_for_one_by_one(
+async def test_failed_call_beside_a_handler_leaves_the_batch_unacked_for_one_by_one(
     database_url: str, tables: Tables, engine: Engine, effects: str
 ) -> None:
-    """In a batch of two topics, the batch handler's failure leaves the other handler's
-    messages committed and acknowledged, and its own unacknowledged, with nothing written;
-    handled alone afterwards, the good one commits and the poison is retried."""
+    """In a batch of two topics, the batch handler's failure rolls back the whole batch:
+    nothing written, nothing acknowledged. Handled alone afterwards, in order, the good
+    ones commit and the poison is retried."""
     consumer = postroom.Consumer(
         unique("mixed"), settings_for(database_url, tables, consumer_batch_size=16)
     )
@@ -271,22 +271,23 @@ async def test_failed_call_beside_a_handler_leaves_its_messages_unacked_for_one_
     processor = _processor(consumer, database_url)
     try:
         results = await BatchProcessor(processor).process(deliveries)
-        assert [r.disposition if r else None for r in results] == [
-            Disposition.HANDLED,
-            None,  # handled alone by the caller, after the batch
-            None,
-            Disposition.HANDLED,
-        ]
-        assert [d.settled for d in deliveries] == ["acked", None, None, "acked"]
-        assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 3]
-        assert len(_inbox(engine, tables, consumer.name)) == 2
-        alone = [await processor.process(d) for d in deliveries[1:3]]
+        assert results == [None] * 4  # each handled alone by the caller, after the batch
+        assert [d.settled for d in deliveries] == [None] * 4
+        assert _rows(engine, f"SELECT n FROM {effects}") == []
+        assert not _inbox(engine, tables, consumer.name)
+        alone = [await processor.process(d) for d in deliveries]
     finally:
         await processor.async_engine.dispose()
     assert calls == [[1, 2], [1], [2]]
-    assert [r.disposition for r in alone] == [Disposition.HANDLED, Disposition.RETRYING]
+    assert [r.disposition for r in alone] == [
+        Disposition.HANDLED,
+        Disposition.HANDLED,
+        Disposition.RETRYING,
+        Disposition.HANDLED,
+    ]
     assert [d.settled for d in deliveries] == ["acked", "acked", "retried", "acked"]
     assert sorted(_rows(engine, f"SELECT n FROM {effects}")) == [0, 1, 3]
+    assert len(_inbox(engine, tables, consumer.name)) == 3
 
 
 async def test_a_call_with_several_messages_runs_in_one_span_linked_to_each_of_theirs(

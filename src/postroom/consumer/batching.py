@@ -1,28 +1,30 @@
-"""Deliveries handled together: one transaction, one inbox statement, a savepoint a handler.
+"""Deliveries handled together: one transaction, one inbox statement, one commit.
 
 Deliveries that arrive together (up to ``consumer_batch_size``, waiting at most
 ``consumer_batch_linger`` for more) are handled in one database transaction: one statement
-records all their ids in the inbox, each handler runs under a savepoint of its own (its
-session's, as on the one-message path), one commit makes them durable together, and only
-then are they acknowledged (on Kafka with one offset commit for a partition's batch). A
-handler that raises is rolled back to its savepoint, its inbox row is deleted before the
-commit, and it takes the retry path once the others are committed; on a lane (a Kafka
-partition) the batch stops there, and the deliveries after it are handled one by one after
-it, in order.
+records all their ids in the inbox, each handler runs in turn with a session of its own
+joined to that transaction, one commit makes them durable together, and only then are they
+acknowledged (on Kafka with one offset commit for a partition's batch).
+
+Batches are optimistic: no handler gets a savepoint of its own. Per handler, a savepoint
+costs a round trip and SQLAlchemy's nested-transaction machinery, which measured a quarter
+of a batch's CPU time (the consumer is CPU-bound long before PostgreSQL is); handlers that
+fail are rare. When one does fail (or rolls back its session, or swallows a database error
+that aborted the transaction), the whole batch is rolled back, nothing of it acknowledged,
+and each of its deliveries goes through the one-message path, in order: the failure there
+is counted and retried as usual, and the others commit one by one. So a handler whose
+neighbour failed runs twice, once rolled back: its database writes happen once, as they
+would after any redelivery. The failed batch run counts as an attempt of none of them.
 
 A topic's batch handler (``@consumer.batch_handler``) is called once per batch with all of
-the batch's new messages of its topic, in delivery order, under one savepoint. If it
-raises, the savepoint and those messages' inbox rows are rolled back, the others of the
-batch commit, and each of its messages is left to the per-message path (a list of one),
-in order: the failed call is counted as an attempt of none of them, so one poison message
-never takes the good ones of its batch to the dead letters with it.
+the batch's new messages of its topic, in delivery order; if the batch goes one by one,
+it is called with lists of one.
 
-What a batch cannot decide is left to the per-message path, with nothing of it committed:
-a redelivery (it may be the one that killed the last process, see ``isolation``), a message
-without a handler or with an id or payload that does not decode, a ``def`` handler (it runs
-in a worker thread), a second copy of an id in the same batch, a handler that committed its
-session and then failed, and any failure of the database or of the batch's own statements,
-the commit included.
+What a batch cannot decide is also left to the per-message path, with nothing of it
+committed: a redelivery (it may be the one that killed the last process, see
+``isolation``), a message without a handler or with an id or payload that does not decode,
+a ``def`` handler (it runs in a worker thread), a second copy of an id in the same batch,
+and any failure of the database or of the batch's own statements, the commit included.
 """
 
 from __future__ import annotations
@@ -32,18 +34,16 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncTransaction
 
 from postroom import tracing
 from postroom.brokers.base import HEADER_FOR_CONSUMER, AcknowledgedByLater, Delivery
 from postroom.consumer.decoding import describe_error, to_message, to_model
 from postroom.consumer.processing import (
-    JOINED,
     Disposition,
     Result,
     being_cancelled,
@@ -54,7 +54,7 @@ from postroom.consumer.processing import (
     raise_if_aborted,
 )
 from postroom.message import message_size
-from postroom.schema.inbox_sql import delete_inbox_sql, insert_inbox_batch_sql
+from postroom.schema.inbox_sql import insert_inbox_batch_sql
 from postroom.schema.tables import tables_for
 
 if TYPE_CHECKING:
@@ -76,24 +76,13 @@ class _LeftToSingles(Exception):
     """The batch cannot finish; nothing of it committed: each delivery goes on alone."""
 
 
-_COMMITTED = "postroom_committed"
-
-
-class _CommitNoting(Session):
-    """A handler's session in a batch, noting in its ``info`` that it was committed."""
-
-    def commit(self) -> None:
-        """Release the handler's savepoint (see :class:`Processor`), noted."""
-        self.info[_COMMITTED] = True
-        super().commit()
-
-
-@dataclass
-class _Outcome:
-    """What the committed batch did: dispositions of settled items, and failed ones."""
-
-    done: list[tuple[_Item, Disposition]]
-    failed: list[tuple[_Item, Exception]]
+#: How a handler's session joins the batch's transaction: no savepoint (it would cost a
+#: round trip and SQLAlchemy's nested-transaction machinery per handler); ``commit()`` only
+#: flushes, ``rollback()`` ends the whole batch's transaction.
+_JOINED_WITHOUT_SAVEPOINT: Final[dict[str, Any]] = {
+    "expire_on_commit": False,
+    "join_transaction_mode": "rollback_only",
+}
 
 
 class BatchProcessor:
@@ -103,7 +92,6 @@ class BatchProcessor:
         self.processor = processor
         tables = tables_for(processor.settings)
         self._insert = text(insert_inbox_batch_sql(tables))
-        self._delete = text(delete_inbox_sql(tables))
 
     async def process(self, deliveries: Sequence[Delivery]) -> list[Result | None]:
         """Handle the longest leading run of ``deliveries`` the batch can take, commit,
@@ -114,10 +102,9 @@ class BatchProcessor:
         items = self._leading(deliveries)
         if not items:
             return results
-        ordered = deliveries[0].lane is not None
         started = time.perf_counter()
         try:
-            outcome = await self._run(items, ordered=ordered)
+            done = await self._run(items)
         except _LeftToSingles as left:
             log.info(
                 "consumer.batch_left_to_singles",
@@ -130,10 +117,8 @@ class BatchProcessor:
         index = {id(delivery): number for number, delivery in enumerate(deliveries)}
         # In delivery order (a batch handler's messages are done together): on a lane, the
         # last one acknowledged is then the latest.
-        outcome.done.sort(key=lambda done: index[id(done[0].delivery)])
-        await self._settle_done(outcome.done, seconds, results, index)
-        for item, exc in outcome.failed:
-            results[index[id(item.delivery)]] = await self._settle_failed(item, exc)
+        done.sort(key=lambda settled: index[id(settled[0].delivery)])
+        await self._settle_done(done, seconds, results, index)
         return results
 
     def _leading(self, deliveries: Sequence[Delivery]) -> list[_Item]:
@@ -165,17 +150,14 @@ class BatchProcessor:
             return None  # the per-message path dead-letters it or counts a failed attempt
         return _Item(delivery, spec, argument, message_id)
 
-    async def _run(self, items: list[_Item], *, ordered: bool) -> _Outcome:
+    async def _run(self, items: list[_Item]) -> list[tuple[_Item, Disposition]]:
         processor = self.processor
         consumer = processor.consumer.name
-        outcome = _Outcome([], [])
+        done: list[tuple[_Item, Disposition]] = []
         async with processor.gate.shared(), processor.handler_run() as handler_started:
             try:
-                async with (
-                    processor.async_engine.connect() as connection,
-                    contextlib.AsyncExitStack() as sessions,
-                ):
-                    await connection.begin()
+                async with processor.async_engine.connect() as connection:
+                    transaction = await connection.begin()
                     try:
                         ids = [item.message_id for item in items]
                         inserted = await connection.execute(
@@ -185,8 +167,9 @@ class BatchProcessor:
                         called: set[str] = set()  # topics whose batch handler ran
                         for number, item in enumerate(items):
                             if item.message_id not in new:
-                                outcome.done.append((item, Disposition.DUPLICATE))
+                                done.append((item, Disposition.DUPLICATE))
                                 continue
+                            group = [item]
                             if item.spec.batch:
                                 if item.spec.topic in called:
                                     continue
@@ -196,81 +179,45 @@ class BatchProcessor:
                                     for i in items[number:]
                                     if i.spec is item.spec and i.message_id in new
                                 ]
-                                handler_started()
-                                failure = await self._handle(connection, sessions, group)
-                                if failure is None:
-                                    outcome.done.extend((i, Disposition.HANDLED) for i in group)
-                                    continue
-                                self._left_alone(group, failure)
-                                if ordered:
-                                    break
-                                continue
                             handler_started()
-                            failure = await self._handle(connection, sessions, [item])
-                            if failure is None:
-                                outcome.done.append((item, Disposition.HANDLED))
-                                continue
-                            outcome.failed.append((item, failure))
-                            if ordered:
-                                break
-                        handled = {
-                            i.message_id for i, d in outcome.done if d is Disposition.HANDLED
-                        }
-                        unhandled = [i for i in new if i not in handled]
-                        if unhandled:  # failed, or not run (after a failure on a lane)
-                            params = {"consumer": consumer, "message_ids": unhandled}
-                            await connection.execute(self._delete, params)
+                            await self._handle(connection, transaction, group)
+                            done.extend((i, Disposition.HANDLED) for i in group)
                         await connection.commit()
                     except BaseException:
                         await _rollback_quietly(connection)
                         raise
             except (sa_exc.SQLAlchemyError, OSError) as exc:
                 raise _LeftToSingles(describe_error(exc)) from exc
-        return outcome
-
-    def _left_alone(self, group: list[_Item], failure: Exception) -> None:
-        """Log a batch handler's failed call; its messages are handled alone after the
-        batch (their results stay None)."""
-        item = group[0]
-        log.warning(
-            "consumer.batch_handler_failed",
-            **self.processor.about(item.spec.topic),
-            size=len(group),
-            error=describe_error(failure),
-            advice="each of its messages is handled alone now, then retried as usual",
-        )
+        return done
 
     async def _handle(
-        self, connection: AsyncConnection, sessions: contextlib.AsyncExitStack, items: list[_Item]
-    ) -> Exception | None:
+        self, connection: AsyncConnection, transaction: AsyncTransaction, items: list[_Item]
+    ) -> None:
         """Run one handler (a batch handler: with all of ``items``, else with the one
-        item); its failure (rolled back), or None.
+        item) in the batch's transaction; :class:`_LeftToSingles` if it failed.
 
-        The handler's session takes a savepoint at its first statement, as on the
-        one-message path, and that is the handler's own savepoint in the batch: a failure
-        rolls back to it. A handler that committed its session (which releases the
-        savepoint) and then failed cannot be rolled back alone: the whole batch is then
-        left to the one-message path. A session stays open until the batch's transaction
-        ended: closing it would roll back to its savepoint, releasing would cost a round trip.
+        The handler's session joins the transaction without a savepoint of its own (see
+        the module's docstring): its ``commit()`` only flushes, and its ``rollback()``
+        rolls back the whole batch, which then goes on one by one.
         """
-        session = AsyncSession(bind=connection, sync_session_class=_CommitNoting, **JOINED)
+        session = AsyncSession(bind=connection, **_JOINED_WITHOUT_SAVEPOINT)
         try:
             spec = items[0].spec
             argument = [i.argument for i in items] if spec.batch else items[0].argument
             with self._context(items):
                 await spec.function(argument, session)
                 await session.flush()
-                await raise_if_aborted(connection)
+            if not transaction.is_active:
+                raise _LeftToSingles("a handler rolled back its session")
+            await raise_if_aborted(connection)
+        except _LeftToSingles:
+            raise
         except BaseException as exc:
-            committed = session.sync_session.info.get(_COMMITTED, False)
-            with contextlib.suppress(Exception):  # a lost connection: the batch is over
-                await session.close()  # rolls back to the handler's savepoint
             failure = _attempt_failure(exc)
-            if committed:
-                raise _LeftToSingles("a handler committed its session and then failed") from exc
-            return failure
-        sessions.push_async_callback(session.close)
-        return None
+            raise _LeftToSingles(f"a handler failed: {describe_error(failure)}") from exc
+        finally:
+            with contextlib.suppress(Exception):  # a lost connection: the batch is over
+                await session.close()  # leaves the batch's transaction alone
 
     def _context(self, items: list[_Item]) -> contextlib.AbstractContextManager[None]:
         """What a handler runs in: for one message its span and correlation ids (see
@@ -317,15 +264,6 @@ class BatchProcessor:
                 metrics.handled.labels(label).inc()
             attempt = max(1, delivery.attempt)
             results[index[id(delivery)]] = Result(disposition, None, attempt, item.message_id)
-
-    async def _settle_failed(self, item: _Item, exc: Exception) -> Result:
-        """The retry policy for a handler that failed in the batch (after the commit)."""
-        processor = self.processor
-        attempt = max(1, item.delivery.attempt)
-        result = await processor.failed(item.delivery, exc, attempt, item.message_id)
-        if result is None:  # retried in place: its next attempts run alone
-            result = await processor.process_from(item.delivery, attempt + 1)
-        return result
 
 
 def _attempt_failure(exc: BaseException) -> Exception:
