@@ -149,6 +149,9 @@ class ConsumerService:
         self._batch_linger = self.settings.consumer_batch_linger
         # Deliveries without a lane, waiting for a batch worker (when batching).
         self._pool: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._batches_running = 0
+        # Set when the pool grows or a batch ends: a waiting batch may start.
+        self._batch_room = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lanes: dict[object, asyncio.Queue[Delivery]] = {}
         # Deliveries without a lane in hand at once (the broker's prefetch bounds it too).
@@ -278,6 +281,7 @@ class ConsumerService:
                     await self._unordered.acquire()
                     if self._batch_size > 1:
                         self._pool.put_nowait(delivery)
+                        self._batch_room.set()
                     else:
                         self._spawn(self._one(delivery))
                 else:
@@ -356,20 +360,43 @@ class ConsumerService:
 
     async def _batch_pool(self) -> None:
         """Form batches of the deliveries without a lane and hand each to a task of its
-        own, up to ``consumer_concurrency`` at a time, until stopping. A batch is formed
-        only once a task may start, so deliveries that come while all are busy wait for
-        the next batch together."""
+        own, up to ``consumer_concurrency`` at a time, until stopping.
+
+        A batch starts at once when none is running (an idle consumer adds no latency);
+        while others run, only once a full batch is waiting, or when one of them ends.
+        Many small batches side by side would cost CPU per message (the limit long before
+        PostgreSQL is) and save nothing; slow handlers still get side-by-side batches,
+        because deliveries pile up behind them.
+        """
         running = asyncio.Semaphore(self.settings.consumer_concurrency)
         while not self._stopping.is_set():
             await running.acquire()
-            try:
-                async with asyncio.timeout(0.25):
-                    first = await self._pool.get()
-            except TimeoutError:
+            first = await self._next_batch_start()
+            if first is None:
                 running.release()
                 continue
             batch = [first, *await self._more(self._pool, self._batch_linger)]
+            self._batches_running += 1
             self._spawn(self._pooled_batch(batch, running))
+
+    async def _next_batch_start(self) -> Delivery | None:
+        """The first delivery of the next batch, once the batch may start (see
+        :meth:`_batch_pool`); None after a quarter second without one (to see stopping)."""
+        try:
+            async with asyncio.timeout(0.25):
+                first = await self._pool.get()
+        except TimeoutError:
+            return None
+        while (
+            self._batches_running
+            and self._pool.qsize() < self._batch_size - 1
+            and not self._stopping.is_set()
+        ):
+            self._batch_room.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.25):
+                    await self._batch_room.wait()
+        return first
 
     async def _pooled_batch(self, batch: list[Delivery], running: asyncio.Semaphore) -> None:
         try:
@@ -379,6 +406,8 @@ class ConsumerService:
                 if not _settled(result):
                     await self._unsettled(delivery, result)
         finally:
+            self._batches_running -= 1
+            self._batch_room.set()
             running.release()
             for _ in batch:
                 self._unordered.release()
