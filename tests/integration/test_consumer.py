@@ -218,6 +218,9 @@ async def test_kafka_keeps_partition_order_and_never_commits_past_an_unhandled_r
         consumer_backoff_initial=0.4,
         consumer_backoff_max=0.8,
         consumer_prefetch=4,  # small: exercise pause and resume of a held-back partition
+        # The backoff between attempts is timed below; in a batch, a failed run is first
+        # re-run alone at once, uncounted (test_consumer_batch covers lanes in batches).
+        consumer_batch_size=1,
     )
     consumer = postroom.Consumer(name, settings)
     messages = [
