@@ -74,6 +74,13 @@ class Logged(MemoryDelivery):
         await super().ack()
 
 
+def _batched(database_url: str, tables: Tables, prefix: str) -> postroom.Consumer:
+    """A consumer named after ``prefix`` that handles batches of up to ``BATCH``."""
+    return postroom.Consumer(
+        unique(prefix), settings_for(database_url, tables, consumer_batch_size=BATCH)
+    )
+
+
 def _processor(consumer: postroom.Consumer, database_url: str) -> tuple[Processor, AsyncEngine]:
     async_engine = create_async_engine(database_url, pool_size=2)
     processor = Processor(
@@ -101,9 +108,7 @@ def _deliveries(
 async def test_batch_commits_once_then_acks(
     database_url: str, tables: Tables, engine: Engine, effects: str
 ) -> None:
-    consumer = postroom.Consumer(
-        unique("batch"), settings_for(database_url, tables, consumer_batch_size=BATCH)
-    )
+    consumer = _batched(database_url, tables, "batch")
     log: list[str] = []
 
     @consumer.handler("t")
@@ -140,9 +145,7 @@ async def test_a_failing_handler_rolls_the_batch_back_and_each_goes_alone(
     """Nothing of the batch is committed or acknowledged; alone, in order, the others
     commit and the failing one takes the retry path (its failed run in the batch does
     not count as an attempt)."""
-    consumer = postroom.Consumer(
-        unique("batch"), settings_for(database_url, tables, consumer_batch_size=BATCH)
-    )
+    consumer = _batched(database_url, tables, "batch")
     log: list[str] = []
 
     @consumer.handler("t")
@@ -186,9 +189,7 @@ async def test_a_failing_handler_rolls_the_batch_back_and_each_goes_alone(
 async def test_duplicates_in_and_before_a_batch_are_acknowledged_without_running_again(
     database_url: str, tables: Tables, engine: Engine, effects: str
 ) -> None:
-    consumer = postroom.Consumer(
-        unique("dups"), settings_for(database_url, tables, consumer_batch_size=BATCH)
-    )
+    consumer = _batched(database_url, tables, "dups")
     log: list[str] = []
 
     @consumer.handler("t")
@@ -235,9 +236,7 @@ async def test_failed_commit_leaves_the_whole_batch_unacknowledged_and_applies_n
             )
         )
         connection.execute(text(f"INSERT INTO {checks} (n, u) VALUES (1, 7)"))
-    consumer = postroom.Consumer(
-        unique("commitfail"), settings_for(database_url, tables, consumer_batch_size=BATCH)
-    )
+    consumer = _batched(database_url, tables, "commitfail")
     runs: list[int] = []
 
     @consumer.handler("t")
@@ -275,9 +274,7 @@ async def test_handler_that_committed_then_failed_leaves_the_batch_to_one_by_one
 ) -> None:
     """Its commit only flushed (a batch's handlers have no savepoints): it fails, the whole
     batch rolls back, and each message goes alone, where its failure undoes all of it."""
-    consumer = postroom.Consumer(
-        unique("selfcommit"), settings_for(database_url, tables, consumer_batch_size=BATCH)
-    )
+    consumer = _batched(database_url, tables, "selfcommit")
     failures = {1: 1}
 
     @consumer.handler("t")
@@ -310,9 +307,7 @@ async def test_handler_rolling_back_its_session_sends_the_batch_one_by_one(
 ) -> None:
     """Its rollback ends the batch's transaction (nothing after it may commit in a new
     one): the batch goes one by one, where the rollback undoes only its own savepoint."""
-    consumer = postroom.Consumer(
-        unique("rollback"), settings_for(database_url, tables, consumer_batch_size=BATCH)
-    )
+    consumer = _batched(database_url, tables, "rollback")
     runs: list[int] = []
 
     @consumer.handler("t")
@@ -468,9 +463,7 @@ async def test_a_handler_swallowing_a_database_error_in_a_batch_fails_alone(
     with engine.begin() as connection:
         connection.execute(text(f"CREATE TABLE {unique_n} (n int PRIMARY KEY)"))
         connection.execute(text(f"INSERT INTO {unique_n} VALUES (2)"))
-    consumer = postroom.Consumer(
-        unique("swallow"), settings_for(database_url, tables, consumer_batch_size=BATCH)
-    )
+    consumer = _batched(database_url, tables, "swallow")
     log: list[str] = []
 
     @consumer.handler("t")
