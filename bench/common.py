@@ -391,6 +391,11 @@ class RelayProcess:
                 fields[name] = int(value.split()[0]) / 1024
         return fields["VmRSS"], fields["VmHWM"]
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) the relay process has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def published(self) -> int:
         """The relay's postroom_relay_published_total, from its /metrics endpoint."""
         for line in self.scrape().splitlines():

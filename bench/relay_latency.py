@@ -36,7 +36,8 @@ not expose when each message was confirmed), so only its mean is given: the mean
 commit→consumer minus the two stages' means. It can be negative: RabbitMQ may hand a
 message to the consumer before the publisher's confirm arrives. The schedule lag is what
 the generator's senders added before enqueuing (intended send time to enqueue), which the
-end-to-end figures include.
+end-to-end figures include. The row also gives the relay process's CPU time over the pass
+(generator start to last arrival) as a share of one core.
 
     python bench/relay_latency.py [--rates 200,1000,3000] [--seconds 10]
 
@@ -276,6 +277,7 @@ async def measure(rates: list[int], seconds: float) -> list[dict[str, Any]]:
                 receiver.clear()
                 load_before = os.getloadavg()[0]
                 stages = relay.histograms(CLAIM_DELAY, PUBLISH, BATCH)
+                cpu, started = relay.cpu_seconds(), time.monotonic()
                 report = await run_generator(sender, schema.name, topic, rate, seconds)
                 await receiver.wait_for(report["sent"], seconds=60)
                 relay.check()
@@ -283,6 +285,8 @@ async def measure(rates: list[int], seconds: float) -> list[dict[str, Any]]:
                     after = relay.histograms(CLAIM_DELAY, PUBLISH, BATCH)
                     stages = {name: after[name] - stages[name] for name in after}
                     report["breakdown"] = breakdown(stages, receiver)
+                    busy = (relay.cpu_seconds() - cpu) / (time.monotonic() - started)
+                    report["breakdown"]["relay_cpu_percent"] = round(100 * busy, 1)
                 report["load_average"] = (load_before, os.getloadavg()[0])
                 results.append(
                     {
@@ -346,6 +350,7 @@ def _breakdown_text(b: dict[str, Any]) -> str:
     )
     if b["batches"]:
         text += f"; {b['observed'] / b['batches']:.1f} msg/batch"
+    text += f"; relay CPU {b['relay_cpu_percent']:.0f} % of a core"
     if "commit_consumer_p99" in b:
         text += (
             f"; confirm→consumer mean {b['confirm_consumer_mean']:.1f} ms "
