@@ -277,6 +277,67 @@ def result_row(
 # ------------------------------------------------------------------- relay processes
 
 
+@dataclass(frozen=True)
+class Histogram:
+    """A Prometheus histogram as scraped: bucket bounds, cumulative counts, sum, count."""
+
+    bounds: tuple[float, ...]
+    cumulative: tuple[float, ...]
+    sum: float
+    count: float
+
+    def __sub__(self, before: Histogram) -> Histogram:
+        """The observations made between ``before`` and this scrape."""
+        return Histogram(
+            self.bounds,
+            tuple(a - b for a, b in zip(self.cumulative, before.cumulative, strict=True)),
+            self.sum - before.sum,
+            self.count - before.count,
+        )
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile in seconds, interpolated linearly inside its bucket (as
+        PromQL's histogram_quantile does); NaN without observations, the last finite
+        bound when it falls in +Inf."""
+        if self.count <= 0:
+            return float("nan")
+        rank = q * self.count
+        lower, below = 0.0, 0.0
+        for bound, cumulative in zip(self.bounds, self.cumulative, strict=True):
+            if cumulative >= rank:
+                if bound == float("inf"):
+                    return lower
+                inside = cumulative - below
+                return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+            lower, below = bound, cumulative
+        return lower
+
+    def mean(self) -> float:
+        """The mean in seconds (exact: from the sum and count)."""
+        return self.sum / self.count if self.count > 0 else float("nan")
+
+
+def parse_histograms(text: str, names: tuple[str, ...]) -> dict[str, Histogram]:
+    """The histograms ``names`` (without labels) from Prometheus text exposition."""
+    found: dict[str, Histogram] = {}
+    for name in names:
+        buckets: list[tuple[float, float]] = []
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith(f"{name}_bucket{{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets.append((float(le), float(line.split()[-1])))
+            elif line.startswith(f"{name}_sum "):
+                total = float(line.split()[-1])
+            elif line.startswith(f"{name}_count "):
+                count = float(line.split()[-1])
+        buckets.sort()
+        found[name] = Histogram(
+            tuple(b for b, _ in buckets), tuple(c for _, c in buckets), total, count
+        )
+    return found
+
+
 class RelayProcess:
     """One ``postroom relay`` subprocess (the CLI, as deployed), its log in a temporary file.
 
@@ -330,14 +391,27 @@ class RelayProcess:
                 fields[name] = int(value.split()[0]) / 1024
         return fields["VmRSS"], fields["VmHWM"]
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) the relay process has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def published(self) -> int:
         """The relay's postroom_relay_published_total, from its /metrics endpoint."""
+        for line in self.scrape().splitlines():
+            if line.startswith("postroom_relay_published_total"):
+                return int(float(line.split()[-1]))
+        return 0
+
+    def scrape(self) -> str:
+        """The text of the relay's /metrics endpoint."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=2) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith("postroom_relay_published_total"):
-                    return int(float(line.split()[-1]))
-        return 0
+            return str(response.read().decode())
+
+    def histograms(self, *names: str) -> dict[str, Histogram]:
+        """The relay's histograms ``names`` as they stand now."""
+        return parse_histograms(self.scrape(), names)
 
     def stop(self) -> None:
         with contextlib.suppress(AssertionError):  # not gone 30 s after SIGTERM: killed

@@ -23,7 +23,21 @@ sent, so they are a lower bound).
 
 Each offered load runs the relay and the direct publish in ABBA order (direct, relay,
 relay, direct) and reports both passes. PostgreSQL, RabbitMQ and all three processes share
-the machine's cores.
+the machine's cores; each row gives the 1-minute load average before and after its pass.
+
+Each relay pass also gets a breakdown row. Commit→claim and claim→confirm come from the
+relay's own histograms (``postroom_relay_claim_delay_seconds``,
+``postroom_relay_publish_seconds``), scraped before and after the pass: percentiles
+interpolated inside the buckets of the difference (as PromQL's histogram_quantile does),
+means exact (sum / count). Commit→consumer is measured per message by this process, from
+the message's ``postroom-created-at`` header (set when it was enqueued, before the
+commit) to its arrival. Confirm→consumer cannot be matched per message (the relay does
+not expose when each message was confirmed), so only its mean is given: the mean
+commit→consumer minus the two stages' means. It can be negative: RabbitMQ may hand a
+message to the consumer before the publisher's confirm arrives. The schedule lag is what
+the generator's senders added before enqueuing (intended send time to enqueue), which the
+end-to-end figures include. The row also gives the relay process's CPU time over the pass
+(generator start to last arrival) as a share of one core.
 
     python bench/relay_latency.py [--rates 200,1000,3000] [--seconds 10]
 
@@ -35,16 +49,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
+from datetime import datetime
 from typing import Any
 
 import aio_pika
 from common import (
     AMQP_URL,
     DATABASE_URL,
+    Histogram,
     RelayProcess,
     bench_schema,
+    free_port,
     percentiles,
     quiet,
     result_row,
@@ -65,6 +83,10 @@ SHORTFALL_BELOW = 0.95
 #: The first pass's order at each load; the second pass runs it backwards (ABBA).
 DIRECT_FIRST = ("raw aio-pika", "relay")
 PAYLOAD = {"pad": "x" * 200}
+CREATED_AT = "postroom-created-at"
+CLAIM_DELAY = "postroom_relay_claim_delay_seconds"
+PUBLISH = "postroom_relay_publish_seconds"
+BATCH = "postroom_relay_batch_seconds"
 
 
 class Receiver:
@@ -74,6 +96,8 @@ class Receiver:
         self.channel = channel
         self.topic = topic
         self.latencies: list[float] = []
+        self.since_enqueue: list[float] = []
+        """Per relayed message: arrival minus its postroom-created-at header."""
         self.queue: Any = None
 
     async def start(self) -> Receiver:
@@ -86,8 +110,16 @@ class Receiver:
         return self
 
     async def _on_message(self, message: Any) -> None:
+        now = time.time()
         sent = float(message.headers[SENT_AT])
-        self.latencies.append(time.time() - sent)
+        self.latencies.append(now - sent)
+        created = message.headers.get(CREATED_AT)
+        if created is not None:
+            self.since_enqueue.append(now - datetime.fromisoformat(str(created)).timestamp())
+
+    def clear(self) -> None:
+        self.latencies.clear()
+        self.since_enqueue.clear()
 
     async def wait_for(self, count: int, seconds: float = 30.0) -> None:
         await wait_until(
@@ -141,6 +173,7 @@ async def generate(
     closers: list[Any] = []
 
     async def make_sender() -> Any:
+        """A warmed-up sender: it has sent once already (see :func:`generate`)."""
         if sender.startswith("relay"):
             outbox = Outbox(build_tables(schema), notify=sender == "relay")
             db = await psycopg.AsyncConnection.connect(psycopg_conninfo(DATABASE_URL))
@@ -152,6 +185,9 @@ async def generate(
                         db, topic, PAYLOAD, headers={SENT_AT: repr(intended)}
                     )
 
+            # Warm-up: the same transaction, rolled back (no row, no notification).
+            async with db.transaction(force_rollback=True):
+                await outbox.enqueue_async(db, topic, PAYLOAD, headers={SENT_AT: "0"})
             return commit_one
         connection = await aio_pika.connect(AMQP_URL)
         closers.append(connection.close)
@@ -159,12 +195,19 @@ async def generate(
         exchange = await channel.get_exchange("postroom")
         body = json.dumps(PAYLOAD).encode()
 
-        async def raw_one(intended: float) -> None:
+        async def raw_one(intended: float, routing_key: str = topic) -> None:
             message = aio_pika.Message(body, headers={SENT_AT: repr(intended)})
-            await exchange.publish(message, routing_key=topic)
+            await exchange.publish(message, routing_key=routing_key)
 
+        # Warm-up: the same publish to a routing key nothing is bound to (dropped).
+        await raw_one(0.0, routing_key=f"{topic}.warm-up")
         return raw_one
 
+    # Each sender sends once before the schedule starts, outside the measurement: the
+    # first call in a fresh process (lazy imports, SQL text, the connection's first
+    # statements) took ~60 ms, which put every sender behind from the first message and
+    # made the senders catch up in a burst. An application sending 1,000 msg/s is warm;
+    # every scheduled message is still sent and charged from its intended time.
     sends = [await make_sender() for _ in range(senders)]
     try:
         # Senders start on one schedule, offset so that together they send evenly.
@@ -222,7 +265,7 @@ async def measure(rates: list[int], seconds: float) -> list[dict[str, Any]]:
     topic = unique("bench.latency.")
     with bench_schema() as schema:
         connection = await aio_pika.connect(AMQP_URL)
-        relay = RelayProcess(schema.name, AMQP_URL)
+        relay = RelayProcess(schema.name, AMQP_URL, metrics_port=free_port())
         try:
             receiver = await Receiver(await connection.channel(), topic).start()
             await wait_for_shares(schema, [relay])
@@ -231,10 +274,20 @@ async def measure(rates: list[int], seconds: float) -> list[dict[str, Any]]:
             async def run(
                 load: str, sender: str, rate: float, seconds: float, run_pass: int = 1
             ) -> None:
-                receiver.latencies.clear()
+                receiver.clear()
+                load_before = os.getloadavg()[0]
+                stages = relay.histograms(CLAIM_DELAY, PUBLISH, BATCH)
+                cpu, started = relay.cpu_seconds(), time.monotonic()
                 report = await run_generator(sender, schema.name, topic, rate, seconds)
                 await receiver.wait_for(report["sent"], seconds=60)
                 relay.check()
+                if sender.startswith("relay"):
+                    after = relay.histograms(CLAIM_DELAY, PUBLISH, BATCH)
+                    stages = {name: after[name] - stages[name] for name in after}
+                    report["breakdown"] = breakdown(stages, receiver)
+                    busy = (relay.cpu_seconds() - cpu) / (time.monotonic() - started)
+                    report["breakdown"]["relay_cpu_percent"] = round(100 * busy, 1)
+                report["load_average"] = (load_before, os.getloadavg()[0])
                 results.append(
                     {
                         "load": load,
@@ -261,6 +314,63 @@ async def measure(rates: list[int], seconds: float) -> list[dict[str, Any]]:
     return results
 
 
+def breakdown(stages: dict[str, Histogram], receiver: Receiver) -> dict[str, Any]:
+    """Commit→claim and claim→confirm (the relay's histograms over the pass), commit→
+    consumer (per message), confirm→consumer's mean and the generator's schedule lag,
+    in milliseconds."""
+    claim, publish = stages[CLAIM_DELAY], stages[PUBLISH]
+    since = receiver.since_enqueue
+    ms = {
+        "claim_p50": claim.quantile(0.5) * 1000,
+        "claim_p99": claim.quantile(0.99) * 1000,
+        "claim_mean": claim.mean() * 1000,
+        "publish_p50": publish.quantile(0.5) * 1000,
+        "publish_p99": publish.quantile(0.99) * 1000,
+        "publish_mean": publish.mean() * 1000,
+        "observed": claim.count,
+        "batches": stages[BATCH].count,
+        "batch_p99": stages[BATCH].quantile(0.99) * 1000,
+    }
+    if since:
+        end_to_end = percentiles(since)
+        ms["commit_consumer_p50"] = end_to_end["p50"]
+        ms["commit_consumer_p99"] = end_to_end["p99"]
+        mean = sum(since) / len(since) * 1000
+        ms["commit_consumer_mean"] = mean
+        ms["confirm_consumer_mean"] = mean - ms["claim_mean"] - ms["publish_mean"]
+        lags = [total - part for total, part in zip(receiver.latencies, since, strict=True)]
+        ms["schedule_lag_p99"] = percentiles(lags)["p99"]
+    return {k: round(v, 2) for k, v in ms.items()}
+
+
+def _breakdown_text(b: dict[str, Any]) -> str:
+    text = (
+        f"commit→claim p50/p99 {b['claim_p50']:.1f}/{b['claim_p99']:.1f} ms; "
+        f"claim→confirm p50/p99 {b['publish_p50']:.1f}/{b['publish_p99']:.1f} ms"
+    )
+    if b["batches"]:
+        text += f"; {b['observed'] / b['batches']:.1f} msg/batch"
+    text += f"; relay CPU {b['relay_cpu_percent']:.0f} % of a core"
+    if "commit_consumer_p99" in b:
+        text += (
+            f"; confirm→consumer mean {b['confirm_consumer_mean']:.1f} ms "
+            f"(commit→consumer p50/p99 {b['commit_consumer_p50']:.1f}/"
+            f"{b['commit_consumer_p99']:.1f} ms; schedule lag p99 {b['schedule_lag_p99']:.1f} ms)"
+        )
+    return text
+
+
+def _load(r: dict[str, Any]) -> str:
+    before, after = r["load_average"]
+    return f"load {before:.2f}→{after:.2f}"
+
+
+def _breakdown_row(label: str, relay: dict[str, Any]) -> dict[str, Any]:
+    return result_row(
+        f"2 latency breakdown, {label}", "rabbitmq", _breakdown_text(relay["breakdown"])
+    )
+
+
 def _triple(r: dict[str, Any]) -> str:
     return f"p50/p95/p99 {r['p50']:.1f}/{r['p95']:.1f}/{r['p99']:.1f} ms"
 
@@ -278,7 +388,7 @@ def to_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     idle = summary[0]
     rows.append(
         result_row(
-            f"2 latency, idle, {idle['messages']} single messages: {_rates(idle)}",
+            f"2 latency, idle, {idle['messages']} single messages: {_rates(idle)}, {_load(idle)}",
             "rabbitmq",
             _triple(idle),
             "",
@@ -288,6 +398,7 @@ def to_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             **idle,
         )
     )
+    rows.append(_breakdown_row("idle", idle))
     by_load: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
     for r in summary[1:]:
         by_load.setdefault((r["rate"], r["pass"]), {})[r["sender"]] = r
@@ -297,7 +408,8 @@ def to_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         order = "direct, relay" if run_pass == 1 else "relay, direct"
         rows.append(
             result_row(
-                f"2 latency, {rate:,} msg/s, pass {run_pass} ({order}): {_rates(relay)}",
+                f"2 latency, {rate:,} msg/s, pass {run_pass} ({order}): {_rates(relay)}, "
+                f"{_load(relay)}",
                 "rabbitmq",
                 _triple(relay),
                 f"{_triple(raw)} (aio-pika direct; {_rates(raw)})",
@@ -309,6 +421,7 @@ def to_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 raw=raw,
             )
         )
+        rows.append(_breakdown_row(f"{rate:,} msg/s, pass {run_pass}", relay))
     return rows
 
 

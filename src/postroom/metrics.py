@@ -23,6 +23,12 @@ DEFAULT_METRICS_HOST: Final = "127.0.0.1"
 
 #: Latency buckets in seconds, from a millisecond to a minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+#: Finer buckets for the relay's stages (claim delay, publish), which take milliseconds:
+#: a p99 read from them is within a few milliseconds up to 50 ms.
+STAGE_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05,
+    0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
 
 
 class BatchHistogram(Collector):
@@ -163,6 +169,20 @@ class RelayMetrics(Metrics):
             "postroom_relay_delivery_latency_seconds",
             "From enqueue to broker confirmation, per published message.",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.claim_delay = BatchHistogram(
+            "postroom_relay_claim_delay_seconds",
+            "From a message's due time (its enqueue, or when a delayed or retried row became "
+            "due) to this relay's claim returning it, per published message.",
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.publish_seconds = BatchHistogram(
+            "postroom_relay_publish_seconds",
+            "From this relay's claim returning a message to the broker's confirm of it "
+            "(including any wait for the batch ahead), per published message.",
+            buckets=STAGE_BUCKETS,
             registry=self.registry,
         )
         self.batch_seconds = self.histogram(

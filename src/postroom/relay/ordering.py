@@ -9,6 +9,7 @@ batches hold at most one message per key and go out in a single round.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 from postroom import tracing
@@ -38,6 +39,7 @@ async def publish_in_key_order(
     may_continue: Callable[[], bool] = lambda: True,
     stalled_keys: Mapping[str, int] | None = None,
     positions: Sequence[int] = (),
+    confirmed_at: list[float] | None = None,
 ) -> list[PublishResult | None]:
     """Publish ``messages``; None marks a message held back (not sent, no attempt spent).
 
@@ -52,6 +54,9 @@ async def publish_in_key_order(
     has no unconfirmed predecessor there and may go; holding it too would let two
     batches in flight hold a key back for ever, each for the rows the other left
     unconfirmed.
+
+    ``confirmed_at``, when given (one slot per message), receives for each message sent
+    the wall-clock time (``time.time()``) at which the broker answered its round.
     """
     results: list[PublishResult | None] = [None] * len(messages)
     earlier = stalled_keys or {}
@@ -69,6 +74,10 @@ async def publish_in_key_order(
         if not sendable:
             continue
         outcomes = await tracing.publish(publisher, [messages[i] for i in sendable])
+        if confirmed_at is not None:
+            answered = time.time()
+            for index in sendable:
+                confirmed_at[index] = answered
         broker_down = False
         for index, result in zip(sendable, outcomes, strict=True):
             results[index] = result

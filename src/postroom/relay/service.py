@@ -27,6 +27,7 @@ from postroom.metrics import RelayMetrics
 from postroom.relay.batches import Batches
 from postroom.relay.leases import PartitionLeases
 from postroom.relay.ordering import publish_in_key_order
+from postroom.relay.stages import observe_stages
 from postroom.relay.store import (
     CONFIRMED,
     HELD,
@@ -280,13 +281,16 @@ class Relay:
             # Otherwise the next claim waits for the publish, so it also takes the rows
             # committed meanwhile instead of leaving them for one batch later.
             self._prefetch = asyncio.create_task(self._claim())
+        confirmed_at = [0.0] * len(claim.rows)
         results = await publish_in_key_order(
             self.publisher,
             [row.message for row in claim.rows],
             may_continue=lambda: self._still_owns(claim),
             stalled_keys=self._batches.stalled_keys(unrecorded),
             positions=[row.position for row in claim.rows],
+            confirmed_at=confirmed_at,
         )
+        observe_stages(self.metrics, claim, results, confirmed_at)
         self._batches.published(number, _first_unconfirmed(claim.rows, results))
         unavailable = [r for r in results if r is not None and r.outcome is Outcome.UNAVAILABLE]
         if unavailable:
@@ -324,7 +328,8 @@ class Relay:
         if all(current.get(p) == token for p, token in claim.tokens.items()):
             return claim
         tokens = {p: t for p, t in claim.tokens.items() if current.get(p) == t}
-        return Claim(rows=[r for r in claim.rows if r.partition in tokens], tokens=tokens)
+        rows = [r for r in claim.rows if r.partition in tokens]
+        return Claim(rows, tokens, claim.claimed_at)
 
     def _still_owns(self, claim: Claim) -> bool:
         """True while every partition of the claim is held under the same lease token."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class Claim:
     rows: list[ClaimedRow]
     tokens: dict[int, uuid.UUID]
     """Partition → token of this relay's lease on it when the rows were read."""
+    claimed_at: float = 0.0
+    """Wall-clock time (``time.time()``) at which the claim's rows came back."""
 
 
 class RowOutcome(NamedTuple):
@@ -228,6 +231,7 @@ class OutboxStore:
             },
             binary=True,
         )
+        claimed_at = time.time()
         loads = json.loads
         claimed = [
             ClaimedRow(
@@ -262,7 +266,7 @@ class OutboxStore:
             ) in rows
         ]
         partitions = {row.partition for row in claimed}
-        return Claim(rows=claimed, tokens={p: tokens[p] for p in partitions})
+        return Claim(claimed, {p: tokens[p] for p in partitions}, claimed_at)
 
     async def mark(
         self, batch: BatchOutcomes, *, max_attempts: int, delete_published: bool
