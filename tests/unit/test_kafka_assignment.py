@@ -76,3 +76,11 @@ def test_the_consumer_fetch_wait_is_short_unless_the_url_sets_it(
     with pytest.raises(ConfigurationError, match="recorded"):
         asyncio.run(KafkaSubscriber.from_url(url).start("group", ["topic"]))
     assert configs[0]["fetch.wait.max.ms"] == expected
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "99999999999", ""])
+def test_a_bad_fetch_wait_in_the_url_is_refused_naming_it(value: str) -> None:
+    subscriber = KafkaSubscriber.from_url(f"kafka://127.0.0.1:1?fetch.wait.max.ms={value}")
+    with pytest.raises(ConfigurationError, match=r"fetch\.wait\.max\.ms") as refused:
+        asyncio.run(subscriber.start("group", ["topic"]))
+    assert "rejected its configuration" in str(refused.value)
