@@ -134,15 +134,15 @@ class Consumer:
 
         The list holds the messages of ``topic`` in the current batch (see
         ``consumer_batch_size``) that are not duplicates, in delivery order; the call runs
-        in the batch's transaction under one savepoint, so its writes commit with the inbox
-        rows of all of them, or none. With batch size 1 (the default), and for messages
-        handled alone (a redelivery, a retry), it is called with a list of one.
+        in the batch's transaction, so its writes commit with the inbox rows of all of
+        them, or none. With batch size 1, and for messages handled alone (a redelivery, a
+        retry), it is called with a list of one.
 
-        If it raises, its savepoint and the inbox rows of its messages are rolled back and
-        nothing of them is acknowledged; each of them is then handled alone (a list of one),
-        right after the batch's commit (on Kafka in partition order): those that succeed
-        are committed and acknowledged, one that fails alone takes the retry path as any
-        message does (attempts counted, backoff, dead letter after
+        If it raises, the whole batch is rolled back and nothing of it is acknowledged;
+        each of its messages is then handled alone (a list of one), in order (on Kafka in
+        partition order): those that succeed are committed and acknowledged, one that
+        fails alone takes the retry path as any message does (attempts counted, backoff,
+        dead letter after
         ``consumer_max_attempts``). The failed batch call counts as no one's attempt.
 
         With ``model`` (or a first parameter annotated ``list[Model]``, for a class with
