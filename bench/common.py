@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -320,19 +321,20 @@ class Histogram:
 def parse_histograms(text: str, names: tuple[str, ...]) -> dict[str, Histogram]:
     """The histograms ``names`` (without labels) from Prometheus text exposition."""
     found: dict[str, Histogram] = {}
-    for name in names:
+    for family in text_string_to_metric_families(text):
+        if family.name not in names:
+            continue
         buckets: list[tuple[float, float]] = []
         total = count = 0.0
-        for line in text.splitlines():
-            if line.startswith(f"{name}_bucket{{"):
-                le = line.split('le="', 1)[1].split('"', 1)[0]
-                buckets.append((float(le), float(line.split()[-1])))
-            elif line.startswith(f"{name}_sum "):
-                total = float(line.split()[-1])
-            elif line.startswith(f"{name}_count "):
-                count = float(line.split()[-1])
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_count"):
+                count = sample.value
         buckets.sort()
-        found[name] = Histogram(
+        found[family.name] = Histogram(
             tuple(b for b, _ in buckets), tuple(c for _, c in buckets), total, count
         )
     return found
