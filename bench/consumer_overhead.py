@@ -217,7 +217,7 @@ async def _consume_with_postroom(
     if not inbox:
         # The inbox insert becomes a statement that answers with a row ("a new message")
         # and records nothing: the handler runs in the same transaction as before.
-        service.processor._insert = text("SELECT 1")
+        service.processor.transactions.insert = text("SELECT 1")
         service.batches._insert = text(
             "SELECT unnest(CAST(:message_ids AS text[])) WHERE CAST(:consumer AS text) IS NOT NULL"
         )

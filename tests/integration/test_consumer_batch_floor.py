@@ -46,11 +46,13 @@ async def test_handler_that_rolls_back_and_returns_commits_its_inbox_row_and_lat
     with engine.begin() as connection:
         connection.execute(text(f"CREATE TABLE {ledger} (step text)"))
     consumer = postroom.Consumer(unique("rollback"), settings_for(database_url, tables))
+    runs: list[str] = []
 
     if kind == "async":
 
         @consumer.handler("t")
         async def handle(message: Message, session: AsyncSession) -> None:
+            runs.append(str(message.id))
             await session.execute(text(f"INSERT INTO {ledger} VALUES ('undone')"))
             await session.rollback()
             await session.execute(text(f"INSERT INTO {ledger} VALUES ('kept')"))
@@ -59,6 +61,7 @@ async def test_handler_that_rolls_back_and_returns_commits_its_inbox_row_and_lat
 
         @consumer.handler("t")
         def handle_sync(message: Message, session: Session) -> None:
+            runs.append(str(message.id))
             session.execute(text(f"INSERT INTO {ledger} VALUES ('undone')"))
             session.rollback()
             session.execute(text(f"INSERT INTO {ledger} VALUES ('kept')"))
@@ -67,7 +70,11 @@ async def test_handler_that_rolls_back_and_returns_commits_its_inbox_row_and_lat
     report = await testing.deliver(consumer, message)
     again = await testing.deliver(consumer, message)
     assert (report.disposition, report.acknowledged) == (Disposition.HANDLED, True)
+    assert (report.attempts, report.error) == (1, None)
     assert again.disposition is Disposition.DUPLICATE
+    # Its rollback took the inbox row with it (no savepoint at first): that run was undone
+    # as a whole and it ran once more, under a savepoint; one attempt all the same.
+    assert runs == [str(message.id)] * 2
     with engine.connect() as connection:
         steps = [row[0] for row in connection.execute(text(f"SELECT step FROM {ledger}"))]
     assert steps == ["kept"]
@@ -102,6 +109,9 @@ async def test_consumer_engine_has_no_pre_ping_and_a_dropped_connection_costs_no
         first = MemoryDelivery(subscriber, Message.create("t", {}), 1)
         assert (await processor.process(first)).disposition is Disposition.HANDLED
         assert not any(s.strip().lower() == "select 1" for s in statements)
+        # Nor a savepoint: the handler's session joins the transaction of its inbox row.
+        assert not any("savepoint" in s.lower() for s in statements)
+        assert any("insert" in s.lower() for s in statements)
         # The pooled connection dies (as in a database restart); the next message finds out
         # on its first statement: an outage, tried again on a new connection, no attempt spent.
         with engine.begin() as connection:

@@ -34,7 +34,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
@@ -47,10 +47,13 @@ from postroom.consumer.processing import (
     Disposition,
     Result,
     being_cancelled,
-    connection_failed,
     handler_cancelled,
     handler_context,
     log,
+)
+from postroom.consumer.transactions import (
+    JOINED_WITHOUT_SAVEPOINT,
+    connection_failed,
     raise_if_aborted,
 )
 from postroom.message import message_size
@@ -74,15 +77,6 @@ class _Item:
 
 class _LeftToSingles(Exception):
     """The batch cannot finish; nothing of it committed: each delivery goes on alone."""
-
-
-#: How a handler's session joins the batch's transaction: no savepoint (it would cost a
-#: round trip and SQLAlchemy's nested-transaction machinery per handler); ``commit()`` only
-#: flushes, ``rollback()`` ends the whole batch's transaction.
-_JOINED_WITHOUT_SAVEPOINT: Final[dict[str, Any]] = {
-    "expire_on_commit": False,
-    "join_transaction_mode": "rollback_only",
-}
 
 
 class BatchProcessor:
@@ -200,7 +194,7 @@ class BatchProcessor:
         the module's docstring): its ``commit()`` only flushes, and its ``rollback()``
         rolls back the whole batch, which then goes on one by one.
         """
-        session = AsyncSession(bind=connection, **_JOINED_WITHOUT_SAVEPOINT)
+        session = AsyncSession(bind=connection, **JOINED_WITHOUT_SAVEPOINT)
         try:
             spec = items[0].spec
             argument = [i.argument for i in items] if spec.batch else items[0].argument

@@ -15,14 +15,12 @@ import enum
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from postroom import correlation, tracing
 from postroom.backoff import Backoff
@@ -38,8 +36,13 @@ from postroom.consumer.decoding import (
 )
 from postroom.consumer.isolation import HandlerGate
 from postroom.consumer.metrics import OTHER_TOPIC, ConsumerMetrics
+from postroom.consumer.transactions import (
+    DatabaseUnavailable,
+    HandlerTransactions,
+    connection_failed,
+    inbox_errors,
+)
 from postroom.errors import (
-    AbortedTransactionError,
     DeliveryLostError,
     HandlerCancelledError,
     UndecodableMessageError,
@@ -87,67 +90,6 @@ class Result:
     error: str | None = None
     attempts: int = 0
     message_id: str | None = None
-
-
-class DatabaseUnavailable(Exception):
-    """The database could not be reached; no attempt is counted."""
-
-
-#: How a handler's Session joins the Processor's transaction (see _run_async and batching).
-JOINED: Final[dict[str, Any]] = {
-    "expire_on_commit": False,
-    "join_transaction_mode": "create_savepoint",
-}
-
-#: SQLSTATEs of a server that is shutting down or restarting (besides class 08, connection).
-_SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
-
-
-def connection_failed(exc: BaseException) -> bool:
-    """True if ``exc`` means the database could not be reached or dropped the connection.
-
-    Only such failures leave a message's attempts alone: an invalidated connection, SQLSTATE
-    class 08, 57P01-57P03, or a psycopg OperationalError without a SQLSTATE (no server
-    answer). Errors of the handler's SQL (statement or lock timeout, deadlock,
-    serialization failure, ...) are failures of the attempt like any other.
-    """
-    if isinstance(exc, sa_exc.DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        exc = exc.orig if exc.orig is not None else exc
-    if not isinstance(exc, psycopg.Error):
-        return False
-    sqlstate = exc.sqlstate
-    if sqlstate is None:
-        return isinstance(exc, psycopg.OperationalError)
-    return sqlstate.startswith("08") or sqlstate in _SERVER_GONE
-
-
-ABORTED: Final = (
-    "the handler returned normally, but PostgreSQL had aborted its transaction (it caught a "
-    "database error and carried on): nothing of this attempt is committed; let the error "
-    "propagate, or run the statement that may fail in session.begin_nested()"
-)
-
-
-def transaction_aborted(driver_connection: Any) -> bool:
-    """True if PostgreSQL aborted the transaction of ``driver_connection`` (a psycopg
-    connection): an error was caught and swallowed, and a COMMIT would silently roll back.
-    Read from the connection's state, without a round trip."""
-    status = driver_connection.info.transaction_status
-    return bool(status == psycopg.pq.TransactionStatus.INERROR)
-
-
-async def raise_if_aborted(connection: Any) -> None:
-    """Raise :class:`AbortedTransactionError` if ``connection``'s (an SQLAlchemy
-    ``AsyncConnection``) transaction was aborted by an error a handler swallowed."""
-    raw = await connection.get_raw_connection()
-    if transaction_aborted(raw.driver_connection):
-        raise AbortedTransactionError(ABORTED)
-
-
-def _is_bad_value(exc: sa_exc.DBAPIError) -> bool:
-    return isinstance(exc, sa_exc.DataError) or isinstance(exc.orig, psycopg.DataError)
 
 
 def handler_cancelled() -> HandlerCancelledError:
@@ -200,9 +142,11 @@ class Processor:
         self.backoff = Backoff(settings.consumer_backoff_initial, settings.consumer_backoff_max)
         self.max_attempts = settings.consumer_max_attempts
         self._async_engine = async_engine
-        self._sync_engine = sync_engine
         tables = tables_for(settings)
-        self._insert = text(insert_inbox_sql(tables))
+        self.transactions = HandlerTransactions(
+            text(insert_inbox_sql(tables)), async_engine, sync_engine
+        )
+        """Where each handler runs, in the transaction of its inbox row."""
         self._count_redelivery = text(count_redelivery_sql(tables))
         self._forget_redeliveries = text(forget_redeliveries_sql(tables))
         self.max_message_bytes = settings.consumer_max_message_bytes
@@ -353,7 +297,7 @@ class Processor:
         params = {"consumer": self.consumer.name, "message_id": message_id}
         try:
             async with self._async_engine.begin() as connection:
-                with self.inbox_errors():
+                with inbox_errors():
                     return int((await connection.execute(self._count_redelivery, params)).one()[0])
         except sa_exc.DBAPIError as exc:  # beginning or committing failed
             raise DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
@@ -383,7 +327,8 @@ class Processor:
     async def attempt(
         self, spec: HandlerSpec, message: Message, message_id: str, *, forget: bool = False
     ) -> Disposition:
-        """One run: insert the inbox row, run the handler, commit. Raises what it raised.
+        """One run: insert the inbox row, run the handler, commit (see
+        :meth:`HandlerTransactions.run`). Raises what it raised.
 
         ``forget``: also delete the message's redelivery count in the same transaction
         (only redelivered deliveries can have one, so first deliveries skip the statement).
@@ -396,12 +341,7 @@ class Processor:
         async with self.handler_run():
             started = time.perf_counter()
             try:
-                if spec.is_async:
-                    new = await self._run_async(spec, argument, params, forget_sql)
-                else:
-                    new = await asyncio.to_thread(
-                        self._run_sync, spec, argument, params, forget_sql
-                    )
+                new = await self.transactions.run(spec, argument, params, forget_sql)
             except sa_exc.DBAPIError as exc:
                 if connection_failed(exc):
                     raise DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
@@ -453,78 +393,6 @@ class Processor:
     def about(self, topic: str, **fields: Any) -> dict[str, Any]:
         """The fields that name a message in this consumer's log events, with ``fields``."""
         return {"consumer": self.consumer.name, "topic": topic, **fields}
-
-    # The Processor owns the transaction: the inbox row is written on the connection, and
-    # the handler's Session joins it with join_transaction_mode="create_savepoint", so a
-    # handler that commits (or rolls back) its session only releases (or rolls back to) a
-    # savepoint. Everything commits together, or not at all, when the Processor commits.
-
-    async def _run_async(
-        self, spec: HandlerSpec, argument: Any, params: dict[str, str], forget: Any
-    ) -> bool:
-        async with self._async_engine.connect() as connection:
-            await connection.begin()
-            try:
-                with self.inbox_errors():
-                    inserted = (await connection.execute(self._insert, params)).first()
-                if inserted is None:
-                    await connection.rollback()
-                    return False
-                if forget is not None:
-                    await connection.execute(forget, params)
-                async with AsyncSession(bind=connection, **JOINED) as session:
-                    await spec.function(argument, session)
-                    await session.flush()
-                    await raise_if_aborted(connection)
-                    # Committed while the session is open: its savepoint goes with the
-                    # transaction (no RELEASE round trip; closing it after rolls nothing back).
-                    await connection.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await connection.rollback()
-                raise
-            return True
-
-    @staticmethod
-    @contextlib.contextmanager
-    def inbox_errors() -> Iterator[None]:
-        """Turn a failed inbox insert into a dead letter (a bad id) or an outage."""
-        try:
-            yield
-        except sa_exc.DBAPIError as exc:
-            if _is_bad_value(exc) and not connection_failed(exc):
-                # The id cannot be stored (e.g. a NUL character from a foreign producer).
-                raise UndecodableMessageError(
-                    f"the message id cannot be stored in the inbox "
-                    f"({describe_error(exc.orig or exc)}); it is dead-lettered: fix the producer"
-                ) from exc
-            # Not the message's fault (database down, tables missing): no attempt is spent.
-            raise DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
-
-    def _run_sync(
-        self, spec: HandlerSpec, argument: Any, params: dict[str, str], forget: Any
-    ) -> bool:
-        with self._sync_engine().connect() as connection:
-            connection.begin()
-            try:
-                with self.inbox_errors():
-                    inserted = connection.execute(self._insert, params).first()
-                if inserted is None:
-                    connection.rollback()
-                    return False
-                if forget is not None:
-                    connection.execute(forget, params)
-                with Session(bind=connection, **JOINED) as session:
-                    spec.function(argument, session)
-                    session.flush()
-                    if transaction_aborted(connection.connection.driver_connection):
-                        raise AbortedTransactionError(ABORTED)
-                    connection.commit()  # as in _run_async
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    connection.rollback()
-                raise
-            return True
 
     async def _dead_letter(
         self, delivery: Delivery, error: str, attempts: int, message_id: str | None
