@@ -34,7 +34,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
@@ -56,6 +56,7 @@ from postroom.consumer.transactions import (
     connection_failed,
     raise_if_aborted,
 )
+from postroom.errors import AbortedTransactionError
 from postroom.message import message_size
 from postroom.schema.inbox_sql import insert_inbox_batch_sql
 from postroom.schema.tables import tables_for
@@ -176,6 +177,7 @@ class BatchProcessor:
                             handler_started()
                             await self._handle(connection, transaction, group)
                             done.extend((i, Disposition.HANDLED) for i in group)
+                        await self._raise_if_aborted(connection)
                         await connection.commit()
                     except BaseException:
                         await _rollback_quietly(connection)
@@ -203,7 +205,6 @@ class BatchProcessor:
                 await session.flush()
             if not transaction.is_active:
                 raise _LeftToSingles("a handler rolled back its session")
-            await raise_if_aborted(connection)
         except _LeftToSingles:
             raise
         except BaseException as exc:
@@ -212,6 +213,16 @@ class BatchProcessor:
         finally:
             with contextlib.suppress(Exception):  # a lost connection: the batch is over
                 await session.close()  # leaves the batch's transaction alone
+
+    @staticmethod
+    async def _raise_if_aborted(connection: AsyncConnection) -> None:
+        """:class:`_LeftToSingles` if a handler swallowed a database error that aborted the
+        batch's transaction (checked once, before the commit: a later handler's statement
+        fails on an aborted transaction anyway, and each goes alone after)."""
+        try:
+            await raise_if_aborted(connection)
+        except AbortedTransactionError as exc:
+            raise _LeftToSingles(f"a handler failed: {exc}") from exc
 
     def _context(self, items: list[_Item]) -> contextlib.AbstractContextManager[None]:
         """What a handler runs in: for one message its span and correlation ids (see
@@ -238,12 +249,16 @@ class BatchProcessor:
         processor = self.processor
         metrics = processor.metrics
         last_of_lane = {item.delivery.lane: item.delivery for item, _ in done}
+        # A runtime-checkable protocol's isinstance is slow: decided once per class.
+        acknowledged_by_later: dict[type, bool] = {}
         for item, disposition in done:
             delivery = item.delivery
-            if isinstance(delivery, AcknowledgedByLater) and (
-                last_of_lane[delivery.lane] is not delivery
-            ):
-                delivery.settle_for_later_ack()
+            kind = type(delivery)
+            later = acknowledged_by_later.get(kind)
+            if later is None:
+                later = acknowledged_by_later[kind] = isinstance(delivery, AcknowledgedByLater)
+            if later and last_of_lane[delivery.lane] is not delivery:
+                cast(AcknowledgedByLater, delivery).settle_for_later_ack()
             else:
                 await processor.acknowledge(delivery)
             label = processor.label(delivery.topic)
