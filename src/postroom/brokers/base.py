@@ -170,9 +170,10 @@ class Delivery(Protocol):
 
 @runtime_checkable
 class AcknowledgedByLater(Protocol):
-    """A delivery whose lane is acknowledged cumulatively (a Kafka offset commit covers
-    every earlier record of its partition): of several acknowledged together, all but the
-    last can be settled here without a message to the broker."""
+    """A delivery acknowledged cumulatively (a Kafka offset commit covers every earlier
+    record of its partition; a RabbitMQ multiple ack the settled run of its channel): of
+    several of a lane acknowledged together, all but the last can be settled here without
+    a message to the broker."""
 
     def settle_for_later_ack(self) -> None:
         """Count it settled; the ack of a later delivery of its lane tells the broker."""

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import aiormq
 
+from postroom.brokers.rabbitmq.acks import AckWindow
 from postroom.brokers.rabbitmq.publisher import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_EXCHANGE,
@@ -81,7 +82,7 @@ class RabbitMQDelivery:
     revoked = False
     """Never: a queue has no lanes to lose."""
 
-    def __init__(self, subscriber: RabbitMQSubscriber, incoming: Any) -> None:
+    def __init__(self, subscriber: RabbitMQSubscriber, incoming: Any, window: AckWindow) -> None:
         from postroom.brokers.base import (
             HEADER_ATTEMPTS,
             HEADER_FOR_CONSUMER,
@@ -91,6 +92,8 @@ class RabbitMQDelivery:
 
         self._subscriber = subscriber
         self._incoming = incoming
+        self._window = window
+        self._tag = int(incoming.delivery_tag)
         headers = {
             str(name): text
             for name, value in (incoming.headers or {}).items()
@@ -118,16 +121,25 @@ class RabbitMQDelivery:
         self.attempt = attempts_made(headers) + 1
 
     async def ack(self) -> None:
-        """basic.ack on the channel the message came from."""
-        await self._incoming.ack()
+        """basic.ack on the channel the message came from, covering with one frame the
+        settled deliveries before it that it may (see :mod:`.acks`)."""
+        await self._window.ack(self._tag)
+
+    def settle_for_later_ack(self) -> None:
+        """Count it settled without a frame: the ack of a later delivery of the same batch
+        sends it (see :mod:`.acks`)."""
+        self._window.settle(self._tag)
 
     async def release(self) -> bool:
         """Give it back unsettled: basic.nack with requeue, so RabbitMQ delivers it again."""
         if self._channel_lost():
             return True  # RabbitMQ requeued it when its channel closed
         with contextlib.suppress(aio_pika.exceptions.MessageProcessError):  # already settled
-            await self._incoming.nack(requeue=True)
+            await self._window.alone(self._tag, self._requeue)
         return True
+
+    async def _requeue(self) -> None:
+        await self._incoming.nack(requeue=True)
 
     async def retry_later(self, delay: float, error: str) -> None:
         """Publish a copy (confirmed) to the retry queue for ``delay``, then ack this one."""
@@ -182,7 +194,7 @@ class RabbitMQDelivery:
 
     async def _ack_after_copy(self, what: str) -> None:
         try:
-            await self._incoming.ack()
+            await self._window.alone(self._tag, self._incoming.ack)
         except Exception as exc:
             # The copy is stored; RabbitMQ redelivers the original (its channel is gone),
             # which the inbox or the retry policy takes care of.
@@ -233,6 +245,9 @@ class RabbitMQSubscriber:
         self._retry_queues: set[str] = set()
         self._retry_declared: dict[str, float] = {}
         self._closed = asyncio.Event()
+        self._window = AckWindow()
+        self._window_channel: Any = None
+        """The channel whose deliveries ``_window`` holds."""
 
     def __repr__(self) -> str:
         return f"RabbitMQSubscriber({redact_url(self._url)!r}, queue={self.queue_name!r})"
@@ -283,7 +298,13 @@ class RabbitMQSubscriber:
         return None
 
     async def _on_message(self, incoming: Any) -> None:
-        await self._queue.put(RabbitMQDelivery(self, incoming))
+        if incoming.channel is not self._window_channel:
+            # A new channel (the connection was reopened): its delivery tags start afresh.
+            self._window, self._window_channel = AckWindow(), incoming.channel
+        # First of all, so that a delivery that fails to be read is never acknowledged by
+        # a later one's multiple ack.
+        self._window.received(incoming)
+        await self._queue.put(RabbitMQDelivery(self, incoming, self._window))
 
     async def deliveries(self) -> AsyncIterator[RabbitMQDelivery]:
         """The deliveries, until close()."""
