@@ -12,7 +12,8 @@ thread (one relay owning ``--slots`` lease partitions) reads it in pages:
 - ``c0`` xid horizon with a position cursor: ``position > cursor AND xid <
   pg_snapshot_xmin(pg_current_snapshot())``. Also expected to fail: xids are assigned in
   a different order than positions.
-- ``c`` xid horizon (watermill-sql): rows carry ``xid8 DEFAULT pg_current_xact_id()``; the
+- ``c`` xid horizon (watermill-sql): rows carry their transaction's ``xid8``
+  (``pg_current_xact_id()``; every candidate's inserts take it before the position); the
   cursor is ``(xid, position)``, rows below the horizon are read in that order; one cursor
   UPDATE per page per lease partition.
 - ``d`` tick batches (PgQ): a ticker records ``pg_current_snapshot()`` into a tick table
@@ -40,9 +41,10 @@ transaction; the worst of the rounds.
 Candidates ``a``, ``c0``, ``c`` and ``d`` use a table range-partitioned on the xid8 column;
 for ``c`` and ``d`` a rotator detaches (CONCURRENTLY) and drops partitions that every
 lease partition's progress has passed while the reader and writers run. Autovacuum is off
-for the outbox tables; ``n_dead_tup`` is read at the end.
+for the outbox tables (each is analyzed once, after its backlog); ``n_dead_tup`` is read at
+the end. The design note that uses these figures: docs/relay-engine-design.md.
 
-    python bench/engine_study.py [--rows 20000] [--only a,b,c0,c,d]
+    python bench/engine_study.py [--rows 50000] [--rounds 2] [--only a,b,c0,c,d]
 """
 
 from __future__ import annotations
@@ -158,10 +160,6 @@ class Study:
         self.phase1_window: tuple[float, float] = (0.0, 0.0)
 
     # ------------------------------------------------------------------ schema
-
-    @property
-    def partitioned(self) -> bool:
-        return self.c != "b"
 
     def create(self, db: psycopg.Connection[Any]) -> None:
         t = self.t
