@@ -19,6 +19,11 @@ run on the same backlog (ABCDEEDCBA order, best of two):
   inbox statements replaced by ones that answer "new" and record nothing): the
   ratio is the cost of writing the inbox row (target <= 15 %).
 
+Each row also gives the CPU time the process spent per message while draining (user and
+system, the broker client's threads included; the backlog's publishing is not counted):
+steadier than the rates on a shared machine, and what says whether a change made the
+consumer cheaper.
+
     python bench/consumer_overhead.py [--messages 20000] [--brokers rabbitmq,kafka]
 """
 
@@ -28,6 +33,7 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import resource
 import time
 from typing import Any
 
@@ -128,6 +134,7 @@ async def consume(broker: str, count: int, kind: str) -> dict[str, Any]:
             create_kafka_topic(topic)
             await publish_backlog(KAFKA_URL, messages)
         del messages
+        cpu_before = _cpu_seconds()
         try:
             if kind == HAND_WRITTEN:
                 lanes = hand_written.Lanes(quoted_table(schema.tables.inbox), sink, name)
@@ -147,6 +154,7 @@ async def consume(broker: str, count: int, kind: str) -> dict[str, Any]:
                     batch_size=1 if kind == SINGLE else None,
                     bulk=kind == BATCH_HANDLER,
                 )
+            cpu = _cpu_seconds() - cpu_before
         finally:
             if broker == "rabbitmq":
                 await delete_rabbitmq_queues(name, f"{name}.dead-letter")
@@ -159,7 +167,20 @@ async def consume(broker: str, count: int, kind: str) -> dict[str, Any]:
         )[0]
     if rows < count:
         raise RuntimeError(f"the {kind} consumer wrote {rows} rows for {count} messages")
-    return {"seconds": elapsed, "rate": count / elapsed, "sink_rows": rows, "inbox_rows": recorded}
+    return {
+        "seconds": elapsed,
+        "rate": count / elapsed,
+        "cpu_ms_per_message": 1000 * cpu / count,
+        "sink_rows": rows,
+        "inbox_rows": recorded,
+    }
+
+
+def _cpu_seconds() -> float:
+    """CPU time this process has used (user + system): the consumer runs in it, so the
+    difference around a drain is its CPU, steadier than a rate on a noisy machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def _consume_with_postroom(
@@ -250,7 +271,10 @@ async def scenario(count: int, brokers: list[str]) -> list[dict[str, Any]]:
             functools.partial(consume, broker, count, NO_INBOX),
             functools.partial(consume, broker, count, HAND_WRITTEN),
         )
-        by_hand = f"{hand['rate']:,.0f} msg/s aio-pika/confluent-kafka + psycopg by hand"
+        by_hand = (
+            f"{hand['rate']:,.0f} msg/s aio-pika/confluent-kafka + psycopg by hand "
+            f"({hand['cpu_ms_per_message']:.2f} ms CPU/msg)"
+        )
         for label, measured, target in (
             ("defaults (batches of up to 16)", defaults, TARGET_AGAINST_HAND),
             ("batch handler, one insert a batch", bulk, TARGET_BATCHED),
@@ -261,7 +285,8 @@ async def scenario(count: int, brokers: list[str]) -> list[dict[str, Any]]:
                 result_row(
                     f"3 consumer, {label}, vs hand-written, {count:,} msgs",
                     broker,
-                    f"{measured['rate']:,.0f} msg/s postroom",
+                    f"{measured['rate']:,.0f} msg/s postroom "
+                    f"({measured['cpu_ms_per_message']:.2f} ms CPU/msg)",
                     by_hand,
                     ratio,
                     f">= {target:.1f}x",
