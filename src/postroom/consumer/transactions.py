@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
@@ -125,6 +126,17 @@ def inbox_errors() -> Iterator[None]:
         raise DatabaseUnavailable(describe_error(exc.orig or exc)) from exc
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """A handler's run: the handler, its argument, the inbox row's parameters and the
+    statement to run beside it (or None)."""
+
+    spec: HandlerSpec
+    argument: Any
+    params: dict[str, str]
+    forget: Any
+
+
 class HandlerTransactions:
     """Runs handlers, ``async def`` ones on the event loop and ``def`` ones in a worker
     thread, each in the transaction that inserts its message's inbox row (``insert``)."""
@@ -148,45 +160,31 @@ class HandlerTransactions:
         undone and the handler runs once more, under a savepoint: its rollback then undoes
         only its own work, and what it writes after it commits with the inbox row.
         """
+        call = _Call(spec, argument, params, forget)
         try:
-            return await self._run(spec, argument, params, forget, savepoint=False)
+            return await self._run(call, savepoint=False)
         except SessionRolledBack:
-            return await self._run(spec, argument, params, forget, savepoint=True)
+            return await self._run(call, savepoint=True)
 
-    async def _run(
-        self,
-        spec: HandlerSpec,
-        argument: Any,
-        params: dict[str, str],
-        forget: Any,
-        *,
-        savepoint: bool,
-    ) -> bool:
-        if spec.is_async:
-            return await self._run_async(spec, argument, params, forget, savepoint)
-        return await asyncio.to_thread(self._run_sync, spec, argument, params, forget, savepoint)
+    async def _run(self, call: _Call, *, savepoint: bool) -> bool:
+        if call.spec.is_async:
+            return await self._run_async(call, savepoint)
+        return await asyncio.to_thread(self._run_sync, call, savepoint)
 
-    async def _run_async(
-        self,
-        spec: HandlerSpec,
-        argument: Any,
-        params: dict[str, str],
-        forget: Any,
-        savepoint: bool,
-    ) -> bool:
+    async def _run_async(self, call: _Call, savepoint: bool) -> bool:
         joined = JOINED_WITH_SAVEPOINT if savepoint else JOINED_WITHOUT_SAVEPOINT
         async with self._async_engine.connect() as connection:
             transaction = await connection.begin()
             try:
                 with inbox_errors():
-                    inserted = (await connection.execute(self.insert, params)).first()
+                    inserted = (await connection.execute(self.insert, call.params)).first()
                 if inserted is None:
                     await connection.rollback()
                     return False
-                if forget is not None:
-                    await connection.execute(forget, params)
+                if call.forget is not None:
+                    await connection.execute(call.forget, call.params)
                 async with AsyncSession(bind=connection, **joined) as session:
-                    await spec.function(argument, session)
+                    await call.spec.function(call.argument, session)
                     await session.flush()
                     if not transaction.is_active:
                         raise SessionRolledBack(ROLLED_BACK)
@@ -200,27 +198,20 @@ class HandlerTransactions:
                 raise
             return True
 
-    def _run_sync(
-        self,
-        spec: HandlerSpec,
-        argument: Any,
-        params: dict[str, str],
-        forget: Any,
-        savepoint: bool,
-    ) -> bool:
+    def _run_sync(self, call: _Call, savepoint: bool) -> bool:
         joined = JOINED_WITH_SAVEPOINT if savepoint else JOINED_WITHOUT_SAVEPOINT
         with self._sync_engine().connect() as connection:
             transaction = connection.begin()
             try:
                 with inbox_errors():
-                    inserted = connection.execute(self.insert, params).first()
+                    inserted = connection.execute(self.insert, call.params).first()
                 if inserted is None:
                     connection.rollback()
                     return False
-                if forget is not None:
-                    connection.execute(forget, params)
+                if call.forget is not None:
+                    connection.execute(call.forget, call.params)
                 with Session(bind=connection, **joined) as session:
-                    spec.function(argument, session)
+                    call.spec.function(call.argument, session)
                     session.flush()
                     if not transaction.is_active:
                         raise SessionRolledBack(ROLLED_BACK)
