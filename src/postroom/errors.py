@@ -115,6 +115,15 @@ class SchemaMissingError(DatabaseError):
     """postroom's tables are not in the database (or are behind the installed version)."""
 
 
+class SnapshotWentBackError(DatabaseError):
+    """A new tick's snapshot lies below the previous tick's: transaction ids went back.
+
+    It happens when the outbox was restored from a dump into another cluster (transaction
+    ids do not survive that). Reading on would skip or repeat rows, so no tick is written;
+    ``postroom outbox rebase`` (relays stopped) carries the unpublished rows over.
+    """
+
+
 class MissingRightsError(DatabaseError):
     """The database role lacks a privilege this process needs on postroom's tables.
 
