@@ -9,6 +9,7 @@ reader built without part B of the read shows that they fail when rows are skipp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -39,6 +40,17 @@ from postroom.relay.ticks import (
     take_tick,
 )
 from tests.support.database import drop_schema, unique_schema
+
+
+@contextlib.asynccontextmanager
+async def four_connections(
+    engine: AsyncEngine,
+) -> AsyncIterator[tuple[AsyncConnection, AsyncConnection, AsyncConnection, AsyncConnection]]:
+    """Four connections of ``engine``, closed together."""
+    async with contextlib.AsyncExitStack() as stack:
+        a, b, c, d = [await stack.enter_async_context(engine.connect()) for _ in range(4)]
+        yield a, b, c, d
+
 
 PARTITIONS = (0, 1)
 KEYS = 8
@@ -241,12 +253,7 @@ async def test_a_transaction_in_flight_across_a_tick_needs_part_b(
     async_engine: AsyncEngine, stream: StreamTables
 ) -> None:
     broken = page_sql([new_xids_part_sql(stream)])
-    async with (
-        async_engine.connect() as held,
-        async_engine.connect() as other,
-        async_engine.connect() as c,
-        async_engine.connect() as d,
-    ):
+    async with four_connections(async_engine) as (held, other, c, d):
         late = await write(held, stream, 0, "key-0", {"v": 1, "n": 0})  # position 1, open
         early = await write(other, stream, 0, "key-1", {"v": 1, "n": 0})
         await other.commit()
@@ -266,12 +273,7 @@ async def test_a_transaction_in_flight_across_a_tick_needs_part_b(
 async def test_a_long_transaction_delays_only_its_own_rows(
     async_engine: AsyncEngine, stream: StreamTables
 ) -> None:
-    async with (
-        async_engine.connect() as held,
-        async_engine.connect() as writing,
-        async_engine.connect() as ticking,
-        async_engine.connect() as reading,
-    ):
+    async with four_connections(async_engine) as (held, writing, ticking, reading):
         await held.execute(text("SELECT pg_current_xact_id()"))
         late = await write(held, stream, 1, "key-0", {"v": 1, "n": 0})
         reader = Reader(reading, stream)
@@ -297,12 +299,7 @@ async def test_a_long_transaction_delays_only_its_own_rows(
 async def test_a_reader_behind_by_several_ticks_merges_them(
     async_engine: AsyncEngine, stream: StreamTables
 ) -> None:
-    async with (
-        async_engine.connect() as held,
-        async_engine.connect() as writing,
-        async_engine.connect() as c,
-        async_engine.connect() as d,
-    ):
+    async with four_connections(async_engine) as (held, writing, c, d):
         late = await write(held, stream, 0, "key-0", {"v": 1, "n": 0})  # open across ticks 2-4
         written: list[uuid.UUID] = []
         for n in range(5):
